@@ -1,0 +1,33 @@
+//! Live-kernel actions that only make sense when the root is the running system.
+
+use std::path::Path;
+
+use crate::exec::{ExecError, run_program};
+
+pub fn set_hostname(name: &str) -> std::io::Result<()> {
+    rustix::system::sethostname(name.as_bytes()).map_err(std::io::Error::from)
+}
+
+/// Names of the loaded kernel modules (`/proc/modules`).
+pub fn loaded_modules() -> Vec<String> {
+    std::fs::read_to_string("/proc/modules")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+pub fn modprobe(name: &str, params: &[String]) -> Result<(), ExecError> {
+    let mut args = vec![name.to_string()];
+    args.extend(params.iter().cloned());
+    run_program("modprobe", &args).map(|_| ())
+}
+
+/// True when systemd is the running service manager.
+pub fn systemd_running() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+pub fn systemctl(args: &[String]) -> Result<(), ExecError> {
+    run_program("systemctl", args).map(|_| ())
+}

@@ -1,0 +1,13 @@
+//! System access for Kairos: every syscall and external command the other crates need.
+//!
+//! Code elsewhere takes a [`Root`] and goes through this crate, so that the same logic runs
+//! against the live system (`/`) or a target tree (an install target, a test's temp dir).
+
+pub mod exec;
+pub mod fs;
+pub mod host;
+pub mod root;
+pub mod sysinfo;
+
+pub use exec::{CommandOutput, ExecError, Shell};
+pub use root::Root;
