@@ -62,11 +62,13 @@ fn merge_at(acc: &mut Node, later: Node, path: &str) -> Result<(), MergeError> {
         (Value::Null, v) => {
             acc.value = v;
             acc.origin = later.origin;
+            acc.raw = later.raw;
             Ok(())
         }
         (a, v) if a.is_scalar() && v.is_scalar() => {
             acc.value = v;
             acc.origin = later.origin;
+            acc.raw = later.raw;
             Ok(())
         }
         (a, v) => Err(MergeError {

@@ -40,6 +40,9 @@ impl fmt::Display for Origin {
 pub struct Node {
     pub value: Value,
     pub origin: Origin,
+    /// The source text of a plain scalar that YAML typed as a number (`644`, `0644`), for the
+    /// cloud-init keys that read it as an octal string instead.
+    pub raw: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,7 +83,23 @@ impl Value {
 
 impl Node {
     pub fn new(value: Value, origin: Origin) -> Self {
-        Node { value, origin }
+        Node { value, origin, raw: None }
+    }
+
+    /// cloud-init reads `write_files[].permissions` as an octal string even when unquoted,
+    /// so `644` means 0644 there (while a yip step's `permissions: 644` is decimal, as in Go).
+    pub fn fix_cloudinit_permissions(&mut self) {
+        for key in ["write_files", "milpa_files"] {
+            if let Some(Node { value: Value::Seq(files), .. }) = self.get_mut(key) {
+                for f in files {
+                    if let Some(p) = f.get_mut("permissions")
+                        && let (Value::Int(_), Some(raw)) = (&p.value, &p.raw)
+                    {
+                        p.value = Value::Str(raw.to_string());
+                    }
+                }
+            }
+        }
     }
 
     pub fn empty_map(origin: Origin) -> Self {

@@ -1,1 +1,328 @@
+//! Validation of config documents against the schema of [`crate::types`], with every problem
+//! located (file:line:column), named by key path, and unknown keys given a "did you mean".
 
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use jsonschema::error::ValidationErrorKind;
+use serde_json::Value as Json;
+
+use crate::collect::HEADERS;
+use crate::node::{Node, Origin};
+use crate::yaml;
+
+/// One thing wrong with a config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub origin: Origin,
+    /// Dot path of the key (`k3s.enable`, `users.0.passwd`); empty for the document.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}: {}", self.origin, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.origin, self.path, self.message)
+        }
+    }
+}
+
+fn validator() -> &'static (jsonschema::Validator, Json) {
+    static V: OnceLock<(jsonschema::Validator, Json)> = OnceLock::new();
+    V.get_or_init(|| {
+        let schema = crate::types::schema();
+        let v = jsonschema::validator_for(&schema).expect("generated schema compiles");
+        (v, schema)
+    })
+}
+
+/// True when `text` starts with a config header, as `kairos-agent validate` requires.
+pub fn starts_with_header(text: &str) -> bool {
+    HEADERS.iter().any(|h| text.starts_with(h))
+}
+
+/// Validates a config file's text: header, YAML syntax, schema, semantic checks.
+pub fn validate_text(text: &str, source: &str) -> Vec<Problem> {
+    let src: Arc<str> = Arc::from(source);
+    let mut problems = Vec::new();
+    if !starts_with_header(text) {
+        problems.push(Problem {
+            origin: Origin::new(&src, 1, 1),
+            path: String::new(),
+            message: "missing header: the first line must be #cloud-config (or #kairos-config, #node-config)"
+                .into(),
+        });
+    }
+    match yaml::parse(text, &src) {
+        Ok(node) => problems.extend(validate_node(&node)),
+        Err(e) => problems.push(Problem { origin: e.origin, path: String::new(), message: e.message }),
+    }
+    problems
+}
+
+/// Validates a parsed (possibly merged) document.
+pub fn validate_node(node: &Node) -> Vec<Problem> {
+    let mut node = node.clone();
+    node.fix_cloudinit_permissions();
+    let json = node.to_json();
+    let (v, schema) = validator();
+    let mut problems = Vec::new();
+    for err in v.iter_errors(&json) {
+        collect(&node, schema, &err, &mut problems);
+    }
+    problems.extend(semantic(&node));
+    problems.sort_by(|a, b| {
+        (a.origin.source.as_ref(), a.origin.line, a.origin.col).cmp(&(b.origin.source.as_ref(), b.origin.line, b.origin.col))
+    });
+    problems.dedup();
+    problems
+}
+
+/// Checks the schema cannot express.
+fn semantic(node: &Node) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if let Some(h) = node.at_path("install.ssh_hardening")
+        && h.to_json() == Json::Bool(true)
+    {
+        let has_key = node
+            .get("users")
+            .map(|u| u.to_json())
+            .and_then(|u| u.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .any(|u| u["ssh_authorized_keys"].as_array().is_some_and(|k| !k.is_empty()));
+        if !has_key {
+            out.push(Problem {
+                origin: h.origin.clone(),
+                path: "install.ssh_hardening".into(),
+                message: "ssh_hardening disables password logins, but no user has ssh_authorized_keys: you would be locked out".into(),
+            });
+        }
+    }
+    out
+}
+
+fn pointer_to_path(p: &str) -> String {
+    p.split('/').skip(1).map(|s| s.replace("~1", "/").replace("~0", "~")).collect::<Vec<_>>().join(".")
+}
+
+fn collect(root: &Node, schema: &Json, err: &jsonschema::ValidationError, out: &mut Vec<Problem>) {
+    let ptr = err.instance_path().as_str().to_string();
+    let path = pointer_to_path(&ptr);
+    let at = root.at_pointer(&ptr).unwrap_or(root);
+    match err.kind() {
+        ValidationErrorKind::AdditionalProperties { unexpected } => {
+            let known = properties_at(schema, schema, &ptr);
+            for key in unexpected {
+                let origin = at.key_of(key).map(|k| k.origin.clone()).unwrap_or_else(|| at.origin.clone());
+                let mut message = format!("unknown key `{key}`");
+                if let Some(s) = did_you_mean(key, &known) {
+                    message.push_str(&format!(": did you mean `{s}`?"));
+                } else if !known.is_empty() && known.len() <= 12 {
+                    message.push_str(&format!(" (expected one of: {})", known.join(", ")));
+                }
+                out.push(Problem { origin, path: if path.is_empty() { key.clone() } else { format!("{path}.{key}") }, message });
+            }
+        }
+        ValidationErrorKind::AnyOf { context } => {
+            // An `Option<T>` is `anyOf [T, null]`: report the errors of the branch the user
+            // evidently meant (the one that failed deeper than this value's own type).
+            let deeper: Vec<_> = context
+                .iter()
+                .filter(|branch| {
+                    branch.iter().any(|e| {
+                        e.instance_path().as_str().len() > ptr.len()
+                            || !matches!(e.kind(), ValidationErrorKind::Type { .. } | ValidationErrorKind::Enum { .. } | ValidationErrorKind::AnyOf { .. })
+                    })
+                })
+                .collect();
+            if let [branch] = deeper.as_slice() {
+                for e in branch.iter() {
+                    collect(root, schema, e, out);
+                }
+            } else {
+                out.push(Problem {
+                    origin: at.origin.clone(),
+                    path,
+                    message: format!("{} is not valid here: expected {}", show(&at.to_json()), expected_of(context)),
+                });
+            }
+        }
+        ValidationErrorKind::Type { kind } => out.push(Problem {
+            origin: at.origin.clone(),
+            path,
+            message: format!("expected {}, found {} {}", type_name(kind), at.value.kind(), show(&at.to_json())),
+        }),
+        ValidationErrorKind::Enum { options } => out.push(Problem {
+            origin: at.origin.clone(),
+            path,
+            message: format!("{} is not one of {}", show(&at.to_json()), options),
+        }),
+        ValidationErrorKind::Pattern { pattern } => out.push(Problem {
+            origin: at.origin.clone(),
+            path,
+            message: format!("{} does not match the pattern {pattern}", show(&at.to_json())),
+        }),
+        _ => out.push(Problem { origin: at.origin.clone(), path, message: err.to_string() }),
+    }
+}
+
+fn type_name(kind: &jsonschema::error::TypeKind) -> String {
+    match kind {
+        jsonschema::error::TypeKind::Single(t) => article(&t.to_string()),
+        jsonschema::error::TypeKind::Multiple(ts) => {
+            let names: Vec<String> = ts.iter().map(|t| t.to_string()).collect();
+            names.join(" or ")
+        }
+    }
+}
+
+fn article(t: &str) -> String {
+    match t {
+        "object" => "a map".into(),
+        "array" => "a list".into(),
+        "integer" => "an integer".into(),
+        "null" => "nothing (null)".into(),
+        other => format!("a {other}"),
+    }
+}
+
+fn expected_of(context: &[Vec<jsonschema::ValidationError<'static>>]) -> String {
+    let mut kinds: Vec<String> = Vec::new();
+    for branch in context {
+        for e in branch {
+            let s = match e.kind() {
+                ValidationErrorKind::Type { kind } => type_name(kind),
+                ValidationErrorKind::Enum { options } => format!("one of {options}"),
+                ValidationErrorKind::Pattern { pattern } => format!("text matching {pattern}"),
+                _ => continue,
+            };
+            if !kinds.contains(&s) {
+                kinds.push(s);
+            }
+        }
+    }
+    if kinds.is_empty() { "a different value".into() } else { kinds.join(", or ") }
+}
+
+fn show(v: &Json) -> String {
+    let s = v.to_string();
+    if s.len() > 60 { format!("{}…", &s[..s.floor_char_boundary(57)]) } else { s }
+}
+
+fn resolve<'a>(root: &'a Json, s: &'a Json) -> &'a Json {
+    let mut cur = s;
+    for _ in 0..16 {
+        match cur.get("$ref").and_then(Json::as_str) {
+            Some(r) => match root.pointer(r.trim_start_matches('#')) {
+                Some(t) => cur = t,
+                None => break,
+            },
+            None => break,
+        }
+    }
+    cur
+}
+
+/// The property names the schema allows at a JSON pointer of the instance.
+fn properties_at(root: &Json, s: &Json, ptr: &str) -> Vec<String> {
+    let s = resolve(root, s);
+    let mut segs = ptr.split('/').skip(1).peekable();
+    let Some(seg) = segs.next() else {
+        let mut names: Vec<String> = s
+            .get("properties")
+            .and_then(Json::as_object)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        for key in ["anyOf", "oneOf", "allOf"] {
+            for b in s.get(key).and_then(Json::as_array).into_iter().flatten() {
+                names.extend(properties_at(root, b, ""));
+            }
+        }
+        names.sort();
+        names.dedup();
+        return names;
+    };
+    let rest: String = segs.map(|x| format!("/{x}")).collect();
+    let mut found = Vec::new();
+    if let Some(p) = s.get("properties").and_then(|p| p.get(seg)) {
+        found.extend(properties_at(root, p, &rest));
+    } else if let Some(a) = s.get("additionalProperties").filter(|a| a.is_object()) {
+        found.extend(properties_at(root, a, &rest));
+    }
+    if let Some(items) = s.get("items").filter(|_| seg.parse::<usize>().is_ok()) {
+        found.extend(properties_at(root, items, &rest));
+    }
+    for key in ["anyOf", "oneOf", "allOf"] {
+        for b in s.get(key).and_then(Json::as_array).into_iter().flatten() {
+            found.extend(properties_at(root, b, &format!("/{seg}{rest}")));
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// The closest known key to a misspelt one, if it is close enough to be a typo.
+pub fn did_you_mean(key: &str, known: &[String]) -> Option<String> {
+    let norm = |s: &str| s.to_lowercase().replace(['-', '_'], "");
+    known
+        .iter()
+        .map(|k| {
+            let mut score = strsim::jaro_winkler(&norm(key), &norm(k));
+            if norm(key) == norm(k) {
+                score = 1.0;
+            }
+            (score, k)
+        })
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        validate_text(text, "c.yaml").iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn k3s_enable_typo() {
+        let p = problems("#cloud-config\nk3s:\n  enable: true\n");
+        assert_eq!(p, vec!["c.yaml:3:3: k3s.enable: unknown key `enable`: did you mean `enabled`?"]);
+    }
+
+    #[test]
+    fn valid_config_passes() {
+        let p = problems(
+            "#cloud-config\nusers:\n- name: kairos\n  passwd: kairos\n  lock_passwd: true\n  groups: [admin]\ninstall:\n  device: /dev/vda\n  auto: yes\nk3s:\n  enabled: true\nstages:\n  boot:\n  - name: x\n    files:\n    - path: /a\n      permissions: 0644\n      content: x\n",
+        );
+        assert!(p.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn header_type_and_pattern_problems() {
+        let p = problems("install:\n  device: sda\n  auto: 3\n");
+        assert!(p[0].contains("c.yaml:1:1: missing header"), "{p:?}");
+        assert!(p.iter().any(|x| x.starts_with("c.yaml:2:11: install.device:") && x.contains("pattern")), "{p:?}");
+        assert!(p.iter().any(|x| x.starts_with("c.yaml:3:9: install.auto:")), "{p:?}");
+    }
+
+    #[test]
+    fn unknown_step_key_in_stage() {
+        let p = problems("#cloud-config\nstages:\n  boot:\n  - comands: [ls]\n");
+        assert_eq!(p, vec!["c.yaml:4:5: stages.boot.0.comands: unknown key `comands`: did you mean `commands`?"]);
+    }
+
+    #[test]
+    fn did_you_mean_needs_closeness() {
+        let known = vec!["enabled".to_string(), "args".to_string()];
+        assert_eq!(did_you_mean("enable", &known).as_deref(), Some("enabled"));
+        assert_eq!(did_you_mean("zzzz", &known), None);
+    }
+}

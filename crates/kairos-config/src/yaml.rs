@@ -56,7 +56,10 @@ pub fn parse(text: &str, source: &Arc<str>) -> Result<Node, YamlError> {
                     origin: origin_at(&span),
                     message,
                 })?;
-                let n = Node::new(value, origin_at(&span));
+                let mut n = Node::new(value, origin_at(&span));
+                if style == ScalarStyle::Plain && matches!(n.value, Value::Int(_)) {
+                    n.raw = Some(Arc::from(text.as_ref()));
+                }
                 // A plain `<<` key marks a merge; remember that through the key name.
                 let n = if style == ScalarStyle::Plain && text == "<<" {
                     Node::new(Value::Str("\u{0}<<".into()), n.origin)
