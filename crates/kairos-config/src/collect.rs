@@ -40,7 +40,7 @@ pub enum CollectError {
 
 /// Fetches a URL's body. A trait so tests can serve configs without a network.
 pub trait Fetcher {
-    fn fetch(&self, url: &str) -> Result<String, String>;
+    fn fetch(&self, url: &str) -> Result<Vec<u8>, String>;
 }
 
 /// HTTP(S) GET with Kairos' retry policy: 3 tries, 1 s apart.
@@ -57,9 +57,9 @@ impl Default for HttpFetcher {
 }
 
 impl Fetcher for HttpFetcher {
-    fn fetch(&self, url: &str) -> Result<String, String> {
+    fn fetch(&self, url: &str) -> Result<Vec<u8>, String> {
         if let Some(path) = url.strip_prefix("file://") {
-            return fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"));
+            return fs::read(path).map_err(|e| format!("reading {path}: {e}"));
         }
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(30)))
@@ -73,7 +73,7 @@ impl Fetcher for HttpFetcher {
             }
             match agent.get(url).call() {
                 Ok(mut resp) if resp.status() == 200 => {
-                    return resp.body_mut().read_to_string().map_err(|e| e.to_string());
+                    return resp.body_mut().with_config().limit(64 * 1024 * 1024).read_to_vec().map_err(|e| e.to_string());
                 }
                 Ok(resp) => last = format!("HTTP status {}", resp.status()),
                 Err(e) => last = e.to_string(),
@@ -223,7 +223,7 @@ impl Collector<'_> {
             }
         };
         let text = match self.fetcher.fetch(&url) {
-            Ok(t) => t,
+            Ok(t) => String::from_utf8_lossy(&t).into_owned(),
             Err(e) => {
                 out.warnings.push(format!("config_url {url}: unreachable, continuing without it: {e}"));
                 return Ok(());
@@ -282,8 +282,8 @@ mod tests {
 
     struct Map(HashMap<String, String>);
     impl Fetcher for Map {
-        fn fetch(&self, url: &str) -> Result<String, String> {
-            self.0.get(url).cloned().ok_or_else(|| "connection refused".into())
+        fn fetch(&self, url: &str) -> Result<Vec<u8>, String> {
+            self.0.get(url).map(|s| s.as_bytes().to_vec()).ok_or_else(|| "connection refused".into())
         }
     }
 

@@ -1,0 +1,228 @@
+//! Running a stage graph: conditionals, then each step's modules in yip's fixed order,
+//! with every failure collected and none stopping the rest.
+
+use std::io::Write;
+use std::path::Path;
+
+use kairos_config::Fetcher;
+use kairos_config::types::Step;
+use kairos_sys::{Root, Shell};
+use regex::Regex;
+use serde_json::{Value as Json, json};
+
+use crate::dag::Graph;
+use crate::modules;
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    pub ran: Vec<String>,
+    pub skipped: Vec<(String, String)>,
+    pub failed: Vec<(String, Vec<String>)>,
+    /// Problems found while loading (unreadable steps, unknown `after` targets).
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    pub fn merge(&mut self, other: Report) {
+        self.ran.extend(other.ran);
+        self.skipped.extend(other.skipped);
+        self.failed.extend(other.failed);
+        self.problems.extend(other.problems);
+    }
+
+    pub fn ok(&self) -> bool {
+        self.failed.is_empty() && self.problems.is_empty()
+    }
+}
+
+/// Everything a module needs: the target root and how to reach the outside.
+pub struct Ctx<'a> {
+    pub root: &'a Root,
+    pub shell: &'a Shell,
+    pub template: &'a Json,
+    pub fetcher: &'a dyn Fetcher,
+    pub warnings: std::cell::RefCell<Vec<String>>,
+}
+
+impl Ctx<'_> {
+    /// Renders a templated field; a failing template keeps the raw text, with a warning.
+    pub fn render(&self, text: &str) -> String {
+        let (out, err) = kairos_template::render_or_raw(text, self.template);
+        if let Some(e) = err {
+            self.warnings.borrow_mut().push(format!("template kept as written ({e}): {text}"));
+        }
+        out
+    }
+
+    pub fn path(&self, p: impl AsRef<Path>) -> std::path::PathBuf {
+        self.root.join(p)
+    }
+}
+
+/// Runs graphs against one root.
+pub struct Executor<'a> {
+    pub root: Root,
+    pub shell: Shell,
+    pub template: Json,
+    pub fetcher: &'a dyn Fetcher,
+    pub out: Box<dyn Write + 'a>,
+}
+
+/// The template context yip gives: `.Values` (system information) plus `.Random`,
+/// `.ProtectedID`, `.MachineID` and `.UUID`.
+pub fn template_context(root: &Root) -> Json {
+    let machine_id = kairos_sys::sysinfo::machine_id(root);
+    let random = kairos_config::random_string(32);
+    let protected = kairos_config::protected_id(&machine_id, "yip");
+    let mut values = kairos_sys::sysinfo::values(root);
+    if let Some(v) = values.as_object_mut() {
+        v.insert("Random".into(), json!(random));
+        v.insert("ProtectedID".into(), json!(protected));
+    }
+    json!({
+        "Values": values,
+        "Random": random,
+        "ProtectedID": protected,
+        "MachineID": machine_id,
+        "UUID": uuid_v4(),
+    })
+}
+
+fn uuid_v4() -> String {
+    let r = kairos_config::random_string(32).bytes().map(|b| b % 16).collect::<Vec<_>>();
+    let hex: String = r.iter().map(|n| format!("{n:x}")).collect();
+    format!("{}-{}-4{}-a{}-{}", &hex[0..8], &hex[8..12], &hex[13..16], &hex[17..20], &hex[20..32])
+}
+
+impl<'a> Executor<'a> {
+    pub fn new(root: Root, fetcher: &'a dyn Fetcher, out: Box<dyn Write + 'a>) -> Self {
+        Executor {
+            shell: Shell::new(root.clone()),
+            template: template_context(&root),
+            root,
+            fetcher,
+            out,
+        }
+    }
+
+    pub fn run(&mut self, graph: &Graph) -> Report {
+        let mut report = Report { problems: graph.problems.clone(), ..Default::default() };
+        for p in &graph.problems {
+            let _ = writeln!(self.out, "  problem  {p}");
+        }
+        for op in graph.ordered() {
+            match self.check(&op.step) {
+                Err(reason) => {
+                    let _ = writeln!(self.out, "  skip  {} ({reason})", op.name);
+                    report.skipped.push((op.name.clone(), reason));
+                    continue;
+                }
+                Ok(()) => {}
+            }
+            let _ = writeln!(self.out, "  run   {}", op.name);
+            let errors = self.apply(&op.step);
+            if errors.is_empty() {
+                report.ran.push(op.name.clone());
+            } else {
+                for e in &errors {
+                    let _ = writeln!(self.out, "  FAIL  {}: {e}", op.name);
+                }
+                report.failed.push((op.name.clone(), errors));
+            }
+        }
+        report
+    }
+
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            root: &self.root,
+            shell: &self.shell,
+            template: &self.template,
+            fetcher: self.fetcher,
+            warnings: Default::default(),
+        }
+    }
+
+    /// Runs one step's modules in yip's order; returns every error.
+    pub fn apply(&mut self, step: &Step) -> Vec<String> {
+        let ctx = self.ctx();
+        let mut errors = Vec::new();
+        for m in modules::ORDER {
+            if let Err(e) = modules::run(m, &ctx, step) {
+                errors.push(format!("{m}: {e}"));
+            }
+        }
+        let warnings = ctx.warnings.take();
+        for w in warnings {
+            let _ = writeln!(self.out, "  warn  {w}");
+        }
+        errors
+    }
+
+    /// The conditionals, in yip's order; `Err` says why the step is skipped.
+    pub fn check(&self, step: &Step) -> Result<(), String> {
+        let ctx = self.ctx();
+        let re = |pat: &str, what: &str| Regex::new(pat).map_err(|e| format!("{what}: bad regex {pat:?}: {e}"));
+        if let Some(n) = step.node.as_deref().filter(|n| !n.is_empty()) {
+            let host = kairos_sys::sysinfo::hostname(&self.root);
+            if !re(n, "node")?.is_match(&host) {
+                return Err(format!("node: hostname {host:?} does not match {n:?}"));
+            }
+        }
+        if let Some(cond) = step.if_.as_deref().filter(|c| !c.is_empty()) {
+            let cmd = ctx.render(cond);
+            match self.shell.run_status(&cmd) {
+                Ok(o) if o.status == 0 => {}
+                Ok(o) => return Err(format!("if: `{cmd}` exited {}", o.status)),
+                Err(e) => return Err(format!("if: {e}")),
+            }
+        }
+        let osr = kairos_sys::sysinfo::os_release(&self.root);
+        for (pat, key, what) in [
+            (&step.only_os, "PRETTY_NAME", "only_os"),
+            (&step.only_os_version, "VERSION_ID", "only_os_version"),
+        ] {
+            if let Some(p) = pat.as_deref().filter(|p| !p.is_empty()) {
+                let v = osr.get(key).cloned().unwrap_or_default();
+                if v.is_empty() || !re(p, what)?.is_match(&v) {
+                    return Err(format!("{what}: {v:?} does not match {p:?}"));
+                }
+            }
+        }
+        if let Some(p) = step.only_arch.as_deref().filter(|p| !p.is_empty()) {
+            let arch = kairos_sys::sysinfo::go_arch();
+            if !re(p, "only_arch")?.is_match(arch) {
+                return Err(format!("only_arch: {arch} does not match {p:?}"));
+            }
+        }
+        if let Some(want) = step.only_service_manager.as_deref().filter(|p| !p.is_empty()) {
+            let has = |bin: &str| {
+                ["sbin", "bin", "usr/sbin", "usr/bin"].iter().any(|d| self.root.join(d).join(bin).exists())
+            };
+            let (systemd, openrc) = (has("systemctl"), has("openrc"));
+            let found = match (systemd, openrc) {
+                (true, false) => "systemd",
+                (false, true) => "openrc",
+                (true, true) => "both systemd and openrc",
+                _ => "none",
+            };
+            if found != want {
+                return Err(format!("only_service_manager: want {want}, found {found}"));
+            }
+        }
+        if let Some(f) = &step.if_files {
+            let exists = |p: &String| self.root.join(ctx.render(p)).exists();
+            if !f.any.is_empty() && !f.any.iter().any(exists) {
+                return Err("if_files: none of `any` exist".into());
+            }
+            if !f.all.iter().all(exists) {
+                return Err("if_files: not all of `all` exist".into());
+            }
+            if f.none.iter().any(exists) {
+                return Err("if_files: one of `none` exists".into());
+            }
+        }
+        Ok(())
+    }
+}

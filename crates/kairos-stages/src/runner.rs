@@ -1,0 +1,141 @@
+//! `run-stage X`: where stage documents come from and in which order they run.
+//!
+//! For each of `X.before`, `X`, `X.after`: every stage path (`/system/oem`, `/oem`,
+//! `/usr/local/cloud-config`, then `cloud-init-paths`) as its own graph, then the document at
+//! the cmdline's `kairos.config_url`, then the cmdline's own `stages.…` dot notation.
+
+use std::fs;
+use std::io::Write;
+
+use kairos_config::Fetcher;
+use kairos_config::collect::{display_path, walk_yaml};
+use kairos_sys::Root;
+
+use crate::dag::Graph;
+use crate::executor::{Executor, Report};
+use crate::loader::{self, YipConfig};
+
+pub const STAGE_PATHS: &[&str] = &["/system/oem", "/oem", "/usr/local/cloud-config"];
+
+/// Where a stage's documents are read from.
+pub struct StageRun<'a> {
+    pub root: Root,
+    pub cmdline: Option<String>,
+    /// `cloud-init-paths` from the config, scanned after the standard paths.
+    pub extra_paths: Vec<String>,
+    pub fetcher: &'a dyn Fetcher,
+}
+
+/// The documents of one source (a directory, a URL, the cmdline).
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub configs: Vec<YipConfig>,
+}
+
+/// The analysis of one sub-stage of one source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub stage: String,
+    pub source: String,
+    pub layers: Vec<Vec<String>>,
+}
+
+fn read_file(root: &Root, path: &std::path::Path) -> YipConfig {
+    let shown = display_path(root, path);
+    let loaded = fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|t| loader::load_text(&t, &shown));
+    loaded.unwrap_or_else(|e| YipConfig { name: shown.clone(), problems: vec![format!("{shown}: not read: {e}")], ..Default::default() })
+}
+
+impl StageRun<'_> {
+    /// The cmdline's `kairos.config_url` (or legacy `cos.setup=<url>`).
+    fn cmdline_url(&self) -> Option<String> {
+        let cmdline = self.cmdline.as_deref()?;
+        kairos_config::cmdline::tokens(cmdline).into_iter().find_map(|t| {
+            let (k, v) = t.split_once('=')?;
+            match k {
+                "kairos.config_url" => Some(v.to_string()),
+                "cos.setup" if !v.contains('=') => Some(v.to_string()),
+                _ => None,
+            }
+        })
+    }
+
+    pub fn sources(&self) -> Vec<Source> {
+        let mut out = Vec::new();
+        let paths = STAGE_PATHS.iter().map(|s| s.to_string()).chain(self.extra_paths.iter().cloned());
+        for p in paths {
+            let full = self.root.join(&p);
+            if self.root.is_host() && !full.exists() {
+                let _ = fs::create_dir_all(&full);
+            }
+            let files = if full.is_file() { vec![full.clone()] } else { walk_yaml(&full) };
+            out.push(Source { name: p.clone(), configs: files.iter().map(|f| read_file(&self.root, f)).collect() });
+        }
+        if let Some(url) = self.cmdline_url() {
+            let cfg = match self.fetcher.fetch(&url) {
+                Ok(body) => loader::load_text(&String::from_utf8_lossy(&body), &url)
+                    .unwrap_or_else(|e| YipConfig { name: url.clone(), problems: vec![format!("{url}: {e}")], ..Default::default() }),
+                Err(e) => YipConfig {
+                    name: url.clone(),
+                    problems: vec![format!("{url}: unreachable, its stages were not run: {e}")],
+                    ..Default::default()
+                },
+            };
+            out.push(Source { name: url, configs: vec![cfg] });
+        }
+        if let Some(cmdline) = &self.cmdline {
+            let node = kairos_config::cmdline::dot_notation(cmdline);
+            if node.get("stages").is_some() {
+                let mut only = node.clone();
+                if let kairos_config::Value::Map(entries) = &mut only.value {
+                    entries.retain(|(k, _)| k.name == "stages");
+                }
+                out.push(Source { name: "cmdline".into(), configs: vec![loader::load_node(only, "cmdline", false)] });
+            }
+        }
+        out
+    }
+
+    fn sub_stages(stage: &str) -> [String; 3] {
+        [format!("{stage}.before"), stage.to_string(), format!("{stage}.after")]
+    }
+
+    /// The DAG layers that `run` would execute, without running anything.
+    pub fn analyze(&self, stage: &str) -> Vec<Plan> {
+        let sources = self.sources();
+        let mut plans = Vec::new();
+        for sub in Self::sub_stages(stage) {
+            for s in &sources {
+                let g = Graph::build(&s.configs, &sub);
+                if !g.ops.is_empty() {
+                    plans.push(Plan { stage: sub.clone(), source: s.name.clone(), layers: g.layers() });
+                }
+            }
+        }
+        plans
+    }
+
+    pub fn run(&self, stage: &str, out: &mut dyn Write) -> Report {
+        let sources = self.sources();
+        let mut report = Report::default();
+        let mut exec = Executor::new(self.root.clone(), self.fetcher, Box::new(&mut *out));
+        let mut reported_problems = false;
+        for sub in Self::sub_stages(stage) {
+            for s in &sources {
+                let mut g = Graph::build(&s.configs, &sub);
+                // Load problems belong to the documents, not to a sub-stage: report them once.
+                if reported_problems {
+                    g.problems.retain(|p| p.contains("`after`"));
+                }
+                if g.ops.is_empty() && g.problems.is_empty() {
+                    continue;
+                }
+                let _ = writeln!(exec.out, "{sub} from {}", s.name);
+                report.merge(exec.run(&g));
+            }
+            reported_problems = true;
+        }
+        report
+    }
+}
