@@ -328,7 +328,11 @@ fn scalar(node: &Node, indent: usize) -> String {
     match &node.value {
         Value::Null => "null".into(),
         Value::Bool(b) => b.to_string(),
-        Value::Int(i) => i.to_string(),
+        // Keep `0640` as written: it means the same and reads as a mode.
+        Value::Int(i) => match &node.raw {
+            Some(raw) if go_int(raw) == Some(*i) => raw.to_string(),
+            _ => i.to_string(),
+        },
         Value::Float(f) if f.is_nan() => ".nan".into(),
         Value::Float(f) if f.is_infinite() => if *f > 0.0 { ".inf" } else { "-.inf" }.into(),
         Value::Float(f) => {

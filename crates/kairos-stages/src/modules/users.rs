@@ -268,4 +268,11 @@ mod tests {
         assert_eq!(password_hash("secret", true, Some(&h)).unwrap(), "!");
         assert_eq!(password_hash("$6$x$y", false, None).unwrap(), "$6$x$y");
     }
+
+    #[test]
+    fn matches_glibc_crypt() {
+        // crypt("kairos", "$6$abcdefgh$") from glibc: a hash we write must verify there too.
+        let glibc = "$6$abcdefgh$PajO0NcUUyDLVnsQuRYrsKO/BKf43NXiYtTChwVyhlUABtfwZsNRZDOEjUjW6gBboiVkvkDmIuG7Vm6e5FpLA1";
+        assert_eq!(password_hash("kairos", false, Some(glibc)).unwrap(), glibc);
+    }
 }

@@ -1,0 +1,287 @@
+//! Command-line interface of `kairos-agent`: argument types and dispatch.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use kairos_config::validate::{self, Problem};
+use kairos_config::{Collected, Collector, Fetcher, HttpFetcher};
+use kairos_stages::runner::StageRun;
+use kairos_sys::Root;
+use serde_json::json;
+
+/// Exit codes (documented in `--help` and docs/agent.md).
+pub mod exit {
+    /// The config is invalid, or steps failed under `--strict`.
+    pub const INVALID: i32 = 1;
+    /// Bad command line (clap's own code).
+    pub const USAGE: i32 = 2;
+    /// Something could not be done: unreadable file, merge conflict, unreachable source.
+    pub const FAILURE: i32 = 3;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kairos-agent",
+    version,
+    about = "The Kairos node agent",
+    long_about = "The Kairos node agent: reads the node's cloud-config, validates it and runs its stages.\n\nExit codes: 0 success; 1 invalid config or failed steps under --strict; 2 bad command line; 3 could not do the work (unreadable file, merge conflict).",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Resolve every path under this directory instead of / (an install target, an image tree)
+    #[arg(long, global = true, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// Use this kernel command line instead of reading /proc/cmdline
+    #[arg(long, global = true, value_name = "STRING")]
+    pub cmdline: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a cloud-config file (path, http(s) URL, `-` for stdin, or literal YAML)
+    Validate {
+        /// The config to check
+        source: String,
+        /// Print the problems as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or query the node's merged config
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Print the JSON Schema of the cloud-config
+    Schema,
+    /// Run a stage (e.g. boot, initramfs, network) from the node's stage paths and cmdline
+    RunStage {
+        /// Stage name; its `.before` and `.after` run around it
+        stage: String,
+        /// Fail (exit 1) when a step fails or the config is invalid
+        #[arg(long)]
+        strict: bool,
+        /// Print the order steps would run in, without running them
+        #[arg(long)]
+        analyze: bool,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the merged config with the list of its sources
+    Show {
+        /// Print JSON ({"sources": [...], "config": {...}, "warnings": [...]})
+        #[arg(long)]
+        json: bool,
+        /// Fail when the merged config does not validate
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Print one value of the merged config by dot path (`install.device`, `users.0.name`)
+    Get {
+        path: String,
+    },
+}
+
+/// The outcome of a command that ran: its exit code.
+pub type Code = i32;
+
+impl Global {
+    fn root(&self) -> Root {
+        Root::new(&self.root)
+    }
+
+    /// The cmdline: the flag, else the root's /proc/cmdline when it has one.
+    fn cmdline(&self) -> Option<String> {
+        if let Some(c) = &self.cmdline {
+            return Some(c.clone());
+        }
+        std::fs::read_to_string(self.root().join("proc/cmdline")).ok()
+    }
+
+    fn collect(&self, fetcher: &dyn Fetcher) -> Result<Collected> {
+        Collector::new(self.root(), self.cmdline(), fetcher)
+            .collect()
+            .with_context(|| format!("collecting the config under {}", self.root.display()))
+    }
+}
+
+pub fn run(cli: Cli) -> Result<Code> {
+    let fetcher = HttpFetcher::default();
+    match cli.command {
+        Command::Validate { source, json } => validate_cmd(&source, json, &fetcher),
+        Command::Schema => {
+            println!("{}", serde_json::to_string_pretty(&kairos_config::types::schema())?);
+            Ok(0)
+        }
+        Command::Config { command: ConfigCommand::Show { json, strict } } => {
+            let c = cli.global.collect(&fetcher)?;
+            let problems = validate::validate_node(&c.config);
+            let strict = strict || is_strict(&c);
+            report_warnings(&c, &problems, strict);
+            if json {
+                let out = json!({
+                    "sources": c.sources, "config": c.config.to_json(), "warnings": c.warnings,
+                    "problems": problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print!("{}", c.render());
+            }
+            Ok(if strict && !problems.is_empty() { exit::INVALID } else { 0 })
+        }
+        Command::Config { command: ConfigCommand::Get { path } } => {
+            let c = cli.global.collect(&fetcher)?;
+            let Some(n) = c.config.at_path(&path) else {
+                eprintln!("kairos-agent: `{path}` is not set in the config (sources: {})", c.sources.join(", "));
+                return Ok(exit::INVALID);
+            };
+            match n.scalar_text() {
+                Some(s) => println!("{s}"),
+                None => print!("{}", kairos_config::yaml::to_string(n)),
+            }
+            Ok(0)
+        }
+        Command::RunStage { stage, strict, analyze, json } => run_stage(&cli.global, &stage, strict, analyze, json, &fetcher),
+    }
+}
+
+fn is_strict(c: &Collected) -> bool {
+    c.config.get("strict").is_some_and(|n| n.to_json() == json!(true))
+}
+
+fn report_warnings(c: &Collected, problems: &[Problem], strict: bool) {
+    for w in &c.warnings {
+        eprintln!("warning: {w}");
+    }
+    let level = if strict { "error" } else { "warning" };
+    for p in problems {
+        eprintln!("{level}: {p}");
+    }
+}
+
+fn read_source(source: &str, fetcher: &dyn Fetcher) -> Result<(String, String)> {
+    if source == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("reading the config from stdin")?;
+        return Ok((s, "<stdin>".into()));
+    }
+    if source.starts_with("http://") || source.starts_with("https://") {
+        let body = fetcher.fetch(source).map_err(|e| anyhow::anyhow!("fetching {source}: {e}"))?;
+        return Ok((String::from_utf8_lossy(&body).into_owned(), source.to_string()));
+    }
+    match std::fs::read_to_string(source) {
+        Ok(s) => Ok((s, source.to_string())),
+        // Kairos treats an argument that is not a file as the YAML text itself.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && (source.contains('\n') || source.starts_with('#')) => {
+            Ok((source.to_string(), "<argument>".into()))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {source}")),
+    }
+}
+
+fn validate_cmd(source: &str, json_out: bool, fetcher: &dyn Fetcher) -> Result<Code> {
+    let (text, name) = read_source(source, fetcher)?;
+    let problems = validate::validate_text(&text, &name);
+    if json_out {
+        let list: Vec<_> = problems
+            .iter()
+            .map(|p| json!({"file": p.origin.source.as_ref(), "line": p.origin.line, "column": p.origin.col, "path": p.path, "message": p.message}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&json!({"valid": problems.is_empty(), "problems": list}))?);
+    } else if problems.is_empty() {
+        println!("{name}: valid");
+    } else {
+        for p in &problems {
+            println!("{p}");
+        }
+        eprintln!("{name}: {} problem(s)", problems.len());
+    }
+    Ok(if problems.is_empty() { 0 } else { exit::INVALID })
+}
+
+fn run_stage(g: &Global, stage: &str, strict: bool, analyze: bool, json_out: bool, fetcher: &dyn Fetcher) -> Result<Code> {
+    // The merged config gives `cloud-init-paths` and `strict`; a broken config must not stop
+    // the stage from running (it may be what repairs the node), unless strict.
+    let collected = match g.collect(fetcher) {
+        Ok(c) => Some(c),
+        Err(e) if !strict => {
+            eprintln!("warning: {e:#}");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let strict = strict || collected.as_ref().is_some_and(is_strict);
+    let mut extra_paths = Vec::new();
+    if let Some(c) = &collected {
+        let problems = validate::validate_node(&c.config);
+        report_warnings(c, &problems, strict);
+        if let Some(p) = c.config.get("cloud-init-paths") {
+            extra_paths = p.to_json().as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_string)).collect();
+        }
+    }
+    let run = StageRun { root: g.root(), cmdline: g.cmdline(), extra_paths, fetcher };
+    if analyze {
+        let plans = run.analyze(stage);
+        if json_out {
+            let v: Vec<_> = plans.iter().map(|p| json!({"stage": p.stage, "source": p.source, "layers": p.layers})).collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            for p in plans {
+                println!("{} from {}:", p.stage, p.source);
+                for (i, layer) in p.layers.iter().enumerate() {
+                    println!("  {i}: {}", layer.join(", "));
+                }
+            }
+        }
+        return Ok(0);
+    }
+    let mut err = std::io::stderr();
+    let report = run.run(stage, &mut err);
+    let summary = format!(
+        "{stage}: {} step(s) ran, {} skipped, {} failed, {} problem(s)",
+        report.ran.len(),
+        report.skipped.len(),
+        report.failed.len(),
+        report.problems.len()
+    );
+    if json_out {
+        let v = json!({
+            "stage": stage, "ok": report.ok(), "ran": report.ran,
+            "skipped": report.skipped.iter().map(|(n, r)| json!({"step": n, "reason": r})).collect::<Vec<_>>(),
+            "failed": report.failed.iter().map(|(n, e)| json!({"step": n, "errors": e})).collect::<Vec<_>>(),
+            "problems": report.problems,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    let _ = writeln!(err, "{summary}{}", if !report.ok() && !strict { " (not fatal: pass --strict to fail)" } else { "" });
+    Ok(if strict && !report.ok() { exit::INVALID } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands() {
+        let c = Cli::try_parse_from(["kairos-agent", "run-stage", "boot", "--root", "/tmp/x", "--strict"]).unwrap();
+        assert_eq!(c.global.root, PathBuf::from("/tmp/x"));
+        assert!(matches!(c.command, Command::RunStage { strict: true, .. }));
+        let c = Cli::try_parse_from(["kairos-agent", "--cmdline", "a=b", "config", "get", "install.device"]).unwrap();
+        assert_eq!(c.global.cmdline.as_deref(), Some("a=b"));
+        assert!(Cli::try_parse_from(["kairos-agent", "frobnicate"]).is_err());
+    }
+}

@@ -1,0 +1,4 @@
+//! The `kairos-agent` program as a library: its CLI and commands, so they can be tested
+//! without spawning the binary.
+
+pub mod cli;
