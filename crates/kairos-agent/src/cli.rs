@@ -131,6 +131,9 @@ pub fn run(cli: Cli) -> Result<Code> {
             let c = cli.global.collect(&fetcher)?;
             let problems = validate::validate_node(&c.config);
             let strict = strict || is_strict(&c);
+            for s in &c.skipped {
+                eprintln!("warning: {s}");
+            }
             report_warnings(&c, &problems, strict);
             if json {
                 let out = json!({

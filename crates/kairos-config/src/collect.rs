@@ -100,6 +100,9 @@ pub struct Collected {
     pub config: Node,
     pub sources: Vec<String>,
     pub warnings: Vec<String>,
+    /// Files left out for having no header (plain yip stage files are such files, so this is
+    /// reported apart from the warnings).
+    pub skipped: Vec<String>,
 }
 
 impl Collected {
@@ -161,6 +164,7 @@ impl Collector<'_> {
             config: Node::empty_map(Origin::whole(&Arc::from("(empty)"))),
             sources: Vec::new(),
             warnings: Vec::new(),
+            skipped: Vec::new(),
         };
         for dir in &self.dirs {
             for path in walk_yaml(&self.root.join(dir)) {
@@ -172,7 +176,7 @@ impl Collector<'_> {
                 }
                 let text = fs::read_to_string(&path).map_err(|source| CollectError::Read { path: shown.clone(), source })?;
                 if !has_header(&text) {
-                    out.warnings.push(format!(
+                    out.skipped.push(format!(
                         "{shown}: skipped, no #cloud-config (or #kairos-config, #node-config) header in its first lines"
                     ));
                     continue;
@@ -311,7 +315,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.config.to_json(), json!({"install": {"device": "/dev/vda", "auto": true}, "hostname": "h"}));
         assert_eq!(c.sources, vec!["/etc/kairos/a.yaml", "/oem/b.yaml", "/oem/sub/c.yml", "cmdline"]);
-        assert!(c.warnings.iter().any(|w| w.contains("noheader.yaml")));
+        assert!(c.skipped.iter().any(|w| w.contains("noheader.yaml")));
         let shown = c.render();
         assert!(shown.starts_with("#cloud-config\n\n# Sources:\n# - /etc/kairos/a.yaml\n"), "{shown}");
     }

@@ -633,11 +633,31 @@ config_struct!(KubeVip {
     image: Option<String>,
 });
 
+/// Other spellings Kairos accepts (its schema and its code disagree on these):
+/// (type, alias, canonical key).
+const ALIASES: &[(&str, &str, &str)] = &[
+    ("CloudUser", "lockPasswd", "lock_passwd"),
+    ("StepUser", "lockPasswd", "lock_passwd"),
+    ("Install", "no_format", "no-format"),
+    ("Install", "image", "source"),
+];
+
 /// The JSON Schema of [`Config`].
 pub fn schema() -> Json {
     let mut s = serde_json::to_value(schemars::schema_for!(Config)).expect("schema serialises");
     if let Some(o) = s.as_object_mut() {
         o.insert("title".into(), Json::String("Kairos cloud-config".into()));
+    }
+    // schemars leaves serde aliases out; the schema must accept what the parser accepts.
+    for (ty, alias, canonical) in ALIASES {
+        if let Some(props) = s.pointer_mut(&format!("/$defs/{ty}/properties")).and_then(Json::as_object_mut)
+            && let Some(mut p) = props.get(*canonical).cloned()
+        {
+            if let Some(po) = p.as_object_mut() {
+                po.insert("description".into(), Json::String(format!("Same as `{canonical}`.")));
+            }
+            props.insert(alias.to_string(), p);
+        }
     }
     s
 }

@@ -70,7 +70,36 @@ impl Graph {
                 op.deps.retain(|d| *d != m);
             }
         }
+        if let Some(cycle) = g.find_cycle() {
+            g.problems.push(format!("steps {} depend on each other in a cycle; they run in file order", cycle.join(" → ")));
+        }
         g
+    }
+
+    fn find_cycle(&self) -> Option<Vec<String>> {
+        let index: HashMap<&str, usize> = self.ops.iter().enumerate().map(|(i, o)| (o.name.as_str(), i)).collect();
+        // 0 = unvisited, 1 = on the stack, 2 = done
+        let mut state = vec![0u8; self.ops.len()];
+        fn visit(i: usize, g: &Graph, index: &HashMap<&str, usize>, state: &mut [u8], path: &mut Vec<usize>) -> Option<Vec<String>> {
+            state[i] = 1;
+            path.push(i);
+            for d in &g.ops[i].deps {
+                let Some(&j) = index.get(d.as_str()) else { continue };
+                if state[j] == 1 {
+                    let start = path.iter().position(|&p| p == j).unwrap_or(0);
+                    return Some(path[start..].iter().map(|&k| g.ops[k].name.clone()).collect());
+                }
+                if state[j] == 0
+                    && let Some(c) = visit(j, g, index, state, path)
+                {
+                    return Some(c);
+                }
+            }
+            path.pop();
+            state[i] = 2;
+            None
+        }
+        (0..self.ops.len()).find_map(|i| if state[i] == 0 { visit(i, self, &index, &mut state, &mut Vec::new()) } else { None })
     }
 
     /// The execution layers: `["init"]` then each level of ops, in declaration order.
@@ -103,9 +132,11 @@ impl Graph {
         let max = level.iter().flatten().max().copied().unwrap_or(0);
         let mut layers = vec![vec!["init".to_string()]];
         for l in 1..=max {
-            layers.push(
-                self.ops.iter().zip(&level).filter(|(_, lv)| **lv == Some(l)).map(|(o, _)| o.name.clone()).collect(),
-            );
+            let layer: Vec<String> =
+                self.ops.iter().zip(&level).filter(|(_, lv)| **lv == Some(l)).map(|(o, _)| o.name.clone()).collect();
+            if !layer.is_empty() {
+                layers.push(layer);
+            }
         }
         layers
     }

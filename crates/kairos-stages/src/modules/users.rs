@@ -67,6 +67,15 @@ pub fn users(ctx: &Ctx, users: &BTreeMap<String, StepUser>) -> Result<(), String
             errs.push(format!("user {name}: {e}"));
         }
     }
+    // Supplementary groups come after every user, so user ids stay dense (1000, 1001, …)
+    // and missing groups take the next free ids.
+    for (key, u) in users {
+        let name = u.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| key.clone());
+        for g in &u.groups.0 {
+            acc.ensure_group(g, None);
+            acc.add_member(g, &name);
+        }
+    }
     acc.save(ctx.root).map_err(|e| format!("writing account files: {e}"))?;
     for (home, uid, gid) in homes {
         let p = ctx.path(&home);
@@ -126,10 +135,6 @@ fn user(ctx: &Ctx, acc: &mut Accounts, name: &str, u: &StepUser, homes: &mut Vec
             }
             acc.shadow.set(&f);
         }
-    }
-    for g in &u.groups.0 {
-        acc.ensure_group(g, None);
-        acc.add_member(g, name);
     }
     Ok(())
 }
@@ -251,6 +256,9 @@ pub fn entity(ctx: &Ctx, e: &Entity, ensure: bool) -> Result<(), String> {
     }
     use std::os::unix::fs::PermissionsExt;
     let mode = fs::metadata(&path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
+    if let Some(parent) = path.parent() {
+        sysfs::create_dir_all(parent, 0o755).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    }
     sysfs::write_file(&path, out.as_bytes(), mode).map(|_| ()).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
