@@ -91,9 +91,7 @@ pub enum ConfigCommand {
         strict: bool,
     },
     /// Print one value of the merged config by dot path (`install.device`, `users.0.name`)
-    Get {
-        path: String,
-    },
+    Get { path: String },
 }
 
 /// The outcome of a command that ran: its exit code.
@@ -124,10 +122,15 @@ pub fn run(cli: Cli) -> Result<Code> {
     match cli.command {
         Command::Validate { source, json } => validate_cmd(&source, json, &fetcher),
         Command::Schema => {
-            println!("{}", serde_json::to_string_pretty(&kairos_config::types::schema())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&kairos_config::types::schema())?
+            );
             Ok(0)
         }
-        Command::Config { command: ConfigCommand::Show { json, strict } } => {
+        Command::Config {
+            command: ConfigCommand::Show { json, strict },
+        } => {
             let c = cli.global.collect(&fetcher)?;
             let problems = validate::validate_node(&c.config);
             let strict = strict || is_strict(&c);
@@ -144,12 +147,21 @@ pub fn run(cli: Cli) -> Result<Code> {
             } else {
                 print!("{}", c.render());
             }
-            Ok(if strict && !problems.is_empty() { exit::INVALID } else { 0 })
+            Ok(if strict && !problems.is_empty() {
+                exit::INVALID
+            } else {
+                0
+            })
         }
-        Command::Config { command: ConfigCommand::Get { path } } => {
+        Command::Config {
+            command: ConfigCommand::Get { path },
+        } => {
             let c = cli.global.collect(&fetcher)?;
             let Some(n) = c.config.at_path(&path) else {
-                eprintln!("kairos-agent: `{path}` is not set in the config (sources: {})", c.sources.join(", "));
+                eprintln!(
+                    "kairos-agent: `{path}` is not set in the config (sources: {})",
+                    c.sources.join(", ")
+                );
                 return Ok(exit::INVALID);
             };
             match n.scalar_text() {
@@ -158,12 +170,19 @@ pub fn run(cli: Cli) -> Result<Code> {
             }
             Ok(0)
         }
-        Command::RunStage { stage, strict, analyze, json } => run_stage(&cli.global, &stage, strict, analyze, json, &fetcher),
+        Command::RunStage {
+            stage,
+            strict,
+            analyze,
+            json,
+        } => run_stage(&cli.global, &stage, strict, analyze, json, &fetcher),
     }
 }
 
 fn is_strict(c: &Collected) -> bool {
-    c.config.get("strict").is_some_and(|n| n.to_json() == json!(true))
+    c.config
+        .get("strict")
+        .is_some_and(|n| n.to_json() == json!(true))
 }
 
 fn report_warnings(c: &Collected, problems: &[Problem], strict: bool) {
@@ -179,17 +198,27 @@ fn report_warnings(c: &Collected, problems: &[Problem], strict: bool) {
 fn read_source(source: &str, fetcher: &dyn Fetcher) -> Result<(String, String)> {
     if source == "-" {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("reading the config from stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the config from stdin")?;
         return Ok((s, "<stdin>".into()));
     }
     if source.starts_with("http://") || source.starts_with("https://") {
-        let body = fetcher.fetch(source).map_err(|e| anyhow::anyhow!("fetching {source}: {e}"))?;
-        return Ok((String::from_utf8_lossy(&body).into_owned(), source.to_string()));
+        let body = fetcher
+            .fetch(source)
+            .map_err(|e| anyhow::anyhow!("fetching {source}: {e}"))?;
+        return Ok((
+            String::from_utf8_lossy(&body).into_owned(),
+            source.to_string(),
+        ));
     }
     match std::fs::read_to_string(source) {
         Ok(s) => Ok((s, source.to_string())),
         // Kairos treats an argument that is not a file as the YAML text itself.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && (source.contains('\n') || source.starts_with('#')) => {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && (source.contains('\n') || source.starts_with('#')) =>
+        {
             Ok((source.to_string(), "<argument>".into()))
         }
         Err(e) => Err(e).with_context(|| format!("reading {source}")),
@@ -204,7 +233,10 @@ fn validate_cmd(source: &str, json_out: bool, fetcher: &dyn Fetcher) -> Result<C
             .iter()
             .map(|p| json!({"file": p.origin.source.as_ref(), "line": p.origin.line, "column": p.origin.col, "path": p.path, "message": p.message}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&json!({"valid": problems.is_empty(), "problems": list}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"valid": problems.is_empty(), "problems": list}))?
+        );
     } else if problems.is_empty() {
         println!("{name}: valid");
     } else {
@@ -213,10 +245,21 @@ fn validate_cmd(source: &str, json_out: bool, fetcher: &dyn Fetcher) -> Result<C
         }
         eprintln!("{name}: {} problem(s)", problems.len());
     }
-    Ok(if problems.is_empty() { 0 } else { exit::INVALID })
+    Ok(if problems.is_empty() {
+        0
+    } else {
+        exit::INVALID
+    })
 }
 
-fn run_stage(g: &Global, stage: &str, strict: bool, analyze: bool, json_out: bool, fetcher: &dyn Fetcher) -> Result<Code> {
+fn run_stage(
+    g: &Global,
+    stage: &str,
+    strict: bool,
+    analyze: bool,
+    json_out: bool,
+    fetcher: &dyn Fetcher,
+) -> Result<Code> {
     // The merged config gives `cloud-init-paths` and `strict`; a broken config must not stop
     // the stage from running (it may be what repairs the node), unless strict.
     let collected = match g.collect(fetcher) {
@@ -233,14 +276,28 @@ fn run_stage(g: &Global, stage: &str, strict: bool, analyze: bool, json_out: boo
         let problems = validate::validate_node(&c.config);
         report_warnings(c, &problems, strict);
         if let Some(p) = c.config.get("cloud-init-paths") {
-            extra_paths = p.to_json().as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            extra_paths = p
+                .to_json()
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
         }
     }
-    let run = StageRun { root: g.root(), cmdline: g.cmdline(), extra_paths, fetcher };
+    let run = StageRun {
+        root: g.root(),
+        cmdline: g.cmdline(),
+        extra_paths,
+        fetcher,
+    };
     if analyze {
         let plans = run.analyze(stage);
         if json_out {
-            let v: Vec<_> = plans.iter().map(|p| json!({"stage": p.stage, "source": p.source, "layers": p.layers})).collect();
+            let v: Vec<_> = plans
+                .iter()
+                .map(|p| json!({"stage": p.stage, "source": p.source, "layers": p.layers}))
+                .collect();
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             for p in plans {
@@ -270,8 +327,20 @@ fn run_stage(g: &Global, stage: &str, strict: bool, analyze: bool, json_out: boo
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     }
-    let _ = writeln!(err, "{summary}{}", if !report.ok() && !strict { " (not fatal: pass --strict to fail)" } else { "" });
-    Ok(if strict && !report.ok() { exit::INVALID } else { 0 })
+    let _ = writeln!(
+        err,
+        "{summary}{}",
+        if !report.ok() && !strict {
+            " (not fatal: pass --strict to fail)"
+        } else {
+            ""
+        }
+    );
+    Ok(if strict && !report.ok() {
+        exit::INVALID
+    } else {
+        0
+    })
 }
 
 #[cfg(test)]
@@ -280,10 +349,26 @@ mod tests {
 
     #[test]
     fn parses_commands() {
-        let c = Cli::try_parse_from(["kairos-agent", "run-stage", "boot", "--root", "/tmp/x", "--strict"]).unwrap();
+        let c = Cli::try_parse_from([
+            "kairos-agent",
+            "run-stage",
+            "boot",
+            "--root",
+            "/tmp/x",
+            "--strict",
+        ])
+        .unwrap();
         assert_eq!(c.global.root, PathBuf::from("/tmp/x"));
         assert!(matches!(c.command, Command::RunStage { strict: true, .. }));
-        let c = Cli::try_parse_from(["kairos-agent", "--cmdline", "a=b", "config", "get", "install.device"]).unwrap();
+        let c = Cli::try_parse_from([
+            "kairos-agent",
+            "--cmdline",
+            "a=b",
+            "config",
+            "get",
+            "install.device",
+        ])
+        .unwrap();
         assert_eq!(c.global.cmdline.as_deref(), Some("a=b"));
         assert!(Cli::try_parse_from(["kairos-agent", "frobnicate"]).is_err());
     }

@@ -37,7 +37,8 @@ fn parse_case(name: &str, text: &str) -> Case {
     let mut in_expect = false;
     let flush = |section: &mut Option<(String, Option<u32>, Vec<String>)>, case: &mut Case| {
         if let Some((p, m, lines)) = section.take() {
-            case.files.push((p, m, lines.iter().map(|l| format!("{l}\n")).collect()));
+            case.files
+                .push((p, m, lines.iter().map(|l| format!("{l}\n")).collect()));
         }
     };
     for line in text.lines() {
@@ -47,7 +48,9 @@ fn parse_case(name: &str, text: &str) -> Case {
             match parts.next() {
                 Some("file") => {
                     let path = parts.next().expect("file path").to_string();
-                    let mode = parts.next().map(|m| u32::from_str_radix(m, 8).expect("octal mode"));
+                    let mode = parts
+                        .next()
+                        .map(|m| u32::from_str_radix(m, 8).expect("octal mode"));
                     section = Some((path, mode, Vec::new()));
                     in_expect = false;
                 }
@@ -127,7 +130,14 @@ fn snapshot(root: &Path) -> Vec<String> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(p) = stack.pop() {
         let m = fs::symlink_metadata(&p).expect("stat");
-        let mut line = format!("{} {:o} {}:{} {}", p.display(), m.mode(), m.uid(), m.gid(), m.mtime_nsec() + m.mtime() * 1_000_000_000);
+        let mut line = format!(
+            "{} {:o} {}:{} {}",
+            p.display(),
+            m.mode(),
+            m.uid(),
+            m.gid(),
+            m.mtime_nsec() + m.mtime() * 1_000_000_000
+        );
         if m.is_symlink() {
             line.push_str(&format!(" -> {}", fs::read_link(&p).unwrap().display()));
         } else if m.is_file() {
@@ -152,7 +162,11 @@ fn check(case: &Case, root: &Path, out: &Output) -> Vec<String> {
         let ok = match verb {
             "exit" => out.code == arg.parse::<i32>().expect("exit code"),
             "stdout" | "stderr" => {
-                let stream = if verb == "stdout" { &out.stdout } else { &out.stderr };
+                let stream = if verb == "stdout" {
+                    &out.stdout
+                } else {
+                    &out.stderr
+                };
                 let text = unescape(tail);
                 match arg {
                     "has" => stream.contains(&text),
@@ -167,9 +181,12 @@ fn check(case: &Case, root: &Path, out: &Output) -> Vec<String> {
                 let re = regex::Regex::new(tail).expect("regex");
                 fs::read_to_string(at(arg)).is_ok_and(|c| c.lines().any(|l| re.is_match(l)))
             }
-            "mode" => fs::metadata(at(arg)).is_ok_and(|m| m.permissions().mode() & 0o7777 == u32::from_str_radix(tail, 8).unwrap()),
-            "owner" => fs::symlink_metadata(at(arg)).is_ok_and(|m| format!("{}:{}", m.uid(), m.gid()) == tail),
-            "symlink" => fs::read_link(at(arg)).is_ok_and(|t| t == PathBuf::from(tail)),
+            "mode" => fs::metadata(at(arg)).is_ok_and(|m| {
+                m.permissions().mode() & 0o7777 == u32::from_str_radix(tail, 8).unwrap()
+            }),
+            "owner" => fs::symlink_metadata(at(arg))
+                .is_ok_and(|m| format!("{}:{}", m.uid(), m.gid()) == tail),
+            "symlink" => fs::read_link(at(arg)).is_ok_and(|t| t == Path::new(tail)),
             "absent" => fs::symlink_metadata(at(arg)).is_err(),
             "dir" => at(arg).is_dir(),
             "json" => {
@@ -180,7 +197,8 @@ fn check(case: &Case, root: &Path, out: &Output) -> Vec<String> {
                         continue;
                     }
                 };
-                let want: serde_json::Value = serde_json::from_str(tail).expect("expected JSON value");
+                let want: serde_json::Value =
+                    serde_json::from_str(tail).expect("expected JSON value");
                 v.pointer(arg) == Some(&want)
             }
             "idempotent" => {
@@ -189,7 +207,10 @@ fn check(case: &Case, root: &Path, out: &Output) -> Vec<String> {
                 let again = run(case, root);
                 let after = snapshot(root);
                 if again.code != out.code {
-                    fails.push(format!("second run exited {} (first {})", again.code, out.code));
+                    fails.push(format!(
+                        "second run exited {} (first {})",
+                        again.code, out.code
+                    ));
                 }
                 let diff: Vec<_> = after.iter().filter(|l| !before.contains(l)).collect();
                 if !diff.is_empty() {
@@ -209,10 +230,18 @@ fn check(case: &Case, root: &Path, out: &Output) -> Vec<String> {
 #[test]
 fn corpus() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/corpus");
-    let mut files: Vec<PathBuf> =
-        fs::read_dir(&dir).expect("tests/corpus").flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "case")).collect();
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .expect("tests/corpus")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "case"))
+        .collect();
     files.sort();
-    assert!(files.len() >= 50, "the corpus must hold at least 50 cases, found {}", files.len());
+    assert!(
+        files.len() >= 50,
+        "the corpus must hold at least 50 cases, found {}",
+        files.len()
+    );
     let is_root = rustix::process::geteuid().is_root();
     let mut failures = Vec::new();
     let (mut passed, mut skipped) = (0, 0);
@@ -247,6 +276,14 @@ fn corpus() {
             ));
         }
     }
-    eprintln!("corpus: {passed} passed, {} failed, {skipped} skipped", failures.len());
-    assert!(failures.is_empty(), "{} corpus case(s) failed:\n{}", failures.len(), failures.join("\n"));
+    eprintln!(
+        "corpus: {passed} passed, {} failed, {skipped} skipped",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} corpus case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

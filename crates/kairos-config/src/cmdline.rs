@@ -7,15 +7,33 @@ use crate::node::{Key, Node, Origin, Value};
 
 /// Top-level keys a generic `k=v` cmdline token may set (Kairos' `FilterKeys`).
 pub const CMDLINE_KEYS: &[&str] = &[
-    "install", "config_url", "options", "fail_on_bundles_errors", "bundles", "grub_options", "env",
-    "debug", "strict", "cloud-init-paths", "eject-cd", "cosign", "verify", "cosign-key", "arch",
-    "squash-compression", "squash-no-compression", "uki-max-entries", "bind-pcrs",
-    "bind-public-pcrs", "logs",
+    "install",
+    "config_url",
+    "options",
+    "fail_on_bundles_errors",
+    "bundles",
+    "grub_options",
+    "env",
+    "debug",
+    "strict",
+    "cloud-init-paths",
+    "eject-cd",
+    "cosign",
+    "verify",
+    "cosign-key",
+    "arch",
+    "squash-compression",
+    "squash-no-compression",
+    "uki-max-entries",
+    "bind-pcrs",
+    "bind-public-pcrs",
+    "logs",
 ];
 
 /// Splits a cmdline shell-style; unbalanced quotes fall back to whitespace splitting.
 pub fn tokens(cmdline: &str) -> Vec<String> {
-    shlex::split(cmdline).unwrap_or_else(|| cmdline.split_whitespace().map(str::to_string).collect())
+    shlex::split(cmdline)
+        .unwrap_or_else(|| cmdline.split_whitespace().map(str::to_string).collect())
 }
 
 /// Splits `a.b[0].c` or `a.b.0.c` into segments.
@@ -59,7 +77,9 @@ fn set_path(root: &mut Node, segs: &[String], value: Node, origin: &Origin) -> b
         if !matches!(root.value, Value::Seq(_)) {
             root.value = Value::Seq(Vec::new());
         }
-        let Value::Seq(items) = &mut root.value else { return false };
+        let Value::Seq(items) = &mut root.value else {
+            return false;
+        };
         while items.len() <= idx {
             items.push(Node::new(Value::Null, origin.clone()));
         }
@@ -68,12 +88,17 @@ fn set_path(root: &mut Node, segs: &[String], value: Node, origin: &Origin) -> b
     if !matches!(root.value, Value::Map(_)) {
         root.value = Value::Map(Vec::new());
     }
-    let Value::Map(entries) = &mut root.value else { return false };
+    let Value::Map(entries) = &mut root.value else {
+        return false;
+    };
     let pos = match entries.iter().position(|(k, _)| &k.name == first) {
         Some(p) => p,
         None => {
             entries.push((
-                Key { name: first.clone(), origin: origin.clone() },
+                Key {
+                    name: first.clone(),
+                    origin: origin.clone(),
+                },
                 Node::new(Value::Null, origin.clone()),
             ));
             entries.len() - 1
@@ -88,7 +113,11 @@ fn typed(v: &str) -> Value {
     match v {
         "true" => Value::Bool(true),
         "false" => Value::Bool(false),
-        _ if !v.is_empty() && v.len() < 18 && v.bytes().all(|b| b.is_ascii_digit()) && (v == "0" || !v.starts_with('0')) => {
+        _ if !v.is_empty()
+            && v.len() < 18
+            && v.bytes().all(|b| b.is_ascii_digit())
+            && (v == "0" || !v.starts_with('0')) =>
+        {
             Value::Int(v.parse().unwrap_or(0))
         }
         _ => Value::Str(v.to_string()),
@@ -114,9 +143,13 @@ pub fn config_from_cmdline(cmdline: &str) -> Node {
             _ => None,
         };
         if let Some(kv) = owned_kv {
-            let (path, val) = kv.split_once('=').map(|(a, b)| (a, b)).unwrap_or((kv.as_str(), "true"));
+            let (path, val) = kv.split_once('=').unwrap_or((kv.as_str(), "true"));
             if let Some(segs) = segments(path) {
-                let val = if path == "config_url" { Value::Str(val.to_string()) } else { typed(val) };
+                let val = if path == "config_url" {
+                    Value::Str(val.to_string())
+                } else {
+                    typed(val)
+                };
                 set_path(&mut owned, &segs, Node::new(val, origin.clone()), &origin);
             }
             continue;
@@ -125,7 +158,12 @@ pub fn config_from_cmdline(cmdline: &str) -> Node {
         if !CMDLINE_KEYS.contains(&segs[0].as_str()) {
             continue;
         }
-        set_path(&mut generic, &segs, Node::new(typed(&v), origin.clone()), &origin);
+        set_path(
+            &mut generic,
+            &segs,
+            Node::new(typed(&v), origin.clone()),
+            &origin,
+        );
     }
     // Kairos-owned tokens win over the generic ones.
     let fallback = generic.clone();
@@ -147,12 +185,22 @@ pub fn dot_notation(cmdline: &str) -> Node {
     let origin = Origin::whole(&source);
     let mut root = Node::empty_map(origin.clone());
     for tok in tokens(cmdline) {
-        let Some((k, v)) = tok.split_once('=') else { continue };
+        let Some((k, v)) = tok.split_once('=') else {
+            continue;
+        };
         let Some(segs) = segments(k) else { continue };
-        if segs.iter().any(|s| s.is_empty() || s.contains(|c: char| c.is_whitespace())) {
+        if segs
+            .iter()
+            .any(|s| s.is_empty() || s.contains(|c: char| c.is_whitespace()))
+        {
             continue;
         }
-        set_path(&mut root, &segs, Node::new(Value::Str(v.to_string()), origin.clone()), &origin);
+        set_path(
+            &mut root,
+            &segs,
+            Node::new(Value::Str(v.to_string()), origin.clone()),
+            &origin,
+        );
     }
     root
 }
@@ -176,13 +224,24 @@ mod tests {
 
     #[test]
     fn cos_setup_legacy() {
-        assert_eq!(config_from_cmdline("cos.setup=http://a/b").to_json(), json!({"config_url": "http://a/b"}));
-        assert_eq!(config_from_cmdline("cos.setup=install.device=/dev/sda").to_json(), json!({"install": {"device": "/dev/sda"}}));
+        assert_eq!(
+            config_from_cmdline("cos.setup=http://a/b").to_json(),
+            json!({"config_url": "http://a/b"})
+        );
+        assert_eq!(
+            config_from_cmdline("cos.setup=install.device=/dev/sda").to_json(),
+            json!({"install": {"device": "/dev/sda"}})
+        );
     }
 
     #[test]
     fn dot_notation_stages() {
-        let n = dot_notation("stages.boot[0].commands[0]=\"touch /x\" ip=dhcp =bad stages.boot[0].name=s");
-        assert_eq!(n.to_json(), json!({"stages": {"boot": [{"commands": ["touch /x"], "name": "s"}]}, "ip": "dhcp"}));
+        let n = dot_notation(
+            "stages.boot[0].commands[0]=\"touch /x\" ip=dhcp =bad stages.boot[0].name=s",
+        );
+        assert_eq!(
+            n.to_json(),
+            json!({"stages": {"boot": [{"commands": ["touch /x"], "name": "s"}]}, "ip": "dhcp"})
+        );
     }
 }

@@ -14,7 +14,12 @@ use crate::node::{Node, Origin, Value};
 use crate::yaml::{self, YamlError};
 
 /// Collector dirs, in merge order (later wins). The code order of Go Kairos, not its docs.
-pub const CONFIG_DIRS: &[&str] = &["/run/initramfs/live", "/etc/kairos", "/usr/local/cloud-config", "/oem"];
+pub const CONFIG_DIRS: &[&str] = &[
+    "/run/initramfs/live",
+    "/etc/kairos",
+    "/usr/local/cloud-config",
+    "/oem",
+];
 
 /// Headers that mark a file as config.
 pub const HEADERS: &[&str] = &["#cloud-config", "#kairos-config", "#node-config"];
@@ -52,7 +57,10 @@ pub struct HttpFetcher {
 
 impl Default for HttpFetcher {
     fn default() -> Self {
-        HttpFetcher { tries: 3, delay: Duration::from_secs(1) }
+        HttpFetcher {
+            tries: 3,
+            delay: Duration::from_secs(1),
+        }
     }
 }
 
@@ -73,7 +81,12 @@ impl Fetcher for HttpFetcher {
             }
             match agent.get(url).call() {
                 Ok(mut resp) if resp.status() == 200 => {
-                    return resp.body_mut().with_config().limit(64 * 1024 * 1024).read_to_vec().map_err(|e| e.to_string());
+                    return resp
+                        .body_mut()
+                        .with_config()
+                        .limit(64 * 1024 * 1024)
+                        .read_to_vec()
+                        .map_err(|e| e.to_string());
                 }
                 Ok(resp) => last = format!("HTTP status {}", resp.status()),
                 Err(e) => last = e.to_string(),
@@ -121,13 +134,16 @@ impl Collected {
 
 /// True when one of the first lines is exactly a config header.
 pub fn has_header(text: &str) -> bool {
-    text.splitn(10, '\n').any(|l| HEADERS.contains(&l.trim_end()))
+    text.splitn(10, '\n')
+        .any(|l| HEADERS.contains(&l.trim_end()))
 }
 
 /// Files under `dir` in walk order: recursive, lexical, `.yaml`/`.yml` only.
 pub fn walk_yaml(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir(dir) else { return out };
+    let Ok(rd) = fs::read_dir(dir) else {
+        return out;
+    };
     let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
     entries.sort();
     for p in entries {
@@ -169,12 +185,20 @@ impl Collector<'_> {
         for dir in &self.dirs {
             for path in walk_yaml(&self.root.join(dir)) {
                 let shown = display_path(&self.root, &path);
-                let meta = fs::metadata(&path).map_err(|source| CollectError::Read { path: shown.clone(), source })?;
+                let meta = fs::metadata(&path).map_err(|source| CollectError::Read {
+                    path: shown.clone(),
+                    source,
+                })?;
                 if meta.len() >= MAX_FILE_SIZE {
-                    out.warnings.push(format!("{shown}: skipped, files of 2 MiB or more are ignored"));
+                    out.warnings.push(format!(
+                        "{shown}: skipped, files of 2 MiB or more are ignored"
+                    ));
                     continue;
                 }
-                let text = fs::read_to_string(&path).map_err(|source| CollectError::Read { path: shown.clone(), source })?;
+                let text = fs::read_to_string(&path).map_err(|source| CollectError::Read {
+                    path: shown.clone(),
+                    source,
+                })?;
                 if !has_header(&text) {
                     out.skipped.push(format!(
                         "{shown}: skipped, no #cloud-config (or #kairos-config, #node-config) header in its first lines"
@@ -187,7 +211,10 @@ impl Collector<'_> {
         }
         for path in &self.files {
             let shown = path.display().to_string();
-            let text = fs::read_to_string(path).map_err(|source| CollectError::Read { path: shown.clone(), source })?;
+            let text = fs::read_to_string(path).map_err(|source| CollectError::Read {
+                path: shown.clone(),
+                source,
+            })?;
             let node = yaml::parse(&text, &Arc::from(shown.as_str()))?;
             self.fold(&mut out, node, shown)?;
         }
@@ -200,7 +227,12 @@ impl Collector<'_> {
         Ok(out)
     }
 
-    fn fold(&self, out: &mut Collected, mut node: Node, source: String) -> Result<(), CollectError> {
+    fn fold(
+        &self,
+        out: &mut Collected,
+        mut node: Node,
+        source: String,
+    ) -> Result<(), CollectError> {
         out.sources.push(source);
         self.resolve_url(&mut node, out, 0)?;
         merge(&mut out.config, node)?;
@@ -208,7 +240,12 @@ impl Collector<'_> {
     }
 
     /// Fetches `config_url` of `node` (recursively) and merges the result over `node`.
-    fn resolve_url(&self, node: &mut Node, out: &mut Collected, depth: usize) -> Result<(), CollectError> {
+    fn resolve_url(
+        &self,
+        node: &mut Node,
+        out: &mut Collected,
+        depth: usize,
+    ) -> Result<(), CollectError> {
         let Some(url) = node.get("config_url").and_then(|n| match &n.value {
             Value::Str(s) if !s.is_empty() => Some(s.clone()),
             _ => None,
@@ -216,25 +253,32 @@ impl Collector<'_> {
             return Ok(());
         };
         if depth >= MAX_URL_DEPTH {
-            out.warnings.push(format!("config_url {url}: chain deeper than {MAX_URL_DEPTH}, not followed"));
+            out.warnings.push(format!(
+                "config_url {url}: chain deeper than {MAX_URL_DEPTH}, not followed"
+            ));
             return Ok(());
         }
         let url = match self.render_url(&url) {
             Ok(u) => u,
             Err(e) => {
-                out.warnings.push(format!("config_url {url}: template failed: {e}"));
+                out.warnings
+                    .push(format!("config_url {url}: template failed: {e}"));
                 return Ok(());
             }
         };
         let text = match self.fetcher.fetch(&url) {
             Ok(t) => String::from_utf8_lossy(&t).into_owned(),
             Err(e) => {
-                out.warnings.push(format!("config_url {url}: unreachable, continuing without it: {e}"));
+                out.warnings.push(format!(
+                    "config_url {url}: unreachable, continuing without it: {e}"
+                ));
                 return Ok(());
             }
         };
         if !has_header(&text) {
-            out.warnings.push(format!("config_url {url}: no #cloud-config header, ignored"));
+            out.warnings.push(format!(
+                "config_url {url}: no #cloud-config header, ignored"
+            ));
             return Ok(());
         }
         let mut fetched = yaml::parse(&text, &Arc::from(url.as_str()))?;
@@ -253,11 +297,16 @@ impl Collector<'_> {
         let mut ctx = serde_json::Map::new();
         ctx.insert("Values".into(), values);
         ctx.insert("Random".into(), Json::String(crate::random_string(32)));
-        ctx.insert("ProtectedID".into(), Json::String(crate::protected_id(&machine_id, "kairos-config-url")));
+        ctx.insert(
+            "ProtectedID".into(),
+            Json::String(crate::protected_id(&machine_id, "kairos-config-url")),
+        );
         kairos_template::render_with(
             url,
             &Json::Object(ctx),
-            kairos_template::Options { missing_key_error: true },
+            kairos_template::Options {
+                missing_key_error: true,
+            },
         )
     }
 }
@@ -267,13 +316,19 @@ fn url_escape_leaves(v: Json) -> Json {
         Json::String(s) => Json::String(
             s.bytes()
                 .map(|b| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                        (b as char).to_string()
+                    }
                     _ => format!("%{b:02X}"),
                 })
                 .collect(),
         ),
         Json::Array(a) => Json::Array(a.into_iter().map(url_escape_leaves).collect()),
-        Json::Object(m) => Json::Object(m.into_iter().map(|(k, v)| (k, url_escape_leaves(v))).collect()),
+        Json::Object(m) => Json::Object(
+            m.into_iter()
+                .map(|(k, v)| (k, url_escape_leaves(v)))
+                .collect(),
+        ),
         other => other,
     }
 }
@@ -287,7 +342,10 @@ mod tests {
     struct Map(HashMap<String, String>);
     impl Fetcher for Map {
         fn fetch(&self, url: &str) -> Result<Vec<u8>, String> {
-            self.0.get(url).map(|s| s.as_bytes().to_vec()).ok_or_else(|| "connection refused".into())
+            self.0
+                .get(url)
+                .map(|s| s.as_bytes().to_vec())
+                .ok_or_else(|| "connection refused".into())
         }
     }
 
@@ -300,8 +358,16 @@ mod tests {
     #[test]
     fn order_headers_and_cmdline() {
         let d = tempfile::tempdir().unwrap();
-        write(d.path(), "/etc/kairos/a.yaml", "#cloud-config\ninstall:\n  device: /dev/sda\n  auto: true\n");
-        write(d.path(), "/oem/b.yaml", "#cloud-config\ninstall:\n  device: /dev/sdb\n");
+        write(
+            d.path(),
+            "/etc/kairos/a.yaml",
+            "#cloud-config\ninstall:\n  device: /dev/sda\n  auto: true\n",
+        );
+        write(
+            d.path(),
+            "/oem/b.yaml",
+            "#cloud-config\ninstall:\n  device: /dev/sdb\n",
+        );
         write(d.path(), "/oem/sub/c.yml", "#kairos-config\nhostname: h\n");
         write(d.path(), "/oem/noheader.yaml", "hostname: ignored\n");
         write(d.path(), "/oem/x.txt", "#cloud-config\nhostname: ignored\n");
@@ -313,34 +379,73 @@ mod tests {
         )
         .collect()
         .unwrap();
-        assert_eq!(c.config.to_json(), json!({"install": {"device": "/dev/vda", "auto": true}, "hostname": "h"}));
-        assert_eq!(c.sources, vec!["/etc/kairos/a.yaml", "/oem/b.yaml", "/oem/sub/c.yml", "cmdline"]);
+        assert_eq!(
+            c.config.to_json(),
+            json!({"install": {"device": "/dev/vda", "auto": true}, "hostname": "h"})
+        );
+        assert_eq!(
+            c.sources,
+            vec![
+                "/etc/kairos/a.yaml",
+                "/oem/b.yaml",
+                "/oem/sub/c.yml",
+                "cmdline"
+            ]
+        );
         assert!(c.skipped.iter().any(|w| w.contains("noheader.yaml")));
         let shown = c.render();
-        assert!(shown.starts_with("#cloud-config\n\n# Sources:\n# - /etc/kairos/a.yaml\n"), "{shown}");
+        assert!(
+            shown.starts_with("#cloud-config\n\n# Sources:\n# - /etc/kairos/a.yaml\n"),
+            "{shown}"
+        );
     }
 
     #[test]
     fn config_url_chain_wins_over_referencing_file() {
         let d = tempfile::tempdir().unwrap();
-        write(d.path(), "/oem/a.yaml", "#cloud-config\nconfig_url: http://h/1\nhostname: file\n");
+        write(
+            d.path(),
+            "/oem/a.yaml",
+            "#cloud-config\nconfig_url: http://h/1\nhostname: file\n",
+        );
         let f = Map(HashMap::from([
-            ("http://h/1".to_string(), "#cloud-config\nhostname: url1\nconfig_url: http://h/2\n".to_string()),
-            ("http://h/2".to_string(), "#cloud-config\ninstall: {device: /dev/x}\n".to_string()),
+            (
+                "http://h/1".to_string(),
+                "#cloud-config\nhostname: url1\nconfig_url: http://h/2\n".to_string(),
+            ),
+            (
+                "http://h/2".to_string(),
+                "#cloud-config\ninstall: {device: /dev/x}\n".to_string(),
+            ),
         ]));
-        let c = Collector::new(Root::new(d.path()), None, &f).collect().unwrap();
+        let c = Collector::new(Root::new(d.path()), None, &f)
+            .collect()
+            .unwrap();
         assert_eq!(c.config.get("hostname").unwrap().to_json(), json!("url1"));
-        assert_eq!(c.config.at_path("install.device").unwrap().to_json(), json!("/dev/x"));
+        assert_eq!(
+            c.config.at_path("install.device").unwrap().to_json(),
+            json!("/dev/x")
+        );
         assert!(c.sources.contains(&"http://h/2".to_string()));
     }
 
     #[test]
     fn unreachable_url_is_a_warning() {
         let d = tempfile::tempdir().unwrap();
-        write(d.path(), "/oem/a.yaml", "#cloud-config\nconfig_url: http://down/\nhostname: x\n");
+        write(
+            d.path(),
+            "/oem/a.yaml",
+            "#cloud-config\nconfig_url: http://down/\nhostname: x\n",
+        );
         let f = Map(HashMap::new());
-        let c = Collector::new(Root::new(d.path()), None, &f).collect().unwrap();
+        let c = Collector::new(Root::new(d.path()), None, &f)
+            .collect()
+            .unwrap();
         assert_eq!(c.config.get("hostname").unwrap().to_json(), json!("x"));
-        assert!(c.warnings.iter().any(|w| w.contains("unreachable")), "{:?}", c.warnings);
+        assert!(
+            c.warnings.iter().any(|w| w.contains("unreachable")),
+            "{:?}",
+            c.warnings
+        );
     }
 }

@@ -21,12 +21,21 @@ use hmac::{Hmac, Mac};
 pub fn random_string(n: usize) -> String {
     use rand::Rng;
     use rand::distr::Alphanumeric;
-    rand::rng().sample_iter(&Alphanumeric).take(n).map(char::from).collect()
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(n)
+        .map(char::from)
+        .collect()
 }
 
 /// HMAC-SHA256 of the machine id keyed by an application name, hex (`.ProtectedID`).
 pub fn protected_id(machine_id: &str, app: &str) -> String {
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(app.as_bytes()).expect("HMAC takes any key length");
+    let mut mac =
+        Hmac::<sha2::Sha256>::new_from_slice(app.as_bytes()).expect("HMAC takes any key length");
     mac.update(machine_id.as_bytes());
-    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -23,7 +23,11 @@ pub fn merge(acc: &mut Node, later: Node) -> Result<(), MergeError> {
 }
 
 fn child_path(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 fn merge_at(acc: &mut Node, later: Node, path: &str) -> Result<(), MergeError> {
@@ -72,7 +76,11 @@ fn merge_at(acc: &mut Node, later: Node, path: &str) -> Result<(), MergeError> {
             Ok(())
         }
         (a, v) => Err(MergeError {
-            path: if path.is_empty() { "(top level)".into() } else { path.to_string() },
+            path: if path.is_empty() {
+                "(top level)".into()
+            } else {
+                path.to_string()
+            },
             first: acc.origin.clone(),
             first_kind: a.kind(),
             second: later.origin,
@@ -100,9 +108,18 @@ mod tests {
 
     #[test]
     fn laws() {
-        assert_eq!(merged("x: {a: 1, b: 2}", "x: {b: 3, c: 4}"), json!({"x": {"a": 1, "b": 3, "c": 4}}));
-        assert_eq!(merged("l: [a, b]", "l: [b, c]"), json!({"l": ["a", "b", "c"]}));
-        assert_eq!(merged("l: [{n: 1}]", "l: [{n: 1}]"), json!({"l": [{"n": 1}, {"n": 1}]}));
+        assert_eq!(
+            merged("x: {a: 1, b: 2}", "x: {b: 3, c: 4}"),
+            json!({"x": {"a": 1, "b": 3, "c": 4}})
+        );
+        assert_eq!(
+            merged("l: [a, b]", "l: [b, c]"),
+            json!({"l": ["a", "b", "c"]})
+        );
+        assert_eq!(
+            merged("l: [{n: 1}]", "l: [{n: 1}]"),
+            json!({"l": [{"n": 1}, {"n": 1}]})
+        );
         assert_eq!(merged("x: {a: 1}", "x: null"), json!({"x": {}}));
         assert_eq!(merged("x: [1]", "x: ~"), json!({"x": []}));
         assert_eq!(merged("x: str", "x: 5"), json!({"x": 5}));
@@ -111,7 +128,9 @@ mod tests {
     #[test]
     fn kind_conflict_names_both_sources() {
         let mut acc = p("install:\n  device: /dev/sda\n", "/oem/a.yaml");
-        let e = merge(&mut acc, p("install: auto\n", "/oem/b.yaml")).unwrap_err().to_string();
+        let e = merge(&mut acc, p("install: auto\n", "/oem/b.yaml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`install`"), "{e}");
         assert!(e.contains("map at /oem/a.yaml:2:3"), "{e}");
         assert!(e.contains("string at /oem/b.yaml:1:10"), "{e}");

@@ -17,12 +17,20 @@ pub struct Origin {
 
 impl Origin {
     pub fn new(source: &Arc<str>, line: usize, col: usize) -> Self {
-        Origin { source: source.clone(), line, col }
+        Origin {
+            source: source.clone(),
+            line,
+            col,
+        }
     }
 
     /// An origin without a position (generated values, the cmdline).
     pub fn whole(source: &Arc<str>) -> Self {
-        Origin { source: source.clone(), line: 0, col: 0 }
+        Origin {
+            source: source.clone(),
+            line: 0,
+            col: 0,
+        }
     }
 }
 
@@ -83,14 +91,22 @@ impl Value {
 
 impl Node {
     pub fn new(value: Value, origin: Origin) -> Self {
-        Node { value, origin, raw: None }
+        Node {
+            value,
+            origin,
+            raw: None,
+        }
     }
 
     /// cloud-init reads `write_files[].permissions` as an octal string even when unquoted,
     /// so `644` means 0644 there (while a yip step's `permissions: 644` is decimal, as in Go).
     pub fn fix_cloudinit_permissions(&mut self) {
         for key in ["write_files", "milpa_files"] {
-            if let Some(Node { value: Value::Seq(files), .. }) = self.get_mut(key) {
+            if let Some(Node {
+                value: Value::Seq(files),
+                ..
+            }) = self.get_mut(key)
+            {
                 for f in files {
                     if let Some(p) = f.get_mut("permissions")
                         && let (Value::Int(_), Some(raw)) = (&p.value, &p.raw)
@@ -162,10 +178,16 @@ impl Node {
             Value::Null => Json::Null,
             Value::Bool(b) => Json::Bool(*b),
             Value::Int(i) => Json::from(*i),
-            Value::Float(f) => serde_json::Number::from_f64(*f).map(Json::Number).unwrap_or(Json::Null),
+            Value::Float(f) => serde_json::Number::from_f64(*f)
+                .map(Json::Number)
+                .unwrap_or(Json::Null),
             Value::Str(s) => Json::String(s.clone()),
             Value::Seq(items) => Json::Array(items.iter().map(Node::to_json).collect()),
-            Value::Map(m) => Json::Object(m.iter().map(|(k, v)| (k.name.clone(), v.to_json())).collect()),
+            Value::Map(m) => Json::Object(
+                m.iter()
+                    .map(|(k, v)| (k.name.clone(), v.to_json()))
+                    .collect(),
+            ),
         }
     }
 
@@ -182,7 +204,15 @@ impl Node {
             Json::Array(a) => Value::Seq(a.iter().map(|x| Node::from_json(x, origin)).collect()),
             Json::Object(m) => Value::Map(
                 m.iter()
-                    .map(|(k, v)| (Key { name: k.clone(), origin: origin.clone() }, Node::from_json(v, origin)))
+                    .map(|(k, v)| {
+                        (
+                            Key {
+                                name: k.clone(),
+                                origin: origin.clone(),
+                            },
+                            Node::from_json(v, origin),
+                        )
+                    })
                     .collect(),
             ),
         };

@@ -16,8 +16,12 @@ use serde_json::Value as Json;
 #[serde(transparent)]
 pub struct GoBool(pub bool);
 
-const TRUE_WORDS: &[&str] = &["y", "Y", "yes", "Yes", "YES", "on", "On", "ON", "true", "True", "TRUE"];
-const FALSE_WORDS: &[&str] = &["n", "N", "no", "No", "NO", "off", "Off", "OFF", "false", "False", "FALSE"];
+const TRUE_WORDS: &[&str] = &[
+    "y", "Y", "yes", "Yes", "YES", "on", "On", "ON", "true", "True", "TRUE",
+];
+const FALSE_WORDS: &[&str] = &[
+    "n", "N", "no", "No", "NO", "off", "Off", "OFF", "false", "False", "FALSE",
+];
 
 impl<'de> Deserialize<'de> for GoBool {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -26,7 +30,9 @@ impl<'de> Deserialize<'de> for GoBool {
             Json::Null => Ok(GoBool(false)),
             Json::String(s) if TRUE_WORDS.contains(&s.as_str()) => Ok(GoBool(true)),
             Json::String(s) if FALSE_WORDS.contains(&s.as_str()) => Ok(GoBool(false)),
-            other => Err(serde::de::Error::custom(format!("expected a boolean, found {other}"))),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a boolean, found {other}"
+            ))),
         }
     }
 }
@@ -56,7 +62,9 @@ impl<'de> Deserialize<'de> for Text {
             Json::Number(n) => Ok(Text(n.to_string())),
             Json::Bool(b) => Ok(Text(b.to_string())),
             Json::Null => Ok(Text(String::new())),
-            other => Err(serde::de::Error::custom(format!("expected a scalar, found {other}"))),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a scalar, found {other}"
+            ))),
         }
     }
 }
@@ -89,7 +97,9 @@ impl<'de> Deserialize<'de> for FileMode {
                 .map(|m| FileMode(m as u32))
                 .ok_or_else(|| serde::de::Error::custom(format!("not a file mode: {s:?}"))),
             Json::Null => Ok(FileMode(0)),
-            other => Err(serde::de::Error::custom(format!("expected a file mode, found {other}"))),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a file mode, found {other}"
+            ))),
         }
     }
 }
@@ -126,7 +136,9 @@ impl<'de> Deserialize<'de> for OctalString {
             }
             Json::Number(n) => Ok(OctalString(n.as_u64().unwrap_or(0) as u32)),
             Json::Null => Ok(OctalString(0)),
-            other => Err(serde::de::Error::custom(format!("expected an octal string, found {other}"))),
+            other => Err(serde::de::Error::custom(format!(
+                "expected an octal string, found {other}"
+            ))),
         }
     }
 }
@@ -149,18 +161,25 @@ impl<'de> Deserialize<'de> for StringList {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match Json::deserialize(d)? {
             Json::String(s) => Ok(StringList(
-                s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect(),
+                s.split(',')
+                    .map(|x| x.trim().to_string())
+                    .filter(|x| !x.is_empty())
+                    .collect(),
             )),
             Json::Array(a) => a
                 .into_iter()
                 .map(|v| match v {
                     Json::String(s) => Ok(s),
-                    other => Err(serde::de::Error::custom(format!("expected a string, found {other}"))),
+                    other => Err(serde::de::Error::custom(format!(
+                        "expected a string, found {other}"
+                    ))),
                 })
                 .collect::<Result<_, _>>()
                 .map(StringList),
             Json::Null => Ok(StringList::default()),
-            other => Err(serde::de::Error::custom(format!("expected a list of strings, found {other}"))),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a list of strings, found {other}"
+            ))),
         }
     }
 }
@@ -650,11 +669,16 @@ pub fn schema() -> Json {
     }
     // schemars leaves serde aliases out; the schema must accept what the parser accepts.
     for (ty, alias, canonical) in ALIASES {
-        if let Some(props) = s.pointer_mut(&format!("/$defs/{ty}/properties")).and_then(Json::as_object_mut)
+        if let Some(props) = s
+            .pointer_mut(&format!("/$defs/{ty}/properties"))
+            .and_then(Json::as_object_mut)
             && let Some(mut p) = props.get(*canonical).cloned()
         {
             if let Some(po) = p.as_object_mut() {
-                po.insert("description".into(), Json::String(format!("Same as `{canonical}`.")));
+                po.insert(
+                    "description".into(),
+                    Json::String(format!("Same as `{canonical}`.")),
+                );
             }
             props.insert(alias.to_string(), p);
         }

@@ -58,7 +58,11 @@ pub fn validate_text(text: &str, source: &str) -> Vec<Problem> {
     }
     match yaml::parse(text, &src) {
         Ok(node) => problems.extend(validate_node(&node)),
-        Err(e) => problems.push(Problem { origin: e.origin, path: String::new(), message: e.message }),
+        Err(e) => problems.push(Problem {
+            origin: e.origin,
+            path: String::new(),
+            message: e.message,
+        }),
     }
     problems
 }
@@ -75,7 +79,11 @@ pub fn validate_node(node: &Node) -> Vec<Problem> {
     }
     problems.extend(semantic(&node));
     problems.sort_by(|a, b| {
-        (a.origin.source.as_ref(), a.origin.line, a.origin.col).cmp(&(b.origin.source.as_ref(), b.origin.line, b.origin.col))
+        (a.origin.source.as_ref(), a.origin.line, a.origin.col).cmp(&(
+            b.origin.source.as_ref(),
+            b.origin.line,
+            b.origin.col,
+        ))
     });
     problems.dedup();
     problems
@@ -93,7 +101,11 @@ fn semantic(node: &Node) -> Vec<Problem> {
             .and_then(|u| u.as_array().cloned())
             .unwrap_or_default()
             .iter()
-            .any(|u| u["ssh_authorized_keys"].as_array().is_some_and(|k| !k.is_empty()));
+            .any(|u| {
+                u["ssh_authorized_keys"]
+                    .as_array()
+                    .is_some_and(|k| !k.is_empty())
+            });
         if !has_key {
             out.push(Problem {
                 origin: h.origin.clone(),
@@ -106,7 +118,11 @@ fn semantic(node: &Node) -> Vec<Problem> {
 }
 
 fn pointer_to_path(p: &str) -> String {
-    p.split('/').skip(1).map(|s| s.replace("~1", "/").replace("~0", "~")).collect::<Vec<_>>().join(".")
+    p.split('/')
+        .skip(1)
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 fn collect(root: &Node, schema: &Json, err: &jsonschema::ValidationError, out: &mut Vec<Problem>) {
@@ -117,14 +133,25 @@ fn collect(root: &Node, schema: &Json, err: &jsonschema::ValidationError, out: &
         ValidationErrorKind::AdditionalProperties { unexpected } => {
             let known = properties_at(schema, schema, &ptr);
             for key in unexpected {
-                let origin = at.key_of(key).map(|k| k.origin.clone()).unwrap_or_else(|| at.origin.clone());
+                let origin = at
+                    .key_of(key)
+                    .map(|k| k.origin.clone())
+                    .unwrap_or_else(|| at.origin.clone());
                 let mut message = format!("unknown key `{key}`");
                 if let Some(s) = did_you_mean(key, &known) {
                     message.push_str(&format!(": did you mean `{s}`?"));
                 } else if !known.is_empty() && known.len() <= 12 {
                     message.push_str(&format!(" (expected one of: {})", known.join(", ")));
                 }
-                out.push(Problem { origin, path: if path.is_empty() { key.clone() } else { format!("{path}.{key}") }, message });
+                out.push(Problem {
+                    origin,
+                    path: if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    },
+                    message,
+                });
             }
         }
         ValidationErrorKind::AnyOf { context } => {
@@ -135,7 +162,12 @@ fn collect(root: &Node, schema: &Json, err: &jsonschema::ValidationError, out: &
                 .filter(|branch| {
                     branch.iter().any(|e| {
                         e.instance_path().as_str().len() > ptr.len()
-                            || !matches!(e.kind(), ValidationErrorKind::Type { .. } | ValidationErrorKind::Enum { .. } | ValidationErrorKind::AnyOf { .. })
+                            || !matches!(
+                                e.kind(),
+                                ValidationErrorKind::Type { .. }
+                                    | ValidationErrorKind::Enum { .. }
+                                    | ValidationErrorKind::AnyOf { .. }
+                            )
                     })
                 })
                 .collect();
@@ -147,14 +179,23 @@ fn collect(root: &Node, schema: &Json, err: &jsonschema::ValidationError, out: &
                 out.push(Problem {
                     origin: at.origin.clone(),
                     path,
-                    message: format!("{} is not valid here: expected {}", show(&at.to_json()), expected_of(context)),
+                    message: format!(
+                        "{} is not valid here: expected {}",
+                        show(&at.to_json()),
+                        expected_of(context)
+                    ),
                 });
             }
         }
         ValidationErrorKind::Type { kind } => out.push(Problem {
             origin: at.origin.clone(),
             path,
-            message: format!("expected {}, found {} {}", type_name(kind), at.value.kind(), show(&at.to_json())),
+            message: format!(
+                "expected {}, found {} {}",
+                type_name(kind),
+                at.value.kind(),
+                show(&at.to_json())
+            ),
         }),
         ValidationErrorKind::Enum { options } => out.push(Problem {
             origin: at.origin.clone(),
@@ -164,9 +205,16 @@ fn collect(root: &Node, schema: &Json, err: &jsonschema::ValidationError, out: &
         ValidationErrorKind::Pattern { pattern } => out.push(Problem {
             origin: at.origin.clone(),
             path,
-            message: format!("{} does not match the pattern {pattern}", show(&at.to_json())),
+            message: format!(
+                "{} does not match the pattern {pattern}",
+                show(&at.to_json())
+            ),
         }),
-        _ => out.push(Problem { origin: at.origin.clone(), path, message: err.to_string() }),
+        _ => out.push(Problem {
+            origin: at.origin.clone(),
+            path,
+            message: err.to_string(),
+        }),
     }
 }
 
@@ -205,12 +253,20 @@ fn expected_of(context: &[Vec<jsonschema::ValidationError<'static>>]) -> String 
             }
         }
     }
-    if kinds.is_empty() { "a different value".into() } else { kinds.join(", or ") }
+    if kinds.is_empty() {
+        "a different value".into()
+    } else {
+        kinds.join(", or ")
+    }
 }
 
 fn show(v: &Json) -> String {
     let s = v.to_string();
-    if s.len() > 60 { format!("{}…", &s[..s.floor_char_boundary(57)]) } else { s }
+    if s.len() > 60 {
+        format!("{}…", &s[..s.floor_char_boundary(57)])
+    } else {
+        s
+    }
 }
 
 fn resolve<'a>(root: &'a Json, s: &'a Json) -> &'a Json {
@@ -288,13 +344,19 @@ mod tests {
     use super::*;
 
     fn problems(text: &str) -> Vec<String> {
-        validate_text(text, "c.yaml").iter().map(|p| p.to_string()).collect()
+        validate_text(text, "c.yaml")
+            .iter()
+            .map(|p| p.to_string())
+            .collect()
     }
 
     #[test]
     fn k3s_enable_typo() {
         let p = problems("#cloud-config\nk3s:\n  enable: true\n");
-        assert_eq!(p, vec!["c.yaml:3:3: k3s.enable: unknown key `enable`: did you mean `enabled`?"]);
+        assert_eq!(
+            p,
+            vec!["c.yaml:3:3: k3s.enable: unknown key `enable`: did you mean `enabled`?"]
+        );
     }
 
     #[test]
@@ -309,14 +371,26 @@ mod tests {
     fn header_type_and_pattern_problems() {
         let p = problems("install:\n  device: sda\n  auto: 3\n");
         assert!(p[0].contains("c.yaml:1:1: missing header"), "{p:?}");
-        assert!(p.iter().any(|x| x.starts_with("c.yaml:2:11: install.device:") && x.contains("pattern")), "{p:?}");
-        assert!(p.iter().any(|x| x.starts_with("c.yaml:3:9: install.auto:")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|x| x.starts_with("c.yaml:2:11: install.device:") && x.contains("pattern")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|x| x.starts_with("c.yaml:3:9: install.auto:")),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn unknown_step_key_in_stage() {
         let p = problems("#cloud-config\nstages:\n  boot:\n  - comands: [ls]\n");
-        assert_eq!(p, vec!["c.yaml:4:5: stages.boot.0.comands: unknown key `comands`: did you mean `commands`?"]);
+        assert_eq!(
+            p,
+            vec![
+                "c.yaml:4:5: stages.boot.0.comands: unknown key `comands`: did you mean `commands`?"
+            ]
+        );
     }
 
     #[test]

@@ -52,10 +52,11 @@ pub fn parse(text: &str, source: &Arc<str>) -> Result<Node, YamlError> {
             })?,
             Event::Scalar(text, style, anchor, tag) => {
                 let tag = tag.map(|t| t.suffix.clone());
-                let value = resolve_scalar(&text, style, tag.as_deref()).map_err(|message| YamlError {
-                    origin: origin_at(&span),
-                    message,
-                })?;
+                let value =
+                    resolve_scalar(&text, style, tag.as_deref()).map_err(|message| YamlError {
+                        origin: origin_at(&span),
+                        message,
+                    })?;
                 let mut n = Node::new(value, origin_at(&span));
                 if style == ScalarStyle::Plain && matches!(n.value, Value::Int(_)) {
                     n.raw = Some(Arc::from(text.as_ref()));
@@ -76,7 +77,13 @@ pub fn parse(text: &str, source: &Arc<str>) -> Result<Node, YamlError> {
                 continue;
             }
             Event::MappingStart(anchor, _) => {
-                stack.push(Frame::Map(Vec::new(), None, origin_at(&span), anchor, Vec::new()));
+                stack.push(Frame::Map(
+                    Vec::new(),
+                    None,
+                    origin_at(&span),
+                    anchor,
+                    Vec::new(),
+                ));
                 continue;
             }
             Event::SequenceEnd => match stack.pop() {
@@ -142,10 +149,16 @@ pub fn parse(text: &str, source: &Arc<str>) -> Result<Node, YamlError> {
                     if let Some((prev, _)) = entries.iter().find(|(k, _)| k.name == name) {
                         return Err(YamlError {
                             origin: node.origin,
-                            message: format!("mapping key {name:?} already defined at line {}", prev.origin.line),
+                            message: format!(
+                                "mapping key {name:?} already defined at line {}",
+                                prev.origin.line
+                            ),
                         });
                     }
-                    *pending = Some(Key { name, origin: node.origin });
+                    *pending = Some(Key {
+                        name,
+                        origin: node.origin,
+                    });
                 }
                 Some(key) if key.name == "\u{0}<<" => merges.push(node),
                 Some(key) => entries.push((key, node)),
@@ -158,7 +171,9 @@ pub fn parse(text: &str, source: &Arc<str>) -> Result<Node, YamlError> {
 }
 
 fn resolve_scalar(text: &str, style: ScalarStyle, tag: Option<&str>) -> Result<Value, String> {
-    let explicit = |kind: &str, v: Option<Value>| v.ok_or_else(|| format!("cannot decode {text:?} as !!{kind}"));
+    let explicit = |kind: &str, v: Option<Value>| {
+        v.ok_or_else(|| format!("cannot decode {text:?} as !!{kind}"))
+    };
     match tag {
         Some("str") => return Ok(Value::Str(text.to_string())),
         Some("int") => return explicit("int", go_int(text).map(Value::Int)),
@@ -225,7 +240,10 @@ pub fn go_int(t: &str) -> Option<i64> {
         (10, lower.clone())
     };
     // Go accepts `_` separators only together with a base prefix.
-    let digits = if radix != 10 && lower.len() > 1 && !lower[1..].starts_with(|c: char| c.is_ascii_digit()) {
+    let digits = if radix != 10
+        && lower.len() > 1
+        && !lower[1..].starts_with(|c: char| c.is_ascii_digit())
+    {
         digits.replace('_', "")
     } else {
         digits
@@ -337,7 +355,11 @@ fn scalar(node: &Node, indent: usize) -> String {
         Value::Float(f) if f.is_infinite() => if *f > 0.0 { ".inf" } else { "-.inf" }.into(),
         Value::Float(f) => {
             let s = f.to_string();
-            if s.contains(['.', 'e']) { s } else { format!("{s}.0") }
+            if s.contains(['.', 'e']) {
+                s
+            } else {
+                format!("{s}.0")
+            }
         }
         Value::Str(s) => {
             let block_ok = s.contains('\n')
@@ -351,7 +373,13 @@ fn scalar(node: &Node, indent: usize) -> String {
                 let body: Vec<String> = s
                     .trim_end_matches('\n')
                     .split('\n')
-                    .map(|l| if l.is_empty() { String::new() } else { format!("{pad}{l}") })
+                    .map(|l| {
+                        if l.is_empty() {
+                            String::new()
+                        } else {
+                            format!("{pad}{l}")
+                        }
+                    })
                     .collect();
                 format!("{chomp}\n{}", body.join("\n"))
             } else {
@@ -371,7 +399,11 @@ fn quote_str(s: &str) -> String {
         || s.contains(": ")
         || s.contains(" #")
         || s.chars().any(|c| c.is_control());
-    if needs { serde_json::to_string(s).unwrap_or_default() } else { s.to_string() }
+    if needs {
+        serde_json::to_string(s).unwrap_or_default()
+    } else {
+        s.to_string()
+    }
 }
 
 #[cfg(test)]
@@ -384,7 +416,9 @@ mod tests {
 
     #[test]
     fn go_scalar_typing() {
-        let n = p("a: 0644\nb: 644\nc: 0o644\nd: 0x1a4\ne: yes\nf: true\ng: ~\nh: '0644'\ni: 1.5\nj: -3\nk: 089\n");
+        let n = p(
+            "a: 0644\nb: 644\nc: 0o644\nd: 0x1a4\ne: yes\nf: true\ng: ~\nh: '0644'\ni: 1.5\nj: -3\nk: 089\n",
+        );
         let j = n.to_json();
         assert_eq!(j["a"], 420);
         assert_eq!(j["b"], 644);

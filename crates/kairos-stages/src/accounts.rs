@@ -24,18 +24,31 @@ impl Table {
             Err(e) if e.kind() == io::ErrorKind::NotFound => (Vec::new(), false),
             Err(e) => return Err(e),
         };
-        Ok(Table { path, original: lines.clone(), lines, exists, default_mode })
+        Ok(Table {
+            path,
+            original: lines.clone(),
+            lines,
+            exists,
+            default_mode,
+        })
     }
 
     /// Fields of the entry named `name`.
     pub fn get(&self, name: &str) -> Option<Vec<String>> {
-        self.lines.iter().find(|l| l.split(':').next() == Some(name)).map(|l| l.split(':').map(str::to_string).collect())
+        self.lines
+            .iter()
+            .find(|l| l.split(':').next() == Some(name))
+            .map(|l| l.split(':').map(str::to_string).collect())
     }
 
     /// Replaces the entry named by `fields[0]`, or appends it.
     pub fn set(&mut self, fields: &[String]) {
         let line = fields.join(":");
-        match self.lines.iter_mut().find(|l| l.split(':').next() == Some(fields[0].as_str())) {
+        match self
+            .lines
+            .iter_mut()
+            .find(|l| l.split(':').next() == Some(fields[0].as_str()))
+        {
             Some(l) => *l = line,
             None => self.lines.push(line),
         }
@@ -47,7 +60,10 @@ impl Table {
 
     /// Numeric ids in field `idx` (uid or gid).
     pub fn ids(&self, idx: usize) -> Vec<u32> {
-        self.lines.iter().filter_map(|l| l.split(':').nth(idx)?.parse().ok()).collect()
+        self.lines
+            .iter()
+            .filter_map(|l| l.split(':').nth(idx)?.parse().ok())
+            .collect()
     }
 
     fn save(&self, root: &Root) -> io::Result<()> {
@@ -55,7 +71,9 @@ impl Table {
             return Ok(());
         }
         let path = root.join(self.path);
-        let mode = fs::metadata(&path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(self.default_mode);
+        let mode = fs::metadata(&path)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(self.default_mode);
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent)?;
         }
@@ -112,12 +130,20 @@ impl Accounts {
         let uid = if u.is_empty() {
             None
         } else {
-            Some(u.parse().ok().or_else(|| self.uid(u)).ok_or_else(|| format!("user {u:?} does not exist"))?)
+            Some(
+                u.parse()
+                    .ok()
+                    .or_else(|| self.uid(u))
+                    .ok_or_else(|| format!("user {u:?} does not exist"))?,
+            )
         };
         let gid = match g {
-            Some(g) if !g.is_empty() => {
-                Some(g.parse().ok().or_else(|| self.gid(g)).ok_or_else(|| format!("group {g:?} does not exist"))?)
-            }
+            Some(g) if !g.is_empty() => Some(
+                g.parse()
+                    .ok()
+                    .or_else(|| self.gid(g))
+                    .ok_or_else(|| format!("group {g:?} does not exist"))?,
+            ),
             // `user` alone means the user's primary group, as chown does.
             _ => uid.and_then(|_| self.passwd.get(u)?.get(3)?.parse().ok()),
         };
@@ -136,9 +162,11 @@ impl Accounts {
             return g;
         }
         let gid = gid.unwrap_or_else(|| self.free_id(1000));
-        self.group.set(&[name.into(), "x".into(), gid.to_string(), String::new()]);
+        self.group
+            .set(&[name.into(), "x".into(), gid.to_string(), String::new()]);
         if self.gshadow.exists {
-            self.gshadow.set(&[name.into(), "!".into(), String::new(), String::new()]);
+            self.gshadow
+                .set(&[name.into(), "!".into(), String::new(), String::new()]);
         }
         gid
     }
@@ -150,7 +178,11 @@ impl Accounts {
                 while f.len() <= idx {
                     f.push(String::new());
                 }
-                let mut members: Vec<String> = f[idx].split(',').filter(|m| !m.is_empty()).map(str::to_string).collect();
+                let mut members: Vec<String> = f[idx]
+                    .split(',')
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_string)
+                    .collect();
                 if !members.iter().any(|m| m == user) {
                     members.push(user.to_string());
                     f[idx] = members.join(",");
@@ -176,7 +208,10 @@ mod tests {
         a.add_member("admin", "b");
         assert_eq!(a.ensure_group("new", None), 1000);
         a.save(&root).unwrap();
-        assert_eq!(fs::read_to_string(d.path().join("etc/group")).unwrap(), "root:x:0:\nadmin:x:900:a,b\nnew:x:1000:\n");
+        assert_eq!(
+            fs::read_to_string(d.path().join("etc/group")).unwrap(),
+            "root:x:0:\nadmin:x:900:a,b\nnew:x:1000:\n"
+        );
         assert!(!d.path().join("etc/gshadow").exists());
     }
 }

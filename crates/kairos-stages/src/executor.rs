@@ -50,7 +50,9 @@ impl Ctx<'_> {
     pub fn render(&self, text: &str) -> String {
         let (out, err) = kairos_template::render_or_raw(text, self.template);
         if let Some(e) = err {
-            self.warnings.borrow_mut().push(format!("template kept as written ({e}): {text}"));
+            self.warnings
+                .borrow_mut()
+                .push(format!("template kept as written ({e}): {text}"));
         }
         out
     }
@@ -90,9 +92,19 @@ pub fn template_context(root: &Root) -> Json {
 }
 
 fn uuid_v4() -> String {
-    let r = kairos_config::random_string(32).bytes().map(|b| b % 16).collect::<Vec<_>>();
+    let r = kairos_config::random_string(32)
+        .bytes()
+        .map(|b| b % 16)
+        .collect::<Vec<_>>();
     let hex: String = r.iter().map(|n| format!("{n:x}")).collect();
-    format!("{}-{}-4{}-a{}-{}", &hex[0..8], &hex[8..12], &hex[13..16], &hex[17..20], &hex[20..32])
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
 }
 
 impl<'a> Executor<'a> {
@@ -107,18 +119,18 @@ impl<'a> Executor<'a> {
     }
 
     pub fn run(&mut self, graph: &Graph) -> Report {
-        let mut report = Report { problems: graph.problems.clone(), ..Default::default() };
+        let mut report = Report {
+            problems: graph.problems.clone(),
+            ..Default::default()
+        };
         for p in &graph.problems {
             let _ = writeln!(self.out, "  problem  {p}");
         }
         for op in graph.ordered() {
-            match self.check(&op.step) {
-                Err(reason) => {
-                    let _ = writeln!(self.out, "  skip  {} ({reason})", op.name);
-                    report.skipped.push((op.name.clone(), reason));
-                    continue;
-                }
-                Ok(()) => {}
+            if let Err(reason) = self.check(&op.step) {
+                let _ = writeln!(self.out, "  skip  {} ({reason})", op.name);
+                report.skipped.push((op.name.clone(), reason));
+                continue;
             }
             let _ = writeln!(self.out, "  run   {}", op.name);
             let errors = self.apply(&op.step);
@@ -163,7 +175,9 @@ impl<'a> Executor<'a> {
     /// The conditionals, in yip's order; `Err` says why the step is skipped.
     pub fn check(&self, step: &Step) -> Result<(), String> {
         let ctx = self.ctx();
-        let re = |pat: &str, what: &str| Regex::new(pat).map_err(|e| format!("{what}: bad regex {pat:?}: {e}"));
+        let re = |pat: &str, what: &str| {
+            Regex::new(pat).map_err(|e| format!("{what}: bad regex {pat:?}: {e}"))
+        };
         if let Some(n) = step.node.as_deref().filter(|n| !n.is_empty()) {
             let host = kairos_sys::sysinfo::hostname(&self.root);
             if !re(n, "node")?.is_match(&host) {
@@ -196,9 +210,15 @@ impl<'a> Executor<'a> {
                 return Err(format!("only_arch: {arch} does not match {p:?}"));
             }
         }
-        if let Some(want) = step.only_service_manager.as_deref().filter(|p| !p.is_empty()) {
+        if let Some(want) = step
+            .only_service_manager
+            .as_deref()
+            .filter(|p| !p.is_empty())
+        {
             let has = |bin: &str| {
-                ["sbin", "bin", "usr/sbin", "usr/bin"].iter().any(|d| self.root.join(d).join(bin).exists())
+                ["sbin", "bin", "usr/sbin", "usr/bin"]
+                    .iter()
+                    .any(|d| self.root.join(d).join(bin).exists())
             };
             let (systemd, openrc) = (has("systemctl"), has("openrc"));
             let found = match (systemd, openrc) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use kairos_config::node::{Key, Node, Origin, Value};
 use kairos_config::types::{
-    Config, ExpandPartition, Layout, LayoutDevice, Step, StepFile, StepUser, FileMode,
+    Config, ExpandPartition, FileMode, Layout, LayoutDevice, Step, StepFile, StepUser,
 };
 
 /// One loaded document: its name (config `name` or source path) and its stages.
@@ -54,12 +54,18 @@ pub fn load_node(mut node: Node, source: &str, cloud_config: bool) -> YipConfig 
     }
     if let Some(stages) = node.get("stages") {
         let Value::Map(entries) = &stages.value else {
-            cfg.problems.push(format!("{}: `stages` must be a map of stage name to steps", stages.origin));
+            cfg.problems.push(format!(
+                "{}: `stages` must be a map of stage name to steps",
+                stages.origin
+            ));
             return cfg;
         };
         for (k, steps) in entries {
             let Value::Seq(items) = &steps.value else {
-                cfg.problems.push(format!("{}: stage `{}` must be a list of steps", steps.origin, k.name));
+                cfg.problems.push(format!(
+                    "{}: stage `{}` must be a list of steps",
+                    steps.origin, k.name
+                ));
                 continue;
             };
             let list = cfg.stages.entry(k.name.clone()).or_default();
@@ -80,7 +86,15 @@ pub fn load_node(mut node: Node, source: &str, cloud_config: bool) -> YipConfig 
 fn transpile(node: &Node, cfg: &mut YipConfig) {
     // Only the cloud-init keys matter here; read them leniently through the typed config
     // by dropping everything else first.
-    const KEYS: &[&str] = &["users", "ssh_authorized_keys", "write_files", "milpa_files", "runcmd", "hostname", "growpart"];
+    const KEYS: &[&str] = &[
+        "users",
+        "ssh_authorized_keys",
+        "write_files",
+        "milpa_files",
+        "runcmd",
+        "hostname",
+        "growpart",
+    ];
     let mut compat = node.clone();
     if let Value::Map(entries) = &mut compat.value {
         entries.retain(|(k, _)| KEYS.contains(&k.name.as_str()));
@@ -88,7 +102,8 @@ fn transpile(node: &Node, cfg: &mut YipConfig) {
     let c: Config = match serde_json::from_value(compat.to_json()) {
         Ok(c) => c,
         Err(e) => {
-            cfg.problems.push(format!("{}: cloud-config keys skipped: {e}", node.origin));
+            cfg.problems
+                .push(format!("{}: cloud-config keys skipped: {e}", node.origin));
             return;
         }
     };
@@ -99,7 +114,11 @@ fn transpile(node: &Node, cfg: &mut YipConfig) {
         key_targets.push("root".into());
     }
     let mut add_key = |user: &str, key: &str| {
-        let step = if key.starts_with("github") || key.starts_with("gitlab") { &mut network } else { &mut boot };
+        let step = if key.starts_with("github") || key.starts_with("gitlab") {
+            &mut network
+        } else {
+            &mut boot
+        };
         let keys = step.authorized_keys.entry(user.to_string()).or_default();
         if !keys.iter().any(|k| k == key) {
             keys.push(key.to_string());
@@ -156,7 +175,10 @@ fn transpile(node: &Node, cfg: &mut YipConfig) {
         for d in &g.devices {
             cfg.stages.entry("boot".into()).or_default().push(Step {
                 layout: Some(Layout {
-                    device: Some(LayoutDevice { path: Some(d.clone()), ..Default::default() }),
+                    device: Some(LayoutDevice {
+                        path: Some(d.clone()),
+                        ..Default::default()
+                    }),
                     expand_partition: Some(ExpandPartition { size: 0 }),
                     ..Default::default()
                 }),
@@ -165,19 +187,29 @@ fn transpile(node: &Node, cfg: &mut YipConfig) {
         }
     }
     if !is_empty(&network) {
-        cfg.stages.entry("network".into()).or_default().push(network);
+        cfg.stages
+            .entry("network".into())
+            .or_default()
+            .push(network);
     }
     if let Some(h) = c.hostname.filter(|h| !h.is_empty()) {
         cfg.stages
             .entry("initramfs".into())
             .or_default()
-            .push(Step { hostname: Some(h), ..Default::default() });
+            .push(Step {
+                hostname: Some(h),
+                ..Default::default()
+            });
     }
 }
 
 /// A document made of one stage holding `steps` (for tests and generated configs).
 pub fn from_steps(name: &str, stage: &str, steps: Vec<Step>) -> YipConfig {
-    YipConfig { name: name.into(), stages: BTreeMap::from([(stage.into(), steps)]), problems: Vec::new() }
+    YipConfig {
+        name: name.into(),
+        stages: BTreeMap::from([(stage.into(), steps)]),
+        problems: Vec::new(),
+    }
 }
 
 /// Wraps a value in a map node, e.g. the cmdline's `stages` tree.
@@ -186,7 +218,15 @@ pub fn map_node(entries: Vec<(&str, Node)>, origin: &Origin) -> Node {
         Value::Map(
             entries
                 .into_iter()
-                .map(|(k, v)| (Key { name: k.to_string(), origin: origin.clone() }, v))
+                .map(|(k, v)| {
+                    (
+                        Key {
+                            name: k.to_string(),
+                            origin: origin.clone(),
+                        },
+                        v,
+                    )
+                })
                 .collect(),
         ),
         origin.clone(),
@@ -220,19 +260,37 @@ mod tests {
         assert!(u.lock_passwd.0);
         assert_eq!(u.uid.as_ref().unwrap().0, "1002");
         assert_eq!(boot[0].authorized_keys["bar"], vec!["faaapploo", "asdd"]);
-        assert_eq!(c.stages["network"][0].authorized_keys["bar"], vec!["github:mudler"]);
+        assert_eq!(
+            c.stages["network"][0].authorized_keys["bar"],
+            vec!["github:mudler"]
+        );
         assert_eq!(boot[0].files[0].permissions.0, 0o644);
         assert_eq!(boot[0].files[1].permissions.0, 0o600);
         assert_eq!(boot[0].files[0].ownerstring.as_deref(), Some("bar"));
         assert_eq!(boot[0].commands, vec!["foo"]);
-        assert_eq!(boot[1].layout.as_ref().unwrap().device.as_ref().unwrap().path.as_deref(), Some("/"));
+        assert_eq!(
+            boot[1]
+                .layout
+                .as_ref()
+                .unwrap()
+                .device
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/")
+        );
         assert_eq!(boot[2].commands, vec!["after"]);
         assert_eq!(c.stages["initramfs"][0].hostname.as_deref(), Some("h1"));
     }
 
     #[test]
     fn bad_step_is_reported_not_silently_dropped() {
-        let c = load_text("stages:\n  boot:\n  - comands: [x]\n  - commands: [y]\n", "s.yaml").unwrap();
+        let c = load_text(
+            "stages:\n  boot:\n  - comands: [x]\n  - commands: [y]\n",
+            "s.yaml",
+        )
+        .unwrap();
         assert_eq!(c.stages["boot"].len(), 1);
         assert!(c.problems[0].contains("s.yaml:3:5"), "{:?}", c.problems);
         assert!(c.problems[0].contains("comands"), "{:?}", c.problems);

@@ -43,46 +43,71 @@ pub struct Plan {
 
 fn read_file(root: &Root, path: &std::path::Path) -> YipConfig {
     let shown = display_path(root, path);
-    let loaded = fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|t| loader::load_text(&t, &shown));
-    loaded.unwrap_or_else(|e| YipConfig { name: shown.clone(), problems: vec![format!("{shown}: not read: {e}")], ..Default::default() })
+    let loaded = fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| loader::load_text(&t, &shown));
+    loaded.unwrap_or_else(|e| YipConfig {
+        name: shown.clone(),
+        problems: vec![format!("{shown}: not read: {e}")],
+        ..Default::default()
+    })
 }
 
 impl StageRun<'_> {
     /// The cmdline's `kairos.config_url` (or legacy `cos.setup=<url>`).
     fn cmdline_url(&self) -> Option<String> {
         let cmdline = self.cmdline.as_deref()?;
-        kairos_config::cmdline::tokens(cmdline).into_iter().find_map(|t| {
-            let (k, v) = t.split_once('=')?;
-            match k {
-                "kairos.config_url" => Some(v.to_string()),
-                "cos.setup" if !v.contains('=') => Some(v.to_string()),
-                _ => None,
-            }
-        })
+        kairos_config::cmdline::tokens(cmdline)
+            .into_iter()
+            .find_map(|t| {
+                let (k, v) = t.split_once('=')?;
+                match k {
+                    "kairos.config_url" => Some(v.to_string()),
+                    "cos.setup" if !v.contains('=') => Some(v.to_string()),
+                    _ => None,
+                }
+            })
     }
 
     pub fn sources(&self) -> Vec<Source> {
         let mut out = Vec::new();
-        let paths = STAGE_PATHS.iter().map(|s| s.to_string()).chain(self.extra_paths.iter().cloned());
+        let paths = STAGE_PATHS
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.extra_paths.iter().cloned());
         for p in paths {
             let full = self.root.join(&p);
             if self.root.is_host() && !full.exists() {
                 let _ = fs::create_dir_all(&full);
             }
-            let files = if full.is_file() { vec![full.clone()] } else { walk_yaml(&full) };
-            out.push(Source { name: p.clone(), configs: files.iter().map(|f| read_file(&self.root, f)).collect() });
+            let files = if full.is_file() {
+                vec![full.clone()]
+            } else {
+                walk_yaml(&full)
+            };
+            out.push(Source {
+                name: p.clone(),
+                configs: files.iter().map(|f| read_file(&self.root, f)).collect(),
+            });
         }
         if let Some(url) = self.cmdline_url() {
             let cfg = match self.fetcher.fetch(&url) {
                 Ok(body) => loader::load_text(&String::from_utf8_lossy(&body), &url)
-                    .unwrap_or_else(|e| YipConfig { name: url.clone(), problems: vec![format!("{url}: {e}")], ..Default::default() }),
+                    .unwrap_or_else(|e| YipConfig {
+                        name: url.clone(),
+                        problems: vec![format!("{url}: {e}")],
+                        ..Default::default()
+                    }),
                 Err(e) => YipConfig {
                     name: url.clone(),
                     problems: vec![format!("{url}: unreachable, its stages were not run: {e}")],
                     ..Default::default()
                 },
             };
-            out.push(Source { name: url, configs: vec![cfg] });
+            out.push(Source {
+                name: url,
+                configs: vec![cfg],
+            });
         }
         if let Some(cmdline) = &self.cmdline {
             let node = kairos_config::cmdline::dot_notation(cmdline);
@@ -91,14 +116,21 @@ impl StageRun<'_> {
                 if let kairos_config::Value::Map(entries) = &mut only.value {
                     entries.retain(|(k, _)| k.name == "stages");
                 }
-                out.push(Source { name: "cmdline".into(), configs: vec![loader::load_node(only, "cmdline", false)] });
+                out.push(Source {
+                    name: "cmdline".into(),
+                    configs: vec![loader::load_node(only, "cmdline", false)],
+                });
             }
         }
         out
     }
 
     fn sub_stages(stage: &str) -> [String; 3] {
-        [format!("{stage}.before"), stage.to_string(), format!("{stage}.after")]
+        [
+            format!("{stage}.before"),
+            stage.to_string(),
+            format!("{stage}.after"),
+        ]
     }
 
     /// The DAG layers that `run` would execute, without running anything.
@@ -109,7 +141,11 @@ impl StageRun<'_> {
             for s in &sources {
                 let g = Graph::build(&s.configs, &sub);
                 if !g.ops.is_empty() {
-                    plans.push(Plan { stage: sub.clone(), source: s.name.clone(), layers: g.layers() });
+                    plans.push(Plan {
+                        stage: sub.clone(),
+                        source: s.name.clone(),
+                        layers: g.layers(),
+                    });
                 }
             }
         }

@@ -42,7 +42,10 @@ pub struct Shell {
 
 impl Shell {
     pub fn new(root: Root) -> Self {
-        Shell { root, env: Vec::new() }
+        Shell {
+            root,
+            env: Vec::new(),
+        }
     }
 
     pub fn with_env(mut self, env: Vec<(String, String)>) -> Self {

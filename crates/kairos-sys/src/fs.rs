@@ -85,7 +85,10 @@ mod tests {
         assert!(write_file(&p, b"x", 0o600).unwrap());
         assert!(!write_file(&p, b"x", 0o600).unwrap());
         assert!(write_file(&p, b"x", 0o644).unwrap());
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o644);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
         assert!(!d.path().join(".f.kairos-tmp").exists());
     }
 }

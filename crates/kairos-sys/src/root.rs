@@ -59,8 +59,14 @@ mod tests {
     #[test]
     fn join_stays_inside_root() {
         let r = Root::new("/tmp/x");
-        assert_eq!(r.join("/etc/hostname"), PathBuf::from("/tmp/x/etc/hostname"));
-        assert_eq!(r.join("../../etc/passwd"), PathBuf::from("/tmp/x/etc/passwd"));
+        assert_eq!(
+            r.join("/etc/hostname"),
+            PathBuf::from("/tmp/x/etc/hostname")
+        );
+        assert_eq!(
+            r.join("../../etc/passwd"),
+            PathBuf::from("/tmp/x/etc/passwd")
+        );
         assert_eq!(r.join("a/b"), PathBuf::from("/tmp/x/a/b"));
         assert!(!r.is_host());
         assert!(Root::new("").is_host());

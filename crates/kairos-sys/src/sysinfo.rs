@@ -74,7 +74,10 @@ pub fn values(root: &Root) -> Value {
     let mut cpus = 0;
     let mut cpu_model = String::new();
     let mut cpu_vendor = String::new();
-    for l in fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines() {
+    for l in fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+    {
         if let Some((k, v)) = l.split_once(':') {
             match k.trim() {
                 "processor" => cpus += 1,
@@ -168,7 +171,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::create_dir_all(d.path().join("etc")).unwrap();
         fs::write(d.path().join("etc/hostname"), "node1\n").unwrap();
-        fs::write(d.path().join("etc/os-release"), "PRETTY_NAME=\"Debian 12\"\nVERSION_ID=12\n").unwrap();
+        fs::write(
+            d.path().join("etc/os-release"),
+            "PRETTY_NAME=\"Debian 12\"\nVERSION_ID=12\n",
+        )
+        .unwrap();
         let v = values(&Root::new(d.path()));
         assert_eq!(v["node"]["hostname"], "node1");
         assert_eq!(v["os"]["name"], "Debian 12");

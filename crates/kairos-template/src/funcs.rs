@@ -7,13 +7,69 @@ use sha2::Digest;
 use crate::Error;
 
 const NAMES: &[&str] = &[
-    "add", "and", "atoi", "b64dec", "b64enc", "cat", "coalesce", "contains", "default", "dict",
-    "div", "empty", "eq", "first", "ge", "gt", "has", "hasKey", "hasPrefix", "hasSuffix", "indent",
-    "index", "int", "int64", "join", "keys", "last", "le", "len", "list", "lower", "lt", "mod",
-    "mul", "ne", "nindent", "nospace", "not", "or", "print", "printf", "println", "quote",
-    "randAlphaNum", "repeat", "replace", "required", "sha256sum", "splitList", "squote", "sub",
-    "substr", "title", "toJson", "toString", "ternary", "trim", "trimAll", "trimPrefix",
-    "trimSuffix", "trunc", "upper", "urlquery",
+    "add",
+    "and",
+    "atoi",
+    "b64dec",
+    "b64enc",
+    "cat",
+    "coalesce",
+    "contains",
+    "default",
+    "dict",
+    "div",
+    "empty",
+    "eq",
+    "first",
+    "ge",
+    "gt",
+    "has",
+    "hasKey",
+    "hasPrefix",
+    "hasSuffix",
+    "indent",
+    "index",
+    "int",
+    "int64",
+    "join",
+    "keys",
+    "last",
+    "le",
+    "len",
+    "list",
+    "lower",
+    "lt",
+    "mod",
+    "mul",
+    "ne",
+    "nindent",
+    "nospace",
+    "not",
+    "or",
+    "print",
+    "printf",
+    "println",
+    "quote",
+    "randAlphaNum",
+    "repeat",
+    "replace",
+    "required",
+    "sha256sum",
+    "splitList",
+    "squote",
+    "sub",
+    "substr",
+    "title",
+    "toJson",
+    "toString",
+    "ternary",
+    "trim",
+    "trimAll",
+    "trimPrefix",
+    "trimSuffix",
+    "trunc",
+    "upper",
+    "urlquery",
 ];
 
 pub fn exists(name: &str) -> bool {
@@ -54,7 +110,10 @@ pub fn to_text(v: &Value) -> String {
         Value::Object(m) => {
             let mut keys: Vec<_> = m.keys().collect();
             keys.sort();
-            let parts: Vec<String> = keys.iter().map(|k| format!("{k}:{}", to_text(&m[*k]))).collect();
+            let parts: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{k}:{}", to_text(&m[*k])))
+                .collect();
             format!("map[{}]", parts.join(" "))
         }
     }
@@ -71,7 +130,10 @@ fn s(v: &Value) -> String {
 fn num(v: &Value) -> Result<f64, Error> {
     match v {
         Value::Number(n) => Ok(n.as_f64().unwrap_or(0.0)),
-        Value::String(x) => x.trim().parse().map_err(|_| Error::Exec(format!("not a number: {x:?}"))),
+        Value::String(x) => x
+            .trim()
+            .parse()
+            .map_err(|_| Error::Exec(format!("not a number: {x:?}"))),
         Value::Bool(b) => Ok(if *b { 1.0 } else { 0.0 }),
         Value::Null => Ok(0.0),
         other => Err(Error::Exec(format!("not a number: {}", kind(other)))),
@@ -86,13 +148,18 @@ fn from_f64(f: f64) -> Value {
     if f.fract() == 0.0 && f.abs() < 9.0e15 {
         Value::from(f as i64)
     } else {
-        serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null)
+        serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or(Value::Null)
     }
 }
 
 fn arity(name: &str, args: &[Value], n: usize) -> Result<(), Error> {
     if args.len() != n {
-        return Err(Error::Exec(format!("wrong number of args for {name}: want {n} got {}", args.len())));
+        return Err(Error::Exec(format!(
+            "wrong number of args for {name}: want {n} got {}",
+            args.len()
+        )));
     }
     Ok(())
 }
@@ -123,7 +190,10 @@ fn printf(fmt: &str, args: &[Value]) -> Result<String, Error> {
             out.push(c);
             continue;
         }
-        while chars.peek().is_some_and(|c| c.is_ascii_digit() || *c == '-' || *c == '.') {
+        while chars
+            .peek()
+            .is_some_and(|c| c.is_ascii_digit() || *c == '-' || *c == '.')
+        {
             chars.next();
         }
         match chars.next() {
@@ -158,7 +228,11 @@ pub fn call(name: &str, a: &[Value]) -> Result<Value, Error> {
     Ok(match name {
         "default" => {
             arity(name, a, 2)?;
-            if truthy(&a[1]) { a[1].clone() } else { a[0].clone() }
+            if truthy(&a[1]) {
+                a[1].clone()
+            } else {
+                a[0].clone()
+            }
         }
         "empty" => {
             arity(name, a, 1)?;
@@ -174,7 +248,11 @@ pub fn call(name: &str, a: &[Value]) -> Result<Value, Error> {
         }
         "ternary" => {
             arity(name, a, 3)?;
-            if truthy(&a[2]) { a[0].clone() } else { a[1].clone() }
+            if truthy(&a[2]) {
+                a[0].clone()
+            } else {
+                a[1].clone()
+            }
         }
         "upper" => str1(|x| x.to_uppercase())?,
         "lower" => str1(|x| x.to_lowercase())?,
@@ -184,13 +262,25 @@ pub fn call(name: &str, a: &[Value]) -> Result<Value, Error> {
             x.split(' ')
                 .map(|w| {
                     let mut c = w.chars();
-                    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+                    c.next()
+                        .map(|f| f.to_uppercase().chain(c).collect())
+                        .unwrap_or_default()
                 })
                 .collect::<Vec<String>>()
                 .join(" ")
         })?,
-        "quote" => Value::String(a.iter().map(|v| format!("{:?}", s(v))).collect::<Vec<_>>().join(" ")),
-        "squote" => Value::String(a.iter().map(|v| format!("'{}'", s(v))).collect::<Vec<_>>().join(" ")),
+        "quote" => Value::String(
+            a.iter()
+                .map(|v| format!("{:?}", s(v)))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        "squote" => Value::String(
+            a.iter()
+                .map(|v| format!("'{}'", s(v)))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
         "b64enc" => str1(|x| base64::engine::general_purpose::STANDARD.encode(x))?,
         "b64dec" => {
             arity(name, a, 1)?;
@@ -200,7 +290,10 @@ pub fn call(name: &str, a: &[Value]) -> Result<Value, Error> {
             Value::String(String::from_utf8_lossy(&bytes).into_owned())
         }
         "sha256sum" => str1(|x| {
-            sha2::Sha256::digest(x.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+            sha2::Sha256::digest(x.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
         })?,
         "urlquery" => Value::String(
             a.iter()
@@ -208,7 +301,9 @@ pub fn call(name: &str, a: &[Value]) -> Result<Value, Error> {
                 .collect::<String>()
                 .bytes()
                 .map(|b| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                        (b as char).to_string()
+                    }
                     b' ' => "+".into(),
                     _ => format!("%{b:02X}"),
                 })
@@ -222,13 +317,18 @@ pub fn call(name: &str, a: &[Value]) -> Result<Value, Error> {
             arity(name, a, 1)?;
             Value::String(serde_json::to_string(&a[0]).unwrap_or_default())
         }
-        "trimAll" | "trimPrefix" | "trimSuffix" | "contains" | "hasPrefix" | "hasSuffix" | "repeat" => {
+        "trimAll" | "trimPrefix" | "trimSuffix" | "contains" | "hasPrefix" | "hasSuffix"
+        | "repeat" => {
             arity(name, a, 2)?;
             let (arg, x) = (s(&a[0]), s(&a[1]));
             match name {
                 "trimAll" => Value::String(x.trim_matches(|c| arg.contains(c)).to_string()),
-                "trimPrefix" => Value::String(x.strip_prefix(arg.as_str()).unwrap_or(&x).to_string()),
-                "trimSuffix" => Value::String(x.strip_suffix(arg.as_str()).unwrap_or(&x).to_string()),
+                "trimPrefix" => {
+                    Value::String(x.strip_prefix(arg.as_str()).unwrap_or(&x).to_string())
+                }
+                "trimSuffix" => {
+                    Value::String(x.strip_suffix(arg.as_str()).unwrap_or(&x).to_string())
+                }
                 "contains" => Value::Bool(x.contains(&arg)),
                 "hasPrefix" => Value::Bool(x.starts_with(&arg)),
                 "hasSuffix" => Value::Bool(x.ends_with(&arg)),
@@ -246,7 +346,9 @@ pub fn call(name: &str, a: &[Value]) -> Result<Value, Error> {
             let out: String = if n >= 0 {
                 x.iter().take(n as usize).collect()
             } else {
-                x[x.len().saturating_sub(n.unsigned_abs() as usize)..].iter().collect()
+                x[x.len().saturating_sub(n.unsigned_abs() as usize)..]
+                    .iter()
+                    .collect()
             };
             Value::String(out)
         }
@@ -255,16 +357,34 @@ pub fn call(name: &str, a: &[Value]) -> Result<Value, Error> {
             let x: Vec<char> = s(&a[2]).chars().collect();
             let start = (int(&a[0])?.max(0) as usize).min(x.len());
             let end = int(&a[1])?;
-            let end = if end < 0 { x.len() } else { (end as usize).min(x.len()) };
+            let end = if end < 0 {
+                x.len()
+            } else {
+                (end as usize).min(x.len())
+            };
             Value::String(x[start..end.max(start)].iter().collect())
         }
         "indent" | "nindent" => {
             arity(name, a, 2)?;
             let pad = " ".repeat(int(&a[0])?.max(0) as usize);
-            let body = s(&a[1]).lines().map(|l| format!("{pad}{l}")).collect::<Vec<_>>().join("\n");
-            Value::String(if name == "nindent" { format!("\n{body}") } else { body })
+            let body = s(&a[1])
+                .lines()
+                .map(|l| format!("{pad}{l}"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            Value::String(if name == "nindent" {
+                format!("\n{body}")
+            } else {
+                body
+            })
         }
-        "cat" => Value::String(a.iter().filter(|v| !v.is_null()).map(s).collect::<Vec<_>>().join(" ")),
+        "cat" => Value::String(
+            a.iter()
+                .filter(|v| !v.is_null())
+                .map(s)
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
         "join" => {
             arity(name, a, 2)?;
             let items = match &a[1] {
@@ -275,7 +395,12 @@ pub fn call(name: &str, a: &[Value]) -> Result<Value, Error> {
         }
         "splitList" => {
             arity(name, a, 2)?;
-            Value::Array(s(&a[1]).split(&s(&a[0])).map(|x| Value::String(x.into())).collect())
+            Value::Array(
+                s(&a[1])
+                    .split(&s(&a[0]))
+                    .map(|x| Value::String(x.into()))
+                    .collect(),
+            )
         }
         "list" => Value::Array(a.to_vec()),
         "dict" => {
@@ -286,13 +411,20 @@ pub fn call(name: &str, a: &[Value]) -> Result<Value, Error> {
             Value::Object(m)
         }
         "keys" => {
-            let mut k: Vec<String> = a.iter().filter_map(Value::as_object).flat_map(|m| m.keys().cloned()).collect();
+            let mut k: Vec<String> = a
+                .iter()
+                .filter_map(Value::as_object)
+                .flat_map(|m| m.keys().cloned())
+                .collect();
             k.sort();
             Value::Array(k.into_iter().map(Value::String).collect())
         }
         "has" => {
             arity(name, a, 2)?;
-            Value::Bool(a[1].as_array().is_some_and(|l| l.iter().any(|x| eq(x, &a[0]))))
+            Value::Bool(
+                a[1].as_array()
+                    .is_some_and(|l| l.iter().any(|x| eq(x, &a[0]))),
+            )
         }
         "hasKey" => {
             arity(name, a, 2)?;
@@ -318,13 +450,17 @@ pub fn call(name: &str, a: &[Value]) -> Result<Value, Error> {
             let mut cur = a.first().cloned().unwrap_or(Value::Null);
             for k in &a[1.min(a.len())..] {
                 cur = match (&cur, k) {
-                    (Value::Array(l), _) => l
-                        .get(int(k)? as usize)
-                        .cloned()
-                        .ok_or_else(|| Error::Exec(format!("index out of range: {}", to_text(k))))?,
+                    (Value::Array(l), _) => l.get(int(k)? as usize).cloned().ok_or_else(|| {
+                        Error::Exec(format!("index out of range: {}", to_text(k)))
+                    })?,
                     (Value::Object(m), _) => m.get(&s(k)).cloned().unwrap_or(Value::Null),
                     (Value::Null, _) => Value::Null,
-                    (other, _) => return Err(Error::Exec(format!("can't index item of type {}", kind(other)))),
+                    (other, _) => {
+                        return Err(Error::Exec(format!(
+                            "can't index item of type {}",
+                            kind(other)
+                        )));
+                    }
                 };
             }
             cur
@@ -349,16 +485,31 @@ pub fn call(name: &str, a: &[Value]) -> Result<Value, Error> {
                 _ => o.is_ge(),
             })
         }
-        "and" => a.iter().find(|v| !truthy(v)).or(a.last()).cloned().unwrap_or(Value::Null),
-        "or" => a.iter().find(|v| truthy(v)).or(a.last()).cloned().unwrap_or(Value::Null),
+        "and" => a
+            .iter()
+            .find(|v| !truthy(v))
+            .or(a.last())
+            .cloned()
+            .unwrap_or(Value::Null),
+        "or" => a
+            .iter()
+            .find(|v| truthy(v))
+            .or(a.last())
+            .cloned()
+            .unwrap_or(Value::Null),
         "not" => {
             arity(name, a, 1)?;
             Value::Bool(!truthy(&a[0]))
         }
         "print" => Value::String(a.iter().map(to_text).collect::<Vec<_>>().join("")),
-        "println" => Value::String(format!("{}\n", a.iter().map(to_text).collect::<Vec<_>>().join(" "))),
+        "println" => Value::String(format!(
+            "{}\n",
+            a.iter().map(to_text).collect::<Vec<_>>().join(" ")
+        )),
         "printf" => {
-            let (f, rest) = a.split_first().ok_or_else(|| Error::Exec("printf needs a format".into()))?;
+            let (f, rest) = a
+                .split_first()
+                .ok_or_else(|| Error::Exec("printf needs a format".into()))?;
             Value::String(printf(&s(f), rest)?)
         }
         "int" | "int64" | "atoi" => {

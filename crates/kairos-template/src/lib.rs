@@ -98,14 +98,29 @@ mod tests {
 
     #[test]
     fn control_flow() {
-        assert_eq!(r("{{ if eq .Values.node.hostname \"node1\" }}yes{{ else }}no{{ end }}"), "yes");
-        assert_eq!(r("{{ if .Values.empty }}yes{{ else if .Values.n }}n{{ end }}"), "n");
+        assert_eq!(
+            r("{{ if eq .Values.node.hostname \"node1\" }}yes{{ else }}no{{ end }}"),
+            "yes"
+        );
+        assert_eq!(
+            r("{{ if .Values.empty }}yes{{ else if .Values.n }}n{{ end }}"),
+            "n"
+        );
         assert_eq!(r("{{ range .Values.list }}[{{ . }}]{{ end }}"), "[a][b]");
-        assert_eq!(r("{{ range $i, $v := .Values.list }}{{ $i }}={{ $v }} {{ end }}"), "0=a 1=b ");
-        assert_eq!(r("{{ with .Values.node }}{{ .hostname }}{{ end }}"), "node1");
+        assert_eq!(
+            r("{{ range $i, $v := .Values.list }}{{ $i }}={{ $v }} {{ end }}"),
+            "0=a 1=b "
+        );
+        assert_eq!(
+            r("{{ with .Values.node }}{{ .hostname }}{{ end }}"),
+            "node1"
+        );
         assert_eq!(r("{{ $h := .Values.node.hostname }}{{ $h }}"), "node1");
         assert_eq!(r("a  {{- /* c */ -}}  b"), "ab");
-        assert_eq!(r("{{ if and .Values.n (not .Values.empty) }}ok{{ end }}"), "ok");
+        assert_eq!(
+            r("{{ if and .Values.n (not .Values.empty) }}ok{{ end }}"),
+            "ok"
+        );
     }
 
     #[test]
@@ -116,7 +131,9 @@ mod tests {
         let (out, err) = render_or_raw("x {{ bad", &ctx());
         assert_eq!(out, "x {{ bad");
         assert!(err.is_some());
-        let opts = Options { missing_key_error: true };
+        let opts = Options {
+            missing_key_error: true,
+        };
         assert!(render_with("{{ .Values.nope }}", &ctx(), opts).is_err());
     }
 }

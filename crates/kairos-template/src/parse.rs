@@ -9,7 +9,13 @@ enum Node {
     Text(String),
     Action(Pipeline),
     If(Vec<(Pipeline, Vec<Node>)>, Vec<Node>),
-    Range(Option<String>, Option<String>, Pipeline, Vec<Node>, Vec<Node>),
+    Range(
+        Option<String>,
+        Option<String>,
+        Pipeline,
+        Vec<Node>,
+        Vec<Node>,
+    ),
     With(Pipeline, Vec<Node>, Vec<Node>),
 }
 
@@ -61,7 +67,10 @@ fn split(src: &str) -> Result<Vec<Piece>, Error> {
     while let Some(i) = rest.find("{{") {
         let mut text = rest[..i].to_string();
         let mut inner_start = i + 2;
-        if rest[inner_start..].starts_with("- ") || rest[inner_start..].starts_with("-\t") || rest[inner_start..].starts_with("-\n") {
+        if rest[inner_start..].starts_with("- ")
+            || rest[inner_start..].starts_with("-\t")
+            || rest[inner_start..].starts_with("-\n")
+        {
             text = text.trim_end().to_string();
             inner_start += 1;
         }
@@ -133,7 +142,10 @@ fn find_close(s: &str) -> Option<usize> {
 }
 
 fn fields(s: &str) -> Vec<String> {
-    s.split('.').filter(|f| !f.is_empty()).map(str::to_string).collect()
+    s.split('.')
+        .filter(|f| !f.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn lex(src: &str, pos: usize) -> Result<Vec<Tok>, Error> {
@@ -240,7 +252,10 @@ fn lex(src: &str, pos: usize) -> Result<Vec<Tok>, Error> {
                 toks.push(Tok::Num(Value::from(ch as u32)));
                 i += 3;
             }
-            _ if ch.is_ascii_digit() || ((ch == '-' || ch == '+') && c.get(i + 1).is_some_and(|d| d.is_ascii_digit())) => {
+            _ if ch.is_ascii_digit()
+                || ((ch == '-' || ch == '+')
+                    && c.get(i + 1).is_some_and(|d| d.is_ascii_digit())) =>
+            {
                 i += 1;
                 while i < c.len() && (c[i].is_ascii_alphanumeric() || c[i] == '.' || c[i] == '_') {
                     i += 1;
@@ -280,7 +295,10 @@ fn parse_number(s: &str) -> Option<Value> {
     };
     match int {
         Some(n) => Some(Value::from(if neg { -n } else { n })),
-        None => s.parse::<f64>().ok().and_then(|f| serde_json::Number::from_f64(f).map(Value::Number)),
+        None => s
+            .parse::<f64>()
+            .ok()
+            .and_then(|f| serde_json::Number::from_f64(f).map(Value::Number)),
     }
 }
 
@@ -317,7 +335,11 @@ impl Parser {
                     match kw.as_str() {
                         "end" => return Ok((nodes, Stop::End, pos)),
                         "else" => {
-                            let cond = if rest.is_empty() { None } else { Some((pos, rest)) };
+                            let cond = if rest.is_empty() {
+                                None
+                            } else {
+                                Some((pos, rest))
+                            };
                             return Ok((nodes, Stop::Else(cond), pos));
                         }
                         "if" => nodes.push(self.parse_if(pos, &rest)?),
@@ -364,17 +386,28 @@ impl Parser {
                 Stop::Else(None) => {
                     let (else_body, stop, _) = self.list()?;
                     if !matches!(stop, Stop::End) {
-                        return Err(Error::Parse { pos, msg: "missing {{ end }} for if".into() });
+                        return Err(Error::Parse {
+                            pos,
+                            msg: "missing {{ end }} for if".into(),
+                        });
                     }
                     return Ok(Node::If(branches, else_body));
                 }
-                Stop::Eof => return Err(Error::Parse { pos, msg: "missing {{ end }} for if".into() }),
+                Stop::Eof => {
+                    return Err(Error::Parse {
+                        pos,
+                        msg: "missing {{ end }} for if".into(),
+                    });
+                }
             }
         }
     }
 
     fn body_with_else(&mut self, pos: usize, what: &str) -> Result<(Vec<Node>, Vec<Node>), Error> {
-        let missing = || Error::Parse { pos, msg: format!("missing {{{{ end }}}} for {what}") };
+        let missing = || Error::Parse {
+            pos,
+            msg: format!("missing {{{{ end }}}} for {what}"),
+        };
         let (body, stop, _) = self.list()?;
         match stop {
             Stop::End => Ok((body, Vec::new())),
@@ -390,7 +423,10 @@ impl Parser {
     }
 }
 
-fn parse_range_head(pos: usize, src: &str) -> Result<(Option<String>, Option<String>, Pipeline), Error> {
+fn parse_range_head(
+    pos: usize,
+    src: &str,
+) -> Result<(Option<String>, Option<String>, Pipeline), Error> {
     let toks = lex(src, pos)?;
     if let Some(d) = toks.iter().position(|t| *t == Tok::Declare) {
         let vars: Vec<String> = toks[..d]
@@ -404,14 +440,22 @@ fn parse_range_head(pos: usize, src: &str) -> Result<(Option<String>, Option<Str
         return Ok(match vars.as_slice() {
             [v] => (None, Some(v.clone()), pipe),
             [k, v] => (Some(k.clone()), Some(v.clone()), pipe),
-            _ => return Err(Error::Parse { pos, msg: "bad range variables".into() }),
+            _ => {
+                return Err(Error::Parse {
+                    pos,
+                    msg: "bad range variables".into(),
+                });
+            }
         });
     }
     Ok((None, None, parse_pipeline(pos, &toks)?))
 }
 
 fn parse_pipeline(pos: usize, toks: &[Tok]) -> Result<Pipeline, Error> {
-    let err = |msg: &str| Error::Parse { pos, msg: msg.to_string() };
+    let err = |msg: &str| Error::Parse {
+        pos,
+        msg: msg.to_string(),
+    };
     let mut decl = None;
     let mut toks = toks;
     if toks.len() >= 2
@@ -467,7 +511,10 @@ fn parse_pipeline(pos: usize, toks: &[Tok]) -> Result<Pipeline, Error> {
                 "nil" => Operand::Lit(Value::Null),
                 _ => {
                     if !funcs::exists(id) {
-                        return Err(Error::Parse { pos, msg: format!("function {id:?} not defined") });
+                        return Err(Error::Parse {
+                            pos,
+                            msg: format!("function {id:?} not defined"),
+                        });
                     }
                     Operand::Func(id.clone())
                 }
@@ -491,18 +538,31 @@ struct Scope<'a> {
 
 impl Template {
     pub fn parse(src: &str) -> Result<Template, Error> {
-        let mut p = Parser { pieces: split(src)?, idx: 0 };
+        let mut p = Parser {
+            pieces: split(src)?,
+            idx: 0,
+        };
         let (nodes, stop, pos) = p.list()?;
         match stop {
             Stop::Eof => Ok(Template { nodes }),
-            Stop::End => Err(Error::Parse { pos, msg: "unexpected {{ end }}".into() }),
-            Stop::Else(_) => Err(Error::Parse { pos, msg: "unexpected {{ else }}".into() }),
+            Stop::End => Err(Error::Parse {
+                pos,
+                msg: "unexpected {{ end }}".into(),
+            }),
+            Stop::Else(_) => Err(Error::Parse {
+                pos,
+                msg: "unexpected {{ else }}".into(),
+            }),
         }
     }
 
     pub fn render(&self, ctx: &Value, opts: Options) -> Result<String, Error> {
         let mut out = String::new();
-        let mut scope = Scope { root: ctx, vars: vec![(String::new(), ctx.clone())], opts };
+        let mut scope = Scope {
+            root: ctx,
+            vars: vec![(String::new(), ctx.clone())],
+            opts,
+        };
         exec_list(&self.nodes, ctx, &mut scope, &mut out)?;
         Ok(out)
     }
@@ -546,15 +606,21 @@ fn exec_list(nodes: &[Node], dot: &Value, s: &mut Scope, out: &mut String) -> Re
             Node::Range(k, v, p, body, else_body) => {
                 let val = eval_pipeline(p, dot, s)?;
                 let items: Vec<(Value, Value)> = match &val {
-                    Value::Array(a) => a.iter().enumerate().map(|(i, x)| (Value::from(i), x.clone())).collect(),
+                    Value::Array(a) => a
+                        .iter()
+                        .enumerate()
+                        .map(|(i, x)| (Value::from(i), x.clone()))
+                        .collect(),
                     Value::Object(m) => {
                         let mut keys: Vec<_> = m.keys().collect();
                         keys.sort();
-                        keys.into_iter().map(|k| (Value::String(k.clone()), m[k].clone())).collect()
+                        keys.into_iter()
+                            .map(|k| (Value::String(k.clone()), m[k].clone()))
+                            .collect()
                     }
-                    Value::Number(n) if n.as_u64().is_some() => {
-                        (0..n.as_u64().unwrap_or(0)).map(|i| (Value::from(i), Value::from(i))).collect()
-                    }
+                    Value::Number(n) if n.as_u64().is_some() => (0..n.as_u64().unwrap_or(0))
+                        .map(|i| (Value::from(i), Value::from(i)))
+                        .collect(),
                     Value::Null => Vec::new(),
                     other => return Err(Error::Exec(format!("range can't iterate over {other}"))),
                 };
@@ -592,7 +658,12 @@ fn eval_pipeline(p: &Pipeline, dot: &Value, s: &mut Scope) -> Result<Value, Erro
     Ok(v)
 }
 
-fn eval_command(cmd: &[Operand], dot: &Value, s: &mut Scope, prev: Option<Value>) -> Result<Value, Error> {
+fn eval_command(
+    cmd: &[Operand],
+    dot: &Value,
+    s: &mut Scope,
+    prev: Option<Value>,
+) -> Result<Value, Error> {
     if let Operand::Func(name) = &cmd[0] {
         let mut args = Vec::new();
         for a in &cmd[1..] {
@@ -641,13 +712,19 @@ fn lookup(base: &Value, path: &[String], opts: Options) -> Result<Value, Error> 
             Value::Object(m) => match m.get(k) {
                 Some(v) => cur = v,
                 None if opts.missing_key_error => {
-                    return Err(Error::Exec(format!("map has no entry for key {:?}", path[..=i].join("."))));
+                    return Err(Error::Exec(format!(
+                        "map has no entry for key {:?}",
+                        path[..=i].join(".")
+                    )));
                 }
                 None => return Ok(Value::Null),
             },
             Value::Null if !opts.missing_key_error => return Ok(Value::Null),
             other => {
-                return Err(Error::Exec(format!("can't evaluate field {k} in {}", funcs::kind(other))));
+                return Err(Error::Exec(format!(
+                    "can't evaluate field {k} in {}",
+                    funcs::kind(other)
+                )));
             }
         }
     }

@@ -27,7 +27,9 @@ pub fn decode(content: &str, encoding: Option<&str>) -> Result<Vec<u8>, String> 
     let gunzip = |data: Vec<u8>| {
         use std::io::Read;
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&data[..]).read_to_end(&mut out).map_err(|e| format!("bad gzip content: {e}"))?;
+        flate2::read::GzDecoder::new(&data[..])
+            .read_to_end(&mut out)
+            .map_err(|e| format!("bad gzip content: {e}"))?;
         Ok::<_, String>(out)
     };
     match encoding.unwrap_or("").to_lowercase().as_str() {
@@ -39,7 +41,9 @@ pub fn decode(content: &str, encoding: Option<&str>) -> Result<Vec<u8>, String> 
 }
 
 fn ensure_parent(path: &Path, mode: u32, owner: (Option<u32>, Option<u32>)) -> Result<(), String> {
-    let Some(parent) = path.parent() else { return Ok(()) };
+    let Some(parent) = path.parent() else {
+        return Ok(());
+    };
     if parent.is_dir() {
         return Ok(());
     }
@@ -52,9 +56,11 @@ fn ensure_parent(path: &Path, mode: u32, owner: (Option<u32>, Option<u32>)) -> R
             None => break,
         }
     }
-    sysfs::create_dir_all(parent, mode).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    sysfs::create_dir_all(parent, mode)
+        .map_err(|e| format!("creating {}: {e}", parent.display()))?;
     for d in missing {
-        sysfs::set_owner(&d, owner.0, owner.1).map_err(|e| format!("chown {}: {e}", d.display()))?;
+        sysfs::set_owner(&d, owner.0, owner.1)
+            .map_err(|e| format!("chown {}: {e}", d.display()))?;
     }
     Ok(())
 }
@@ -66,7 +72,8 @@ pub fn file(ctx: &Ctx, f: &StepFile) -> Result<(), String> {
     let path = ctx.path(&f.path);
     let mode = mode_or(f.permissions.0, 0o644);
     let owner = super::owner(ctx, f.ownerstring.as_deref(), f.owner, f.group)?;
-    let content = decode(&ctx.render(&f.content), f.encoding.as_deref()).map_err(|e| format!("{}: {e}", f.path))?;
+    let content = decode(&ctx.render(&f.content), f.encoding.as_deref())
+        .map_err(|e| format!("{}: {e}", f.path))?;
     ensure_parent(&path, dir_mode_for(mode), owner).map_err(|e| format!("{}: {e}", f.path))?;
     sysfs::write_file(&path, &content, mode).map_err(|e| format!("writing {}: {e}", f.path))?;
     sysfs::set_owner(&path, owner.0, owner.1).map_err(|e| format!("chown {}: {e}", f.path))
@@ -94,14 +101,23 @@ pub fn download(ctx: &Ctx, d: &Download) -> Result<(), String> {
     }
     let mut path = ctx.path(&d.path);
     if path.is_dir() || d.path.ends_with('/') {
-        let name = d.url.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("index.html");
+        let name = d
+            .url
+            .rsplit('/')
+            .next()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("index.html");
         path = path.join(name);
     }
-    let body = ctx.fetcher.fetch(&d.url).map_err(|e| format!("downloading {}: {e}", d.url))?;
+    let body = ctx
+        .fetcher
+        .fetch(&d.url)
+        .map_err(|e| format!("downloading {}: {e}", d.url))?;
     let mode = mode_or(d.permissions.0, 0o644);
     let owner = super::owner(ctx, d.ownerstring.as_deref(), d.owner, d.group)?;
     ensure_parent(&path, dir_mode_for(mode), owner)?;
-    sysfs::write_file(&path, &body, mode).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    sysfs::write_file(&path, &body, mode)
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
     sysfs::set_owner(&path, owner.0, owner.1).map_err(|e| format!("chown {}: {e}", path.display()))
 }
 

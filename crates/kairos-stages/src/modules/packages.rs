@@ -9,27 +9,64 @@ use crate::executor::Ctx;
 /// The package manager family of the root, from `/etc/os-release` `ID` and `ID_LIKE`.
 fn family(ctx: &Ctx) -> Result<&'static str, String> {
     let osr = kairos_sys::sysinfo::os_release(ctx.root);
-    let ids = format!("{} {}", osr.get("ID").cloned().unwrap_or_default(), osr.get("ID_LIKE").cloned().unwrap_or_default());
+    let ids = format!(
+        "{} {}",
+        osr.get("ID").cloned().unwrap_or_default(),
+        osr.get("ID_LIKE").cloned().unwrap_or_default()
+    );
     for (needle, fam) in [
-        ("debian", "apt"), ("ubuntu", "apt"), ("alpine", "apk"), ("arch", "pacman"), ("suse", "zypper"),
-        ("sles", "zypper"), ("fedora", "dnf"), ("rhel", "dnf"), ("centos", "dnf"), ("openEuler", "dnf"),
-        ("ol", "dnf"), ("rocky", "dnf"), ("almalinux", "dnf"),
+        ("debian", "apt"),
+        ("ubuntu", "apt"),
+        ("alpine", "apk"),
+        ("arch", "pacman"),
+        ("suse", "zypper"),
+        ("sles", "zypper"),
+        ("fedora", "dnf"),
+        ("rhel", "dnf"),
+        ("centos", "dnf"),
+        ("openEuler", "dnf"),
+        ("ol", "dnf"),
+        ("rocky", "dnf"),
+        ("almalinux", "dnf"),
     ] {
         if ids.split_whitespace().any(|w| w == needle) {
             return Ok(fam);
         }
     }
-    Err(format!("unknown distribution (os-release ID {:?}): no package manager known for it", ids.trim()))
+    Err(format!(
+        "unknown distribution (os-release ID {:?}): no package manager known for it",
+        ids.trim()
+    ))
 }
 
 /// The command lines yip runs for a `packages` section.
 pub fn commands(fam: &str, p: &Packages) -> Vec<String> {
     let (refresh, upgrade, install, remove) = match fam {
-        "apt" => ("apt-get -y update", "apt-get -y upgrade", "apt-get -y --no-install-recommends install", "apt-get -y remove"),
+        "apt" => (
+            "apt-get -y update",
+            "apt-get -y upgrade",
+            "apt-get -y --no-install-recommends install",
+            "apt-get -y remove",
+        ),
         "apk" => ("apk update", "apk upgrade", "apk add", "apk del"),
-        "pacman" => ("pacman -Sy --noconfirm", "pacman -Syu --noconfirm", "pacman -S --noconfirm", "pacman -R --noconfirm"),
-        "zypper" => ("zypper --non-interactive refresh", "zypper --non-interactive update", "zypper --non-interactive install", "zypper --non-interactive remove"),
-        _ => ("dnf -y makecache", "dnf -y upgrade", "dnf -y install", "dnf -y remove"),
+        "pacman" => (
+            "pacman -Sy --noconfirm",
+            "pacman -Syu --noconfirm",
+            "pacman -S --noconfirm",
+            "pacman -R --noconfirm",
+        ),
+        "zypper" => (
+            "zypper --non-interactive refresh",
+            "zypper --non-interactive update",
+            "zypper --non-interactive install",
+            "zypper --non-interactive remove",
+        ),
+        _ => (
+            "dnf -y makecache",
+            "dnf -y upgrade",
+            "dnf -y install",
+            "dnf -y remove",
+        ),
     };
     let mut out = Vec::new();
     if p.refresh.0 {
@@ -60,15 +97,22 @@ pub fn pins(ctx: &Ctx, pins: &BTreeMap<String, Text>) -> Result<(), String> {
         "apt" => {
             let mut out = String::new();
             for (pkg, v) in pins {
-                out.push_str(&format!("Package: {pkg}\nPin: version {}\nPin-Priority: 1001\n\n", v.0));
+                out.push_str(&format!(
+                    "Package: {pkg}\nPin: version {}\nPin-Priority: 1001\n\n",
+                    v.0
+                ));
             }
             let p = ctx.path("etc/apt/preferences.d/99-yip-pins");
             if let Some(parent) = p.parent() {
                 kairos_sys::fs::create_dir_all(parent, 0o755).map_err(|e| e.to_string())?;
             }
-            kairos_sys::fs::write_file(&p, out.as_bytes(), 0o644).map(|_| ()).map_err(|e| e.to_string())
+            kairos_sys::fs::write_file(&p, out.as_bytes(), 0o644)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         }
-        other => Err(format!("package_pins is not supported yet for {other}-based distributions")),
+        other => Err(format!(
+            "package_pins is not supported yet for {other}-based distributions"
+        )),
     }
 }
 
@@ -79,10 +123,19 @@ mod tests {
 
     #[test]
     fn apt_lines() {
-        let p = Packages { install: vec!["a".into(), "b".into()], remove: vec!["c".into()], refresh: GoBool(true), upgrade: GoBool(false) };
+        let p = Packages {
+            install: vec!["a".into(), "b".into()],
+            remove: vec!["c".into()],
+            refresh: GoBool(true),
+            upgrade: GoBool(false),
+        };
         assert_eq!(
             commands("apt", &p),
-            vec!["apt-get -y update", "apt-get -y --no-install-recommends install a b", "apt-get -y remove c"]
+            vec![
+                "apt-get -y update",
+                "apt-get -y --no-install-recommends install a b",
+                "apt-get -y remove c"
+            ]
         );
     }
 }

@@ -14,9 +14,12 @@ use crate::executor::Ctx;
 fn write(ctx: &Ctx, path: &str, text: &str, mode: u32) -> Result<(), String> {
     let p = ctx.path(path);
     if let Some(parent) = p.parent() {
-        sysfs::create_dir_all(parent, 0o755).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        sysfs::create_dir_all(parent, 0o755)
+            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
     }
-    sysfs::write_file(&p, text.as_bytes(), mode).map(|_| ()).map_err(|e| format!("writing {path}: {e}"))
+    sysfs::write_file(&p, text.as_bytes(), mode)
+        .map(|_| ())
+        .map_err(|e| format!("writing {path}: {e}"))
 }
 
 pub fn dns(ctx: &Ctx, d: &Dns) -> Result<(), String> {
@@ -33,7 +36,11 @@ pub fn dns(ctx: &Ctx, d: &Dns) -> Result<(), String> {
     if !d.options.is_empty() {
         out.push_str(&format!("options {}\n", d.options.join(" ")));
     }
-    let path = d.path.as_deref().filter(|p| !p.is_empty()).unwrap_or("/etc/resolv.conf");
+    let path = d
+        .path
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .unwrap_or("/etc/resolv.conf");
     write(ctx, path, &out, 0o644)
 }
 
@@ -67,7 +74,13 @@ pub fn hostname(ctx: &Ctx, h: &str) -> Result<(), String> {
 }
 
 /// `key = value` drop-in lines, merged with an existing file's keys, sorted.
-fn merge_kv_file(ctx: &Ctx, path: &str, header: &str, sep: &str, kv: &BTreeMap<String, String>) -> Result<(), String> {
+fn merge_kv_file(
+    ctx: &Ctx,
+    path: &str,
+    header: &str,
+    sep: &str,
+    kv: &BTreeMap<String, String>,
+) -> Result<(), String> {
     let mut all: BTreeMap<String, String> = BTreeMap::new();
     if let Ok(t) = fs::read_to_string(ctx.path(path)) {
         for l in t.lines() {
@@ -93,7 +106,11 @@ pub fn sysctl(ctx: &Ctx, kv: &BTreeMap<String, Text>) -> Result<(), String> {
                 errs.push(format!("{k}: writing {}: {e}", p.display()));
             }
         }
-        return if errs.is_empty() { Ok(()) } else { Err(errs.join("; ")) };
+        return if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("; "))
+        };
     }
     let kv = kv.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
     merge_kv_file(ctx, "/etc/sysctl.d/90-kairos.conf", "", " = ", &kv)
@@ -114,14 +131,34 @@ pub fn kernel_modules(ctx: &Ctx, mods: &[String]) -> Result<(), String> {
                 errs.push(e.to_string());
             }
         }
-        return if errs.is_empty() { Ok(()) } else { Err(errs.join("; ")) };
+        return if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("; "))
+        };
     }
-    let load: Vec<String> = mods.iter().filter_map(|m| m.split_whitespace().next().map(str::to_string)).collect();
-    let options: Vec<String> =
-        mods.iter().filter(|m| m.split_whitespace().count() > 1).map(|m| format!("options {m}")).collect();
-    write(ctx, "/etc/modules-load.d/90-kairos.conf", &(load.join("\n") + "\n"), 0o644)?;
+    let load: Vec<String> = mods
+        .iter()
+        .filter_map(|m| m.split_whitespace().next().map(str::to_string))
+        .collect();
+    let options: Vec<String> = mods
+        .iter()
+        .filter(|m| m.split_whitespace().count() > 1)
+        .map(|m| format!("options {m}"))
+        .collect();
+    write(
+        ctx,
+        "/etc/modules-load.d/90-kairos.conf",
+        &(load.join("\n") + "\n"),
+        0o644,
+    )?;
     if !options.is_empty() {
-        write(ctx, "/etc/modprobe.d/90-kairos.conf", &(options.join("\n") + "\n"), 0o644)?;
+        write(
+            ctx,
+            "/etc/modprobe.d/90-kairos.conf",
+            &(options.join("\n") + "\n"),
+            0o644,
+        )?;
     }
     Ok(())
 }
@@ -131,7 +168,12 @@ pub fn timesyncd(ctx: &Ctx, kv: &BTreeMap<String, Text>) -> Result<(), String> {
     for (k, v) in kv {
         out.push_str(&format!("{k} = {}\n", v.0));
     }
-    write(ctx, "/etc/systemd/timesyncd.conf.d/10-yip.conf", &out, 0o644)
+    write(
+        ctx,
+        "/etc/systemd/timesyncd.conf.d/10-yip.conf",
+        &out,
+        0o644,
+    )
 }
 
 fn parse_dotenv(text: &str) -> BTreeMap<String, String> {
@@ -154,7 +196,11 @@ fn parse_dotenv(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-pub fn environment(ctx: &Ctx, kv: &BTreeMap<String, Text>, file: Option<&str>) -> Result<(), String> {
+pub fn environment(
+    ctx: &Ctx,
+    kv: &BTreeMap<String, Text>,
+    file: Option<&str>,
+) -> Result<(), String> {
     let path = file.filter(|f| !f.is_empty()).unwrap_or("/etc/environment");
     let p = ctx.path(path);
     let mut env = parse_dotenv(&fs::read_to_string(&p).unwrap_or_default());
@@ -172,15 +218,24 @@ pub fn environment(ctx: &Ctx, kv: &BTreeMap<String, Text>, file: Option<&str>) -
     if let Some(parent) = p.parent()
         && !parent.exists()
     {
-        sysfs::create_dir_all(parent, 0o744).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        sysfs::create_dir_all(parent, 0o744)
+            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
     }
-    sysfs::write_file(&p, out.as_bytes(), 0o644).map(|_| ()).map_err(|e| format!("writing {path}: {e}"))
+    sysfs::write_file(&p, out.as_bytes(), 0o644)
+        .map(|_| ())
+        .map_err(|e| format!("writing {path}: {e}"))
 }
 
 pub fn systemd_firstboot(ctx: &Ctx, kv: &BTreeMap<String, Text>) -> Result<(), String> {
     let mut args: Vec<String> = kv
         .iter()
-        .map(|(k, v)| if v.0 == "true" { format!("--{k}") } else { format!("--{k}={}", v.0) })
+        .map(|(k, v)| {
+            if v.0 == "true" {
+                format!("--{k}")
+            } else {
+                format!("--{k}={}", v.0)
+            }
+        })
         .collect();
     args.sort();
     if !ctx.root.is_host() {

@@ -11,10 +11,19 @@ use kairos_sys::fs as sysfs;
 
 use crate::executor::Ctx;
 
-const UNIT_DIRS: &[&str] = &["etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system", "usr/local/lib/systemd/system"];
+const UNIT_DIRS: &[&str] = &[
+    "etc/systemd/system",
+    "usr/lib/systemd/system",
+    "lib/systemd/system",
+    "usr/local/lib/systemd/system",
+];
 
 fn unit_name(u: &str) -> String {
-    if u.contains('.') { u.to_string() } else { format!("{u}.service") }
+    if u.contains('.') {
+        u.to_string()
+    } else {
+        format!("{u}.service")
+    }
 }
 
 /// `getty@tty1.service` → (`getty@.service`, Some("tty1")).
@@ -80,30 +89,46 @@ fn link(target: &str, at: &Path) -> Result<(), String> {
         fs::remove_file(at).map_err(|e| format!("replacing {}: {e}", at.display()))?;
     }
     if let Some(parent) = at.parent() {
-        sysfs::create_dir_all(parent, 0o755).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        sysfs::create_dir_all(parent, 0o755)
+            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
     }
     symlink(target, at).map_err(|e| format!("linking {} → {target}: {e}", at.display()))
 }
 
 fn enable_offline(root: &Path, unit: &str, depth: usize) -> Result<(), String> {
     let (template, instance) = template_of(unit);
-    let (boot_path, real) =
-        find_unit(root, unit).or_else(|| find_unit(root, &template)).ok_or_else(|| format!("unit {unit} not found under {}", UNIT_DIRS.join(", ")))?;
-    let inst = parse_install(&fs::read_to_string(&real).map_err(|e| format!("reading {}: {e}", real.display()))?);
+    let (boot_path, real) = find_unit(root, unit)
+        .or_else(|| find_unit(root, &template))
+        .ok_or_else(|| format!("unit {unit} not found under {}", UNIT_DIRS.join(", ")))?;
+    let inst = parse_install(
+        &fs::read_to_string(&real).map_err(|e| format!("reading {}: {e}", real.display()))?,
+    );
     let instance = instance.or(inst.default_instance.clone());
     let linked_name = match (&instance, unit == template) {
         (Some(i), true) => template.replacen("@.", &format!("@{i}."), 1),
         _ => unit.to_string(),
     };
-    if inst.wanted_by.is_empty() && inst.required_by.is_empty() && inst.alias.is_empty() && inst.also.is_empty() {
-        return Err(format!("unit {unit} has no [Install] section, so it cannot be enabled (it is static)"));
+    if inst.wanted_by.is_empty()
+        && inst.required_by.is_empty()
+        && inst.alias.is_empty()
+        && inst.also.is_empty()
+    {
+        return Err(format!(
+            "unit {unit} has no [Install] section, so it cannot be enabled (it is static)"
+        ));
     }
     let etc = root.join("etc/systemd/system");
     for t in &inst.wanted_by {
-        link(&boot_path, &etc.join(format!("{t}.wants")).join(&linked_name))?;
+        link(
+            &boot_path,
+            &etc.join(format!("{t}.wants")).join(&linked_name),
+        )?;
     }
     for t in &inst.required_by {
-        link(&boot_path, &etc.join(format!("{t}.requires")).join(&linked_name))?;
+        link(
+            &boot_path,
+            &etc.join(format!("{t}.requires")).join(&linked_name),
+        )?;
     }
     for a in &inst.alias {
         link(&boot_path, &etc.join(a))?;
@@ -119,20 +144,32 @@ fn enable_offline(root: &Path, unit: &str, depth: usize) -> Result<(), String> {
 /// Removes every `*.wants`/`*.requires` link and alias to `unit` under /etc/systemd/system.
 fn disable_offline(root: &Path, unit: &str) -> Result<(), String> {
     let etc = root.join("etc/systemd/system");
-    let Ok(rd) = fs::read_dir(&etc) else { return Ok(()) };
+    let Ok(rd) = fs::read_dir(&etc) else {
+        return Ok(());
+    };
     for e in rd.flatten() {
         let p = e.path();
-        let is_dep_dir = p.is_dir() && p.extension().is_some_and(|x| x == "wants" || x == "requires");
+        let is_dep_dir = p.is_dir()
+            && p.extension()
+                .is_some_and(|x| x == "wants" || x == "requires");
         let candidates: Vec<PathBuf> = if is_dep_dir {
-            fs::read_dir(&p).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+            fs::read_dir(&p)
+                .map(|r| r.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default()
         } else {
             vec![p.clone()]
         };
         for c in candidates {
-            let Ok(target) = fs::read_link(&c) else { continue };
-            let points_at_unit = target.file_name().is_some_and(|n| n == unit || template_of(unit).0 == n.to_string_lossy());
+            let Ok(target) = fs::read_link(&c) else {
+                continue;
+            };
+            let points_at_unit = target
+                .file_name()
+                .is_some_and(|n| n == unit || template_of(unit).0 == n.to_string_lossy());
             let named_unit = c.file_name().is_some_and(|n| n == unit);
-            if (is_dep_dir && named_unit) || (!is_dep_dir && points_at_unit && target != Path::new("/dev/null")) {
+            if (is_dep_dir && named_unit)
+                || (!is_dep_dir && points_at_unit && target != Path::new("/dev/null"))
+            {
                 fs::remove_file(&c).map_err(|e| format!("removing {}: {e}", c.display()))?;
             }
         }
@@ -142,7 +179,10 @@ fn disable_offline(root: &Path, unit: &str) -> Result<(), String> {
 
 fn override_path(service: &str, name: Option<&str>) -> String {
     let unit = unit_name(service);
-    let mut file = name.filter(|n| !n.is_empty()).unwrap_or("override-yip.conf").to_string();
+    let mut file = name
+        .filter(|n| !n.is_empty())
+        .unwrap_or("override-yip.conf")
+        .to_string();
     if !file.ends_with(".conf") {
         file.push_str(".conf");
     }
@@ -153,11 +193,17 @@ pub fn apply(ctx: &Ctx, s: &Systemctl) -> Result<(), String> {
     let mut errs = Vec::new();
     let live = ctx.root.is_host() && kairos_sys::host::systemd_running();
     let root = ctx.root.path();
-    for (verb, units) in [("enable", &s.enable), ("disable", &s.disable), ("mask", &s.mask), ("start", &s.start)] {
+    for (verb, units) in [
+        ("enable", &s.enable),
+        ("disable", &s.disable),
+        ("mask", &s.mask),
+        ("start", &s.start),
+    ] {
         for u in units {
             let unit = unit_name(u);
             let r = if live {
-                kairos_sys::host::systemctl(&[verb.to_string(), unit.clone()]).map_err(|e| e.to_string())
+                kairos_sys::host::systemctl(&[verb.to_string(), unit.clone()])
+                    .map_err(|e| e.to_string())
             } else {
                 match verb {
                     "enable" => enable_offline(root, &unit, 0),
@@ -189,7 +235,11 @@ pub fn apply(ctx: &Ctx, s: &Systemctl) -> Result<(), String> {
     if live && !s.overrides.is_empty() {
         let _ = kairos_sys::host::systemctl(&["daemon-reload".into()]);
     }
-    if errs.is_empty() { Ok(()) } else { Err(errs.join("; ")) }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("; "))
+    }
 }
 
 #[cfg(test)]
@@ -198,9 +248,18 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(override_path("foo", None), "/etc/systemd/system/foo.service.d/override-yip.conf");
-        assert_eq!(override_path("foo.socket", Some("bar")), "/etc/systemd/system/foo.socket.d/bar.conf");
-        assert_eq!(template_of("getty@tty1.service"), ("getty@.service".into(), Some("tty1".into())));
+        assert_eq!(
+            override_path("foo", None),
+            "/etc/systemd/system/foo.service.d/override-yip.conf"
+        );
+        assert_eq!(
+            override_path("foo.socket", Some("bar")),
+            "/etc/systemd/system/foo.socket.d/bar.conf"
+        );
+        assert_eq!(
+            template_of("getty@tty1.service"),
+            ("getty@.service".into(), Some("tty1".into()))
+        );
         assert_eq!(template_of("sshd.service"), ("sshd.service".into(), None));
     }
 
@@ -209,17 +268,35 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let lib = d.path().join("usr/lib/systemd/system");
         fs::create_dir_all(&lib).unwrap();
-        fs::write(lib.join("getty@.service"), "[Service]\nExecStart=x\n[Install]\nWantedBy=getty.target\n").unwrap();
-        fs::write(lib.join("a.service"), "[Install]\nWantedBy=multi-user.target\nAlias=b.service\n").unwrap();
+        fs::write(
+            lib.join("getty@.service"),
+            "[Service]\nExecStart=x\n[Install]\nWantedBy=getty.target\n",
+        )
+        .unwrap();
+        fs::write(
+            lib.join("a.service"),
+            "[Install]\nWantedBy=multi-user.target\nAlias=b.service\n",
+        )
+        .unwrap();
         enable_offline(d.path(), "getty@tty1.service", 0).unwrap();
         enable_offline(d.path(), "a.service", 0).unwrap();
         enable_offline(d.path(), "a.service", 0).unwrap();
         let etc = d.path().join("etc/systemd/system");
-        assert_eq!(fs::read_link(etc.join("getty.target.wants/getty@tty1.service")).unwrap(), Path::new("/usr/lib/systemd/system/getty@.service"));
-        assert_eq!(fs::read_link(etc.join("b.service")).unwrap(), Path::new("/usr/lib/systemd/system/a.service"));
+        assert_eq!(
+            fs::read_link(etc.join("getty.target.wants/getty@tty1.service")).unwrap(),
+            Path::new("/usr/lib/systemd/system/getty@.service")
+        );
+        assert_eq!(
+            fs::read_link(etc.join("b.service")).unwrap(),
+            Path::new("/usr/lib/systemd/system/a.service")
+        );
         disable_offline(d.path(), "a.service").unwrap();
         assert!(!etc.join("multi-user.target.wants/a.service").exists());
         assert!(fs::symlink_metadata(etc.join("b.service")).is_err());
-        assert!(enable_offline(d.path(), "missing.service", 0).unwrap_err().contains("not found"));
+        assert!(
+            enable_offline(d.path(), "missing.service", 0)
+                .unwrap_err()
+                .contains("not found")
+        );
     }
 }

@@ -35,7 +35,9 @@ fn password_hash(passwd: &str, lock: bool, current: Option<&str>) -> Result<Stri
     use sha_crypt::{PasswordHasher, PasswordVerifier, ShaCrypt};
     if let Some(cur) = current
         && cur.starts_with("$6$")
-        && ShaCrypt::SHA512.verify_password(passwd.as_bytes(), cur).is_ok()
+        && ShaCrypt::SHA512
+            .verify_password(passwd.as_bytes(), cur)
+            .is_ok()
     {
         return Ok(cur.to_string());
     }
@@ -51,7 +53,13 @@ fn password_hash(passwd: &str, lock: bool, current: Option<&str>) -> Result<Stri
 fn default_shell(ctx: &Ctx) -> String {
     fs::read_to_string(ctx.path("etc/default/useradd"))
         .ok()
-        .and_then(|t| t.lines().find_map(|l| l.trim().strip_prefix("SHELL=").map(|s| s.trim().to_string())))
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.trim()
+                    .strip_prefix("SHELL=")
+                    .map(|s| s.trim().to_string())
+            })
+        })
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "/bin/sh".into())
 }
@@ -62,7 +70,11 @@ pub fn users(ctx: &Ctx, users: &BTreeMap<String, StepUser>) -> Result<(), String
     let mut homes = Vec::new();
     // BTreeMap iteration is sorted by name: uids are allocated deterministically.
     for (key, u) in users {
-        let name = u.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| key.clone());
+        let name = u
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| key.clone());
         if let Err(e) = user(ctx, &mut acc, &name, u, &mut homes) {
             errs.push(format!("user {name}: {e}"));
         }
@@ -70,36 +82,63 @@ pub fn users(ctx: &Ctx, users: &BTreeMap<String, StepUser>) -> Result<(), String
     // Supplementary groups come after every user, so user ids stay dense (1000, 1001, …)
     // and missing groups take the next free ids.
     for (key, u) in users {
-        let name = u.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| key.clone());
+        let name = u
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| key.clone());
         for g in &u.groups.0 {
             acc.ensure_group(g, None);
             acc.add_member(g, &name);
         }
     }
-    acc.save(ctx.root).map_err(|e| format!("writing account files: {e}"))?;
+    acc.save(ctx.root)
+        .map_err(|e| format!("writing account files: {e}"))?;
     for (home, uid, gid) in homes {
         let p = ctx.path(&home);
-        if let Err(e) = sysfs::create_dir_all(&p, 0o755).and_then(|_| sysfs::set_owner(&p, Some(uid), Some(gid))) {
+        if let Err(e) = sysfs::create_dir_all(&p, 0o755)
+            .and_then(|_| sysfs::set_owner(&p, Some(uid), Some(gid)))
+        {
             errs.push(format!("creating home {home}: {e}"));
         }
     }
     for (key, u) in users {
-        let name = u.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| key.clone());
+        let name = u
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| key.clone());
         if !u.ssh_authorized_keys.is_empty()
             && let Err(e) = authorized_keys(ctx, &name, &u.ssh_authorized_keys)
         {
             errs.push(e);
         }
     }
-    if errs.is_empty() { Ok(()) } else { Err(errs.join("; ")) }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("; "))
+    }
 }
 
-fn user(ctx: &Ctx, acc: &mut Accounts, name: &str, u: &StepUser, homes: &mut Vec<(String, u32, u32)>) -> Result<(), String> {
+fn user(
+    ctx: &Ctx,
+    acc: &mut Accounts,
+    name: &str,
+    u: &StepUser,
+    homes: &mut Vec<(String, u32, u32)>,
+) -> Result<(), String> {
     let passwd = u.passwd.clone().unwrap_or_default();
     if acc.passwd.get(name).is_none() {
-        let home = u.homedir.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| format!("/home/{name}"));
+        let home = u
+            .homedir
+            .clone()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| format!("/home/{name}"));
         let uid = match u.uid.as_ref().map(|t| t.0.trim()).filter(|t| !t.is_empty()) {
-            Some(t) => t.parse::<u32>().map_err(|_| format!("uid {t:?} is not a number"))?,
+            Some(t) => t
+                .parse::<u32>()
+                .map_err(|_| format!("uid {t:?} is not a number"))?,
             None => {
                 use std::os::unix::fs::MetadataExt;
                 match fs::metadata(ctx.path(&home)) {
@@ -108,15 +147,45 @@ fn user(ctx: &Ctx, acc: &mut Accounts, name: &str, u: &StepUser, homes: &mut Vec
                 }
             }
         };
-        let group_name = u.primary_group.clone().filter(|g| !g.is_empty()).unwrap_or_else(|| name.to_string());
-        let want_gid = if acc.group.ids(2).contains(&uid) { None } else { Some(uid) };
+        let group_name = u
+            .primary_group
+            .clone()
+            .filter(|g| !g.is_empty())
+            .unwrap_or_else(|| name.to_string());
+        let want_gid = if acc.group.ids(2).contains(&uid) {
+            None
+        } else {
+            Some(uid)
+        };
         let gid = acc.ensure_group(&group_name, want_gid);
-        let shell = u.shell.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| default_shell(ctx));
-        let gecos = u.gecos.clone().unwrap_or_else(|| "Created by entities".into());
-        acc.passwd.set(&[name.into(), "x".into(), uid.to_string(), gid.to_string(), gecos, home.clone(), shell]);
+        let shell = u
+            .shell
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| default_shell(ctx));
+        let gecos = u
+            .gecos
+            .clone()
+            .unwrap_or_else(|| "Created by entities".into());
+        acc.passwd.set(&[
+            name.into(),
+            "x".into(),
+            uid.to_string(),
+            gid.to_string(),
+            gecos,
+            home.clone(),
+            shell,
+        ]);
         let hash = password_hash(&passwd, u.lock_passwd.0, None)?;
         acc.shadow.set(&[
-            name.into(), hash, today().to_string(), "0".into(), "99999".into(), "7".into(), String::new(), String::new(),
+            name.into(),
+            hash,
+            today().to_string(),
+            "0".into(),
+            "99999".into(),
+            "7".into(),
+            String::new(),
+            String::new(),
             String::new(),
         ]);
         if !u.no_create_home.0 {
@@ -125,7 +194,17 @@ fn user(ctx: &Ctx, acc: &mut Accounts, name: &str, u: &StepUser, homes: &mut Vec
     } else if !passwd.is_empty() || u.lock_passwd.0 {
         // An existing user only gets its password updated; aging fields are kept.
         let mut f = acc.shadow.get(name).unwrap_or_else(|| {
-            vec![name.into(), String::new(), today().to_string(), "0".into(), "99999".into(), "7".into(), String::new(), String::new(), String::new()]
+            vec![
+                name.into(),
+                String::new(),
+                today().to_string(),
+                "0".into(),
+                "99999".into(),
+                "7".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]
         });
         let hash = password_hash(&passwd, u.lock_passwd.0, f.get(1).map(String::as_str))?;
         if f[1] != hash {
@@ -158,7 +237,10 @@ fn resolve_key(ctx: &Ctx, key: &str) -> Result<String, String> {
 
 pub fn authorized_keys(ctx: &Ctx, user: &str, keys: &[String]) -> Result<(), String> {
     let acc = Accounts::load(ctx.root).map_err(|e| format!("reading account files: {e}"))?;
-    let f = acc.passwd.get(user).ok_or_else(|| format!("authorized_keys: user {user:?} does not exist"))?;
+    let f = acc
+        .passwd
+        .get(user)
+        .ok_or_else(|| format!("authorized_keys: user {user:?} does not exist"))?;
     let (uid, gid) = (f[2].parse().ok(), f[3].parse().ok());
     let home = f.get(5).cloned().unwrap_or_default();
     let ssh = ctx.path(&home).join(".ssh");
@@ -189,7 +271,11 @@ pub fn authorized_keys(ctx: &Ctx, user: &str, keys: &[String]) -> Result<(), Str
         sysfs::set_owner(&path, uid, gid)
     };
     write().map_err(|e| format!("writing {}: {e}", path.display()))?;
-    if errs.is_empty() { Ok(()) } else { Err(errs.join("; ")) }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("; "))
+    }
 }
 
 /// The passwd-style line an entity describes, and the file it belongs to.
@@ -200,48 +286,92 @@ fn entity_line(e: &Json) -> Result<(String, &'static str, String), String> {
         other => other.to_string(),
     };
     let list = |k: &str| match &e[k] {
-        Json::Array(a) => a.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect::<Vec<_>>().join(","),
+        Json::Array(a) => a
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .collect::<Vec<_>>()
+            .join(","),
         _ => s(k),
     };
     let kind = s("kind");
     Ok(match kind.as_str() {
         "user" => {
             let name = s("username");
-            let line = [name.clone(), s("password"), s("uid"), s("gid"), s("info"), s("homedir"), s("shell")].join(":");
+            let line = [
+                name.clone(),
+                s("password"),
+                s("uid"),
+                s("gid"),
+                s("info"),
+                s("homedir"),
+                s("shell"),
+            ]
+            .join(":");
             (name, "/etc/passwd", line)
         }
         "group" => {
             let name = s("group_name");
-            (name.clone(), "/etc/group", [name, s("password"), s("gid"), list("users")].join(":"))
+            (
+                name.clone(),
+                "/etc/group",
+                [name, s("password"), s("gid"), list("users")].join(":"),
+            )
         }
         "shadow" => {
             let name = s("username");
             let line = [
-                name.clone(), s("password"), s("last_changed"), s("minimum_changed"), s("maximum_changed"), s("warn"),
-                s("inactive"), s("expire"), String::new(),
+                name.clone(),
+                s("password"),
+                s("last_changed"),
+                s("minimum_changed"),
+                s("maximum_changed"),
+                s("warn"),
+                s("inactive"),
+                s("expire"),
+                String::new(),
             ]
             .join(":");
             (name, "/etc/shadow", line)
         }
         "gshadow" => {
             let name = s("name");
-            (name.clone(), "/etc/gshadow", [name, s("password"), list("administrators"), list("members")].join(":"))
+            (
+                name.clone(),
+                "/etc/gshadow",
+                [name, s("password"), list("administrators"), list("members")].join(":"),
+            )
         }
-        other => return Err(format!("unknown entity kind {other:?} (expected user, group, shadow or gshadow)")),
+        other => {
+            return Err(format!(
+                "unknown entity kind {other:?} (expected user, group, shadow or gshadow)"
+            ));
+        }
     })
 }
 
 pub fn entity(ctx: &Ctx, e: &Entity, ensure: bool) -> Result<(), String> {
     let rendered = ctx.render(&e.entity);
-    let doc = kairos_config::yaml::parse(&rendered, &std::sync::Arc::from("entity")).map_err(|e| e.to_string())?;
+    let doc = kairos_config::yaml::parse(&rendered, &std::sync::Arc::from("entity"))
+        .map_err(|e| e.to_string())?;
     let (name, default_path, line) = entity_line(&doc.to_json())?;
     if name.is_empty() {
         return Err("entity has no name".into());
     }
-    let path = ctx.path(e.path.as_deref().filter(|p| !p.is_empty()).unwrap_or(default_path));
+    let path = ctx.path(
+        e.path
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .unwrap_or(default_path),
+    );
     let text = fs::read_to_string(&path).unwrap_or_default();
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-    let pos = lines.iter().position(|l| l.split(':').next() == Some(name.as_str()));
+    let pos = lines
+        .iter()
+        .position(|l| l.split(':').next() == Some(name.as_str()));
     match (ensure, pos) {
         (true, Some(i)) => lines[i] = line,
         (true, None) => lines.push(line),
@@ -255,11 +385,16 @@ pub fn entity(ctx: &Ctx, e: &Entity, ensure: bool) -> Result<(), String> {
         out.push('\n');
     }
     use std::os::unix::fs::PermissionsExt;
-    let mode = fs::metadata(&path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
+    let mode = fs::metadata(&path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o644);
     if let Some(parent) = path.parent() {
-        sysfs::create_dir_all(parent, 0o755).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        sysfs::create_dir_all(parent, 0o755)
+            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
     }
-    sysfs::write_file(&path, out.as_bytes(), mode).map(|_| ()).map_err(|e| format!("writing {}: {e}", path.display()))
+    sysfs::write_file(&path, out.as_bytes(), mode)
+        .map(|_| ())
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 #[cfg(test)]
