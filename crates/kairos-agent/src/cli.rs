@@ -157,6 +157,9 @@ pub fn run(cli: Cli) -> Result<Code> {
             command: ConfigCommand::Get { path },
         } => {
             let c = cli.global.collect(&fetcher)?;
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
             let Some(n) = c.config.at_path(&path) else {
                 eprintln!(
                     "kairos-agent: `{path}` is not set in the config (sources: {})",
