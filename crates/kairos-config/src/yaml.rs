@@ -362,8 +362,11 @@ fn scalar(node: &Node, indent: usize) -> String {
             }
         }
         Value::Str(s) => {
+            // A literal block guesses its indentation from the first non-empty line, so that
+            // line must not start with blanks, and there must be one.
+            let first_content = s.lines().find(|l| !l.is_empty());
             let block_ok = s.contains('\n')
-                && !s.starts_with([' ', '\t'])
+                && first_content.is_some_and(|l| !l.starts_with([' ', '\t']))
                 && !s.contains('\r')
                 && s.lines().all(|l| !l.ends_with([' ', '\t']))
                 && !s.ends_with("\n\n");
