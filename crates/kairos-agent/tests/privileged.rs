@@ -15,6 +15,20 @@ fn agent(args: &[&str]) -> Output {
         .expect("run kairos-agent")
 }
 
+/// `run-stage boot` on `root` with an empty cmdline, plus `extra` flags.
+fn run_boot(root: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run-stage",
+        "boot",
+        "--root",
+        root.to_str().unwrap(),
+        "--cmdline",
+        "",
+    ];
+    args.extend_from_slice(extra);
+    agent(&args)
+}
+
 fn text(o: &Output) -> String {
     format!(
         "status {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -65,14 +79,7 @@ fn commands_and_if_run_chrooted_in_the_target() {
         "/oem/10.yaml",
         "#cloud-config\nruncmd:\n- touch /from-runcmd\nstages:\n  boot:\n  - name: templated\n    commands:\n    - echo {{ .Values.os.vendor }} > /vendor\n    - echo $(id -u) > /uid\n  - name: guarded-yes\n    if: '[ -e /from-runcmd ]'\n    commands: [touch /guard-yes]\n  - name: guarded-no\n    if: '[ -e /nothing ]'\n    commands: [touch /guard-no]\n  - name: failing\n    commands: ['echo boom; exit 7', 'touch /after-failure']\n",
     );
-    let o = agent(&[
-        "run-stage",
-        "boot",
-        "--root",
-        root.to_str().unwrap(),
-        "--cmdline",
-        "",
-    ]);
+    let o = run_boot(root, &[]);
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
     assert!(root.join("from-runcmd").exists(), "{t}");
@@ -97,15 +104,7 @@ fn commands_and_if_run_chrooted_in_the_target() {
         "a failing command must not stop the next: {t}"
     );
 
-    let strict = agent(&[
-        "run-stage",
-        "boot",
-        "--root",
-        root.to_str().unwrap(),
-        "--cmdline",
-        "",
-        "--strict",
-    ]);
+    let strict = run_boot(root, &["--strict"]);
     assert_eq!(strict.status.code(), Some(1), "{}", text(&strict));
 }
 
@@ -199,16 +198,7 @@ fn boot_stage_on_a_real_ext4_filesystem() {
     lp.mount("loop");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/node");
     copy_tree(&example, &lp.mnt);
-    let root = lp.mnt.to_str().unwrap();
-    let o = agent(&[
-        "run-stage",
-        "boot",
-        "--root",
-        root,
-        "--cmdline",
-        "",
-        "--strict",
-    ]);
+    let o = run_boot(&lp.mnt, &["--strict"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     lp.umount();
 
@@ -242,15 +232,7 @@ fn boot_stage_on_a_real_ext4_filesystem() {
     // would be too strict: atime); compare the passwd/shadow lines instead.
     lp.mount("loop");
     let before = fs::read_to_string(m.join("etc/shadow")).unwrap();
-    let o = agent(&[
-        "run-stage",
-        "boot",
-        "--root",
-        root,
-        "--cmdline",
-        "",
-        "--strict",
-    ]);
+    let o = run_boot(&lp.mnt, &["--strict"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(
         fs::read_to_string(m.join("etc/shadow")).unwrap(),

@@ -105,13 +105,17 @@ impl Graph {
         g
     }
 
-    fn find_cycle(&self) -> Option<Vec<String>> {
-        let index: HashMap<&str, usize> = self
-            .ops
+    /// Op name → position in `ops`.
+    fn index(&self) -> HashMap<&str, usize> {
+        self.ops
             .iter()
             .enumerate()
             .map(|(i, o)| (o.name.as_str(), i))
-            .collect();
+            .collect()
+    }
+
+    fn find_cycle(&self) -> Option<Vec<String>> {
+        let index = self.index();
         // 0 = unvisited, 1 = on the stack, 2 = done
         let mut state = vec![0u8; self.ops.len()];
         fn visit(
@@ -157,12 +161,7 @@ impl Graph {
 
     /// The execution layers: `["init"]` then each level of ops, in declaration order.
     pub fn layers(&self) -> Vec<Vec<String>> {
-        let index: HashMap<&str, usize> = self
-            .ops
-            .iter()
-            .enumerate()
-            .map(|(i, o)| (o.name.as_str(), i))
-            .collect();
+        let index = self.index();
         let mut level: Vec<Option<usize>> = vec![None; self.ops.len()];
         fn depth(
             i: usize,

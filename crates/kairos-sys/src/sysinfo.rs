@@ -7,11 +7,13 @@ use serde_json::{Map, Value, json};
 
 use crate::root::Root;
 
-/// Parses an os-release file into its key/value pairs.
-pub fn parse_os_release(text: &str) -> BTreeMap<String, String> {
+/// Parses `KEY=value` files (os-release, /etc/environment, dotenv): comments skipped, an
+/// `export ` prefix and one level of quotes removed.
+pub fn parse_key_values(text: &str) -> BTreeMap<String, String> {
     text.lines()
         .filter_map(|l| {
             let l = l.trim();
+            let l = l.strip_prefix("export ").unwrap_or(l);
             if l.starts_with('#') {
                 return None;
             }
@@ -31,7 +33,7 @@ pub fn os_release(root: &Root) -> BTreeMap<String, String> {
     let text = fs::read_to_string(root.join("etc/os-release"))
         .or_else(|_| fs::read_to_string(root.join("usr/lib/os-release")))
         .unwrap_or_default();
-    parse_os_release(&text)
+    parse_key_values(&text)
 }
 
 /// The hostname of the target: the kernel's for the running system, `/etc/hostname` otherwise.
@@ -160,7 +162,7 @@ mod tests {
 
     #[test]
     fn os_release_quotes() {
-        let m = parse_os_release("NAME=\"Debian GNU/Linux\"\nID=debian\n# c\nVERSION_ID='12'\n");
+        let m = parse_key_values("NAME=\"Debian GNU/Linux\"\nID=debian\n# c\nVERSION_ID='12'\n");
         assert_eq!(m["NAME"], "Debian GNU/Linux");
         assert_eq!(m["ID"], "debian");
         assert_eq!(m["VERSION_ID"], "12");

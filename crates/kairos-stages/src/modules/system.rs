@@ -177,22 +177,9 @@ pub fn timesyncd(ctx: &Ctx, kv: &BTreeMap<String, Text>) -> Result<(), String> {
 }
 
 fn parse_dotenv(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let l = l.strip_prefix("export ").unwrap_or(l);
-            if l.starts_with('#') {
-                return None;
-            }
-            let (k, v) = l.split_once('=')?;
-            let v = v.trim();
-            let v = v
-                .strip_prefix('"')
-                .and_then(|x| x.strip_suffix('"'))
-                .or_else(|| v.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')))
-                .unwrap_or(v);
-            Some((k.trim().to_string(), v.replace("\\\"", "\"")))
-        })
+    kairos_sys::sysinfo::parse_key_values(text)
+        .into_iter()
+        .map(|(k, v)| (k, v.replace("\\\"", "\"")))
         .collect()
 }
 

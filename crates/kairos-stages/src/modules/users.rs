@@ -50,6 +50,13 @@ fn password_hash(passwd: &str, lock: bool, current: Option<&str>) -> Result<Stri
         .map_err(|e| format!("hashing password: {e}"))
 }
 
+/// A shadow entry with the usual aging defaults and no password yet.
+fn new_shadow_entry(name: &str) -> Vec<String> {
+    let mut f: Vec<String> = vec![name.into(), String::new(), today().to_string()];
+    f.extend(["0", "99999", "7", "", "", ""].map(String::from));
+    f
+}
+
 fn default_shell(ctx: &Ctx) -> String {
     fs::read_to_string(ctx.path("etc/default/useradd"))
         .ok()
@@ -69,27 +76,29 @@ pub fn users(ctx: &Ctx, users: &BTreeMap<String, StepUser>) -> Result<(), String
     let mut errs = Vec::new();
     let mut homes = Vec::new();
     // BTreeMap iteration is sorted by name: uids are allocated deterministically.
-    for (key, u) in users {
-        let name = u
-            .name
-            .clone()
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| key.clone());
-        if let Err(e) = user(ctx, &mut acc, &name, u, &mut homes) {
+    let named: Vec<(String, &StepUser)> = users
+        .iter()
+        .map(|(key, u)| {
+            (
+                u.name
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| key.clone()),
+                u,
+            )
+        })
+        .collect();
+    for (name, u) in &named {
+        if let Err(e) = user(ctx, &mut acc, name, u, &mut homes) {
             errs.push(format!("user {name}: {e}"));
         }
     }
     // Supplementary groups come after every user, so user ids stay dense (1000, 1001, …)
     // and missing groups take the next free ids.
-    for (key, u) in users {
-        let name = u
-            .name
-            .clone()
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| key.clone());
+    for (name, u) in &named {
         for g in &u.groups.0 {
             acc.ensure_group(g, None);
-            acc.add_member(g, &name);
+            acc.add_member(g, name);
         }
     }
     acc.save(ctx.root)
@@ -102,14 +111,9 @@ pub fn users(ctx: &Ctx, users: &BTreeMap<String, StepUser>) -> Result<(), String
             errs.push(format!("creating home {home}: {e}"));
         }
     }
-    for (key, u) in users {
-        let name = u
-            .name
-            .clone()
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| key.clone());
+    for (name, u) in &named {
         if !u.ssh_authorized_keys.is_empty()
-            && let Err(e) = authorized_keys(ctx, &name, &u.ssh_authorized_keys)
+            && let Err(e) = authorized_keys(ctx, name, &u.ssh_authorized_keys)
         {
             errs.push(e);
         }
@@ -176,36 +180,18 @@ fn user(
             home.clone(),
             shell,
         ]);
-        let hash = password_hash(&passwd, u.lock_passwd.0, None)?;
-        acc.shadow.set(&[
-            name.into(),
-            hash,
-            today().to_string(),
-            "0".into(),
-            "99999".into(),
-            "7".into(),
-            String::new(),
-            String::new(),
-            String::new(),
-        ]);
+        let mut entry = new_shadow_entry(name);
+        entry[1] = password_hash(&passwd, u.lock_passwd.0, None)?;
+        acc.shadow.set(&entry);
         if !u.no_create_home.0 {
             homes.push((home, uid, gid));
         }
     } else if !passwd.is_empty() || u.lock_passwd.0 {
         // An existing user only gets its password updated; aging fields are kept.
-        let mut f = acc.shadow.get(name).unwrap_or_else(|| {
-            vec![
-                name.into(),
-                String::new(),
-                today().to_string(),
-                "0".into(),
-                "99999".into(),
-                "7".into(),
-                String::new(),
-                String::new(),
-                String::new(),
-            ]
-        });
+        let mut f = acc
+            .shadow
+            .get(name)
+            .unwrap_or_else(|| new_shadow_entry(name));
         let hash = password_hash(&passwd, u.lock_passwd.0, f.get(1).map(String::as_str))?;
         if f[1] != hash {
             f[1] = hash;
@@ -278,15 +264,51 @@ pub fn authorized_keys(ctx: &Ctx, user: &str, keys: &[String]) -> Result<(), Str
     }
 }
 
+/// Entity kinds (mudler/entities): kind, the field naming the entry, its file, and the fields
+/// after the name in file order ("" is a field that is always empty).
+const ENTITY_KINDS: &[(&str, &str, &str, &[&str])] = &[
+    (
+        "user",
+        "username",
+        "/etc/passwd",
+        &["password", "uid", "gid", "info", "homedir", "shell"],
+    ),
+    (
+        "group",
+        "group_name",
+        "/etc/group",
+        &["password", "gid", "users"],
+    ),
+    (
+        "shadow",
+        "username",
+        "/etc/shadow",
+        &[
+            "password",
+            "last_changed",
+            "minimum_changed",
+            "maximum_changed",
+            "warn",
+            "inactive",
+            "expire",
+            "",
+        ],
+    ),
+    (
+        "gshadow",
+        "name",
+        "/etc/gshadow",
+        &["password", "administrators", "members"],
+    ),
+];
+
 /// The passwd-style line an entity describes, and the file it belongs to.
 fn entity_line(e: &Json) -> Result<(String, &'static str, String), String> {
-    let s = |k: &str| match &e[k] {
-        Json::Null => String::new(),
-        Json::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let list = |k: &str| match &e[k] {
-        Json::Array(a) => a
+    // Scalars as text; lists (group members) comma-joined.
+    let field = |k: &str| match e.get(k) {
+        None | Some(Json::Null) => String::new(),
+        Some(Json::String(s)) => s.clone(),
+        Some(Json::Array(a)) => a
             .iter()
             .map(|v| {
                 v.as_str()
@@ -295,62 +317,20 @@ fn entity_line(e: &Json) -> Result<(String, &'static str, String), String> {
             })
             .collect::<Vec<_>>()
             .join(","),
-        _ => s(k),
+        Some(other) => other.to_string(),
     };
-    let kind = s("kind");
-    Ok(match kind.as_str() {
-        "user" => {
-            let name = s("username");
-            let line = [
-                name.clone(),
-                s("password"),
-                s("uid"),
-                s("gid"),
-                s("info"),
-                s("homedir"),
-                s("shell"),
-            ]
-            .join(":");
-            (name, "/etc/passwd", line)
-        }
-        "group" => {
-            let name = s("group_name");
-            (
-                name.clone(),
-                "/etc/group",
-                [name, s("password"), s("gid"), list("users")].join(":"),
-            )
-        }
-        "shadow" => {
-            let name = s("username");
-            let line = [
-                name.clone(),
-                s("password"),
-                s("last_changed"),
-                s("minimum_changed"),
-                s("maximum_changed"),
-                s("warn"),
-                s("inactive"),
-                s("expire"),
-                String::new(),
-            ]
-            .join(":");
-            (name, "/etc/shadow", line)
-        }
-        "gshadow" => {
-            let name = s("name");
-            (
-                name.clone(),
-                "/etc/gshadow",
-                [name, s("password"), list("administrators"), list("members")].join(":"),
-            )
-        }
-        other => {
-            return Err(format!(
-                "unknown entity kind {other:?} (expected user, group, shadow or gshadow)"
-            ));
-        }
-    })
+    let kind = field("kind");
+    let (_, name_key, path, fields) =
+        ENTITY_KINDS
+            .iter()
+            .find(|(k, ..)| *k == kind)
+            .ok_or_else(|| {
+                format!("unknown entity kind {kind:?} (expected user, group, shadow or gshadow)")
+            })?;
+    let name = field(name_key);
+    let mut parts = vec![name.clone()];
+    parts.extend(fields.iter().map(|f| field(f)));
+    Ok((name, path, parts.join(":")))
 }
 
 pub fn entity(ctx: &Ctx, e: &Entity, ensure: bool) -> Result<(), String> {
