@@ -6,6 +6,10 @@
 pub mod exec;
 pub mod fs;
 pub mod host;
+pub mod blockdev;
+pub mod kmod;
+pub mod loopdev;
+pub mod mount;
 pub mod root;
 pub mod sysinfo;
 

@@ -1,0 +1,337 @@
+//! The boot sequence, run as PID 1 of the initramfs: every step is timed into the boot
+//! timeline, and the first failure stops the boot with a summary.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use kairos_layers::Store;
+use kairos_sys::{Root, blockdev, kmod, loopdev};
+use kairos_sys::mount::{MountFlags, bind, mount, move_mount};
+
+use crate::plan::{self, Mode, Plan};
+
+pub const SYSROOT: &str = "/sysroot";
+const STORE_MNT: &str = "/run/initramfs/cos-state";
+const OVERLAY_BASE: &str = "/run/overlay";
+/// Written by kairosify: module files to load, in dependency order, one per line.
+pub const MODULE_LIST: &str = "/lib/modules/kairos-initrd.load";
+
+/// A step of the timeline.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub name: String,
+    pub ms: u128,
+    pub ok: bool,
+    pub detail: String,
+}
+
+pub struct Boot {
+    pub plan: Option<Plan>,
+    start: Instant,
+    pub steps: Vec<Step>,
+    /// Every mount made for the new root, for /etc/fstab: (spec, target, type, options).
+    pub fstab: Vec<(String, String, String, String)>,
+    debug: bool,
+}
+
+/// Prints to the console and the kernel log.
+pub fn say(msg: &str) {
+    let line = format!("kairos-immucore: {msg}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    if let Ok(mut k) = fs::OpenOptions::new().write(true).open("/dev/kmsg") {
+        let _ = k.write_all(line.as_bytes());
+    }
+}
+
+fn mkdirs(p: &str) -> Result<()> {
+    fs::create_dir_all(p).with_context(|| format!("creating {p}"))
+}
+
+fn do_mount(src: &str, target: &str, fstype: &str, flags: MountFlags, data: &str) -> Result<()> {
+    mkdirs(target)?;
+    mount(src, target, fstype, flags, data).with_context(|| format!("mounting {src} ({fstype}) on {target} [{data}]"))
+}
+
+impl Boot {
+    pub fn new() -> Boot {
+        Boot { plan: None, start: Instant::now(), steps: Vec::new(), fstab: Vec::new(), debug: false }
+    }
+
+    fn step<T>(&mut self, name: &str, f: impl FnOnce(&mut Boot) -> Result<T>) -> Result<T> {
+        let t0 = Instant::now();
+        if self.debug {
+            say(&format!("step {name}"));
+        }
+        let r = f(self);
+        let detail = match &r {
+            Ok(_) => String::new(),
+            Err(e) => format!("{e:#}"),
+        };
+        self.steps.push(Step { name: name.into(), ms: t0.elapsed().as_millis(), ok: r.is_ok(), detail });
+        r.with_context(|| format!("step {name}"))
+    }
+
+    /// Mounts the API filesystems the rest needs.
+    pub fn early_mounts(&mut self) -> Result<()> {
+        self.step("mount-api-filesystems", |_| {
+            let nodev = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+            do_mount("proc", "/proc", "proc", nodev, "")?;
+            do_mount("sysfs", "/sys", "sysfs", nodev, "")?;
+            do_mount("devtmpfs", "/dev", "devtmpfs", MountFlags::NOSUID, "mode=0755")?;
+            do_mount("tmpfs", "/run", "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, "mode=0755")?;
+            mkdirs("/run/cos")?;
+            mkdirs("/run/kairos")?;
+            Ok(())
+        })
+    }
+
+    pub fn run(&mut self) -> Result<()> {
+        let cmdline = fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
+        let plan = self.step("read-cmdline", |_| Ok(Plan::from_cmdline(&cmdline)?))?;
+        self.debug = plan.debug;
+        self.plan = Some(plan.clone());
+        say(&format!("booting deployment {} ({:?}) from {}", plan.deployment, plan.mode, plan.store_label));
+        self.step("load-modules", |_| load_modules())?;
+        let store_dev = self.step("find-store", |_| wait_for_label(&plan.store_label, plan.timeout))?;
+        self.step("mount-store", |b| {
+            do_mount(&store_dev.to_string_lossy(), STORE_MNT, "ext4", MountFlags::RDONLY, "")?;
+            b.fstab.push((format!("LABEL={}", plan.store_label), "/run/initramfs/cos-state".into(), "ext4".into(), "ro".into()));
+            Ok(())
+        })?;
+        let store = Store::new(STORE_MNT);
+        let dep = self.step("read-deployment", |_| Ok(store.read_deployment(&plan.deployment)?))?;
+        let lowers = self.step("mount-layers", |_| {
+            let mut lowers = Vec::new();
+            for (i, layer) in dep.layers.iter().enumerate() {
+                store.verify(&layer.image, plan.verify).with_context(|| format!("layer {}", layer.digest))?;
+                let img = store.root.join(&layer.image.file);
+                let dev = loopdev::attach_read_only(&img).with_context(|| format!("attaching {}", img.display()))?;
+                let mnt = format!("/run/kairos/layers/{i}");
+                do_mount(&dev.to_string_lossy(), &mnt, "erofs", MountFlags::RDONLY, "")?;
+                lowers.push(mnt);
+            }
+            if lowers.is_empty() {
+                bail!("deployment {} has no layers", dep.id);
+            }
+            lowers.reverse(); // overlayfs wants the top layer first
+            Ok(lowers)
+        })?;
+        self.step("mount-root", |_| {
+            do_mount("overlay", SYSROOT, "overlay", MountFlags::RDONLY, &format!("lowerdir={}", lowers.join(":")))
+        })?;
+        self.step("create-sentinel", |_| {
+            fs::write(Path::new("/run/cos").join(plan.mode.marker()), "1").context("writing the mode marker")
+        })?;
+        self.step("mount-oem", |b| {
+            match blockdev::find_by_label("COS_OEM") {
+                Some(dev) => {
+                    do_mount(&dev.to_string_lossy(), "/sysroot/oem", "ext4", MountFlags::empty(), "")?;
+                    b.fstab.push(("LABEL=COS_OEM".into(), "/oem".into(), "ext4".into(), "rw".into()));
+                }
+                None => say("no COS_OEM partition: continuing without /oem"),
+            }
+            Ok(())
+        })?;
+        self.step("rootfs-stage", |_| {
+            run_stage_in_initramfs("rootfs");
+            Ok(())
+        })?;
+        self.step("mount-ephemeral", |b| {
+            do_mount("tmpfs", OVERLAY_BASE, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, "size=25%,mode=0700")?;
+            b.fstab.push(("tmpfs".into(), OVERLAY_BASE.into(), "tmpfs".into(), "defaults,size=25%".into()));
+            for p in plan::rw_paths(plan.mode) {
+                let target = format!("{SYSROOT}{p}");
+                if !Path::new(&target).is_dir() {
+                    say(&format!("ephemeral path {p} does not exist in the image: skipped"));
+                    continue;
+                }
+                let base = format!("{OVERLAY_BASE}/{}/.overlay", plan::overlay_name(p));
+                mkdirs(&format!("{base}/upper"))?;
+                mkdirs(&format!("{base}/work"))?;
+                let data = format!("lowerdir={target},upperdir={base}/upper,workdir={base}/work");
+                do_mount("overlay", &target, "overlay", MountFlags::empty(), &data)?;
+                b.fstab.push(("overlay".into(), p.to_string(), "overlay".into(), format!("defaults,{data}")));
+            }
+            Ok(())
+        })?;
+        if plan.mode != Mode::Recovery {
+            self.step("mount-persistent", |b| mount_persistent(b))?;
+        }
+        self.step("write-fstab", |b| {
+            let mut text = String::from("# Written by kairos-immucore at boot.\n");
+            for (spec, target, fstype, opts) in &b.fstab {
+                text.push_str(&format!("{spec} {target} {fstype} {opts} 0 0\n"));
+            }
+            fs::write(format!("{SYSROOT}/etc/fstab"), text).context("writing /etc/fstab")
+        })?;
+        self.step("initramfs-stage", |_| {
+            run_stage_chrooted("initramfs");
+            Ok(())
+        })?;
+        self.write_timeline();
+        Ok(())
+    }
+
+    /// JSON timeline at /run/kairos/boot-timeline.json (moved into the new root with /run).
+    pub fn write_timeline(&self) {
+        let steps: Vec<_> = self
+            .steps
+            .iter()
+            .map(|s| serde_json::json!({"step": s.name, "ms": s.ms, "ok": s.ok, "error": s.detail}))
+            .collect();
+        let v = serde_json::json!({"total_ms": self.start.elapsed().as_millis(), "steps": steps});
+        let _ = fs::write("/run/kairos/boot-timeline.json", serde_json::to_vec_pretty(&v).unwrap_or_default());
+    }
+
+    /// The failure summary: what failed, the timeline, and what to look at.
+    pub fn failure_summary(&self, err: &anyhow::Error) -> String {
+        let mut s = String::from("\n========== KAIROS BOOT FAILED ==========\n");
+        s.push_str(&format!("error: {err:#}\n\ntimeline:\n"));
+        for st in &self.steps {
+            s.push_str(&format!("  {:<22} {:>6} ms  {}\n", st.name, st.ms, if st.ok { "ok" } else { "FAILED" }));
+        }
+        if let Some(p) = &self.plan {
+            s.push_str(&format!("\ndeployment: {}  mode: {:?}  store: {}\n", p.deployment, p.mode, p.store_label));
+        }
+        s.push_str("The previous boot entry or recovery can be chosen in the boot menu.\n");
+        s.push_str("========================================\n");
+        s
+    }
+}
+
+impl Default for Boot {
+    fn default() -> Self {
+        Boot::new()
+    }
+}
+
+fn load_modules() -> Result<()> {
+    let list = match fs::read_to_string(MODULE_LIST) {
+        Ok(l) => l,
+        Err(_) => return Ok(()), // a kernel with everything built in
+    };
+    for line in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        kmod::load(Path::new(line), "").with_context(|| format!("loading {line}"))?;
+    }
+    Ok(())
+}
+
+fn wait_for_label(label: &str, timeout: u64) -> Result<PathBuf> {
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    loop {
+        if let Some(d) = blockdev::find_by_label(label) {
+            return Ok(d);
+        }
+        if Instant::now() > deadline {
+            let seen: Vec<String> = blockdev::devices()
+                .iter()
+                .map(|d| format!("{} ({})", d.display(), blockdev::label_of(d).unwrap_or_else(|| "no label".into())))
+                .collect();
+            return Err(anyhow!(
+                "no filesystem labelled {label} after {timeout}s; block devices: {}",
+                if seen.is_empty() { "none".into() } else { seen.join(", ") }
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn mount_persistent(b: &mut Boot) -> Result<()> {
+    let Some(dev) = blockdev::find_by_label("COS_PERSISTENT") else {
+        say("no COS_PERSISTENT partition: persistent paths stay ephemeral");
+        return Ok(());
+    };
+    let local = format!("{SYSROOT}/usr/local");
+    do_mount(&dev.to_string_lossy(), &local, "ext4", MountFlags::empty(), "")?;
+    b.fstab.push(("LABEL=COS_PERSISTENT".into(), "/usr/local".into(), "ext4".into(), "rw".into()));
+    let state = format!("{local}/.state");
+    mkdirs(&state)?;
+    for p in plan::sorted_persistent(plan::PERSISTENT_PATHS) {
+        let target = format!("{SYSROOT}{p}");
+        if !Path::new(&target).is_dir() && fs::create_dir_all(&target).is_err() {
+            continue; // not in the image and the image is read-only there
+        }
+        let src = format!("{state}/{}", plan::bind_name(&p));
+        if !Path::new(&src).exists() {
+            // First boot: seed the persistent copy with the image's content.
+            mkdirs(&src)?;
+            copy_tree(Path::new(&target), Path::new(&src)).with_context(|| format!("seeding {src} from {p}"))?;
+        }
+        bind(&src, &target).with_context(|| format!("binding {src} on {p}"))?;
+        b.fstab.push((format!("/usr/local/.state/{}", plan::bind_name(&p)), p.clone(), "none".into(), "defaults,bind".into()));
+    }
+    Ok(())
+}
+
+/// Copies a tree keeping modes, owners, symlinks (like `cp -a`).
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        let meta = fs::symlink_metadata(e.path())?;
+        let dest = to.join(e.file_name());
+        if meta.is_symlink() {
+            symlink(fs::read_link(e.path())?, &dest)?;
+        } else if meta.is_dir() {
+            fs::create_dir_all(&dest)?;
+            copy_tree(&e.path(), &dest)?;
+            fs::set_permissions(&dest, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        } else if meta.is_file() {
+            fs::copy(e.path(), &dest)?;
+        } else {
+            continue;
+        }
+        let _ = std::os::unix::fs::lchown(&dest, Some(meta.uid()), Some(meta.gid()));
+    }
+    Ok(())
+}
+
+fn run_stage_with(root: Root, stage: &str) {
+    let fetcher = kairos_config::HttpFetcher::default();
+    let cmdline = fs::read_to_string("/proc/cmdline").ok();
+    let run = kairos_stages::runner::StageRun { root, cmdline, extra_paths: Vec::new(), fetcher: &fetcher };
+    let mut out = std::io::stderr();
+    let report = run.run(stage, &mut out);
+    if !report.ok() {
+        say(&format!("stage {stage}: {} step(s) failed (not fatal)", report.failed.len()));
+    }
+}
+
+/// `rootfs` runs in the initramfs itself, with /oem and /system pointing into the new root.
+fn run_stage_in_initramfs(stage: &str) {
+    for p in ["oem", "system"] {
+        let link = Path::new("/").join(p);
+        if !link.exists() {
+            let _ = std::os::unix::fs::symlink(format!("{SYSROOT}/{p}"), &link);
+        }
+    }
+    run_stage_with(Root::host(), stage);
+}
+
+/// `initramfs` runs against the new root (commands chrooted into it).
+fn run_stage_chrooted(stage: &str) {
+    run_stage_with(Root::new(SYSROOT), stage);
+}
+
+/// Moves the API filesystems into the new root, makes it `/`, and execs its init.
+pub fn switch_root(init: &str) -> Result<std::convert::Infallible> {
+    for m in ["/dev", "/proc", "/sys", "/run"] {
+        let target = format!("{SYSROOT}{m}");
+        let _ = fs::create_dir_all(&target);
+        move_mount(m, &target).with_context(|| format!("moving {m} into the new root"))?;
+    }
+    std::env::set_current_dir(SYSROOT).context("entering the new root")?;
+    move_mount(".", "/").context("moving the new root onto /")?;
+    rustix::process::chroot(".").context("chroot into the new root")?;
+    std::env::set_current_dir("/").context("chdir /")?;
+    let err = exec(init);
+    Err(anyhow!("executing {init}: {err}"))
+}
+
+fn exec(init: &str) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(init).arg0(init).exec()
+}

@@ -1,0 +1,160 @@
+//! What to boot, decided from the kernel cmdline alone (pure, unit-tested).
+
+/// Boot modes, with the marker file each writes under `/run/cos/` (Kairos' names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Active,
+    Passive,
+    Recovery,
+}
+
+impl Mode {
+    pub fn marker(self) -> &'static str {
+        match self {
+            Mode::Active => "active_mode",
+            Mode::Passive => "passive_mode",
+            Mode::Recovery => "recovery_mode",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub mode: Mode,
+    /// Filesystem label of the partition holding the layer store.
+    pub store_label: String,
+    pub deployment: String,
+    pub debug: bool,
+    /// Hash every layer image before use (sizes are always checked).
+    pub verify: bool,
+    /// Seconds to wait for the store's device to appear.
+    pub timeout: u64,
+    /// After a failure: reboot (the default, so boot assessment can act) or power off.
+    pub poweroff_on_failure: bool,
+    pub init: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanError(pub String);
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+/// Ephemeral paths (tmpfs upper) per mode — Kairos' shipped defaults.
+pub fn rw_paths(mode: Mode) -> &'static [&'static str] {
+    match mode {
+        Mode::Recovery => &["/etc", "/root", "/home", "/opt", "/srv", "/usr/local", "/var"],
+        _ => &["/var", "/etc", "/srv"],
+    }
+}
+
+/// Paths kept across boots on COS_PERSISTENT (not in recovery) — Kairos' shipped defaults.
+pub const PERSISTENT_PATHS: &[&str] = &[
+    "/etc/cni", "/etc/init.d", "/etc/iscsi", "/etc/k0s", "/etc/kubernetes", "/etc/modprobe.d", "/etc/pwx",
+    "/etc/rancher", "/etc/runlevels", "/etc/ssh", "/etc/ssl/certs", "/etc/sysconfig", "/etc/systemd", "/etc/zfs",
+    "/home", "/opt", "/root", "/usr/libexec", "/var/cores", "/var/lib/ca-certificates", "/var/lib/cni",
+    "/var/lib/containerd", "/var/lib/calico", "/var/lib/dbus", "/var/lib/etcd", "/var/lib/extensions",
+    "/var/lib/confexts", "/var/lib/k0s", "/var/lib/kubelet", "/var/lib/longhorn", "/var/lib/osd",
+    "/var/lib/rancher", "/var/lib/rook", "/var/lib/tailscale", "/var/lib/wicked", "/var/lib/kairos", "/var/log",
+];
+
+/// `/etc/ssh` → `etc-ssh.bind`: where a persistent path's data lives under `/usr/local/.state`.
+pub fn bind_name(path: &str) -> String {
+    format!("{}.bind", path.trim_start_matches('/').replace('/', "-"))
+}
+
+/// `/var/lib/x` → `var-lib-x`: the tmpfs directory of an ephemeral path.
+pub fn overlay_name(path: &str) -> String {
+    path.trim_start_matches('/').replace('/', "-")
+}
+
+/// Persistent paths sorted so parents are bound before children (fewer components first).
+pub fn sorted_persistent(paths: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = paths.iter().map(|s| s.to_string()).collect();
+    v.sort_by_key(|p| (p.matches('/').count(), p.rsplit('/').next().unwrap_or("").to_string()));
+    v.dedup();
+    v
+}
+
+impl Plan {
+    pub fn from_cmdline(cmdline: &str) -> Result<Plan, PlanError> {
+        let mut deployment = None;
+        let mut store = None;
+        let mut mode = None;
+        let mut plan = Plan {
+            mode: Mode::Active,
+            store_label: String::new(),
+            deployment: String::new(),
+            debug: false,
+            verify: false,
+            timeout: 30,
+            poweroff_on_failure: false,
+            init: "/sbin/init".into(),
+        };
+        for tok in kairos_config::cmdline::tokens(cmdline) {
+            let (k, v) = tok.split_once('=').unwrap_or((tok.as_str(), ""));
+            match k {
+                "kairos.deployment" => deployment = Some(v.to_string()),
+                "kairos.store" => store = Some(v.trim_start_matches("LABEL=").to_string()),
+                "kairos.mode" => {
+                    mode = Some(match v {
+                        "active" => Mode::Active,
+                        "passive" => Mode::Passive,
+                        "recovery" => Mode::Recovery,
+                        other => return Err(PlanError(format!("kairos.mode={other}: expected active, passive or recovery"))),
+                    })
+                }
+                "rd.kairos.debug" | "rd.immucore.debug" => plan.debug = true,
+                "rd.kairos.verify" => plan.verify = true,
+                "rd.kairos.poweroff_on_failure" => plan.poweroff_on_failure = true,
+                "rd.kairos.timeout" => {
+                    plan.timeout = v.parse().map_err(|_| PlanError(format!("rd.kairos.timeout={v}: expected seconds")))?
+                }
+                "init" => plan.init = v.to_string(),
+                _ => {}
+            }
+        }
+        plan.deployment = deployment.filter(|d| !d.is_empty()).ok_or_else(|| {
+            PlanError("the kernel cmdline has no kairos.deployment=<id>: the boot entry does not say what to boot".into())
+        })?;
+        plan.mode = mode.unwrap_or(match store.as_deref() {
+            Some("COS_RECOVERY") => Mode::Recovery,
+            _ => Mode::Active,
+        });
+        plan.store_label = store.unwrap_or_else(|| match plan.mode {
+            Mode::Recovery => "COS_RECOVERY".into(),
+            _ => "COS_STATE".into(),
+        });
+        Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline() {
+        let p = Plan::from_cmdline("console=ttyS0 kairos.deployment=v1 rd.immucore.debug").unwrap();
+        assert_eq!((p.mode, p.store_label.as_str(), p.deployment.as_str(), p.debug), (Mode::Active, "COS_STATE", "v1", true));
+        let p = Plan::from_cmdline("kairos.deployment=r kairos.store=LABEL=COS_RECOVERY").unwrap();
+        assert_eq!(p.mode, Mode::Recovery);
+        let p = Plan::from_cmdline("kairos.deployment=r kairos.mode=passive init=/bin/sh").unwrap();
+        assert_eq!((p.mode, p.store_label.as_str(), p.init.as_str()), (Mode::Passive, "COS_STATE", "/bin/sh"));
+        assert!(Plan::from_cmdline("quiet").unwrap_err().0.contains("kairos.deployment"));
+        assert!(Plan::from_cmdline("kairos.deployment=x kairos.mode=weird").is_err());
+    }
+
+    #[test]
+    fn names_and_order() {
+        assert_eq!(bind_name("/etc/ssh"), "etc-ssh.bind");
+        assert_eq!(overlay_name("/var/lib/x"), "var-lib-x");
+        let s = sorted_persistent(&["/var/lib/rancher", "/home", "/etc/ssh", "/var/log", "/etc"]);
+        assert_eq!(s, vec!["/etc", "/home", "/etc/ssh", "/var/log", "/var/lib/rancher"]);
+    }
+}

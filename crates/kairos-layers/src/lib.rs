@@ -1,0 +1,201 @@
+//! The OS on disk: a store of read-only layer images named by digest, and small deployment
+//! manifests that say which layers, kernel and initrd make one bootable OS version.
+//!
+//! A store directory holds `layers/sha256-<hex>.erofs` and `deployments/<id>.json`. Boot
+//! code (immucore) only reads; build and upgrade code writes through [`Store`].
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("deployment {path}: {source}")]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{what} {path}: expected {expected}, found {found}")]
+    Mismatch {
+        what: &'static str,
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+/// A file the deployment needs, with what it must hash to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob {
+    /// Path relative to the store root.
+    pub file: String,
+    pub size: u64,
+    /// sha256 (hex) of the file's bytes.
+    pub sha256: String,
+}
+
+/// One layer: the OCI digest of its uncompressed tar, and the filesystem image made from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    /// `sha256:<hex>` of the uncompressed layer tar (the OCI diff_id).
+    pub digest: String,
+    #[serde(flatten)]
+    pub image: Blob,
+}
+
+/// One bootable OS version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub id: String,
+    /// The image reference it was made from.
+    pub image: String,
+    /// Digest of the OCI manifest it was made from.
+    pub manifest_digest: String,
+    pub version: String,
+    /// RFC 3339.
+    pub created: String,
+    /// Layers in OCI order: base first.
+    pub layers: Vec<Layer>,
+    pub kernel: Option<Blob>,
+    pub initrd: Option<Blob>,
+    pub cmdline: String,
+}
+
+/// sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String, Error> {
+    let mut f = fs::File::open(path).map_err(io_err(path))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `data` to `path` atomically: temp file, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+    {
+        let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(data).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+/// A layer store rooted at a directory (a mounted STATE or RECOVERY partition, an ISO tree).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub root: PathBuf,
+}
+
+impl Store {
+    pub fn new(root: impl Into<PathBuf>) -> Store {
+        Store { root: root.into() }
+    }
+
+    /// Where the image of a layer with this diff_id lives.
+    pub fn layer_path(&self, digest: &str) -> PathBuf {
+        self.root.join(layer_file(digest))
+    }
+
+    pub fn deployment_path(&self, id: &str) -> PathBuf {
+        self.root.join("deployments").join(format!("{id}.json"))
+    }
+
+    pub fn read_deployment(&self, id: &str) -> Result<Deployment, Error> {
+        let p = self.deployment_path(id);
+        let text = fs::read(&p).map_err(io_err(&p))?;
+        serde_json::from_slice(&text).map_err(|source| Error::Manifest { path: p, source })
+    }
+
+    pub fn write_deployment(&self, d: &Deployment) -> Result<(), Error> {
+        let p = self.deployment_path(&d.id);
+        let text = serde_json::to_vec_pretty(d).map_err(|source| Error::Manifest { path: p.clone(), source })?;
+        write_atomic(&p, &text)
+    }
+
+    /// Describes a file already in the store.
+    pub fn blob(&self, rel: &str) -> Result<Blob, Error> {
+        let p = self.root.join(rel);
+        let size = fs::metadata(&p).map_err(io_err(&p))?.len();
+        Ok(Blob { file: rel.to_string(), size, sha256: sha256_file(&p)? })
+    }
+
+    /// Checks a blob: its size always, its hash when `full`.
+    pub fn verify(&self, b: &Blob, full: bool) -> Result<(), Error> {
+        let p = self.root.join(&b.file);
+        let size = fs::metadata(&p).map_err(io_err(&p))?.len();
+        if size != b.size {
+            return Err(Error::Mismatch { what: "size of", path: p, expected: b.size.to_string(), found: size.to_string() });
+        }
+        if full {
+            let h = sha256_file(&p)?;
+            if h != b.sha256 {
+                return Err(Error::Mismatch { what: "sha256 of", path: p, expected: b.sha256.clone(), found: h });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `sha256:<hex>` → `layers/sha256-<hex>.erofs`.
+pub fn layer_file(digest: &str) -> String {
+    format!("layers/{}.erofs", digest.replace(':', "-"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deployment_round_trip_and_verify() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::new(d.path());
+        let digest = "sha256:abc";
+        fs::create_dir_all(d.path().join("layers")).unwrap();
+        fs::write(store.layer_path(digest), b"image").unwrap();
+        let blob = store.blob(&layer_file(digest)).unwrap();
+        assert_eq!(blob.file, "layers/sha256-abc.erofs");
+        let dep = Deployment {
+            id: "v1".into(),
+            image: "oci:x".into(),
+            manifest_digest: "sha256:m".into(),
+            version: "1".into(),
+            created: "2026-11-25T00:00:00Z".into(),
+            layers: vec![Layer { digest: digest.into(), image: blob.clone() }],
+            kernel: None,
+            initrd: None,
+            cmdline: String::new(),
+        };
+        store.write_deployment(&dep).unwrap();
+        assert_eq!(store.read_deployment("v1").unwrap(), dep);
+        store.verify(&blob, true).unwrap();
+        fs::write(store.layer_path(digest), b"imagX").unwrap();
+        assert!(store.verify(&blob, false).is_ok());
+        let e = store.verify(&blob, true).unwrap_err().to_string();
+        assert!(e.contains("sha256 of"), "{e}");
+        assert!(store.read_deployment("missing").is_err());
+    }
+}

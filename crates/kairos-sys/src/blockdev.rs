@@ -1,0 +1,81 @@
+//! Finding block devices by filesystem label without udev or blkid: read the superblock.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// The label of the filesystem whose first 64 KiB are `head`, for ext2/3/4 and FAT.
+pub fn label_from_head(head: &[u8]) -> Option<String> {
+    let clean = |b: &[u8]| {
+        let s = String::from_utf8_lossy(b).trim_end_matches(['\0', ' ']).to_string();
+        (!s.is_empty()).then_some(s)
+    };
+    // ext: superblock at 1024, magic 0xEF53 at +0x38, volume name at +0x78.
+    if head.len() >= 1024 + 0x88 && head[1024 + 0x38..1024 + 0x3A] == [0x53, 0xEF] {
+        return clean(&head[1024 + 0x78..1024 + 0x88]);
+    }
+    // FAT32: "FAT32   " at 0x52, label at 0x47; FAT12/16: "FAT" at 0x36, label at 0x2B.
+    if head.len() >= 512 && head[510..512] == [0x55, 0xAA] {
+        if &head[0x52..0x57] == b"FAT32" {
+            return clean(&head[0x47..0x52]).filter(|l| l != "NO NAME");
+        }
+        if &head[0x36..0x39] == b"FAT" {
+            return clean(&head[0x2B..0x36]).filter(|l| l != "NO NAME");
+        }
+    }
+    None
+}
+
+pub fn label_of(dev: &Path) -> Option<String> {
+    let mut f = fs::File::open(dev).ok()?;
+    let mut head = vec![0u8; 4096];
+    f.seek(SeekFrom::Start(0)).ok()?;
+    let n = f.read(&mut head).ok()?;
+    label_from_head(&head[..n])
+}
+
+/// Every block device the kernel knows (`/sys/class/block`), as `/dev/<name>`.
+pub fn devices() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir("/sys/class/block")
+        .map(|rd| rd.flatten().map(|e| Path::new("/dev").join(e.file_name())).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The device carrying the filesystem labelled `label`, if present now.
+pub fn find_by_label(label: &str) -> Option<PathBuf> {
+    devices().into_iter().filter(|d| !d.to_string_lossy().contains("/loop")).find(|d| label_of(d).as_deref() == Some(label))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ext4_and_fat_labels() {
+        let mut h = vec![0u8; 4096];
+        h[1024 + 0x38] = 0x53;
+        h[1024 + 0x39] = 0xEF;
+        h[1024 + 0x78..1024 + 0x78 + 9].copy_from_slice(b"COS_STATE");
+        assert_eq!(label_from_head(&h).as_deref(), Some("COS_STATE"));
+        let mut f = vec![0u8; 512];
+        f[510] = 0x55;
+        f[511] = 0xAA;
+        f[0x52..0x5A].copy_from_slice(b"FAT32   ");
+        f[0x47..0x52].copy_from_slice(b"COS_GRUB   ");
+        assert_eq!(label_from_head(&f).as_deref(), Some("COS_GRUB"));
+        assert_eq!(label_from_head(&[0u8; 4096]), None);
+    }
+
+    #[test]
+    fn real_ext4_label() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("fs.img");
+        fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+        let ok = std::process::Command::new("mkfs.ext4").args(["-q", "-F", "-L", "COS_OEM"]).arg(&img).status();
+        if ok.is_ok_and(|s| s.success()) {
+            assert_eq!(label_of(&img).as_deref(), Some("COS_OEM"));
+        }
+    }
+}
