@@ -155,6 +155,6 @@ mod tests {
         assert_eq!(bind_name("/etc/ssh"), "etc-ssh.bind");
         assert_eq!(overlay_name("/var/lib/x"), "var-lib-x");
         let s = sorted_persistent(&["/var/lib/rancher", "/home", "/etc/ssh", "/var/log", "/etc"]);
-        assert_eq!(s, vec!["/etc", "/home", "/etc/ssh", "/var/log", "/var/lib/rancher"]);
+        assert_eq!(s, vec!["/etc", "/home", "/var/log", "/etc/ssh", "/var/lib/rancher"]);
     }
 }
