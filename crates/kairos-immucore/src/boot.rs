@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use kairos_layers::Store;
-use kairos_sys::{Root, blockdev, kmod, loopdev};
 use kairos_sys::mount::{MountFlags, bind, mount, move_mount};
+use kairos_sys::{Root, blockdev, kmod, loopdev};
 
 use crate::plan::{self, Mode, Plan};
 
@@ -52,12 +52,19 @@ fn mkdirs(p: &str) -> Result<()> {
 
 fn do_mount(src: &str, target: &str, fstype: &str, flags: MountFlags, data: &str) -> Result<()> {
     mkdirs(target)?;
-    mount(src, target, fstype, flags, data).with_context(|| format!("mounting {src} ({fstype}) on {target} [{data}]"))
+    mount(src, target, fstype, flags, data)
+        .with_context(|| format!("mounting {src} ({fstype}) on {target} [{data}]"))
 }
 
 impl Boot {
     pub fn new() -> Boot {
-        Boot { plan: None, start: Instant::now(), steps: Vec::new(), fstab: Vec::new(), debug: false }
+        Boot {
+            plan: None,
+            start: Instant::now(),
+            steps: Vec::new(),
+            fstab: Vec::new(),
+            debug: false,
+        }
     }
 
     fn step<T>(&mut self, name: &str, f: impl FnOnce(&mut Boot) -> Result<T>) -> Result<T> {
@@ -70,7 +77,12 @@ impl Boot {
             Ok(_) => String::new(),
             Err(e) => format!("{e:#}"),
         };
-        self.steps.push(Step { name: name.into(), ms: t0.elapsed().as_millis(), ok: r.is_ok(), detail });
+        self.steps.push(Step {
+            name: name.into(),
+            ms: t0.elapsed().as_millis(),
+            ok: r.is_ok(),
+            detail,
+        });
         r.with_context(|| format!("step {name}"))
     }
 
@@ -80,8 +92,20 @@ impl Boot {
             let nodev = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
             do_mount("proc", "/proc", "proc", nodev, "")?;
             do_mount("sysfs", "/sys", "sysfs", nodev, "")?;
-            do_mount("devtmpfs", "/dev", "devtmpfs", MountFlags::NOSUID, "mode=0755")?;
-            do_mount("tmpfs", "/run", "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, "mode=0755")?;
+            do_mount(
+                "devtmpfs",
+                "/dev",
+                "devtmpfs",
+                MountFlags::NOSUID,
+                "mode=0755",
+            )?;
+            do_mount(
+                "tmpfs",
+                "/run",
+                "tmpfs",
+                MountFlags::NOSUID | MountFlags::NODEV,
+                "mode=0755",
+            )?;
             mkdirs("/run/cos")?;
             mkdirs("/run/kairos")?;
             Ok(())
@@ -93,24 +117,52 @@ impl Boot {
         let plan = self.step("read-cmdline", |_| Ok(Plan::from_cmdline(&cmdline)?))?;
         self.debug = plan.debug;
         self.plan = Some(plan.clone());
-        say(&format!("booting deployment {} ({:?}) from {}", plan.deployment, plan.mode, plan.store_label));
+        say(&format!(
+            "booting deployment {} ({:?}) from {}",
+            plan.deployment, plan.mode, plan.store_label
+        ));
         self.step("load-modules", |_| load_modules())?;
-        let store_dev = self.step("find-store", |_| wait_for_label(&plan.store_label, plan.timeout))?;
+        let store_dev = self.step("find-store", |_| {
+            wait_for_label(&plan.store_label, plan.timeout)
+        })?;
         self.step("mount-store", |b| {
-            do_mount(&store_dev.to_string_lossy(), STORE_MNT, "ext4", MountFlags::RDONLY, "")?;
-            b.fstab.push((format!("LABEL={}", plan.store_label), "/run/initramfs/cos-state".into(), "ext4".into(), "ro".into()));
+            do_mount(
+                &store_dev.to_string_lossy(),
+                STORE_MNT,
+                "ext4",
+                MountFlags::RDONLY,
+                "",
+            )?;
+            b.fstab.push((
+                format!("LABEL={}", plan.store_label),
+                "/run/initramfs/cos-state".into(),
+                "ext4".into(),
+                "ro".into(),
+            ));
             Ok(())
         })?;
         let store = Store::new(STORE_MNT);
-        let dep = self.step("read-deployment", |_| Ok(store.read_deployment(&plan.deployment)?))?;
+        let dep = self.step("read-deployment", |_| {
+            Ok(store.read_deployment(&plan.deployment)?)
+        })?;
         let lowers = self.step("mount-layers", |_| {
             let mut lowers = Vec::new();
             for (i, layer) in dep.layers.iter().enumerate() {
-                store.verify(&layer.image, plan.verify).with_context(|| format!("layer {}", layer.digest))?;
+                store
+                    .verify(&layer.image, plan.verify)
+                    .with_context(|| format!("layer {}", layer.digest))?;
                 let img = store.root.join(&layer.image.file);
-                let dev = loopdev::attach_read_only(&img).with_context(|| format!("attaching {}", img.display()))?;
+                let dev = loopdev::attach_read_only(&img)
+                    .with_context(|| format!("attaching {}", img.display()))?;
                 let mnt = format!("/run/kairos/layers/{i}");
-                do_mount(&dev.to_string_lossy(), &mnt, "erofs", MountFlags::RDONLY, "")?;
+                do_mount(
+                    &dev.path.to_string_lossy(),
+                    &mnt,
+                    "erofs",
+                    MountFlags::RDONLY,
+                    "",
+                )?;
+                drop(dev); // the mount holds the device now
                 lowers.push(mnt);
             }
             if lowers.is_empty() {
@@ -120,16 +172,40 @@ impl Boot {
             Ok(lowers)
         })?;
         self.step("mount-root", |_| {
-            do_mount("overlay", SYSROOT, "overlay", MountFlags::RDONLY, &format!("lowerdir={}", lowers.join(":")))
+            let mut lowers = lowers.clone();
+            if lowers.len() == 1 {
+                // A read-only overlay needs two lower dirs: an empty one goes at the bottom.
+                mkdirs("/run/kairos/empty")?;
+                lowers.push("/run/kairos/empty".into());
+            }
+            do_mount(
+                "overlay",
+                SYSROOT,
+                "overlay",
+                MountFlags::RDONLY,
+                &format!("lowerdir={}", lowers.join(":")),
+            )
         })?;
         self.step("create-sentinel", |_| {
-            fs::write(Path::new("/run/cos").join(plan.mode.marker()), "1").context("writing the mode marker")
+            fs::write(Path::new("/run/cos").join(plan.mode.marker()), "1")
+                .context("writing the mode marker")
         })?;
         self.step("mount-oem", |b| {
             match blockdev::find_by_label("COS_OEM") {
                 Some(dev) => {
-                    do_mount(&dev.to_string_lossy(), "/sysroot/oem", "ext4", MountFlags::empty(), "")?;
-                    b.fstab.push(("LABEL=COS_OEM".into(), "/oem".into(), "ext4".into(), "rw".into()));
+                    do_mount(
+                        &dev.to_string_lossy(),
+                        "/sysroot/oem",
+                        "ext4",
+                        MountFlags::empty(),
+                        "",
+                    )?;
+                    b.fstab.push((
+                        "LABEL=COS_OEM".into(),
+                        "/oem".into(),
+                        "ext4".into(),
+                        "rw".into(),
+                    ));
                 }
                 None => say("no COS_OEM partition: continuing without /oem"),
             }
@@ -140,12 +216,25 @@ impl Boot {
             Ok(())
         })?;
         self.step("mount-ephemeral", |b| {
-            do_mount("tmpfs", OVERLAY_BASE, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, "size=25%,mode=0700")?;
-            b.fstab.push(("tmpfs".into(), OVERLAY_BASE.into(), "tmpfs".into(), "defaults,size=25%".into()));
+            do_mount(
+                "tmpfs",
+                OVERLAY_BASE,
+                "tmpfs",
+                MountFlags::NOSUID | MountFlags::NODEV,
+                "size=25%,mode=0700",
+            )?;
+            b.fstab.push((
+                "tmpfs".into(),
+                OVERLAY_BASE.into(),
+                "tmpfs".into(),
+                "defaults,size=25%".into(),
+            ));
             for p in plan::rw_paths(plan.mode) {
                 let target = format!("{SYSROOT}{p}");
                 if !Path::new(&target).is_dir() {
-                    say(&format!("ephemeral path {p} does not exist in the image: skipped"));
+                    say(&format!(
+                        "ephemeral path {p} does not exist in the image: skipped"
+                    ));
                     continue;
                 }
                 let base = format!("{OVERLAY_BASE}/{}/.overlay", plan::overlay_name(p));
@@ -153,12 +242,17 @@ impl Boot {
                 mkdirs(&format!("{base}/work"))?;
                 let data = format!("lowerdir={target},upperdir={base}/upper,workdir={base}/work");
                 do_mount("overlay", &target, "overlay", MountFlags::empty(), &data)?;
-                b.fstab.push(("overlay".into(), p.to_string(), "overlay".into(), format!("defaults,{data}")));
+                b.fstab.push((
+                    "overlay".into(),
+                    p.to_string(),
+                    "overlay".into(),
+                    format!("defaults,{data}"),
+                ));
             }
             Ok(())
         })?;
         if plan.mode != Mode::Recovery {
-            self.step("mount-persistent", |b| mount_persistent(b))?;
+            self.step("mount-persistent", mount_persistent)?;
         }
         self.step("write-fstab", |b| {
             let mut text = String::from("# Written by kairos-immucore at boot.\n");
@@ -183,7 +277,10 @@ impl Boot {
             .map(|s| serde_json::json!({"step": s.name, "ms": s.ms, "ok": s.ok, "error": s.detail}))
             .collect();
         let v = serde_json::json!({"total_ms": self.start.elapsed().as_millis(), "steps": steps});
-        let _ = fs::write("/run/kairos/boot-timeline.json", serde_json::to_vec_pretty(&v).unwrap_or_default());
+        let _ = fs::write(
+            "/run/kairos/boot-timeline.json",
+            serde_json::to_vec_pretty(&v).unwrap_or_default(),
+        );
     }
 
     /// The failure summary: what failed, the timeline, and what to look at.
@@ -191,10 +288,18 @@ impl Boot {
         let mut s = String::from("\n========== KAIROS BOOT FAILED ==========\n");
         s.push_str(&format!("error: {err:#}\n\ntimeline:\n"));
         for st in &self.steps {
-            s.push_str(&format!("  {:<22} {:>6} ms  {}\n", st.name, st.ms, if st.ok { "ok" } else { "FAILED" }));
+            s.push_str(&format!(
+                "  {:<22} {:>6} ms  {}\n",
+                st.name,
+                st.ms,
+                if st.ok { "ok" } else { "FAILED" }
+            ));
         }
         if let Some(p) = &self.plan {
-            s.push_str(&format!("\ndeployment: {}  mode: {:?}  store: {}\n", p.deployment, p.mode, p.store_label));
+            s.push_str(&format!(
+                "\ndeployment: {}  mode: {:?}  store: {}\n",
+                p.deployment, p.mode, p.store_label
+            ));
         }
         s.push_str("The previous boot entry or recovery can be chosen in the boot menu.\n");
         s.push_str("========================================\n");
@@ -228,11 +333,21 @@ fn wait_for_label(label: &str, timeout: u64) -> Result<PathBuf> {
         if Instant::now() > deadline {
             let seen: Vec<String> = blockdev::devices()
                 .iter()
-                .map(|d| format!("{} ({})", d.display(), blockdev::label_of(d).unwrap_or_else(|| "no label".into())))
+                .map(|d| {
+                    format!(
+                        "{} ({})",
+                        d.display(),
+                        blockdev::label_of(d).unwrap_or_else(|| "no label".into())
+                    )
+                })
                 .collect();
             return Err(anyhow!(
                 "no filesystem labelled {label} after {timeout}s; block devices: {}",
-                if seen.is_empty() { "none".into() } else { seen.join(", ") }
+                if seen.is_empty() {
+                    "none".into()
+                } else {
+                    seen.join(", ")
+                }
             ));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -245,8 +360,19 @@ fn mount_persistent(b: &mut Boot) -> Result<()> {
         return Ok(());
     };
     let local = format!("{SYSROOT}/usr/local");
-    do_mount(&dev.to_string_lossy(), &local, "ext4", MountFlags::empty(), "")?;
-    b.fstab.push(("LABEL=COS_PERSISTENT".into(), "/usr/local".into(), "ext4".into(), "rw".into()));
+    do_mount(
+        &dev.to_string_lossy(),
+        &local,
+        "ext4",
+        MountFlags::empty(),
+        "",
+    )?;
+    b.fstab.push((
+        "LABEL=COS_PERSISTENT".into(),
+        "/usr/local".into(),
+        "ext4".into(),
+        "rw".into(),
+    ));
     let state = format!("{local}/.state");
     mkdirs(&state)?;
     for p in plan::sorted_persistent(plan::PERSISTENT_PATHS) {
@@ -258,10 +384,16 @@ fn mount_persistent(b: &mut Boot) -> Result<()> {
         if !Path::new(&src).exists() {
             // First boot: seed the persistent copy with the image's content.
             mkdirs(&src)?;
-            copy_tree(Path::new(&target), Path::new(&src)).with_context(|| format!("seeding {src} from {p}"))?;
+            copy_tree(Path::new(&target), Path::new(&src))
+                .with_context(|| format!("seeding {src} from {p}"))?;
         }
         bind(&src, &target).with_context(|| format!("binding {src} on {p}"))?;
-        b.fstab.push((format!("/usr/local/.state/{}", plan::bind_name(&p)), p.clone(), "none".into(), "defaults,bind".into()));
+        b.fstab.push((
+            format!("/usr/local/.state/{}", plan::bind_name(&p)),
+            p.clone(),
+            "none".into(),
+            "defaults,bind".into(),
+        ));
     }
     Ok(())
 }
@@ -292,11 +424,19 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 fn run_stage_with(root: Root, stage: &str) {
     let fetcher = kairos_config::HttpFetcher::default();
     let cmdline = fs::read_to_string("/proc/cmdline").ok();
-    let run = kairos_stages::runner::StageRun { root, cmdline, extra_paths: Vec::new(), fetcher: &fetcher };
+    let run = kairos_stages::runner::StageRun {
+        root,
+        cmdline,
+        extra_paths: Vec::new(),
+        fetcher: &fetcher,
+    };
     let mut out = std::io::stderr();
     let report = run.run(stage, &mut out);
     if !report.ok() {
-        say(&format!("stage {stage}: {} step(s) failed (not fatal)", report.failed.len()));
+        say(&format!(
+            "stage {stage}: {} step(s) failed (not fatal)",
+            report.failed.len()
+        ));
     }
 }
 

@@ -16,7 +16,8 @@ use kairos_sys::mount::MountFlags;
 
 /// Writes the summary everywhere a person or a later boot can see it.
 pub fn report_failure(summary: &str) {
-    for console in ["/dev/console", "/dev/ttyS0", "/dev/tty1"] {
+    // /dev/console is the last console= of the cmdline; tty1 is the screen when that is serial.
+    for console in ["/dev/console", "/dev/tty1"] {
         if let Ok(mut f) = fs::OpenOptions::new().write(true).open(console) {
             let _ = f.write_all(summary.as_bytes());
         }
@@ -27,16 +28,22 @@ pub fn report_failure(summary: &str) {
     } else {
         kairos_sys::blockdev::find_by_label("COS_OEM").and_then(|dev| {
             let _ = fs::create_dir_all("/run/kairos/oem");
-            kairos_sys::mount::mount(&dev.to_string_lossy(), "/run/kairos/oem", "ext4", MountFlags::empty(), "")
-                .ok()
-                .map(|_| "/run/kairos/oem".to_string())
+            kairos_sys::mount::mount(
+                &dev.to_string_lossy(),
+                "/run/kairos/oem",
+                "ext4",
+                MountFlags::empty(),
+                "",
+            )
+            .ok()
+            .map(|_| "/run/kairos/oem".to_string())
         })
     };
     if let Some(dir) = oem_dir {
         let path = format!("{dir}/boot-failure.log");
         if fs::write(&path, summary).is_ok() {
             boot::say("failure summary saved to COS_OEM as /oem/boot-failure.log");
-            let _ = rustix::fs::sync();
+            rustix::fs::sync();
         }
     }
 }
@@ -44,8 +51,12 @@ pub fn report_failure(summary: &str) {
 /// Reboots (or powers off) after a pause long enough to read the summary.
 pub fn restart(poweroff: bool) -> ! {
     std::thread::sleep(Duration::from_secs(5));
-    let _ = rustix::fs::sync();
-    let cmd = if poweroff { rustix::system::RebootCommand::PowerOff } else { rustix::system::RebootCommand::Restart };
+    rustix::fs::sync();
+    let cmd = if poweroff {
+        rustix::system::RebootCommand::PowerOff
+    } else {
+        rustix::system::RebootCommand::Restart
+    };
     let _ = rustix::system::reboot(cmd);
     loop {
         std::thread::sleep(Duration::from_secs(3600));

@@ -15,7 +15,9 @@ fn main() {
                 }
             }
             _ => {
-                eprintln!("kairos-immucore runs as /init of the Kairos initramfs.\nUsage: kairos-immucore --plan 'KERNEL CMDLINE'   show what would be booted");
+                eprintln!(
+                    "kairos-immucore runs as /init of the Kairos initramfs.\nUsage: kairos-immucore --plan 'KERNEL CMDLINE'   show what would be booted"
+                );
                 std::process::exit(2);
             }
         }
@@ -26,7 +28,11 @@ fn main() {
     let poweroff = boot.plan.as_ref().is_some_and(|p| p.poweroff_on_failure);
     match result {
         Ok(()) => {
-            let init = boot.plan.as_ref().map(|p| p.init.clone()).unwrap_or_else(|| "/sbin/init".into());
+            let init = boot
+                .plan
+                .as_ref()
+                .map(|p| p.init.clone())
+                .unwrap_or_else(|| "/sbin/init".into());
             kairos_immucore::boot::say(&format!("switching root to /sysroot, exec {init}"));
             let Err(e) = kairos_immucore::boot::switch_root(&init);
             kairos_immucore::report_failure(&boot.failure_summary(&e));

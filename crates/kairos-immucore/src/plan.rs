@@ -48,19 +48,58 @@ impl std::error::Error for PlanError {}
 /// Ephemeral paths (tmpfs upper) per mode — Kairos' shipped defaults.
 pub fn rw_paths(mode: Mode) -> &'static [&'static str] {
     match mode {
-        Mode::Recovery => &["/etc", "/root", "/home", "/opt", "/srv", "/usr/local", "/var"],
+        Mode::Recovery => &[
+            "/etc",
+            "/root",
+            "/home",
+            "/opt",
+            "/srv",
+            "/usr/local",
+            "/var",
+        ],
         _ => &["/var", "/etc", "/srv"],
     }
 }
 
 /// Paths kept across boots on COS_PERSISTENT (not in recovery) — Kairos' shipped defaults.
 pub const PERSISTENT_PATHS: &[&str] = &[
-    "/etc/cni", "/etc/init.d", "/etc/iscsi", "/etc/k0s", "/etc/kubernetes", "/etc/modprobe.d", "/etc/pwx",
-    "/etc/rancher", "/etc/runlevels", "/etc/ssh", "/etc/ssl/certs", "/etc/sysconfig", "/etc/systemd", "/etc/zfs",
-    "/home", "/opt", "/root", "/usr/libexec", "/var/cores", "/var/lib/ca-certificates", "/var/lib/cni",
-    "/var/lib/containerd", "/var/lib/calico", "/var/lib/dbus", "/var/lib/etcd", "/var/lib/extensions",
-    "/var/lib/confexts", "/var/lib/k0s", "/var/lib/kubelet", "/var/lib/longhorn", "/var/lib/osd",
-    "/var/lib/rancher", "/var/lib/rook", "/var/lib/tailscale", "/var/lib/wicked", "/var/lib/kairos", "/var/log",
+    "/etc/cni",
+    "/etc/init.d",
+    "/etc/iscsi",
+    "/etc/k0s",
+    "/etc/kubernetes",
+    "/etc/modprobe.d",
+    "/etc/pwx",
+    "/etc/rancher",
+    "/etc/runlevels",
+    "/etc/ssh",
+    "/etc/ssl/certs",
+    "/etc/sysconfig",
+    "/etc/systemd",
+    "/etc/zfs",
+    "/home",
+    "/opt",
+    "/root",
+    "/usr/libexec",
+    "/var/cores",
+    "/var/lib/ca-certificates",
+    "/var/lib/cni",
+    "/var/lib/containerd",
+    "/var/lib/calico",
+    "/var/lib/dbus",
+    "/var/lib/etcd",
+    "/var/lib/extensions",
+    "/var/lib/confexts",
+    "/var/lib/k0s",
+    "/var/lib/kubelet",
+    "/var/lib/longhorn",
+    "/var/lib/osd",
+    "/var/lib/rancher",
+    "/var/lib/rook",
+    "/var/lib/tailscale",
+    "/var/lib/wicked",
+    "/var/lib/kairos",
+    "/var/log",
 ];
 
 /// `/etc/ssh` → `etc-ssh.bind`: where a persistent path's data lives under `/usr/local/.state`.
@@ -76,7 +115,12 @@ pub fn overlay_name(path: &str) -> String {
 /// Persistent paths sorted so parents are bound before children (fewer components first).
 pub fn sorted_persistent(paths: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = paths.iter().map(|s| s.to_string()).collect();
-    v.sort_by_key(|p| (p.matches('/').count(), p.rsplit('/').next().unwrap_or("").to_string()));
+    v.sort_by_key(|p| {
+        (
+            p.matches('/').count(),
+            p.rsplit('/').next().unwrap_or("").to_string(),
+        )
+    });
     v.dedup();
     v
 }
@@ -106,14 +150,20 @@ impl Plan {
                         "active" => Mode::Active,
                         "passive" => Mode::Passive,
                         "recovery" => Mode::Recovery,
-                        other => return Err(PlanError(format!("kairos.mode={other}: expected active, passive or recovery"))),
+                        other => {
+                            return Err(PlanError(format!(
+                                "kairos.mode={other}: expected active, passive or recovery"
+                            )));
+                        }
                     })
                 }
                 "rd.kairos.debug" | "rd.immucore.debug" => plan.debug = true,
                 "rd.kairos.verify" => plan.verify = true,
                 "rd.kairos.poweroff_on_failure" => plan.poweroff_on_failure = true,
                 "rd.kairos.timeout" => {
-                    plan.timeout = v.parse().map_err(|_| PlanError(format!("rd.kairos.timeout={v}: expected seconds")))?
+                    plan.timeout = v.parse().map_err(|_| {
+                        PlanError(format!("rd.kairos.timeout={v}: expected seconds"))
+                    })?
                 }
                 "init" => plan.init = v.to_string(),
                 _ => {}
@@ -141,12 +191,28 @@ mod tests {
     #[test]
     fn cmdline() {
         let p = Plan::from_cmdline("console=ttyS0 kairos.deployment=v1 rd.immucore.debug").unwrap();
-        assert_eq!((p.mode, p.store_label.as_str(), p.deployment.as_str(), p.debug), (Mode::Active, "COS_STATE", "v1", true));
+        assert_eq!(
+            (
+                p.mode,
+                p.store_label.as_str(),
+                p.deployment.as_str(),
+                p.debug
+            ),
+            (Mode::Active, "COS_STATE", "v1", true)
+        );
         let p = Plan::from_cmdline("kairos.deployment=r kairos.store=LABEL=COS_RECOVERY").unwrap();
         assert_eq!(p.mode, Mode::Recovery);
         let p = Plan::from_cmdline("kairos.deployment=r kairos.mode=passive init=/bin/sh").unwrap();
-        assert_eq!((p.mode, p.store_label.as_str(), p.init.as_str()), (Mode::Passive, "COS_STATE", "/bin/sh"));
-        assert!(Plan::from_cmdline("quiet").unwrap_err().0.contains("kairos.deployment"));
+        assert_eq!(
+            (p.mode, p.store_label.as_str(), p.init.as_str()),
+            (Mode::Passive, "COS_STATE", "/bin/sh")
+        );
+        assert!(
+            Plan::from_cmdline("quiet")
+                .unwrap_err()
+                .0
+                .contains("kairos.deployment")
+        );
         assert!(Plan::from_cmdline("kairos.deployment=x kairos.mode=weird").is_err());
     }
 
@@ -155,6 +221,9 @@ mod tests {
         assert_eq!(bind_name("/etc/ssh"), "etc-ssh.bind");
         assert_eq!(overlay_name("/var/lib/x"), "var-lib-x");
         let s = sorted_persistent(&["/var/lib/rancher", "/home", "/etc/ssh", "/var/log", "/etc"]);
-        assert_eq!(s, vec!["/etc", "/home", "/var/log", "/etc/ssh", "/var/lib/rancher"]);
+        assert_eq!(
+            s,
+            vec!["/etc", "/home", "/var/log", "/etc/ssh", "/var/lib/rancher"]
+        );
     }
 }

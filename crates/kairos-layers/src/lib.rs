@@ -35,7 +35,10 @@ pub enum Error {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A file the deployment needs, with what it must hash to.
@@ -94,14 +97,21 @@ pub fn sha256_file(path: &Path) -> Result<String, Error> {
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
     {
         let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
         f.write_all(data).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
     }
     fs::rename(&tmp, path).map_err(io_err(path))?;
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 /// A layer store rooted at a directory (a mounted STATE or RECOVERY partition, an ISO tree).
@@ -132,7 +142,10 @@ impl Store {
 
     pub fn write_deployment(&self, d: &Deployment) -> Result<(), Error> {
         let p = self.deployment_path(&d.id);
-        let text = serde_json::to_vec_pretty(d).map_err(|source| Error::Manifest { path: p.clone(), source })?;
+        let text = serde_json::to_vec_pretty(d).map_err(|source| Error::Manifest {
+            path: p.clone(),
+            source,
+        })?;
         write_atomic(&p, &text)
     }
 
@@ -140,7 +153,11 @@ impl Store {
     pub fn blob(&self, rel: &str) -> Result<Blob, Error> {
         let p = self.root.join(rel);
         let size = fs::metadata(&p).map_err(io_err(&p))?.len();
-        Ok(Blob { file: rel.to_string(), size, sha256: sha256_file(&p)? })
+        Ok(Blob {
+            file: rel.to_string(),
+            size,
+            sha256: sha256_file(&p)?,
+        })
     }
 
     /// Checks a blob: its size always, its hash when `full`.
@@ -148,12 +165,22 @@ impl Store {
         let p = self.root.join(&b.file);
         let size = fs::metadata(&p).map_err(io_err(&p))?.len();
         if size != b.size {
-            return Err(Error::Mismatch { what: "size of", path: p, expected: b.size.to_string(), found: size.to_string() });
+            return Err(Error::Mismatch {
+                what: "size of",
+                path: p,
+                expected: b.size.to_string(),
+                found: size.to_string(),
+            });
         }
         if full {
             let h = sha256_file(&p)?;
             if h != b.sha256 {
-                return Err(Error::Mismatch { what: "sha256 of", path: p, expected: b.sha256.clone(), found: h });
+                return Err(Error::Mismatch {
+                    what: "sha256 of",
+                    path: p,
+                    expected: b.sha256.clone(),
+                    found: h,
+                });
             }
         }
         Ok(())
@@ -184,7 +211,10 @@ mod tests {
             manifest_digest: "sha256:m".into(),
             version: "1".into(),
             created: "2026-11-25T00:00:00Z".into(),
-            layers: vec![Layer { digest: digest.into(), image: blob.clone() }],
+            layers: vec![Layer {
+                digest: digest.into(),
+                image: blob.clone(),
+            }],
             kernel: None,
             initrd: None,
             cmdline: String::new(),

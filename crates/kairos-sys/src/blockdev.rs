@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 /// The label of the filesystem whose first 64 KiB are `head`, for ext2/3/4 and FAT.
 pub fn label_from_head(head: &[u8]) -> Option<String> {
     let clean = |b: &[u8]| {
-        let s = String::from_utf8_lossy(b).trim_end_matches(['\0', ' ']).to_string();
+        let s = String::from_utf8_lossy(b)
+            .trim_end_matches(['\0', ' '])
+            .to_string();
         (!s.is_empty()).then_some(s)
     };
     // ext: superblock at 1024, magic 0xEF53 at +0x38, volume name at +0x78.
@@ -37,7 +39,11 @@ pub fn label_of(dev: &Path) -> Option<String> {
 /// Every block device the kernel knows (`/sys/class/block`), as `/dev/<name>`.
 pub fn devices() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir("/sys/class/block")
-        .map(|rd| rd.flatten().map(|e| Path::new("/dev").join(e.file_name())).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| Path::new("/dev").join(e.file_name()))
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -45,7 +51,10 @@ pub fn devices() -> Vec<PathBuf> {
 
 /// The device carrying the filesystem labelled `label`, if present now.
 pub fn find_by_label(label: &str) -> Option<PathBuf> {
-    devices().into_iter().filter(|d| !d.to_string_lossy().contains("/loop")).find(|d| label_of(d).as_deref() == Some(label))
+    devices()
+        .into_iter()
+        .filter(|d| !d.to_string_lossy().contains("/loop"))
+        .find(|d| label_of(d).as_deref() == Some(label))
 }
 
 #[cfg(test)]
@@ -73,7 +82,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("fs.img");
         fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
-        let ok = std::process::Command::new("mkfs.ext4").args(["-q", "-F", "-L", "COS_OEM"]).arg(&img).status();
+        let ok = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "COS_OEM"])
+            .arg(&img)
+            .status();
         if ok.is_ok_and(|s| s.success()) {
             assert_eq!(label_of(&img).as_deref(), Some("COS_OEM"));
         }

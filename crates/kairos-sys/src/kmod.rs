@@ -32,7 +32,8 @@ pub fn depends(ko: &[u8]) -> Vec<String> {
 /// Loads a module file into the running kernel; "already loaded" is success.
 pub fn load(path: &Path, params: &str) -> io::Result<()> {
     let f = File::open(path)?;
-    let params = CString::new(params).map_err(|_| io::Error::other("module parameters contain NUL"))?;
+    let params =
+        CString::new(params).map_err(|_| io::Error::other("module parameters contain NUL"))?;
     match rustix::system::finit_module(&f, &params, 0) {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::EXIST) => Ok(()),

@@ -35,11 +35,21 @@ struct LoopConfig {
     reserved: [u64; 8],
 }
 
+/// An attached loop device. It detaches itself when its last user goes away, so keep this
+/// value alive until the device is mounted (the mount then holds it).
+#[derive(Debug)]
+pub struct LoopDevice {
+    pub path: PathBuf,
+    _fd: File,
+}
+
 /// Attaches `image` to a free loop device, read-only, cleared when its last user closes it.
-/// Returns the device path (`/dev/loopN`).
-pub fn attach_read_only(image: &Path) -> io::Result<PathBuf> {
+pub fn attach_read_only(image: &Path) -> io::Result<LoopDevice> {
     let file = File::open(image)?;
-    let ctl = OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
+    let ctl = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")?;
     for _ in 0..8 {
         // The free index can be taken by someone else between the two calls: retry.
         #[allow(unsafe_code)]
@@ -74,9 +84,18 @@ pub fn attach_read_only(image: &Path) -> io::Result<PathBuf> {
             reserved: [0; 8],
         };
         #[allow(unsafe_code)]
-        let r = unsafe { libc::ioctl(loopf.as_raw_fd(), LOOP_CONFIGURE as _, &cfg as *const LoopConfig) };
+        let r = unsafe {
+            libc::ioctl(
+                loopf.as_raw_fd(),
+                LOOP_CONFIGURE as _,
+                &cfg as *const LoopConfig,
+            )
+        };
         if r == 0 {
-            return Ok(dev);
+            return Ok(LoopDevice {
+                path: dev,
+                _fd: loopf,
+            });
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EBUSY) {

@@ -6,9 +6,19 @@ use std::io;
 pub use rustix::mount::MountFlags;
 
 /// mount(2) with string data (`lowerdir=…`, `size=25%`); empty data means none.
-pub fn mount(src: &str, target: &str, fstype: &str, flags: MountFlags, data: &str) -> io::Result<()> {
+pub fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MountFlags,
+    data: &str,
+) -> io::Result<()> {
     let data = CString::new(data).map_err(|_| io::Error::other("mount options contain NUL"))?;
-    let data = if data.as_bytes().is_empty() { None } else { Some(data.as_c_str()) };
+    let data = if data.as_bytes().is_empty() {
+        None
+    } else {
+        Some(data.as_c_str())
+    };
     rustix::mount::mount(src, target, fstype, flags, data).map_err(io::Error::from)
 }
 

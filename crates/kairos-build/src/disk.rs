@@ -1,0 +1,493 @@
+//! An already-installed raw disk: GPT with Kairos' labels, an ESP with systemd-boot and an
+//! entry per deployment, STATE and RECOVERY each with a layer store, OEM with the user's
+//! cloud-config, and a PERSISTENT partition.
+//!
+//! Filesystems are made as image files (`mkfs.ext4 -d`, `mkfs.vfat` + `mcopy`) and copied into
+//! the disk at their offsets, so no loop device or root is needed. The disk appears at its
+//! final path only when complete.
+
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use kairos_layers::{Blob, Deployment, Layer, Store};
+
+const MIB: u64 = 1 << 20;
+
+/// An external tool and the Debian package that has it.
+pub const TOOLS: &[(&str, &str)] = &[
+    ("sfdisk", "fdisk"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("mkfs.vfat", "dosfstools"),
+    ("mcopy", "mtools"),
+    ("mmd", "mtools"),
+    ("mkfs.erofs", "erofs-utils"),
+];
+
+pub const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+
+/// Fails with the package to install when a tool is missing.
+pub fn check_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let dirs: Vec<&str> = path.split(':').chain(["/sbin", "/usr/sbin"]).collect();
+    let missing: Vec<String> = tools
+        .iter()
+        .filter(|(t, _)| !dirs.iter().any(|d| Path::new(d).join(t).exists()))
+        .map(|(t, p)| format!("{t} (Debian package {p})"))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "missing tools: {}; install them with apt-get install",
+            missing.join(", ")
+        );
+    }
+    if !Path::new(SYSTEMD_BOOT).exists() {
+        bail!("missing {SYSTEMD_BOOT}; install it with apt-get install systemd-boot-efi");
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("running {shown}"))?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(())
+}
+
+/// One partition of the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub name: &'static str,
+    pub label: &'static str,
+    pub type_guid: &'static str,
+    pub start_mib: u64,
+    pub size_mib: u64,
+}
+
+const ESP_GUID: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+const LINUX_GUID: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+
+/// Partition sizes in MiB, from the real sizes of what goes in, with headroom for one upgrade.
+pub fn plan(esp_payload: u64, os_payload: u64, oem_mib: u64, persistent_mib: u64) -> Vec<Part> {
+    let mib = |b: u64| b.div_ceil(MIB);
+    // ESP: two kernel+initrd sets (active + recovery), doubled for an upgrade, + 16 MiB slack.
+    let esp = (mib(esp_payload) * 2 + 16).max(64);
+    // STATE holds the active layers plus room for one more deployment of the same size;
+    // RECOVERY holds one deployment. ext4 overhead is ~5%.
+    let state = mib(os_payload) * 2 + mib(os_payload) / 10 + 32;
+    let recovery = mib(os_payload) + mib(os_payload) / 10 + 32;
+    let mut start = 1;
+    let mut parts = Vec::new();
+    for (name, label, type_guid, size) in [
+        ("efi", "COS_GRUB", ESP_GUID, esp),
+        ("oem", "COS_OEM", LINUX_GUID, oem_mib),
+        ("recovery", "COS_RECOVERY", LINUX_GUID, recovery),
+        ("state", "COS_STATE", LINUX_GUID, state),
+        ("persistent", "COS_PERSISTENT", LINUX_GUID, persistent_mib),
+    ] {
+        parts.push(Part {
+            name,
+            label,
+            type_guid,
+            start_mib: start,
+            size_mib: size,
+        });
+        start += size;
+    }
+    parts
+}
+
+/// The sfdisk script for a plan.
+pub fn sfdisk_script(parts: &[Part]) -> String {
+    let mut s = String::from("label: gpt\nunit: sectors\nsector-size: 512\n\n");
+    for p in parts {
+        s.push_str(&format!(
+            "start={}, size={}, type={}, name=\"{}\"\n",
+            p.start_mib * 2048,
+            p.size_mib * 2048,
+            p.type_guid,
+            p.name
+        ));
+    }
+    s
+}
+
+/// Inputs of a raw disk build.
+pub struct RawSpec<'a> {
+    pub rootfs: &'a Path,
+    pub image_ref: String,
+    pub immucore: &'a Path,
+    pub cloud_config: Option<&'a Path>,
+    /// Total disk size in MiB; `None` = just large enough (persistent grows on first boot).
+    pub size_mib: Option<u64>,
+    pub output: &'a Path,
+    /// Extra kernel cmdline for every entry (e.g. `console=ttyS0`).
+    pub cmdline: String,
+}
+
+/// What was built, for the report and the tests.
+#[derive(Debug, Clone)]
+pub struct RawReport {
+    pub parts: Vec<Part>,
+    pub disk_bytes: u64,
+    pub layer_bytes: u64,
+    pub deployment: Deployment,
+}
+
+fn mkfs_ext4(img: &Path, label: &str, size_mib: u64, content: Option<&Path>) -> Result<()> {
+    let f = fs::File::create(img).with_context(|| format!("creating {}", img.display()))?;
+    f.set_len(size_mib * MIB)?;
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F", "-L", label, "-E", "root_owner=0:0"]);
+    if let Some(d) = content {
+        cmd.arg("-d").arg(d);
+    }
+    cmd.arg(img);
+    run(&mut cmd)
+}
+
+/// Builds the layer image of a root tree.
+pub fn erofs(rootfs: &Path, out: &Path) -> Result<()> {
+    run(Command::new("mkfs.erofs")
+        .args(["-zlz4", "-T0", "--quiet"])
+        .arg(out)
+        .arg(rootfs))
+}
+
+fn copy_into(disk: &mut fs::File, img: &Path, offset: u64) -> Result<()> {
+    let mut src = fs::File::open(img).with_context(|| format!("opening {}", img.display()))?;
+    disk.seek(SeekFrom::Start(offset))?;
+    // Zero blocks are skipped so the disk file stays sparse.
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    let mut pos = offset;
+    loop {
+        let n = std::io::Read::read(&mut src, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().all(|&b| b == 0) {
+            pos += n as u64;
+            disk.seek(SeekFrom::Start(pos))?;
+        } else {
+            disk.write_all(&buf[..n])?;
+            pos += n as u64;
+        }
+    }
+    Ok(())
+}
+
+fn loader_entry(title: &str, id: &str, options: &str) -> String {
+    format!(
+        "title {title}\nlinux /kairos/{id}/vmlinuz\ninitrd /kairos/{id}/initrd\noptions {options}\n"
+    )
+}
+
+/// Builds the disk; on any error nothing is left at `spec.output`.
+pub fn build_raw(spec: &RawSpec) -> Result<RawReport> {
+    check_tools(TOOLS)?;
+    let out_dir = spec
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(out_dir)?;
+    let work = tempfile_dir(out_dir)?;
+    let result = build_in(spec, &work.0);
+    if result.is_err() {
+        let _ = fs::remove_file(work.0.join("disk.raw"));
+    }
+    result
+}
+
+/// A work directory next to the output, removed on drop.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir(parent: &Path) -> Result<WorkDir> {
+    let p = parent.join(format!(".kairos-build-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&p);
+    fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+    Ok(WorkDir(p))
+}
+
+fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
+    let kernel = crate::initrd::find_kernel(spec.rootfs)?;
+    let initrd_path = work.join("initrd");
+    crate::initrd::build(spec.rootfs, spec.immucore, &initrd_path)?;
+
+    // The layer store: one layer image made from the tree.
+    let state_dir = work.join("state");
+    fs::create_dir_all(state_dir.join("layers"))?;
+    let layer_tmp = work.join("layer.erofs");
+    erofs(spec.rootfs, &layer_tmp)?;
+    let layer_sha = kairos_layers::sha256_file(&layer_tmp)?;
+    let digest = format!("sha256:{layer_sha}");
+    let store = Store::new(&state_dir);
+    fs::rename(&layer_tmp, store.layer_path(&digest))?;
+    let layer_blob = store.blob(&kairos_layers::layer_file(&digest))?;
+    let id = format!("d-{}", &layer_sha[..12]);
+    fs::create_dir_all(state_dir.join("boot").join(&id))?;
+    fs::copy(
+        &kernel.vmlinuz,
+        state_dir.join(format!("boot/{id}/vmlinuz")),
+    )?;
+    fs::copy(&initrd_path, state_dir.join(format!("boot/{id}/initrd")))?;
+    let mk_dep = |id: &str| -> Result<Deployment> {
+        Ok(Deployment {
+            id: id.to_string(),
+            image: spec.image_ref.clone(),
+            manifest_digest: digest.clone(),
+            version: fs::read_to_string(spec.rootfs.join("etc/os-release"))
+                .ok()
+                .and_then(|t| {
+                    kairos_sys::sysinfo::parse_key_values(&t)
+                        .get("VERSION_ID")
+                        .cloned()
+                })
+                .unwrap_or_default(),
+            created: String::new(),
+            layers: vec![Layer {
+                digest: digest.clone(),
+                image: layer_blob.clone(),
+            }],
+            kernel: Some(Blob {
+                file: format!("boot/{id}/vmlinuz"),
+                ..store.blob(&format!("boot/{id}/vmlinuz"))?
+            }),
+            initrd: Some(store.blob(&format!("boot/{id}/initrd"))?),
+            cmdline: spec.cmdline.clone(),
+        })
+    };
+    let dep = mk_dep(&id)?;
+    store.write_deployment(&dep)?;
+    // RECOVERY: the same content, its own store (independent of STATE).
+    let rec_dir = work.join("recovery");
+    copy_dir(&state_dir, &rec_dir)?;
+
+    // ESP: systemd-boot as the removable-media loader, entries for active and recovery.
+    let esp_dir = work.join("esp");
+    fs::create_dir_all(esp_dir.join("EFI/BOOT"))?;
+    fs::create_dir_all(esp_dir.join("loader/entries"))?;
+    fs::create_dir_all(esp_dir.join(format!("kairos/{id}")))?;
+    fs::copy(SYSTEMD_BOOT, esp_dir.join("EFI/BOOT/BOOTX64.EFI"))?;
+    fs::copy(
+        &kernel.vmlinuz,
+        esp_dir.join(format!("kairos/{id}/vmlinuz")),
+    )?;
+    fs::copy(&initrd_path, esp_dir.join(format!("kairos/{id}/initrd")))?;
+    let opts = |extra: &str| {
+        format!("{} kairos.deployment={id} {extra}", spec.cmdline)
+            .trim()
+            .to_string()
+    };
+    fs::write(
+        esp_dir.join("loader/loader.conf"),
+        "default active.conf\ntimeout 3\nconsole-mode keep\neditor no\n",
+    )?;
+    fs::write(
+        esp_dir.join("loader/entries/active.conf"),
+        loader_entry(
+            "Kairos",
+            &id,
+            &opts("kairos.store=LABEL=COS_STATE kairos.mode=active"),
+        ),
+    )?;
+    fs::write(
+        esp_dir.join("loader/entries/recovery.conf"),
+        loader_entry(
+            "Kairos recovery",
+            &id,
+            &opts("kairos.store=LABEL=COS_RECOVERY kairos.mode=recovery"),
+        ),
+    )?;
+
+    // OEM: the user's cloud-config.
+    let oem_dir = work.join("oem");
+    fs::create_dir_all(&oem_dir)?;
+    if let Some(cc) = spec.cloud_config {
+        fs::copy(cc, oem_dir.join("90_custom.yaml"))
+            .with_context(|| format!("reading {}", cc.display()))?;
+    }
+
+    let esp_payload = dir_size(&esp_dir);
+    let os_payload = dir_size(&state_dir);
+    let mut parts = plan(esp_payload, os_payload, 64, 64);
+    let used_end = parts.last().map(|p| p.start_mib + p.size_mib).unwrap_or(1) + 1;
+    if let Some(total) = spec.size_mib {
+        if total < used_end {
+            bail!("--size {total} MiB is too small: this image needs at least {used_end} MiB");
+        }
+        if let Some(last) = parts.last_mut() {
+            last.size_mib += total - used_end;
+        }
+    }
+    let total_mib = parts.last().map(|p| p.start_mib + p.size_mib).unwrap_or(1) + 1;
+
+    // Filesystem images.
+    let esp_img = work.join("esp.img");
+    {
+        let f = fs::File::create(&esp_img)?;
+        f.set_len(parts[0].size_mib * MIB)?;
+    }
+    run(Command::new("mkfs.vfat")
+        .args(["-F", "32", "-n", "COS_GRUB"])
+        .arg(&esp_img))?;
+    for d in [
+        "EFI",
+        "EFI/BOOT",
+        "loader",
+        "loader/entries",
+        "kairos",
+        &format!("kairos/{id}"),
+    ] {
+        run(Command::new("mmd")
+            .arg("-i")
+            .arg(&esp_img)
+            .arg(format!("::/{d}")))?;
+    }
+    for f in [
+        "EFI/BOOT/BOOTX64.EFI".to_string(),
+        "loader/loader.conf".into(),
+        "loader/entries/active.conf".into(),
+        "loader/entries/recovery.conf".into(),
+        format!("kairos/{id}/vmlinuz"),
+        format!("kairos/{id}/initrd"),
+    ] {
+        run(Command::new("mcopy")
+            .arg("-i")
+            .arg(&esp_img)
+            .arg(esp_dir.join(&f))
+            .arg(format!("::/{f}")))?;
+    }
+    let imgs = [
+        esp_img,
+        fs_img(work, "oem", &parts[1], Some(&oem_dir))?,
+        fs_img(work, "recovery", &parts[2], Some(&rec_dir))?,
+        fs_img(work, "state", &parts[3], Some(&state_dir))?,
+        fs_img(work, "persistent", &parts[4], None)?,
+    ];
+
+    // Assemble: GPT first, then each filesystem at its offset.
+    let disk_tmp = work.join("disk.raw");
+    {
+        let f = fs::File::create(&disk_tmp)?;
+        f.set_len(total_mib * MIB)?;
+    }
+    let mut child = Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(&disk_tmp)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running sfdisk")?;
+    child
+        .stdin
+        .take()
+        .context("sfdisk stdin")?
+        .write_all(sfdisk_script(&parts).as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("sfdisk failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    {
+        let mut disk = fs::OpenOptions::new().write(true).open(&disk_tmp)?;
+        for (p, img) in parts.iter().zip(&imgs) {
+            copy_into(&mut disk, img, p.start_mib * MIB)?;
+        }
+        disk.sync_all()?;
+    }
+    fs::rename(&disk_tmp, spec.output)
+        .with_context(|| format!("moving the disk to {}", spec.output.display()))?;
+    Ok(RawReport {
+        parts,
+        disk_bytes: total_mib * MIB,
+        layer_bytes: layer_blob.size,
+        deployment: dep,
+    })
+}
+
+fn fs_img(work: &Path, name: &str, p: &Part, content: Option<&Path>) -> Result<PathBuf> {
+    let img = work.join(format!("{name}.img"));
+    mkfs_ext4(&img, p.label, p.size_mib, content)?;
+    Ok(img)
+}
+
+fn dir_size(d: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![d.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&p) else { continue };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    run(Command::new("cp").arg("-a").arg(from).arg(to))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_is_aligned_and_ordered() {
+        let p = plan(30 * MIB, 100 * MIB, 64, 64);
+        let names: Vec<_> = p.iter().map(|x| x.label).collect();
+        assert_eq!(
+            names,
+            [
+                "COS_GRUB",
+                "COS_OEM",
+                "COS_RECOVERY",
+                "COS_STATE",
+                "COS_PERSISTENT"
+            ]
+        );
+        assert_eq!(p[0].start_mib, 1);
+        for w in p.windows(2) {
+            assert_eq!(w[0].start_mib + w[0].size_mib, w[1].start_mib);
+        }
+        assert_eq!(p[0].size_mib, 76);
+        assert_eq!(p[3].size_mib, 242);
+        let s = sfdisk_script(&p);
+        assert!(s.starts_with("label: gpt\n"));
+        assert!(
+            s.contains(
+                "start=2048, size=155648, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=\"efi\""
+            ),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn missing_tool_names_the_package() {
+        let e = check_tools(&[("no-such-tool-xyz", "some-package")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no-such-tool-xyz (Debian package some-package)"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! Building Kairos artifacts from an image tree: the initrd ([`initrd`]), layer images and
+//! installed disks ([`disk`]).
+
+pub mod cpio;
+pub mod disk;
+pub mod initrd;

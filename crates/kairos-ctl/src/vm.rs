@@ -1,0 +1,126 @@
+//! `kairosctl vm run`: QEMU with OVMF, a virtio disk and user networking.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub disk: PathBuf,
+    pub iso: Option<PathBuf>,
+    pub memory_mib: u32,
+    /// Where the writable copy of the UEFI variables lives.
+    pub vars: PathBuf,
+    pub serial_log: Option<PathBuf>,
+    /// `tcg` (default; guests under KVM hang on these machines) or `kvm`.
+    pub accel: String,
+    /// Serial console on stdio (interactive use and tests) instead of a log file only.
+    pub serial_stdio: bool,
+}
+
+/// The QEMU command line (argv after the program name).
+pub fn qemu_args(s: &VmSpec) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "-machine".into(),
+        "q35".into(),
+        "-accel".into(),
+        s.accel.clone(),
+        "-cpu".into(),
+        if s.accel == "kvm" {
+            "host".into()
+        } else {
+            "max".into()
+        },
+        "-smp".into(),
+        "2".into(),
+        "-m".into(),
+        s.memory_mib.to_string(),
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=1,file={}", s.vars.display()),
+        "-drive".into(),
+        format!(
+            "file={},if=virtio,format={}",
+            s.disk.display(),
+            if s.disk.extension().is_some_and(|e| e == "qcow2") {
+                "qcow2"
+            } else {
+                "raw"
+            }
+        ),
+        "-netdev".into(),
+        "user,id=n0".into(),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+    ];
+    if let Some(iso) = &s.iso {
+        a.extend([
+            "-drive".into(),
+            format!("file={},media=cdrom,readonly=on", iso.display()),
+        ]);
+    }
+    match (&s.serial_log, s.serial_stdio) {
+        (Some(log), true) => {
+            a.extend([
+                "-chardev".into(),
+                format!("stdio,id=s0,logfile={},signal=off", log.display()),
+            ]);
+            a.extend(["-serial".into(), "chardev:s0".into()]);
+        }
+        (Some(log), false) => a.extend(["-serial".into(), format!("file:{}", log.display())]),
+        (None, _) => a.extend(["-serial".into(), "stdio".into()]),
+    }
+    a.extend(["-monitor".into(), "none".into()]);
+    a
+}
+
+/// Checks QEMU and OVMF are installed and prepares the writable UEFI variables.
+pub fn prepare(vars: &Path) -> Result<()> {
+    if !Path::new(OVMF_CODE).exists() {
+        bail!("missing {OVMF_CODE}: install the Debian package ovmf");
+    }
+    let found = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .any(|d| Path::new(d).join("qemu-system-x86_64").exists());
+    if !found {
+        bail!("missing qemu-system-x86_64: install the Debian package qemu-system-x86");
+    }
+    std::fs::copy(OVMF_VARS, vars)
+        .with_context(|| format!("copying {OVMF_VARS} to {}", vars.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line() {
+        let s = VmSpec {
+            disk: "/d/disk.qcow2".into(),
+            iso: Some("/d/k.iso".into()),
+            memory_mib: 1024,
+            vars: "/d/vars.fd".into(),
+            serial_log: Some("/d/serial.log".into()),
+            accel: "tcg".into(),
+            serial_stdio: false,
+        };
+        let a = qemu_args(&s).join(" ");
+        assert!(a.contains("-accel tcg -cpu max"), "{a}");
+        assert!(
+            a.contains("file=/d/disk.qcow2,if=virtio,format=qcow2"),
+            "{a}"
+        );
+        assert!(a.contains("file=/d/k.iso,media=cdrom"), "{a}");
+        assert!(a.contains("-serial file:/d/serial.log"), "{a}");
+        assert!(a.contains("unit=1,file=/d/vars.fd"), "{a}");
+    }
+}
