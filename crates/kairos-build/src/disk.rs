@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use kairos_layers::{Blob, Deployment, Layer, Store};
+use kairos_layers::{Deployment, Layer, Store};
 
 const MIB: u64 = 1 << 20;
 
@@ -122,7 +122,8 @@ pub fn sfdisk_script(parts: &[Part]) -> String {
 
 /// Inputs of a raw disk build.
 pub struct RawSpec<'a> {
-    pub rootfs: &'a Path,
+    /// The image's layers as trees in overlay format, base first. The base has the kernel.
+    pub layers: Vec<PathBuf>,
     pub image_ref: String,
     pub immucore: &'a Path,
     pub cloud_config: Option<&'a Path>,
@@ -224,21 +225,41 @@ fn tempfile_dir(parent: &Path) -> Result<WorkDir> {
 }
 
 fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
-    let kernel = crate::initrd::find_kernel(spec.rootfs)?;
+    let base = spec
+        .layers
+        .first()
+        .context("an image needs at least one layer")?;
+    let kernel = crate::initrd::find_kernel(base)?;
     let initrd_path = work.join("initrd");
-    crate::initrd::build(spec.rootfs, spec.immucore, &initrd_path)?;
+    crate::initrd::build(base, spec.immucore, &initrd_path)?;
 
-    // The layer store: one layer image made from the tree.
+    // The layer store: one filesystem image per layer tree, named by its digest.
     let state_dir = work.join("state");
     fs::create_dir_all(state_dir.join("layers"))?;
-    let layer_tmp = work.join("layer.erofs");
-    erofs(spec.rootfs, &layer_tmp)?;
-    let layer_sha = kairos_layers::sha256_file(&layer_tmp)?;
-    let digest = format!("sha256:{layer_sha}");
     let store = Store::new(&state_dir);
-    fs::rename(&layer_tmp, store.layer_path(&digest))?;
-    let layer_blob = store.blob(&kairos_layers::layer_file(&digest))?;
-    let id = format!("d-{}", &layer_sha[..12]);
+    let mut layers = Vec::new();
+    for (i, tree) in spec.layers.iter().enumerate() {
+        let tmp = work.join(format!("layer{i}.erofs"));
+        erofs(tree, &tmp)?;
+        let digest = format!("sha256:{}", kairos_layers::sha256_file(&tmp)?);
+        fs::rename(&tmp, store.layer_path(&digest))?;
+        layers.push(Layer {
+            digest: digest.clone(),
+            image: store.blob(&kairos_layers::layer_file(&digest))?,
+        });
+    }
+    let layer_bytes: u64 = layers.iter().map(|l| l.image.size).sum();
+    // Without an OCI manifest, the image is identified by its ordered layer digests.
+    let image_hex = kairos_layers::sha256_hex(
+        layers
+            .iter()
+            .map(|l| l.digest.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+            .as_bytes(),
+    );
+    let digest = format!("sha256:{image_hex}");
+    let id = format!("d-{}", &image_hex[..12]);
     fs::create_dir_all(state_dir.join("boot").join(&id))?;
     fs::copy(
         &kernel.vmlinuz,
@@ -250,7 +271,7 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
             id: id.to_string(),
             image: spec.image_ref.clone(),
             manifest_digest: digest.clone(),
-            version: fs::read_to_string(spec.rootfs.join("etc/os-release"))
+            version: fs::read_to_string(base.join("etc/os-release"))
                 .ok()
                 .and_then(|t| {
                     kairos_sys::sysinfo::parse_key_values(&t)
@@ -259,14 +280,8 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
                 })
                 .unwrap_or_default(),
             created: String::new(),
-            layers: vec![Layer {
-                digest: digest.clone(),
-                image: layer_blob.clone(),
-            }],
-            kernel: Some(Blob {
-                file: format!("boot/{id}/vmlinuz"),
-                ..store.blob(&format!("boot/{id}/vmlinuz"))?
-            }),
+            layers: layers.clone(),
+            kernel: Some(store.blob(&format!("boot/{id}/vmlinuz"))?),
             initrd: Some(store.blob(&format!("boot/{id}/initrd"))?),
             cmdline: spec.cmdline.clone(),
         })
@@ -415,7 +430,7 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
     Ok(RawReport {
         parts,
         disk_bytes: total_mib * MIB,
-        layer_bytes: layer_blob.size,
+        layer_bytes,
         deployment: dep,
     })
 }

@@ -4,3 +4,4 @@
 pub mod cpio;
 pub mod disk;
 pub mod initrd;
+pub mod kairosify;

@@ -53,9 +53,12 @@ struct RawArgs {
     /// Disk size in MiB (default: just large enough; COS_PERSISTENT takes the rest)
     #[arg(long)]
     size: Option<u64>,
-    /// The kairos-immucore binary for the initrd (default: next to kairosctl)
+    /// The static kairos-immucore binary (default: next to kairosctl)
     #[arg(long, env = "KAIROS_IMMUCORE")]
     immucore: Option<PathBuf>,
+    /// The static kairos-agent binary put in the image (default: next to kairosctl)
+    #[arg(long, env = "KAIROS_AGENT")]
+    agent: Option<PathBuf>,
     /// Kernel command line added to every boot entry
     #[arg(long, default_value = "console=tty1 console=ttyS0,115200")]
     cmdline: String,
@@ -80,14 +83,18 @@ enum VmCmd {
     },
 }
 
-fn default_immucore() -> Result<PathBuf> {
+/// A companion binary: the flag's path, else the file next to kairosctl.
+fn companion(flag: Option<PathBuf>, name: &str) -> Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p);
+    }
     let exe = std::env::current_exe()?;
-    let p = exe.with_file_name("kairos-immucore");
+    let p = exe.with_file_name(name);
     if p.exists() {
         return Ok(p);
     }
     bail!(
-        "kairos-immucore not found next to {}; pass --immucore PATH (build it with scripts/build-static)",
+        "{name} not found next to {}; pass its path (scripts/build-static builds it)",
         exe.display()
     )
 }
@@ -103,10 +110,25 @@ fn build_raw(a: RawArgs) -> Result<()> {
     if !rootfs.is_dir() {
         bail!("--image {}: {dir} is not a directory", a.image);
     }
-    let immucore = match a.immucore {
-        Some(p) => p,
-        None => default_immucore()?,
-    };
+    let immucore = companion(a.immucore, "kairos-immucore")?;
+    let mut layers = vec![rootfs.to_path_buf()];
+    let work = tempdir_near(&a.output)?;
+    if !kairos_build::kairosify::is_kairosified(rootfs) {
+        let bins = kairos_build::kairosify::Binaries {
+            agent: companion(a.agent, "kairos-agent")?,
+            immucore: immucore.clone(),
+        };
+        let layer = work.join("kairos-layer");
+        std::fs::create_dir_all(&layer)?;
+        let init = kairos_build::kairosify::kairos_layer(
+            rootfs,
+            &bins,
+            env!("CARGO_PKG_VERSION"),
+            &layer,
+        )?;
+        eprintln!("kairosctl: added the Kairos layer ({init:?} init)");
+        layers.push(layer);
+    }
     let qcow = a.output.extension().is_some_and(|e| e == "qcow2");
     let raw_out = if qcow {
         a.output.with_extension("raw.tmp")
@@ -119,7 +141,7 @@ fn build_raw(a: RawArgs) -> Result<()> {
         a.image
     );
     let report = kairos_build::disk::build_raw(&kairos_build::disk::RawSpec {
-        rootfs,
+        layers,
         image_ref: a.image.clone(),
         immucore: &immucore,
         cloud_config: a.cloud_config.as_deref(),
@@ -153,6 +175,16 @@ fn build_raw(a: RawArgs) -> Result<()> {
     );
     println!("{}", a.output.display());
     Ok(())
+}
+
+fn tempdir_near(output: &Path) -> Result<PathBuf> {
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let p = dir.join(format!(".kairosctl-{}", std::process::id()));
+    std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+    Ok(p)
 }
 
 fn run() -> Result<i32> {

@@ -78,6 +78,14 @@ pub struct Deployment {
     pub cmdline: String,
 }
 
+/// sha256 of bytes, hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<String, Error> {
     let mut f = fs::File::open(path).map_err(io_err(path))?;

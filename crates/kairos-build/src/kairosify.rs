@@ -1,0 +1,292 @@
+//! The Kairos layer: what `kairosify` adds on top of a distribution image so that it boots
+//! and configures itself — the agent, immucore, service hooks for the image's init system,
+//! default configs under `/system/oem`, `/etc/kairos-release`.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+/// The init system an image uses, detected from its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitSystem {
+    Systemd,
+    OpenRc,
+    Busybox,
+}
+
+pub fn detect_init(rootfs: &Path) -> Result<InitSystem> {
+    let has = |p: &str| rootfs.join(p).exists() || fs::symlink_metadata(rootfs.join(p)).is_ok();
+    if has("lib/systemd/systemd") || has("usr/lib/systemd/systemd") {
+        Ok(InitSystem::Systemd)
+    } else if has("sbin/openrc") || has("usr/sbin/openrc") {
+        Ok(InitSystem::OpenRc)
+    } else if has("etc/inittab") && (has("bin/busybox") || has("sbin/init")) {
+        Ok(InitSystem::Busybox)
+    } else {
+        bail!(
+            "no init system found in {}: install systemd (or OpenRC), or busybox with an /etc/inittab",
+            rootfs.display()
+        )
+    }
+}
+
+/// The static binaries that go into the image.
+pub struct Binaries {
+    pub agent: PathBuf,
+    pub immucore: PathBuf,
+}
+
+const STAGES: &[(&str, &str)] = &[("fs", "sysinit"), ("boot", "sysinit"), ("network", "once")];
+
+fn write(path: &Path, text: &str, mode: u32) -> Result<()> {
+    if let Some(p) = path.parent() {
+        fs::create_dir_all(p)?;
+    }
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// systemd units that run the stages (Kairos' `cos-setup-*` names), enabled by symlink.
+fn systemd_units(layer: &Path) -> Result<()> {
+    let units = [
+        (
+            "cos-setup-fs.service",
+            "[Unit]\nDescription=Kairos fs stage\nDefaultDependencies=no\nAfter=local-fs.target\nWants=local-fs.target\nBefore=sysinit.target\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/kairos-agent run-stage fs\n\n[Install]\nWantedBy=sysinit.target\n",
+            "sysinit.target",
+        ),
+        (
+            "cos-setup-boot.service",
+            "[Unit]\nDescription=Kairos boot stage\nBefore=getty.target systemd-user-sessions.service\nAfter=cos-setup-fs.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/kairos-agent run-stage boot\n\n[Install]\nWantedBy=multi-user.target\n",
+            "multi-user.target",
+        ),
+        (
+            "cos-setup-network.service",
+            "[Unit]\nDescription=Kairos network stage\nWants=network-online.target\nAfter=network-online.target cos-setup-boot.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/kairos-agent run-stage network\n\n[Install]\nWantedBy=multi-user.target\n",
+            "multi-user.target",
+        ),
+    ];
+    for (name, text, target) in units {
+        write(
+            &layer.join("usr/lib/systemd/system").join(name),
+            text,
+            0o644,
+        )?;
+        let wants = layer.join(format!("etc/systemd/system/{target}.wants"));
+        fs::create_dir_all(&wants)?;
+        let link = wants.join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(format!("/usr/lib/systemd/system/{name}"), link)?;
+    }
+    Ok(())
+}
+
+/// OpenRC services for the stages.
+fn openrc_services(layer: &Path) -> Result<()> {
+    for (stage, _) in STAGES {
+        let need = if *stage == "network" {
+            "need net"
+        } else {
+            "need localmount"
+        };
+        let text = format!(
+            "#!/sbin/openrc-run\ndescription=\"Kairos {stage} stage\"\ndepend() {{\n    {need}\n}}\nstart() {{\n    /usr/bin/kairos-agent run-stage {stage}\n}}\n"
+        );
+        write(
+            &layer.join(format!("etc/init.d/cos-setup-{stage}")),
+            &text,
+            0o755,
+        )?;
+        let lvl = layer.join("etc/runlevels/default");
+        fs::create_dir_all(&lvl)?;
+        let link = lvl.join(format!("cos-setup-{stage}"));
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(format!("/etc/init.d/cos-setup-{stage}"), link)?;
+    }
+    Ok(())
+}
+
+/// busybox init: the stages as inittab entries after the image's own.
+fn busybox_inittab(rootfs: &Path, layer: &Path) -> Result<()> {
+    let orig = fs::read_to_string(rootfs.join("etc/inittab"))
+        .context("reading the image's /etc/inittab")?;
+    let mut sysinit = String::new();
+    let mut rest = String::new();
+    for l in orig.lines() {
+        if l.contains(":sysinit:") {
+            sysinit.push_str(l);
+            sysinit.push('\n');
+        } else {
+            rest.push_str(l);
+            rest.push('\n');
+        }
+    }
+    let mut text = sysinit;
+    for (stage, action) in STAGES {
+        text.push_str(&format!(
+            "::{action}:/usr/bin/kairos-agent run-stage {stage}\n"
+        ));
+    }
+    text.push_str(&rest);
+    write(&layer.join("etc/inittab"), &text, 0o644)
+}
+
+/// Kairos' default configs: the writable-path layout and the accounts every node has.
+const DEFAULT_CONFIGS: &[(&str, &str)] = &[(
+    "00_kairos.yaml",
+    "name: Kairos defaults\nstages:\n  initramfs:\n  - name: writable dirs\n    directories:\n    - {path: /usr/local/cloud-config, permissions: 0755}\n    - {path: /var/log, permissions: 0755}\n",
+)];
+
+/// Writes the Kairos layer for `rootfs` into `layer` (an empty directory).
+pub fn kairos_layer(
+    rootfs: &Path,
+    bins: &Binaries,
+    version: &str,
+    layer: &Path,
+) -> Result<InitSystem> {
+    let init = detect_init(rootfs)?;
+    crate::initrd::find_kernel(rootfs)?;
+    fs::create_dir_all(layer.join("usr/bin"))?;
+    for (src, name) in [
+        (&bins.agent, "kairos-agent"),
+        (&bins.immucore, "kairos-immucore"),
+    ] {
+        fs::copy(src, layer.join("usr/bin").join(name))
+            .with_context(|| format!("copying {}", src.display()))?;
+        fs::set_permissions(
+            layer.join("usr/bin").join(name),
+            fs::Permissions::from_mode(0o755),
+        )?;
+    }
+    for d in ["oem", "usr/local/cloud-config", "system/oem", "run/cos"] {
+        fs::create_dir_all(layer.join(d))?;
+    }
+    for (name, text) in DEFAULT_CONFIGS {
+        write(&layer.join("system/oem").join(name), text, 0o644)?;
+    }
+    let osr = fs::read_to_string(rootfs.join("etc/os-release")).unwrap_or_default();
+    let kv = kairos_sys::sysinfo::parse_key_values(&osr);
+    let flavor = kv.get("ID").cloned().unwrap_or_else(|| "unknown".into());
+    let init_name = match init {
+        InitSystem::Systemd => "systemd",
+        InitSystem::OpenRc => "openrc",
+        InitSystem::Busybox => "busybox",
+    };
+    write(
+        &layer.join("etc/kairos-release"),
+        &format!(
+            "KAIROS_NAME=\"kairos-{flavor}\"\nKAIROS_VERSION=\"{version}\"\nKAIROS_FLAVOR=\"{flavor}\"\nKAIROS_INIT=\"{init_name}\"\n"
+        ),
+        0o644,
+    )?;
+    match init {
+        InitSystem::Systemd => systemd_units(layer)?,
+        InitSystem::OpenRc => openrc_services(layer)?,
+        InitSystem::Busybox => busybox_inittab(rootfs, layer)?,
+    }
+    Ok(init)
+}
+
+/// True when the tree already carries the Kairos layer.
+pub fn is_kairosified(rootfs: &Path) -> bool {
+    rootfs.join("etc/kairos-release").exists() && rootfs.join("usr/bin/kairos-agent").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(init: &str) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("boot")).unwrap();
+        fs::create_dir_all(r.join("lib/modules/6.1.0-test")).unwrap();
+        fs::write(r.join("boot/vmlinuz-6.1.0-test"), "k").unwrap();
+        match init {
+            "busybox" => {
+                fs::create_dir_all(r.join("etc")).unwrap();
+                fs::create_dir_all(r.join("bin")).unwrap();
+                fs::write(r.join("bin/busybox"), "").unwrap();
+                fs::write(
+                    r.join("etc/inittab"),
+                    "::sysinit:/etc/init.d/rcS\nttyS0::respawn:/sbin/getty -L 115200 ttyS0\n",
+                )
+                .unwrap();
+            }
+            "systemd" => {
+                fs::create_dir_all(r.join("usr/lib/systemd")).unwrap();
+                fs::write(r.join("usr/lib/systemd/systemd"), "").unwrap();
+            }
+            _ => {}
+        }
+        d
+    }
+
+    fn bins(d: &Path) -> Binaries {
+        fs::write(d.join("agent"), "a").unwrap();
+        fs::write(d.join("immucore"), "i").unwrap();
+        Binaries {
+            agent: d.join("agent"),
+            immucore: d.join("immucore"),
+        }
+    }
+
+    #[test]
+    fn busybox_stages_run_after_sysinit_before_getty() {
+        let r = base("busybox");
+        let l = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        assert_eq!(
+            kairos_layer(r.path(), &bins(b.path()), "1", l.path()).unwrap(),
+            InitSystem::Busybox
+        );
+        let tab = fs::read_to_string(l.path().join("etc/inittab")).unwrap();
+        assert_eq!(
+            tab,
+            "::sysinit:/etc/init.d/rcS\n::sysinit:/usr/bin/kairos-agent run-stage fs\n::sysinit:/usr/bin/kairos-agent run-stage boot\n::once:/usr/bin/kairos-agent run-stage network\nttyS0::respawn:/sbin/getty -L 115200 ttyS0\n"
+        );
+        assert!(
+            fs::read_to_string(l.path().join("etc/kairos-release"))
+                .unwrap()
+                .contains("KAIROS_INIT=\"busybox\"")
+        );
+        assert!(l.path().join("usr/bin/kairos-agent").exists());
+    }
+
+    #[test]
+    fn systemd_units_enabled() {
+        let r = base("systemd");
+        let l = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        kairos_layer(r.path(), &bins(b.path()), "1", l.path()).unwrap();
+        let link = fs::read_link(
+            l.path()
+                .join("etc/systemd/system/multi-user.target.wants/cos-setup-boot.service"),
+        )
+        .unwrap();
+        assert_eq!(
+            link,
+            Path::new("/usr/lib/systemd/system/cos-setup-boot.service")
+        );
+    }
+
+    #[test]
+    fn refuses_images_without_kernel_or_init() {
+        let r = base("none");
+        let l = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let e = kairos_layer(r.path(), &bins(b.path()), "1", l.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no init system"), "{e}");
+        let r = tempfile::tempdir().unwrap();
+        fs::create_dir_all(r.path().join("usr/lib/systemd")).unwrap();
+        fs::write(r.path().join("usr/lib/systemd/systemd"), "").unwrap();
+        let e = kairos_layer(r.path(), &bins(b.path()), "1", l.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no kernel"), "{e}");
+    }
+}
