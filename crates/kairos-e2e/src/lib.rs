@@ -1,0 +1,215 @@
+//! Test harness for VM end-to-end tests: builds disks with the real `kairosctl`, boots them in
+//! QEMU (TCG, OVMF) and talks to the serial console.
+//!
+//! Needs `scripts/build-static` (binaries in `$KAIROS_CACHE/bin`) and
+//! `scripts/images/tiny.sh` (the tiny image tree); `scripts/test` runs both before tier 3.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub fn cache() -> PathBuf {
+    PathBuf::from(std::env::var("KAIROS_CACHE").unwrap_or_else(|_| "/var/cache/kairos-rs".into()))
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    cache().join("bin").join(name)
+}
+
+/// The tiny image tree, built by `scripts/images/tiny.sh`.
+pub fn tiny_rootfs() -> PathBuf {
+    cache().join("images/tiny/rootfs")
+}
+
+/// Runs `kairosctl build raw` for `rootfs` with `cloud_config`, writing `out`.
+pub fn build_raw(rootfs: &Path, cloud_config: &str, out: &Path) -> Result<String> {
+    let cc = out.with_extension("cloud-config.yaml");
+    std::fs::write(&cc, cloud_config)?;
+    let o = Command::new(bin("kairosctl"))
+        .args(["build", "raw", "--image"])
+        .arg(format!("dir:{}", rootfs.display()))
+        .arg("--output")
+        .arg(out)
+        .arg("--cloud-config")
+        .arg(&cc)
+        .output()
+        .context("running kairosctl (scripts/build-static builds it)")?;
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if !o.status.success() {
+        bail!("kairosctl build raw failed:\n{log}");
+    }
+    Ok(log)
+}
+
+/// A running VM with its serial console.
+pub struct Vm {
+    child: Child,
+    stdin: ChildStdin,
+    out: Arc<Mutex<String>>,
+    /// Bytes of output already consumed by `wait_for`.
+    seen: usize,
+    pub log: PathBuf,
+}
+
+impl Vm {
+    /// Boots `disk` (UEFI vars in `vars`, created from OVMF's template when missing).
+    pub fn boot(disk: &Path, vars: &Path, log: &Path) -> Result<Vm> {
+        if !vars.exists() {
+            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", vars)
+                .context("OVMF vars (Debian package ovmf)")?;
+        }
+        let mut child = Command::new("qemu-system-x86_64")
+            .args([
+                "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "768",
+            ])
+            .arg("-drive")
+            .arg("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd")
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ))
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=raw", disk.display()))
+            .args([
+                "-display",
+                "none",
+                "-no-reboot",
+                "-monitor",
+                "none",
+                "-serial",
+                "stdio",
+                "-nic",
+                "none",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+        let stdin = child.stdin.take().context("qemu stdin")?;
+        let mut stdout = child.stdout.take().context("qemu stdout")?;
+        let out = Arc::new(Mutex::new(String::new()));
+        let sink = out.clone();
+        let mut logf = std::fs::File::create(log)?;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let _ = logf.write_all(&buf[..n]);
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Ok(Vm {
+            child,
+            stdin,
+            out,
+            seen: 0,
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Waits until `needle` appears in output not yet consumed; returns the text up to it.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let out = self.out.lock().unwrap();
+                if let Some(pos) = out[self.seen..].find(needle) {
+                    let text = out[self.seen..self.seen + pos + needle.len()].to_string();
+                    self.seen += pos + needle.len();
+                    return Ok(text);
+                }
+            }
+            if Instant::now() > deadline {
+                let out = self.out.lock().unwrap();
+                let tail: String = out[self.seen..]
+                    .chars()
+                    .rev()
+                    .take(3000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                bail!("timed out after {timeout:?} waiting for {needle:?}; console tail:\n{tail}");
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                let out = self.out.lock().unwrap();
+                let tail: String = out
+                    .chars()
+                    .rev()
+                    .take(3000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                bail!("the VM exited ({st}) while waiting for {needle:?}; console tail:\n{tail}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn send(&mut self, line: &str) -> Result<()> {
+        self.stdin.write_all(line.as_bytes())?;
+        self.stdin.write_all(b"\r")?;
+        self.stdin.flush()?;
+        Ok(())
+    }
+
+    /// Logs in on the serial getty.
+    pub fn login(&mut self, user: &str, password: &str) -> Result<()> {
+        self.wait_for("login: ", Duration::from_secs(240))?;
+        self.send(user)?;
+        self.wait_for("Password: ", Duration::from_secs(30))?;
+        self.send(password)?;
+        self.wait_for("$ ", Duration::from_secs(60))
+            .or_else(|_| self.wait_for("# ", Duration::from_secs(5)))?;
+        Ok(())
+    }
+
+    /// Runs a shell command and returns its output (between unique markers).
+    pub fn sh(&mut self, cmd: &str) -> Result<String> {
+        let tag = format!("K{}", self.seen);
+        self.send(&format!("echo {tag}-B; {cmd}; echo {tag}-E$?"))?;
+        self.wait_for(&format!("{tag}-B\r\n"), Duration::from_secs(60))?;
+        let text = self.wait_for(&format!("{tag}-E"), Duration::from_secs(120))?;
+        let status = self.wait_for("\n", Duration::from_secs(10))?;
+        let body = text.trim_end_matches(&format!("{tag}-E")).replace('\r', "");
+        Ok(format!("{body}[exit {}]", status.trim()))
+    }
+
+    /// Waits for the VM to stop by itself (reboot with -no-reboot, poweroff).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("the VM did not stop within {timeout:?}")
+    }
+
+    pub fn output(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

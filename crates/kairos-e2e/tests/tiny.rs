@@ -1,0 +1,244 @@
+//! Tier 3: the `tiny` flavour (busybox init, Debian kernel) built into a raw disk by kairosctl
+//! and booted in QEMU under OVMF + systemd-boot. Run by `scripts/test` with `--ignored`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use kairos_e2e::{Vm, build_raw, tiny_rootfs};
+
+const CLOUD_CONFIG: &str = "#cloud-config
+users:
+- name: kairos
+  passwd: kairos
+- name: root
+  passwd: rootpw
+hostname: tiny-node
+write_files:
+- path: /etc/motd
+  content: \"hello from oem\\n\"
+  permissions: \"0640\"
+runcmd:
+- touch /run/boot-stage-ran
+";
+
+/// (start, size) in bytes of partition `n` (1-based) of a disk image.
+fn partition(disk: &Path, n: usize) -> (u64, u64) {
+    let out = Command::new("sfdisk")
+        .arg("--dump")
+        .arg(disk)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .filter(|l| l.contains(": start="))
+        .nth(n - 1)
+        .expect("partition");
+    let num = |key: &str| -> u64 {
+        let v = line.split(key).nth(1).unwrap().trim_start();
+        v[..v.find(',').unwrap_or(v.len())].trim().parse().unwrap()
+    };
+    (num("start=") * 512, num("size=") * 512)
+}
+
+fn check(out: &str, want: &str, what: &str) {
+    assert!(out.contains(want), "{what}: expected {want:?} in:\n{out}");
+}
+
+#[test]
+#[ignore = "VM test: run by scripts/test tier 3"]
+fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.raw");
+    let vars = work.path().join("vars.fd");
+    build_raw(&tiny_rootfs(), CLOUD_CONFIG, &disk).unwrap();
+
+    // First boot: active, overlay root, OEM config applied.
+    let mut vm = Vm::boot(&disk, &vars, &work.path().join("boot1.log")).unwrap();
+    vm.login("kairos", "kairos").unwrap();
+    check(
+        &vm.sh("id -un").unwrap(),
+        "kairos\n[exit 0]",
+        "the OEM user logs in",
+    );
+    check(
+        &vm.sh("cat /run/cos/active_mode").unwrap(),
+        "1[exit 0]",
+        "active mode marker",
+    );
+    check(
+        &vm.sh("grep ' / ' /proc/mounts").unwrap(),
+        "overlay / overlay ro",
+        "overlay root",
+    );
+    check(
+        &vm.sh("touch /usr/x").unwrap(),
+        "Read-only file system",
+        "/usr is read-only",
+    );
+    check(
+        &vm.sh("hostname").unwrap(),
+        "tiny-node\n[exit 0]",
+        "hostname from OEM",
+    );
+    check(
+        &vm.sh("stat -c '%a %s' /etc/motd").unwrap(),
+        "640 15\n[exit 0]",
+        "write_files mode and size",
+    );
+    check(
+        &vm.sh("ls /run/boot-stage-ran").unwrap(),
+        "[exit 0]",
+        "runcmd ran in the boot stage",
+    );
+    check(
+        &vm.sh("cat /run/kairos/boot-timeline.json").unwrap(),
+        "\"total_ms\"",
+        "boot timeline",
+    );
+    vm.send("exit").unwrap();
+    vm.login("root", "rootpw").unwrap();
+    vm.sh("echo eph > /etc/foo; mkdir -p /etc/ssh; echo keep > /etc/ssh/kept; echo local > /usr/local/kept; sync").unwrap();
+    vm.send("reboot").unwrap();
+    vm.wait_exit(Duration::from_secs(120)).unwrap();
+    drop(vm);
+
+    // Second boot: ephemeral /etc/foo is gone, persistent paths kept their files.
+    let mut vm = Vm::boot(&disk, &vars, &work.path().join("boot2.log")).unwrap();
+    vm.login("root", "rootpw").unwrap();
+    check(
+        &vm.sh("cat /etc/foo").unwrap(),
+        "No such file",
+        "/etc/foo is ephemeral",
+    );
+    check(
+        &vm.sh("cat /etc/ssh/kept").unwrap(),
+        "keep\n[exit 0]",
+        "/etc/ssh persists",
+    );
+    check(
+        &vm.sh("cat /usr/local/kept").unwrap(),
+        "local\n[exit 0]",
+        "/usr/local persists",
+    );
+    vm.send("poweroff").unwrap();
+    vm.wait_exit(Duration::from_secs(120)).unwrap();
+    drop(vm);
+
+    // Recovery entry: make it the default on the ESP and boot it.
+    let (esp, _) = partition(&disk, 1);
+    let conf = work.path().join("loader.conf");
+    std::fs::write(&conf, "default recovery.conf\ntimeout 0\n").unwrap();
+    let st = Command::new("mcopy")
+        .arg("-o")
+        .arg("-i")
+        .arg(format!("{}@@{esp}", disk.display()))
+        .arg(&conf)
+        .arg("::/loader/loader.conf")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut vm = Vm::boot(&disk, &vars, &work.path().join("boot3.log")).unwrap();
+    vm.login("root", "rootpw").unwrap();
+    check(
+        &vm.sh("cat /run/cos/recovery_mode").unwrap(),
+        "1[exit 0]",
+        "recovery mode marker",
+    );
+    check(&vm.sh("ls /run/cos").unwrap(), "recovery_mode", "recovery");
+}
+
+#[test]
+#[ignore = "VM test: run by scripts/test tier 3"]
+fn missing_layer_image_gives_a_failure_summary_not_a_hang() {
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.raw");
+    let vars = work.path().join("vars.fd");
+    build_raw(&tiny_rootfs(), CLOUD_CONFIG, &disk).unwrap();
+
+    // Remove the layer images from STATE (partition 4), as a failed copy would leave it.
+    let (start, size) = partition(&disk, 4);
+    let part = work.path().join("state.img");
+    let dd = |args: &[String]| {
+        assert!(
+            Command::new("dd")
+                .args(args)
+                .arg("status=none")
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    dd(&[
+        format!("if={}", disk.display()),
+        format!("of={}", part.display()),
+        "bs=1M".into(),
+        format!("skip={}", start >> 20),
+        format!("count={}", size >> 20),
+    ]);
+    let ls = Command::new("debugfs")
+        .args(["-R", "ls -p /layers"])
+        .arg(&part)
+        .output()
+        .unwrap();
+    let names: Vec<String> = String::from_utf8_lossy(&ls.stdout)
+        .lines()
+        .filter_map(|l| l.split('/').nth(5).map(str::to_string))
+        .filter(|n| n.ends_with(".erofs"))
+        .collect();
+    assert!(!names.is_empty(), "no layers found in STATE");
+    for n in &names {
+        let st = Command::new("debugfs")
+            .args(["-w", "-R", &format!("rm /layers/{n}")])
+            .arg(&part)
+            .output()
+            .unwrap();
+        assert!(st.status.success());
+    }
+    dd(&[
+        format!("if={}", part.display()),
+        format!("of={}", disk.display()),
+        "bs=1M".into(),
+        format!("seek={}", start >> 20),
+        "conv=notrunc".into(),
+    ]);
+
+    let mut vm = Vm::boot(&disk, &vars, &work.path().join("fail.log")).unwrap();
+    let text = vm
+        .wait_for("KAIROS BOOT FAILED", Duration::from_secs(240))
+        .unwrap();
+    drop(text);
+    let summary = vm
+        .wait_for(
+            "========================================",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    check(&summary, "mount-layers", "the failed step is named");
+    check(&summary, "FAILED", "timeline");
+    vm.wait_exit(Duration::from_secs(60))
+        .expect("the node reboots after a failed boot");
+    drop(vm);
+
+    // The summary was also saved on OEM (partition 2).
+    let (start, size) = partition(&disk, 2);
+    let oem = work.path().join("oem.img");
+    dd(&[
+        format!("if={}", disk.display()),
+        format!("of={}", oem.display()),
+        "bs=1M".into(),
+        format!("skip={}", start >> 20),
+        format!("count={}", size >> 20),
+    ]);
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /boot-failure.log"])
+        .arg(&oem)
+        .output()
+        .unwrap();
+    check(
+        &String::from_utf8_lossy(&cat.stdout),
+        "mount-layers",
+        "boot-failure.log on OEM",
+    );
+}
