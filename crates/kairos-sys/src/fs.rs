@@ -92,3 +92,26 @@ mod tests {
         assert!(!d.path().join(".f.kairos-tmp").exists());
     }
 }
+
+/// An overlayfs whiteout: a 0:0 character device (hides `path` in lower layers). Needs root.
+pub fn make_whiteout(path: &Path) -> io::Result<()> {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::empty(),
+        0,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Marks a directory opaque for overlayfs (lower layers' entries are hidden). Needs root.
+pub fn make_opaque(dir: &Path) -> io::Result<()> {
+    rustix::fs::setxattr(
+        dir,
+        "trusted.overlay.opaque",
+        b"y",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .map_err(io::Error::from)
+}

@@ -1,0 +1,137 @@
+//! Image archives: `docker save` tars and OCI archives (an OCI layout in a tar).
+
+use std::fs;
+use std::io;
+use std::path::Path;
+
+use crate::Error;
+use crate::image::{
+    Descriptor, LocalImage, MT_OCI_CONFIG, MT_OCI_LAYER_TAR, MT_OCI_MANIFEST, Manifest,
+};
+use crate::store::{self, put_bytes, put_verified};
+
+/// Reads an archive into the blob store `blobs` (verifying every blob) and returns the image.
+pub fn read_archive(tar_path: &Path, blobs: &Path, scratch: &Path) -> Result<LocalImage, Error> {
+    let f = fs::File::open(tar_path).map_err(|e| Error::Io {
+        path: tar_path.to_path_buf(),
+        source: e,
+    })?;
+    fs::create_dir_all(scratch).map_err(|e| Error::Io {
+        path: scratch.to_path_buf(),
+        source: e,
+    })?;
+    let mut ar = tar::Archive::new(io::BufReader::new(f));
+    ar.set_preserve_permissions(false);
+    ar.unpack(scratch)
+        .map_err(|e| Error::Format(format!("{}: not a readable tar: {e}", tar_path.display())))?;
+    if scratch.join("index.json").exists() {
+        let img = store::read_layout(scratch, None)?;
+        return copy_into(&img, blobs);
+    }
+    let mf = scratch.join("manifest.json");
+    let text = fs::read(&mf).map_err(|_| {
+        Error::Format(format!(
+            "{}: neither an OCI archive (index.json) nor a docker save tar (manifest.json)",
+            tar_path.display()
+        ))
+    })?;
+    let entries: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| Error::Format(format!("manifest.json: {e}")))?;
+    let entry = entries
+        .as_array()
+        .and_then(|a| a.first())
+        .ok_or_else(|| Error::Format("manifest.json lists no image".into()))?;
+    let config_file = entry["Config"]
+        .as_str()
+        .ok_or_else(|| Error::Format("manifest.json: no Config".into()))?;
+    let config_bytes = fs::read(scratch.join(config_file)).map_err(|e| Error::Io {
+        path: scratch.join(config_file),
+        source: e,
+    })?;
+    let config_digest = put_bytes(blobs, &config_bytes)?;
+    let mut layers = Vec::new();
+    for l in entry["Layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+    {
+        let p = scratch.join(l);
+        let hex = kairos_layers::sha256_file(&p).map_err(|e| Error::Format(e.to_string()))?;
+        let digest = format!("sha256:{hex}");
+        let mut f = fs::File::open(&p).map_err(|e| Error::Io {
+            path: p.clone(),
+            source: e,
+        })?;
+        let size = put_verified(blobs, &digest, &mut f, &mut |_| {})?;
+        layers.push(Descriptor {
+            media_type: MT_OCI_LAYER_TAR.into(),
+            digest,
+            size,
+            platform: None,
+            annotations: Default::default(),
+        });
+    }
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: Some(MT_OCI_MANIFEST.into()),
+        config: Descriptor {
+            media_type: MT_OCI_CONFIG.into(),
+            digest: config_digest,
+            size: config_bytes.len() as u64,
+            platform: None,
+            annotations: Default::default(),
+        },
+        layers,
+        annotations: Default::default(),
+    };
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Format(e.to_string()))?;
+    let digest = put_bytes(blobs, &bytes)?;
+    store::local_image(blobs, manifest, digest)
+}
+
+fn copy_into(img: &LocalImage, blobs: &Path) -> Result<LocalImage, Error> {
+    for d in img.manifest.layers.iter().chain([&img.manifest.config]) {
+        let src = img.blob_path(&d.digest);
+        let mut f = fs::File::open(&src).map_err(|e| Error::Io {
+            path: src.clone(),
+            source: e,
+        })?;
+        put_verified(blobs, &d.digest, &mut f, &mut |_| {})?;
+    }
+    let m = store::read_blob(&img.blobs, &img.manifest_digest)?;
+    put_verified(blobs, &img.manifest_digest, &mut &m[..], &mut |_| {})?;
+    store::local_image(blobs, img.manifest.clone(), img.manifest_digest.clone())
+}
+
+/// Writes an OCI archive (layout in a tar) with the image under `tag`.
+pub fn write_archive(
+    img: &LocalImage,
+    tar_path: &Path,
+    tag: &str,
+    scratch: &Path,
+) -> Result<(), Error> {
+    let layout = scratch.join("layout");
+    let _ = fs::remove_dir_all(&layout);
+    store::write_layout(img, &layout, tag)?;
+    let tmp = tar_path.with_extension("tar.partial");
+    let f = fs::File::create(&tmp).map_err(|e| Error::Io {
+        path: tmp.clone(),
+        source: e,
+    })?;
+    let mut b = tar::Builder::new(io::BufWriter::new(f));
+    b.append_dir_all(".", &layout).map_err(|e| Error::Io {
+        path: tar_path.to_path_buf(),
+        source: e,
+    })?;
+    b.into_inner()
+        .and_then(|mut w| io::Write::flush(&mut w))
+        .map_err(|e| Error::Io {
+            path: tmp.clone(),
+            source: e,
+        })?;
+    fs::rename(&tmp, tar_path).map_err(|e| Error::Io {
+        path: tar_path.to_path_buf(),
+        source: e,
+    })
+}

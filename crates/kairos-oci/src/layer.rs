@@ -1,0 +1,284 @@
+//! Layers: unpacking an OCI layer tar into a tree in overlayfs format (whiteouts as 0:0
+//! character devices, opaque directories as `trusted.overlay.opaque=y`), and packing a tree
+//! into a gzip layer with its diff_id.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use sha2::Digest;
+
+use crate::Error;
+
+const WH_PREFIX: &str = ".wh.";
+const WH_OPAQUE: &str = ".wh..wh..opq";
+
+/// Opens a layer blob, decompressing by content (gzip, zstd or plain tar).
+pub fn open_layer(path: &Path) -> Result<Box<dyn Read>, Error> {
+    let mut f = fs::File::open(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let mut magic = [0u8; 4];
+    let n = f.read(&mut magic).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let f = fs::File::open(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let r = BufReader::with_capacity(1 << 20, f);
+    Ok(match &magic[..n] {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(r)),
+        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(
+            ruzstd::decoding::StreamingDecoder::new(r)
+                .map_err(|e| Error::Format(format!("{}: zstd: {e}", path.display())))?,
+        ),
+        _ => Box::new(r),
+    })
+}
+
+fn safe_rel(p: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Unpacks a layer into `dest` (which should be empty), converting OCI whiteouts. Returns the
+/// sha256 of the uncompressed tar (the diff_id), so the caller can verify it.
+pub fn unpack(layer: &Path, dest: &Path) -> Result<String, Error> {
+    let reader = open_layer(layer)?;
+    let mut hashing = HashingReader {
+        inner: reader,
+        hash: sha2::Sha256::new(),
+    };
+    {
+        let mut ar = tar::Archive::new(&mut hashing);
+        ar.set_preserve_permissions(true);
+        ar.set_preserve_ownerships(true);
+        ar.set_preserve_mtime(true);
+        ar.set_unpack_xattrs(true);
+        ar.set_overwrite(true);
+        fs::create_dir_all(dest).map_err(|e| Error::Io {
+            path: dest.to_path_buf(),
+            source: e,
+        })?;
+        let entries = ar
+            .entries()
+            .map_err(|e| Error::Format(format!("{}: {e}", layer.display())))?;
+        for entry in entries {
+            let mut entry =
+                entry.map_err(|e| Error::Format(format!("{}: {e}", layer.display())))?;
+            let path = entry
+                .path()
+                .map_err(|e| Error::Format(e.to_string()))?
+                .into_owned();
+            let Some(rel) = safe_rel(&path) else {
+                return Err(Error::Format(format!(
+                    "{}: entry {} escapes the layer",
+                    layer.display(),
+                    path.display()
+                )));
+            };
+            let name = rel
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let parent = dest.join(rel.parent().unwrap_or(Path::new("")));
+            if name == WH_OPAQUE {
+                fs::create_dir_all(&parent).map_err(|e| Error::Io {
+                    path: parent.clone(),
+                    source: e,
+                })?;
+                kairos_sys::fs::make_opaque(&parent).map_err(|e| Error::Io {
+                    path: parent.clone(),
+                    source: e,
+                })?;
+                continue;
+            }
+            if let Some(hidden) = name.strip_prefix(WH_PREFIX) {
+                fs::create_dir_all(&parent).map_err(|e| Error::Io {
+                    path: parent.clone(),
+                    source: e,
+                })?;
+                let target = parent.join(hidden);
+                let _ = fs::remove_dir_all(&target).or_else(|_| fs::remove_file(&target));
+                kairos_sys::fs::make_whiteout(&target).map_err(|e| Error::Io {
+                    path: target.clone(),
+                    source: e,
+                })?;
+                continue;
+            }
+            entry.unpack_in(dest).map_err(|e| Error::Io {
+                path: dest.join(&rel),
+                source: e,
+            })?;
+        }
+        // Drain the tar's trailing blocks so the digest covers the whole stream.
+        io::copy(ar.into_inner(), &mut io::sink()).map_err(|e| Error::Format(e.to_string()))?;
+    }
+    Ok(format!(
+        "sha256:{}",
+        hashing
+            .hash
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ))
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hash: sha2::Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hash: sha2::Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A packed layer: gzip blob digest and size, and the uncompressed diff_id.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub digest: String,
+    pub size: u64,
+    pub diff_id: String,
+}
+
+fn hex(h: sha2::Sha256) -> String {
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Packs the trees `paths` (relative to `root`, all of it when empty) into a gzip layer
+/// stored in `blobs`.
+pub fn pack(root: &Path, paths: &[PathBuf], blobs: &Path) -> Result<Packed, Error> {
+    let tmp_dir = blobs.join("sha256");
+    fs::create_dir_all(&tmp_dir).map_err(|e| Error::Io {
+        path: tmp_dir.clone(),
+        source: e,
+    })?;
+    let tmp = tmp_dir.join(format!(".pack-{}-{}", std::process::id(), paths.len()));
+    let file = fs::File::create(&tmp).map_err(|e| Error::Io {
+        path: tmp.clone(),
+        source: e,
+    })?;
+    let outer = HashingWriter {
+        inner: io::BufWriter::new(file),
+        hash: sha2::Sha256::new(),
+        bytes: 0,
+    };
+    let gz = flate2::write::GzEncoder::new(outer, flate2::Compression::new(3));
+    let inner = HashingWriter {
+        inner: gz,
+        hash: sha2::Sha256::new(),
+        bytes: 0,
+    };
+    let mut b = tar::Builder::new(inner);
+    b.follow_symlinks(false);
+    b.mode(tar::HeaderMode::Complete);
+    let io_e = |e: io::Error| Error::Io {
+        path: root.to_path_buf(),
+        source: e,
+    };
+    let mut links = HashMap::new();
+    if paths.is_empty() {
+        let mut names: Vec<_> = fs::read_dir(root)
+            .map_err(io_e)?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            append(&mut b, root, Path::new(&n), &mut links).map_err(io_e)?;
+        }
+    } else {
+        for p in paths {
+            append(&mut b, root, p, &mut links).map_err(io_e)?;
+        }
+    }
+    let inner = b.into_inner().map_err(io_e)?;
+    let diff_id = format!("sha256:{}", hex(inner.hash));
+    let outer = inner.inner.finish().map_err(io_e)?;
+    let size = outer.bytes;
+    let digest = format!("sha256:{}", hex(outer.hash));
+    let mut w = outer.inner;
+    w.flush().map_err(io_e)?;
+    drop(w);
+    let dest = crate::image::blob_path(blobs, &digest);
+    fs::rename(&tmp, &dest).map_err(|e| Error::Io {
+        path: dest,
+        source: e,
+    })?;
+    Ok(Packed {
+        digest,
+        size,
+        diff_id,
+    })
+}
+
+/// Appends `rel` (recursively); files with several links become tar hard links to the first
+/// path seen, so hard links survive the round trip.
+fn append<W: Write>(
+    b: &mut tar::Builder<W>,
+    root: &Path,
+    rel: &Path,
+    links: &mut HashMap<(u64, u64), PathBuf>,
+) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let full = root.join(rel);
+    let meta = fs::symlink_metadata(&full)?;
+    if meta.is_dir() {
+        b.append_path_with_name(&full, rel)?;
+        let mut names: Vec<_> = fs::read_dir(&full)?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            append(b, root, &rel.join(n), links)?;
+        }
+        return Ok(());
+    }
+    if meta.is_file() && meta.nlink() > 1 {
+        let key = (meta.dev(), meta.ino());
+        if let Some(first) = links.get(&key) {
+            let mut h = tar::Header::new_gnu();
+            h.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+            h.set_entry_type(tar::EntryType::Link);
+            h.set_size(0);
+            return b.append_link(&mut h, rel, first);
+        }
+        links.insert(key, rel.to_path_buf());
+    }
+    b.append_path_with_name(&full, rel)
+}
