@@ -74,25 +74,6 @@ pub fn create_dir_all(path: &Path, mode: u32) -> io::Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn write_is_idempotent_and_sets_mode() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("f");
-        assert!(write_file(&p, b"x", 0o600).unwrap());
-        assert!(!write_file(&p, b"x", 0o600).unwrap());
-        assert!(write_file(&p, b"x", 0o644).unwrap());
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o644
-        );
-        assert!(!d.path().join(".f.kairos-tmp").exists());
-    }
-}
-
 /// An overlayfs whiteout: a 0:0 character device (hides `path` in lower layers). Needs root.
 pub fn make_whiteout(path: &Path) -> io::Result<()> {
     rustix::fs::mknodat(
@@ -114,4 +95,23 @@ pub fn make_opaque(dir: &Path) -> io::Result<()> {
         rustix::fs::XattrFlags::empty(),
     )
     .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_is_idempotent_and_sets_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        assert!(write_file(&p, b"x", 0o600).unwrap());
+        assert!(!write_file(&p, b"x", 0o600).unwrap());
+        assert!(write_file(&p, b"x", 0o644).unwrap());
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        assert!(!d.path().join(".f.kairos-tmp").exists());
+    }
 }
