@@ -124,6 +124,14 @@ pub fn sfdisk_script(parts: &[Part]) -> String {
 pub struct RawSpec<'a> {
     /// The image's layers as trees in overlay format, base first. The base has the kernel.
     pub layers: Vec<PathBuf>,
+    /// The merged view of the layers (or the base tree), where the kernel, its modules and a
+    /// kairosified `/boot/initrd` are looked up.
+    pub boot_tree: PathBuf,
+    /// Digest of the OCI manifest the layers came from (`None` for `dir:` trees).
+    pub manifest_digest: Option<String>,
+    /// diff_ids of the layers, in order (`None` for `dir:` trees: layers are then named by
+    /// the digest of their filesystem image).
+    pub diff_ids: Option<Vec<String>>,
     pub image_ref: String,
     pub immucore: &'a Path,
     pub cloud_config: Option<&'a Path>,
@@ -225,13 +233,25 @@ fn tempfile_dir(parent: &Path) -> Result<WorkDir> {
 }
 
 fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
-    let base = spec
-        .layers
-        .first()
-        .context("an image needs at least one layer")?;
+    let base = &spec.boot_tree;
+    if spec.layers.is_empty() {
+        bail!("an image needs at least one layer");
+    }
     let kernel = crate::initrd::find_kernel(base)?;
     let initrd_path = work.join("initrd");
-    crate::initrd::build(base, spec.immucore, &initrd_path)?;
+    // A kairosified image carries its initrd; otherwise make one from its modules.
+    match ["boot/initrd", "boot/kairos-initrd"]
+        .iter()
+        .map(|p| base.join(p))
+        .find(|p| p.is_file())
+    {
+        Some(p) => {
+            fs::copy(&p, &initrd_path).with_context(|| format!("copying {}", p.display()))?;
+        }
+        None => {
+            crate::initrd::build(base, spec.immucore, &initrd_path)?;
+        }
+    }
 
     // The layer store: one filesystem image per layer tree, named by its digest.
     let state_dir = work.join("state");
@@ -241,7 +261,10 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
     for (i, tree) in spec.layers.iter().enumerate() {
         let tmp = work.join(format!("layer{i}.erofs"));
         erofs(tree, &tmp)?;
-        let digest = format!("sha256:{}", kairos_layers::sha256_file(&tmp)?);
+        let digest = match &spec.diff_ids {
+            Some(ids) => ids.get(i).cloned().context("fewer diff_ids than layers")?,
+            None => format!("sha256:{}", kairos_layers::sha256_file(&tmp)?),
+        };
         fs::rename(&tmp, store.layer_path(&digest))?;
         layers.push(Layer {
             digest: digest.clone(),
@@ -258,8 +281,11 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
             .join("\n")
             .as_bytes(),
     );
-    let digest = format!("sha256:{image_hex}");
-    let id = format!("d-{}", &image_hex[..12]);
+    let digest = spec
+        .manifest_digest
+        .clone()
+        .unwrap_or_else(|| format!("sha256:{image_hex}"));
+    let id = format!("d-{}", &digest.trim_start_matches("sha256:")[..12]);
     fs::create_dir_all(state_dir.join("boot").join(&id))?;
     fs::copy(
         &kernel.vmlinuz,

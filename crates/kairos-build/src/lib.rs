@@ -3,5 +3,6 @@
 
 pub mod cpio;
 pub mod disk;
+pub mod image;
 pub mod initrd;
 pub mod kairosify;

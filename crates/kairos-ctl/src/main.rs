@@ -31,6 +31,37 @@ enum Cmd {
         #[command(subcommand)]
         command: VmCmd,
     },
+    /// Work with OCI images
+    Image {
+        #[command(subcommand)]
+        command: ImageCmd,
+    },
+    /// Make a distribution image bootable as Kairos: SRC plus one layer with kairos-agent,
+    /// kairos-immucore, /boot/initrd from the image's own modules, init hooks, default configs
+    Kairosify {
+        /// Source image (REGISTRY/NAME:TAG, oci-layout:DIR[:TAG], ocifile:TAR)
+        src: String,
+        /// Destination image (same syntax)
+        dest: String,
+        #[arg(long, env = "KAIROS_IMMUCORE")]
+        immucore: Option<PathBuf>,
+        #[arg(long, env = "KAIROS_AGENT")]
+        agent: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Make an OCI image from a root filesystem tree (e.g. made by debootstrap) or a rootfs tar
+    Import {
+        /// A directory, or a tar of a root filesystem
+        src: PathBuf,
+        /// Destination image (REGISTRY/NAME:TAG, oci-layout:DIR[:TAG], ocifile:TAR)
+        dest: String,
+        /// Top-level paths that get layers of their own, comma-separated (e.g. usr,lib)
+        #[arg(long, value_delimiter = ',')]
+        split: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,29 +130,134 @@ fn companion(flag: Option<PathBuf>, name: &str) -> Result<PathBuf> {
     )
 }
 
-fn build_raw(a: RawArgs) -> Result<()> {
-    let Some(dir) = a.image.strip_prefix("dir:") else {
-        bail!(
-            "--image {}: only dir:PATH sources are supported by this build so far (OCI sources arrive with kairosify)",
-            a.image
-        );
-    };
-    let rootfs = Path::new(dir);
-    if !rootfs.is_dir() {
-        bail!("--image {}: {dir} is not a directory", a.image);
+fn cache() -> PathBuf {
+    PathBuf::from(std::env::var("KAIROS_CACHE").unwrap_or_else(|_| "/var/cache/kairos-rs".into()))
+        .join("oci")
+}
+
+/// Prints one line per blob as it completes.
+fn progress_printer(verb: &'static str) -> impl FnMut(&str, u64, u64) {
+    let mut last = String::new();
+    move |digest: &str, done: u64, total: u64| {
+        if done >= total && digest != last {
+            eprintln!(
+                "  {verb} {} ({:.1} MiB)",
+                &digest[..digest.len().min(19)],
+                total as f64 / 1048576.0
+            );
+            last = digest.to_string();
+        }
     }
-    let immucore = companion(a.immucore, "kairos-immucore")?;
-    let mut layers = vec![rootfs.to_path_buf()];
+}
+
+fn fetch(r: &str) -> Result<kairos_oci::LocalImage> {
+    let r = kairos_oci::ImageRef::parse(r)?;
+    eprintln!("kairosctl: reading {r}");
+    Ok(kairos_oci::fetch(
+        &r,
+        &cache(),
+        &mut progress_printer("have"),
+    )?)
+}
+
+fn store(img: &kairos_oci::LocalImage, dest: &str) -> Result<()> {
+    let r = kairos_oci::ImageRef::parse(dest)?;
+    kairos_oci::store_to(img, &r, &cache(), &mut progress_printer("wrote"))?;
+    eprintln!("kairosctl: wrote {r} ({})", img.manifest_digest);
+    Ok(())
+}
+
+fn image_import(src: &Path, dest: &str, split: &[String]) -> Result<()> {
+    let blobs = cache().join("blobs");
+    let work = tempdir_near(&cache().join("x"))?;
+    let tree = if src.is_dir() {
+        src.to_path_buf()
+    } else {
+        let t = work.join("rootfs");
+        std::fs::create_dir_all(&t)?;
+        let st = Command::new("tar")
+            .args(["-xpf"])
+            .arg(src)
+            .arg("-C")
+            .arg(&t)
+            .arg("--numeric-owner")
+            .status()
+            .context("running tar")?;
+        if !st.success() {
+            bail!("{}: not a readable rootfs tar", src.display());
+        }
+        t
+    };
+    let img = kairos_oci::import_dir(&tree, &blobs, split);
+    let _ = std::fs::remove_dir_all(&work);
+    store(&img?, dest)
+}
+
+fn kairosify(
+    src: &str,
+    dest: &str,
+    immucore: Option<PathBuf>,
+    agent: Option<PathBuf>,
+) -> Result<()> {
+    let img = fetch(src)?;
+    let bins = kairos_build::kairosify::Binaries {
+        agent: companion(agent, "kairos-agent")?,
+        immucore: companion(immucore, "kairos-immucore")?,
+    };
+    let work = tempdir_near(&cache().join("x"))?;
+    let out = kairos_build::image::kairosify(
+        &img,
+        &cache().join("blobs"),
+        &bins,
+        env!("CARGO_PKG_VERSION"),
+        &work,
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    store(&out?, dest)
+}
+
+fn build_raw(a: RawArgs) -> Result<()> {
+    let immucore = companion(a.immucore.clone(), "kairos-immucore")?;
     let work = tempdir_near(&a.output)?;
-    if !kairos_build::kairosify::is_kairosified(rootfs) {
+    let result = build_raw_in(a, &immucore, &work);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn build_raw_in(a: RawArgs, immucore: &Path, work: &Path) -> Result<()> {
+    let (mut layers, boot_tree, manifest_digest, diff_ids) =
+        if let Some(dir) = a.image.strip_prefix("dir:") {
+            let rootfs = PathBuf::from(dir);
+            if !rootfs.is_dir() {
+                bail!("--image {}: {dir} is not a directory", a.image);
+            }
+            (vec![rootfs.clone()], rootfs, None, None)
+        } else {
+            let img = fetch(&a.image)?;
+            let un = kairos_build::image::unpack(&img, work)?;
+            (
+                un.layers,
+                un.merged,
+                Some(img.manifest_digest.clone()),
+                Some(img.diff_ids()),
+            )
+        };
+    if !kairos_build::kairosify::is_kairosified(&boot_tree) {
+        if manifest_digest.is_some() {
+            bail!(
+                "--image {} is not kairosified: run `kairosctl kairosify {} <dest>` first, then build from <dest>",
+                a.image,
+                a.image
+            );
+        }
         let bins = kairos_build::kairosify::Binaries {
             agent: companion(a.agent, "kairos-agent")?,
-            immucore: immucore.clone(),
+            immucore: immucore.to_path_buf(),
         };
         let layer = work.join("kairos-layer");
         std::fs::create_dir_all(&layer)?;
         let init = kairos_build::kairosify::kairos_layer(
-            rootfs,
+            &boot_tree,
             &bins,
             env!("CARGO_PKG_VERSION"),
             &layer,
@@ -142,8 +278,11 @@ fn build_raw(a: RawArgs) -> Result<()> {
     );
     let report = kairos_build::disk::build_raw(&kairos_build::disk::RawSpec {
         layers,
+        boot_tree,
+        manifest_digest,
+        diff_ids,
         image_ref: a.image.clone(),
-        immucore: &immucore,
+        immucore,
         cloud_config: a.cloud_config.as_deref(),
         size_mib: a.size,
         output: &raw_out,
@@ -192,6 +331,15 @@ fn run() -> Result<i32> {
         Cmd::Build {
             kind: BuildKind::Raw(a),
         } => build_raw(a).map(|_| 0),
+        Cmd::Image {
+            command: ImageCmd::Import { src, dest, split },
+        } => image_import(&src, &dest, &split).map(|_| 0),
+        Cmd::Kairosify {
+            src,
+            dest,
+            immucore,
+            agent,
+        } => kairosify(&src, &dest, immucore, agent).map(|_| 0),
         Cmd::Vm {
             command:
                 VmCmd::Run {
