@@ -25,13 +25,45 @@ pub fn tiny_rootfs() -> PathBuf {
     cache().join("images/tiny/rootfs")
 }
 
-/// Runs `kairosctl build raw` for `rootfs` with `cloud_config`, writing `out`.
-pub fn build_raw(rootfs: &Path, cloud_config: &str, out: &Path) -> Result<String> {
+fn kairosctl(args: &[&str]) -> Result<String> {
+    let o = Command::new(bin("kairosctl"))
+        .args(args)
+        .output()
+        .context("running kairosctl (scripts/build-static builds it)")?;
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if !o.status.success() {
+        bail!("kairosctl {} failed:\n{log}", args.join(" "));
+    }
+    Ok(log)
+}
+
+pub use kairos_oci::testing::TestRegistry as Registry;
+
+pub fn start_registry() -> Result<Registry> {
+    Ok(Registry::start()?)
+}
+
+/// The tiny image as a user has it: imported and pushed to the registry, then kairosified
+/// into another tag. Returns the kairosified reference.
+pub fn tiny_in_registry(reg: &Registry) -> Result<String> {
+    let base = format!("{}/kairos/tiny-base:v1", reg.addr);
+    let kairos = format!("{}/kairos/tiny:v1", reg.addr);
+    kairosctl(&["image", "import", &tiny_rootfs().to_string_lossy(), &base])?;
+    kairosctl(&["kairosify", &base, &kairos])?;
+    Ok(kairos)
+}
+
+/// Runs `kairosctl build raw` for `image` with `cloud_config`, writing `out`.
+pub fn build_raw(image: &str, cloud_config: &str, out: &Path) -> Result<String> {
     let cc = out.with_extension("cloud-config.yaml");
     std::fs::write(&cc, cloud_config)?;
     let o = Command::new(bin("kairosctl"))
         .args(["build", "raw", "--image"])
-        .arg(format!("dir:{}", rootfs.display()))
+        .arg(image)
         .arg("--output")
         .arg(out)
         .arg("--cloud-config")
@@ -47,6 +79,12 @@ pub fn build_raw(rootfs: &Path, cloud_config: &str, out: &Path) -> Result<String
         bail!("kairosctl build raw failed:\n{log}");
     }
     Ok(log)
+}
+
+/// The last 3000 characters of console output, for failure messages.
+fn tail(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    chars[chars.len().saturating_sub(3000)..].iter().collect()
 }
 
 /// A running VM with its serial console.
@@ -135,26 +173,12 @@ impl Vm {
             }
             if Instant::now() > deadline {
                 let out = self.out.lock().unwrap();
-                let tail: String = out[self.seen..]
-                    .chars()
-                    .rev()
-                    .take(3000)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
+                let tail = tail(&out[self.seen..]);
                 bail!("timed out after {timeout:?} waiting for {needle:?}; console tail:\n{tail}");
             }
             if let Ok(Some(st)) = self.child.try_wait() {
                 let out = self.out.lock().unwrap();
-                let tail: String = out
-                    .chars()
-                    .rev()
-                    .take(3000)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
+                let tail = tail(&out);
                 bail!("the VM exited ({st}) while waiting for {needle:?}; console tail:\n{tail}");
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kairos_e2e::{Vm, build_raw, tiny_rootfs};
+use kairos_e2e::{Vm, build_raw, start_registry, tiny_in_registry};
 
 const CLOUD_CONFIG: &str = "#cloud-config
 users:
@@ -52,7 +52,11 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("disk.raw");
     let vars = work.path().join("vars.fd");
-    build_raw(&tiny_rootfs(), CLOUD_CONFIG, &disk).unwrap();
+    // From the registry, as a user would: import → push → kairosify → build raw → boot.
+    let reg = start_registry().unwrap();
+    let image = tiny_in_registry(&reg).unwrap();
+    build_raw(&image, CLOUD_CONFIG, &disk).unwrap();
+    drop(reg);
 
     // First boot: active, overlay root, OEM config applied.
     let mut vm = Vm::boot(&disk, &vars, &work.path().join("boot1.log")).unwrap();
@@ -155,7 +159,12 @@ fn missing_layer_image_gives_a_failure_summary_not_a_hang() {
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("disk.raw");
     let vars = work.path().join("vars.fd");
-    build_raw(&tiny_rootfs(), CLOUD_CONFIG, &disk).unwrap();
+    build_raw(
+        &format!("dir:{}", kairos_e2e::tiny_rootfs().display()),
+        CLOUD_CONFIG,
+        &disk,
+    )
+    .unwrap();
 
     // Remove the layer images from STATE (partition 4), as a failed copy would leave it.
     let (start, size) = partition(&disk, 4);

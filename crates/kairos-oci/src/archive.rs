@@ -5,9 +5,7 @@ use std::io;
 use std::path::Path;
 
 use crate::Error;
-use crate::image::{
-    Descriptor, LocalImage, MT_OCI_CONFIG, MT_OCI_LAYER_TAR, MT_OCI_MANIFEST, Manifest,
-};
+use crate::image::{Descriptor, LocalImage, MT_OCI_LAYER_TAR, Manifest};
 use crate::store::{self, put_bytes, put_verified};
 
 /// Reads an archive into the blob store `blobs` (verifying every blob) and returns the image.
@@ -64,27 +62,9 @@ pub fn read_archive(tar_path: &Path, blobs: &Path, scratch: &Path) -> Result<Loc
             source: e,
         })?;
         let size = put_verified(blobs, &digest, &mut f, &mut |_| {})?;
-        layers.push(Descriptor {
-            media_type: MT_OCI_LAYER_TAR.into(),
-            digest,
-            size,
-            platform: None,
-            annotations: Default::default(),
-        });
+        layers.push(Descriptor::new(MT_OCI_LAYER_TAR, digest, size));
     }
-    let manifest = Manifest {
-        schema_version: 2,
-        media_type: Some(MT_OCI_MANIFEST.into()),
-        config: Descriptor {
-            media_type: MT_OCI_CONFIG.into(),
-            digest: config_digest,
-            size: config_bytes.len() as u64,
-            platform: None,
-            annotations: Default::default(),
-        },
-        layers,
-        annotations: Default::default(),
-    };
+    let manifest = Manifest::oci(config_digest, config_bytes.len() as u64, layers);
     let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Format(e.to_string()))?;
     let digest = put_bytes(blobs, &bytes)?;
     store::local_image(blobs, manifest, digest)

@@ -8,6 +8,7 @@ pub mod layer;
 pub mod reference;
 pub mod registry;
 pub mod store;
+pub mod testing;
 
 use std::path::PathBuf;
 
@@ -34,7 +35,7 @@ pub enum Error {
 
 use std::path::Path;
 
-use image::{Descriptor, MT_OCI_CONFIG, MT_OCI_LAYER_GZIP, MT_OCI_MANIFEST, Manifest};
+use image::{Descriptor, MT_OCI_LAYER_GZIP, Manifest};
 
 /// Progress of a transfer: (blob digest, bytes done, bytes total).
 pub type Progress<'a> = &'a mut dyn FnMut(&str, u64, u64);
@@ -137,29 +138,11 @@ fn assemble(
         if let Some(h) = config["history"].as_array_mut() {
             h.push(serde_json::json!({"created": now_rfc3339(), "created_by": comment}));
         }
-        descs.push(Descriptor {
-            media_type: MT_OCI_LAYER_GZIP.into(),
-            digest: p.digest.clone(),
-            size: p.size,
-            platform: None,
-            annotations: Default::default(),
-        });
+        descs.push(Descriptor::new(MT_OCI_LAYER_GZIP, p.digest.clone(), p.size));
     }
     let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::Format(e.to_string()))?;
     let config_digest = store::put_bytes(blobs, &config_bytes)?;
-    let manifest = Manifest {
-        schema_version: 2,
-        media_type: Some(MT_OCI_MANIFEST.into()),
-        config: Descriptor {
-            media_type: MT_OCI_CONFIG.into(),
-            digest: config_digest,
-            size: config_bytes.len() as u64,
-            platform: None,
-            annotations: Default::default(),
-        },
-        layers: descs,
-        annotations: Default::default(),
-    };
+    let manifest = Manifest::oci(config_digest, config_bytes.len() as u64, descs);
     let mbytes = serde_json::to_vec(&manifest).map_err(|e| Error::Format(e.to_string()))?;
     let digest = store::put_bytes(blobs, &mbytes)?;
     store::local_image(blobs, manifest, digest)

@@ -2,11 +2,9 @@
 //! a loopback port; layer unpacking with whiteouts on a real filesystem (needs root).
 
 use std::fs;
-use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use kairos_oci::{Error, ImageRef, fetch, import_dir, layer, store, store_to};
 
@@ -166,59 +164,10 @@ fn whiteouts_become_overlay_whiteouts() {
     assert_eq!(fs::read_to_string(out.join("opt/new")).unwrap(), "n");
 }
 
-struct RegistryProc {
-    child: Child,
-    addr: String,
-    storage: PathBuf,
-}
-
-impl Drop for RegistryProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_registry(dir: &Path) -> RegistryProc {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let storage = dir.join("storage");
-    let cfg = dir.join("config.yml");
-    fs::write(
-        &cfg,
-        format!("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n", storage.display()),
-    )
-    .unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry (Debian package docker-registry; scripts/setup installs it)");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "docker-registry did not listen on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    RegistryProc {
-        child,
-        addr,
-        storage,
-    }
-}
-
 #[test]
 fn registry_push_pull_only_missing_blobs_and_refuse_bad_digests() {
     let t = tempfile::tempdir().unwrap();
-    let reg = start_registry(t.path());
+    let reg = kairos_oci::testing::TestRegistry::start().unwrap();
     let src = t.path().join("src");
     sample_tree(&src);
     let cache = t.path().join("cache");
