@@ -47,14 +47,23 @@ pub fn start_registry() -> Result<Registry> {
     Ok(Registry::start()?)
 }
 
-/// The tiny image as a user has it: imported and pushed to the registry, then kairosified
-/// into another tag. Returns the kairosified reference.
-pub fn tiny_in_registry(reg: &Registry) -> Result<String> {
-    let base = format!("{}/kairos/tiny-base:v1", reg.addr);
-    let kairos = format!("{}/kairos/tiny:v1", reg.addr);
-    kairosctl(&["image", "import", &tiny_rootfs().to_string_lossy(), &base])?;
+/// An image tree as a user has it: imported and pushed to the registry as `<name>-base:v1`,
+/// then kairosified into `<name>:v1`. Returns the kairosified reference.
+pub fn image_in_registry(reg: &Registry, rootfs: &Path, name: &str) -> Result<String> {
+    let base = format!("{}/kairos/{name}-base:v1", reg.addr);
+    let kairos = format!("{}/kairos/{name}:v1", reg.addr);
+    kairosctl(&["image", "import", &rootfs.to_string_lossy(), &base])?;
     kairosctl(&["kairosify", &base, &kairos])?;
     Ok(kairos)
+}
+
+pub fn tiny_in_registry(reg: &Registry) -> Result<String> {
+    image_in_registry(reg, &tiny_rootfs(), "tiny")
+}
+
+/// The debian image tree, built by `scripts/images/debian.sh`.
+pub fn debian_rootfs() -> PathBuf {
+    cache().join("images/debian/rootfs")
 }
 
 /// Runs `kairosctl build raw` for `image` with `cloud_config`, writing `out`.
@@ -192,15 +201,40 @@ impl Vm {
         Ok(())
     }
 
-    /// Logs in on the serial getty.
+    /// Logs in on the serial getty; retries while the boot stage may still be setting the
+    /// password (getty can come up before it under systemd).
     pub fn login(&mut self, user: &str, password: &str) -> Result<()> {
-        self.wait_for("login: ", Duration::from_secs(240))?;
-        self.send(user)?;
-        self.wait_for("Password: ", Duration::from_secs(30))?;
-        self.send(password)?;
-        self.wait_for("$ ", Duration::from_secs(60))
-            .or_else(|_| self.wait_for("# ", Duration::from_secs(5)))?;
-        Ok(())
+        for attempt in 0..4 {
+            self.wait_for(
+                "login: ",
+                Duration::from_secs(if attempt == 0 { 420 } else { 60 }),
+            )?;
+            self.send(user)?;
+            self.wait_for("Password: ", Duration::from_secs(30))?;
+            self.send(password)?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let rest = self.out.lock().unwrap()[self.seen..].to_string();
+                if rest.contains("Login incorrect") {
+                    self.seen +=
+                        rest.find("Login incorrect").unwrap_or(0) + "Login incorrect".len();
+                    std::thread::sleep(Duration::from_secs(5));
+                    break;
+                }
+                if let Some(p) = rest.find("$ ").or_else(|| rest.find("# ")) {
+                    self.seen += p + 2;
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "no shell prompt after logging in as {user}; console tail:\n{}",
+                        tail(&rest)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        bail!("could not log in as {user}: the password was refused 4 times")
     }
 
     /// Runs a shell command and returns its output (between unique markers).

@@ -117,6 +117,41 @@ pub fn unpack(layer: &Path, dest: &Path) -> Result<String, Error> {
                 })?;
                 continue;
             }
+            let kind = match entry.header().entry_type() {
+                tar::EntryType::Char => Some(kairos_sys::fs::NodeKind::Char),
+                tar::EntryType::Block => Some(kairos_sys::fs::NodeKind::Block),
+                tar::EntryType::Fifo => Some(kairos_sys::fs::NodeKind::Fifo),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                // tar's unpack skips device nodes; a root tree needs them.
+                let h = entry.header();
+                let target = dest.join(&rel);
+                fs::create_dir_all(&parent).map_err(|e| Error::Io {
+                    path: parent.clone(),
+                    source: e,
+                })?;
+                let _ = fs::remove_file(&target);
+                let num = |v: io::Result<Option<u32>>| v.ok().flatten().unwrap_or(0);
+                let mode = h.mode().unwrap_or(0o600) & 0o7777;
+                kairos_sys::fs::make_node(
+                    &target,
+                    kind,
+                    mode,
+                    num(h.device_major()),
+                    num(h.device_minor()),
+                )
+                .map_err(|e| Error::Io {
+                    path: target.clone(),
+                    source: e,
+                })?;
+                let _ = std::os::unix::fs::lchown(
+                    &target,
+                    h.uid().ok().map(|u| u as u32),
+                    h.gid().ok().map(|g| g as u32),
+                );
+                continue;
+            }
             entry.unpack_in(dest).map_err(|e| Error::Io {
                 path: dest.join(&rel),
                 source: e,
@@ -276,9 +311,41 @@ fn append<W: Write>(
             h.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
             h.set_entry_type(tar::EntryType::Link);
             h.set_size(0);
-            return b.append_link(&mut h, rel, first);
+            return b.append_link(&mut h, rel, first).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("{} (hard link to {}): {e}", rel.display(), first.display()),
+                )
+            });
         }
         links.insert(key, rel.to_path_buf());
     }
+    let ft = meta.file_type();
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
+        // Device nodes and fifos (a debootstrap tree has /dev/console, /dev/null…).
+        let mut h = tar::Header::new_gnu();
+        h.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+        h.set_size(0);
+        let kind = if ft.is_char_device() {
+            tar::EntryType::Char
+        } else if ft.is_block_device() {
+            tar::EntryType::Block
+        } else {
+            tar::EntryType::Fifo
+        };
+        h.set_entry_type(kind);
+        let rdev = meta.rdev();
+        let (major, minor) = (
+            ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0xfff),
+            ((rdev >> 12) & 0xffff_ff00) | (rdev & 0xff),
+        );
+        h.set_device_major(major as u32)?;
+        h.set_device_minor(minor as u32)?;
+        return b
+            .append_data(&mut h, rel, io::empty())
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", rel.display())));
+    }
     b.append_path_with_name(&full, rel)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", rel.display())))
 }

@@ -28,6 +28,13 @@ fn sample_tree(root: &Path) {
     fs::hard_link(root.join("etc/hostname"), root.join("etc/hard")).unwrap();
     if is_root() {
         std::os::unix::fs::chown(root.join("etc/hostname"), Some(1234), Some(5678)).unwrap();
+        fs::create_dir_all(root.join("dev")).unwrap();
+        let st = Command::new("mknod")
+            .arg(root.join("dev/null"))
+            .args(["c", "1", "3"])
+            .status()
+            .unwrap();
+        assert!(st.success());
     }
 }
 
@@ -113,6 +120,12 @@ fn import_layout_archive_and_unpack_round_trip() {
     if is_root() {
         let m = fs::metadata(out.join("etc/hostname")).unwrap();
         assert_eq!((m.uid(), m.gid()), (1234, 5678));
+        let dev = fs::symlink_metadata(out.join("dev/null")).unwrap();
+        assert_eq!(
+            dev.rdev(),
+            fs::metadata("/dev/null").unwrap().rdev(),
+            "device nodes keep their numbers"
+        );
     }
 }
 

@@ -76,12 +76,30 @@ pub fn create_dir_all(path: &Path, mode: u32) -> io::Result<()> {
 
 /// An overlayfs whiteout: a 0:0 character device (hides `path` in lower layers). Needs root.
 pub fn make_whiteout(path: &Path) -> io::Result<()> {
+    make_node(path, NodeKind::Char, 0, 0, 0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    Char,
+    Block,
+    Fifo,
+}
+
+/// mknod(2): a device node or fifo with `mode` permissions. Needs root for devices.
+pub fn make_node(path: &Path, kind: NodeKind, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    let ft = match kind {
+        NodeKind::Char => rustix::fs::FileType::CharacterDevice,
+        NodeKind::Block => rustix::fs::FileType::BlockDevice,
+        NodeKind::Fifo => rustix::fs::FileType::Fifo,
+    };
+    let dev = rustix::fs::makedev(major, minor);
     rustix::fs::mknodat(
         rustix::fs::CWD,
         path,
-        rustix::fs::FileType::CharacterDevice,
-        rustix::fs::Mode::empty(),
-        0,
+        ft,
+        rustix::fs::Mode::from_bits_truncate(mode),
+        dev,
     )
     .map_err(io::Error::from)
 }
