@@ -17,7 +17,7 @@ users:
 - name: root
   passwd: bench
 runcmd:
-- echo "kairos-bench: boot stage done" > /dev/kmsg
+- 'echo "kairos-bench: boot stage done" > /dev/kmsg'
 CC
 
 echo "# Boot and build benchmarks (tiny flavour)"
@@ -55,6 +55,7 @@ echo "| run | end of kairos-immucore (s) | end of boot stage (s) |"
 echo "|---:|---:|---:|"
 for i in $(seq "$RUNS"); do
     cp /usr/share/OVMF/OVMF_VARS_4M.fd "$W/vars.fd"
+    rm -f "$W/serial.log"
     cp --sparse=always "$W/disk.raw" "$W/run.raw"
     timeout 120 qemu-system-x86_64 -machine q35 -accel tcg -cpu max -smp 1 -m 768 \
         -drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
@@ -63,8 +64,9 @@ for i in $(seq "$RUNS"); do
     pid=$!
     for _ in $(seq 600); do grep -aq "boot stage done" "$W/serial.log" 2>/dev/null && break; sleep 0.2; done
     kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
-    imm=$(grep -a "kairos-immucore: switching root" "$W/serial.log" | grep -o '^\[ *[0-9.]*\]' | tr -d '[] ' | head -1)
-    boot=$(grep -a "kairos-bench: boot stage done" "$W/serial.log" | grep -o '^\[ *[0-9.]*\]' | tr -d '[] ' | head -1)
+    imm=$(grep -a "kairos-immucore: switching root" "$W/serial.log" | grep -o '^\[ *[0-9.]*\]' | tr -d '[] ' | head -1 || true)
+    boot=$(grep -a "kairos-bench: boot stage done" "$W/serial.log" | grep -o '^\[ *[0-9.]*\]' | tr -d '[] ' | head -1 || true)
+    [[ -n "$boot" ]] || { echo "run $i: no boot-stage marker; serial tail:" >&2; tail -20 "$W/serial.log" >&2; }
     echo "| $i | ${imm:-n/a} | ${boot:-n/a} |"
 done
 echo

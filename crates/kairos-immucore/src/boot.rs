@@ -434,8 +434,9 @@ fn run_stage_with(root: Root, stage: &str) {
     let report = run.run(stage, &mut out);
     if !report.ok() {
         say(&format!(
-            "stage {stage}: {} step(s) failed (not fatal)",
-            report.failed.len()
+            "stage {stage}: {} step(s) failed, {} problem(s) (not fatal)",
+            report.failed.len(),
+            report.problems.len()
         ));
     }
 }
