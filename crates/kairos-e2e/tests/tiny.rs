@@ -57,6 +57,14 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
     let image = tiny_in_registry(&reg).unwrap();
     build_raw(&image, CLOUD_CONFIG, &disk).unwrap();
     drop(reg);
+    // Written to a bigger disk: COS_PERSISTENT must grow to fill it on first boot.
+    let built = std::fs::metadata(&disk).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(built + (512 << 20))
+        .unwrap();
 
     // First boot: active, overlay root, OEM config applied.
     let mut vm = Vm::boot(&disk, &vars, &work.path().join("boot1.log")).unwrap();
@@ -100,6 +108,16 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
         &vm.sh("cat /run/kairos/boot-timeline.json").unwrap(),
         "\"total_ms\"",
         "boot timeline",
+    );
+    let df = vm.sh("df -m /usr/local | tail -1").unwrap();
+    let size_mib: u64 = df
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        size_mib > 500,
+        "COS_PERSISTENT grown to the disk (df: {df})"
     );
     vm.send("exit").unwrap();
     vm.login("root", "rootpw").unwrap();

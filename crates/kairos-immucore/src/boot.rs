@@ -360,6 +360,7 @@ fn mount_persistent(b: &mut Boot) -> Result<()> {
         return Ok(());
     };
     let local = format!("{SYSROOT}/usr/local");
+    let grown = grow_persistent(&dev);
     do_mount(
         &dev.to_string_lossy(),
         &local,
@@ -367,6 +368,14 @@ fn mount_persistent(b: &mut Boot) -> Result<()> {
         MountFlags::empty(),
         "",
     )?;
+    if let Some(ext) = grown {
+        match kairos_sys::grow::grow_ext4(Path::new(&local), ext.size) {
+            Ok(()) => say(&format!("COS_PERSISTENT grown to {} MiB", ext.size >> 20)),
+            Err(e) => say(&format!(
+                "growing the COS_PERSISTENT filesystem failed (continuing): {e}"
+            )),
+        }
+    }
     b.fstab.push((
         "LABEL=COS_PERSISTENT".into(),
         "/usr/local".into(),
@@ -396,6 +405,32 @@ fn mount_persistent(b: &mut Boot) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Grows COS_PERSISTENT's partition to the end of its disk when it is the last one (first
+/// boot of an image written to a bigger disk). Failures are reported, never fatal.
+fn grow_persistent(dev: &Path) -> Option<kairos_sys::grow::Extent> {
+    let (disk, number) = kairos_sys::grow::parent_disk(dev)?;
+    match kairos_sys::grow::grow_last_partition(&disk, number) {
+        Ok(Some(ext)) => match kairos_sys::grow::kernel_resize_partition(&disk, number, ext) {
+            Ok(()) => Some(ext),
+            Err(e) => {
+                say(&format!(
+                    "resizing {} in the kernel failed (the new size applies at next boot): {e}",
+                    dev.display()
+                ));
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            say(&format!(
+                "growing {} failed (continuing): {e}",
+                dev.display()
+            ));
+            None
+        }
+    }
 }
 
 /// Copies a tree keeping modes, owners, symlinks (like `cp -a`).

@@ -6,6 +6,7 @@
 pub mod blockdev;
 pub mod exec;
 pub mod fs;
+pub mod grow;
 pub mod host;
 pub mod kmod;
 pub mod loopdev;
