@@ -269,3 +269,64 @@ fn missing_layer_image_gives_a_failure_summary_not_a_hang() {
         "boot-failure.log on OEM",
     );
 }
+
+#[test]
+#[ignore = "needs the static binaries and the tiny image: run by scripts/test tier 3"]
+fn qcow2_output_and_clear_errors() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("disk.qcow2");
+    let image = format!("dir:{}", kairos_e2e::tiny_rootfs().display());
+    build_raw(&image, CLOUD_CONFIG, &out).unwrap();
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    check(
+        &String::from_utf8_lossy(&info.stdout),
+        "\"format\": \"qcow2\"",
+        "qcow2 output",
+    );
+    assert!(!work.path().join("disk.raw.tmp").exists(), "no leftovers");
+
+    // Too small a disk: refused, nothing left at the output path.
+    let small = work.path().join("small.raw");
+    let o = Command::new(kairos_e2e::bin("kairosctl"))
+        .args([
+            "build", "raw", "--image", &image, "--size", "100", "--output",
+        ])
+        .arg(&small)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3));
+    check(
+        &String::from_utf8_lossy(&o.stderr),
+        "--size 100 MiB is too small",
+        "size error",
+    );
+    assert!(!small.exists(), "no partial disk presented as built");
+
+    // An image without a kernel is refused with what to add.
+    let nokernel = work.path().join("nokernel");
+    std::fs::create_dir_all(nokernel.join("etc")).unwrap();
+    std::fs::write(nokernel.join("etc/inittab"), "::sysinit:/bin/true\n").unwrap();
+    std::fs::create_dir_all(nokernel.join("bin")).unwrap();
+    std::fs::write(nokernel.join("bin/busybox"), "").unwrap();
+    let o = Command::new(kairos_e2e::bin("kairosctl"))
+        .args([
+            "build",
+            "raw",
+            "--image",
+            &format!("dir:{}", nokernel.display()),
+            "--output",
+        ])
+        .arg(work.path().join("x.raw"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3));
+    check(
+        &String::from_utf8_lossy(&o.stderr),
+        "linux-image",
+        "no-kernel error names the package",
+    );
+}
