@@ -108,6 +108,9 @@ enum VmCmd {
         /// Memory in MiB
         #[arg(long, default_value_t = 1024)]
         memory: u32,
+        /// Virtual CPUs
+        #[arg(long, default_value_t = 2)]
+        smp: u32,
         /// Accelerator: tcg (default) or kvm
         #[arg(long, default_value = "tcg")]
         accel: String,
@@ -347,27 +350,31 @@ fn run() -> Result<i32> {
                     iso,
                     serial_log,
                     memory,
+                    smp,
                     accel,
                 },
         } => {
-            let vars =
-                std::env::temp_dir().join(format!("kairos-vm-vars-{}.fd", std::process::id()));
+            // The UEFI variables live next to the disk, like a machine's NVRAM.
+            let mut vars = disk.clone().into_os_string();
+            vars.push(".vars.fd");
+            let vars = PathBuf::from(vars);
             vm::prepare(&vars)?;
             let spec = vm::VmSpec {
                 disk,
                 iso,
                 memory_mib: memory,
-                vars: vars.clone(),
+                smp,
+                vars,
                 serial_log,
                 accel,
                 serial_stdio: true,
             };
-            let st = Command::new("qemu-system-x86_64")
+            // exec: QEMU takes over this process (and its stdio), so stopping kairosctl stops the VM.
+            use std::os::unix::process::CommandExt;
+            let err = Command::new("qemu-system-x86_64")
                 .args(vm::qemu_args(&spec))
-                .status()
-                .context("running qemu-system-x86_64")?;
-            let _ = std::fs::remove_file(&vars);
-            Ok(st.code().unwrap_or(1))
+                .exec();
+            Err(anyhow::anyhow!("running qemu-system-x86_64: {err}"))
         }
     }
 }

@@ -12,6 +12,7 @@ pub struct VmSpec {
     pub disk: PathBuf,
     pub iso: Option<PathBuf>,
     pub memory_mib: u32,
+    pub smp: u32,
     /// Where the writable copy of the UEFI variables lives.
     pub vars: PathBuf,
     pub serial_log: Option<PathBuf>,
@@ -35,7 +36,7 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
             "max".into()
         },
         "-smp".into(),
-        "2".into(),
+        s.smp.to_string(),
         "-m".into(),
         s.memory_mib.to_string(),
         "-drive".into(),
@@ -81,7 +82,7 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
     a
 }
 
-/// Checks QEMU and OVMF are installed and prepares the writable UEFI variables.
+/// Checks QEMU and OVMF are installed and creates the writable UEFI variables if missing.
 pub fn prepare(vars: &Path) -> Result<()> {
     if !Path::new(OVMF_CODE).exists() {
         bail!("missing {OVMF_CODE}: install the Debian package ovmf");
@@ -93,8 +94,10 @@ pub fn prepare(vars: &Path) -> Result<()> {
     if !found {
         bail!("missing qemu-system-x86_64: install the Debian package qemu-system-x86");
     }
-    std::fs::copy(OVMF_VARS, vars)
-        .with_context(|| format!("copying {OVMF_VARS} to {}", vars.display()))?;
+    if !vars.exists() {
+        std::fs::copy(OVMF_VARS, vars)
+            .with_context(|| format!("copying {OVMF_VARS} to {}", vars.display()))?;
+    }
     Ok(())
 }
 
@@ -108,6 +111,7 @@ mod tests {
             disk: "/d/disk.qcow2".into(),
             iso: Some("/d/k.iso".into()),
             memory_mib: 1024,
+            smp: 2,
             vars: "/d/vars.fd".into(),
             serial_log: Some("/d/serial.log".into()),
             accel: "tcg".into(),

@@ -107,41 +107,17 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Boots `disk` (UEFI vars in `vars`, created from OVMF's template when missing).
-    pub fn boot(disk: &Path, vars: &Path, log: &Path) -> Result<Vm> {
-        if !vars.exists() {
-            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", vars)
-                .context("OVMF vars (Debian package ovmf)")?;
-        }
-        let mut child = Command::new("qemu-system-x86_64")
-            .args([
-                "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "768",
-            ])
-            .arg("-drive")
-            .arg("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd")
-            .arg("-drive")
-            .arg(format!(
-                "if=pflash,format=raw,unit=1,file={}",
-                vars.display()
-            ))
-            .arg("-drive")
-            .arg(format!("file={},if=virtio,format=raw", disk.display()))
-            .args([
-                "-display",
-                "none",
-                "-no-reboot",
-                "-monitor",
-                "none",
-                "-serial",
-                "stdio",
-                "-nic",
-                "none",
-            ])
+    /// Boots `disk` with `kairosctl vm run` (the users' one-liner: OVMF, TCG, virtio), one
+    /// vCPU so that two VMs fit this 2-core machine; its UEFI variables live next to the disk.
+    pub fn boot(disk: &Path, log: &Path) -> Result<Vm> {
+        let mut child = Command::new(bin("kairosctl"))
+            .args(["vm", "run", "--memory", "768", "--smp", "1"])
+            .arg(disk)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+            .context("starting kairosctl vm run")?;
         let stdin = child.stdin.take().context("qemu stdin")?;
         let mut stdout = child.stdout.take().context("qemu stdout")?;
         let out = Arc::new(Mutex::new(String::new()));

@@ -31,12 +31,7 @@ fn debian_boots_with_systemd_and_applies_oem_config() {
     build_raw(&image, CLOUD_CONFIG, &disk).unwrap();
     drop(reg);
 
-    let mut vm = Vm::boot(
-        &disk,
-        &work.path().join("vars.fd"),
-        &work.path().join("boot.log"),
-    )
-    .unwrap();
+    let mut vm = Vm::boot(&disk, &work.path().join("boot.log")).unwrap();
     vm.login("root", "debianpw").unwrap();
     check(
         &vm.sh("cat /run/cos/active_mode").unwrap(),
@@ -78,5 +73,28 @@ fn debian_boots_with_systemd_and_applies_oem_config() {
         &vm.sh("cat /proc/1/comm").unwrap(),
         "systemd",
         "systemd is init",
+    );
+    vm.sh("echo eph > /etc/foo; mkdir -p /etc/ssh; echo keep > /etc/ssh/kept; echo local > /usr/local/kept; sync").unwrap();
+    vm.send("systemctl reboot").unwrap();
+    vm.wait_exit(std::time::Duration::from_secs(180)).unwrap();
+    drop(vm);
+
+    // After a reboot: /etc/foo is gone, the persistent paths kept their files.
+    let mut vm = Vm::boot(&disk, &work.path().join("boot2.log")).unwrap();
+    vm.login("root", "debianpw").unwrap();
+    check(
+        &vm.sh("cat /etc/foo").unwrap(),
+        "No such file",
+        "/etc/foo is ephemeral",
+    );
+    check(
+        &vm.sh("cat /etc/ssh/kept").unwrap(),
+        "keep\n[exit 0]",
+        "/etc/ssh persists",
+    );
+    check(
+        &vm.sh("cat /usr/local/kept").unwrap(),
+        "local\n[exit 0]",
+        "/usr/local persists",
     );
 }

@@ -51,7 +51,6 @@ fn check(out: &str, want: &str, what: &str) {
 fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("disk.raw");
-    let vars = work.path().join("vars.fd");
     // From the registry, as a user would: import → push → kairosify → build raw → boot.
     let reg = start_registry().unwrap();
     let image = tiny_in_registry(&reg).unwrap();
@@ -67,7 +66,7 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
         .unwrap();
 
     // First boot: active, overlay root, OEM config applied.
-    let mut vm = Vm::boot(&disk, &vars, &work.path().join("boot1.log")).unwrap();
+    let mut vm = Vm::boot(&disk, &work.path().join("boot1.log")).unwrap();
     vm.login("kairos", "kairos").unwrap();
     check(
         &vm.sh("id -un").unwrap(),
@@ -127,7 +126,7 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
     drop(vm);
 
     // Second boot: ephemeral /etc/foo is gone, persistent paths kept their files.
-    let mut vm = Vm::boot(&disk, &vars, &work.path().join("boot2.log")).unwrap();
+    let mut vm = Vm::boot(&disk, &work.path().join("boot2.log")).unwrap();
     vm.login("root", "rootpw").unwrap();
     check(
         &vm.sh("cat /etc/foo").unwrap(),
@@ -161,7 +160,7 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
         .status()
         .unwrap();
     assert!(st.success());
-    let mut vm = Vm::boot(&disk, &vars, &work.path().join("boot3.log")).unwrap();
+    let mut vm = Vm::boot(&disk, &work.path().join("boot3.log")).unwrap();
     vm.login("root", "rootpw").unwrap();
     check(
         &vm.sh("cat /run/cos/recovery_mode").unwrap(),
@@ -176,7 +175,6 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
 fn missing_layer_image_gives_a_failure_summary_not_a_hang() {
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("disk.raw");
-    let vars = work.path().join("vars.fd");
     build_raw(
         &format!("dir:{}", kairos_e2e::tiny_rootfs().display()),
         CLOUD_CONFIG,
@@ -231,7 +229,7 @@ fn missing_layer_image_gives_a_failure_summary_not_a_hang() {
         "conv=notrunc".into(),
     ]);
 
-    let mut vm = Vm::boot(&disk, &vars, &work.path().join("fail.log")).unwrap();
+    let mut vm = Vm::boot(&disk, &work.path().join("fail.log")).unwrap();
     let text = vm
         .wait_for("KAIROS BOOT FAILED", Duration::from_secs(240))
         .unwrap();
