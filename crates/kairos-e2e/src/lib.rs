@@ -70,24 +70,68 @@ pub fn debian_rootfs() -> PathBuf {
 pub fn build_raw(image: &str, cloud_config: &str, out: &Path) -> Result<String> {
     let cc = out.with_extension("cloud-config.yaml");
     std::fs::write(&cc, cloud_config)?;
-    let o = Command::new(bin("kairosctl"))
-        .args(["build", "raw", "--image"])
-        .arg(image)
-        .arg("--output")
-        .arg(out)
-        .arg("--cloud-config")
-        .arg(&cc)
-        .output()
-        .context("running kairosctl (scripts/build-static builds it)")?;
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    let (out, cc) = (out.to_string_lossy(), cc.to_string_lossy());
+    kairosctl(&[
+        "build",
+        "raw",
+        "--image",
+        image,
+        "--output",
+        &out,
+        "--cloud-config",
+        &cc,
+    ])
+}
+
+/// Fails the test unless `out` contains `want`.
+pub fn check(out: &str, want: &str, what: &str) {
+    assert!(out.contains(want), "{what}: expected {want:?} in:\n{out}");
+}
+
+/// The checks every flavour passes right after boot: active mode, read-only overlay root.
+pub fn check_active_immutable(vm: &mut Vm) -> Result<()> {
+    check(
+        &vm.sh("cat /run/cos/active_mode")?,
+        "1[exit 0]",
+        "active mode marker",
     );
-    if !o.status.success() {
-        bail!("kairosctl build raw failed:\n{log}");
-    }
-    Ok(log)
+    check(
+        &vm.sh("grep ' / ' /proc/mounts")?,
+        "overlay / overlay ro",
+        "overlay root",
+    );
+    check(
+        &vm.sh("touch /usr/x")?,
+        "Read-only file system",
+        "/usr is read-only",
+    );
+    Ok(())
+}
+
+/// Writes one ephemeral and two persistent files (as root) before a reboot…
+pub fn write_persistence_probes(vm: &mut Vm) -> Result<()> {
+    vm.sh("echo eph > /etc/foo; mkdir -p /etc/ssh; echo keep > /etc/ssh/kept; echo local > /usr/local/kept; sync")?;
+    Ok(())
+}
+
+/// …and checks them after it: /etc/foo is gone, /etc/ssh and /usr/local kept their files.
+pub fn check_persistence_probes(vm: &mut Vm) -> Result<()> {
+    check(
+        &vm.sh("cat /etc/foo")?,
+        "No such file",
+        "/etc/foo is ephemeral",
+    );
+    check(
+        &vm.sh("cat /etc/ssh/kept")?,
+        "keep\n[exit 0]",
+        "/etc/ssh persists",
+    );
+    check(
+        &vm.sh("cat /usr/local/kept")?,
+        "local\n[exit 0]",
+        "/usr/local persists",
+    );
+    Ok(())
 }
 
 /// The last 3000 characters of console output, for failure messages.

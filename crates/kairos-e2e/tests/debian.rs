@@ -2,7 +2,10 @@
 //! import → kairosify → build raw → boot under OVMF, with the OEM config applied by the
 //! systemd units kairosify installed. Run by `scripts/test` with `--ignored`.
 
-use kairos_e2e::{Vm, build_raw, debian_rootfs, image_in_registry, start_registry};
+use kairos_e2e::{
+    Vm, build_raw, check, check_active_immutable, check_persistence_probes, debian_rootfs,
+    image_in_registry, start_registry, write_persistence_probes,
+};
 
 const CLOUD_CONFIG: &str = "#cloud-config
 users:
@@ -17,10 +20,6 @@ runcmd:
 - touch /run/boot-stage-ran
 ";
 
-fn check(out: &str, want: &str, what: &str) {
-    assert!(out.contains(want), "{what}: expected {want:?} in:\n{out}");
-}
-
 #[test]
 #[ignore = "VM test: run by scripts/test tier 3"]
 fn debian_boots_with_systemd_and_applies_oem_config() {
@@ -33,21 +32,7 @@ fn debian_boots_with_systemd_and_applies_oem_config() {
 
     let mut vm = Vm::boot(&disk, &work.path().join("boot.log")).unwrap();
     vm.login("root", "debianpw").unwrap();
-    check(
-        &vm.sh("cat /run/cos/active_mode").unwrap(),
-        "1[exit 0]",
-        "active mode marker",
-    );
-    check(
-        &vm.sh("grep ' / ' /proc/mounts").unwrap(),
-        "overlay / overlay ro",
-        "overlay root",
-    );
-    check(
-        &vm.sh("touch /usr/x").unwrap(),
-        "Read-only file system",
-        "/usr is read-only",
-    );
+    check_active_immutable(&mut vm).unwrap();
     check(
         &vm.sh("hostname").unwrap(),
         "debian-kairos\n[exit 0]",
@@ -74,7 +59,7 @@ fn debian_boots_with_systemd_and_applies_oem_config() {
         "systemd",
         "systemd is init",
     );
-    vm.sh("echo eph > /etc/foo; mkdir -p /etc/ssh; echo keep > /etc/ssh/kept; echo local > /usr/local/kept; sync").unwrap();
+    write_persistence_probes(&mut vm).unwrap();
     vm.send("systemctl reboot").unwrap();
     vm.wait_exit(std::time::Duration::from_secs(180)).unwrap();
     drop(vm);
@@ -82,19 +67,5 @@ fn debian_boots_with_systemd_and_applies_oem_config() {
     // After a reboot: /etc/foo is gone, the persistent paths kept their files.
     let mut vm = Vm::boot(&disk, &work.path().join("boot2.log")).unwrap();
     vm.login("root", "debianpw").unwrap();
-    check(
-        &vm.sh("cat /etc/foo").unwrap(),
-        "No such file",
-        "/etc/foo is ephemeral",
-    );
-    check(
-        &vm.sh("cat /etc/ssh/kept").unwrap(),
-        "keep\n[exit 0]",
-        "/etc/ssh persists",
-    );
-    check(
-        &vm.sh("cat /usr/local/kept").unwrap(),
-        "local\n[exit 0]",
-        "/usr/local persists",
-    );
+    check_persistence_probes(&mut vm).unwrap();
 }

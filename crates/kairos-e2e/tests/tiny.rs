@@ -5,7 +5,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kairos_e2e::{Vm, build_raw, start_registry, tiny_in_registry};
+use kairos_e2e::{
+    Vm, build_raw, check, check_active_immutable, check_persistence_probes, start_registry,
+    tiny_in_registry, write_persistence_probes,
+};
 
 const CLOUD_CONFIG: &str = "#cloud-config
 users:
@@ -42,10 +45,6 @@ fn partition(disk: &Path, n: usize) -> (u64, u64) {
     (num("start=") * 512, num("size=") * 512)
 }
 
-fn check(out: &str, want: &str, what: &str) {
-    assert!(out.contains(want), "{what}: expected {want:?} in:\n{out}");
-}
-
 #[test]
 #[ignore = "VM test: run by scripts/test tier 3"]
 fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
@@ -73,21 +72,7 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
         "kairos\n[exit 0]",
         "the OEM user logs in",
     );
-    check(
-        &vm.sh("cat /run/cos/active_mode").unwrap(),
-        "1[exit 0]",
-        "active mode marker",
-    );
-    check(
-        &vm.sh("grep ' / ' /proc/mounts").unwrap(),
-        "overlay / overlay ro",
-        "overlay root",
-    );
-    check(
-        &vm.sh("touch /usr/x").unwrap(),
-        "Read-only file system",
-        "/usr is read-only",
-    );
+    check_active_immutable(&mut vm).unwrap();
     check(
         &vm.sh("hostname").unwrap(),
         "tiny-node\n[exit 0]",
@@ -120,7 +105,7 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
     );
     vm.send("exit").unwrap();
     vm.login("root", "rootpw").unwrap();
-    vm.sh("echo eph > /etc/foo; mkdir -p /etc/ssh; echo keep > /etc/ssh/kept; echo local > /usr/local/kept; sync").unwrap();
+    write_persistence_probes(&mut vm).unwrap();
     vm.send("reboot").unwrap();
     vm.wait_exit(Duration::from_secs(120)).unwrap();
     drop(vm);
@@ -128,21 +113,7 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
     // Second boot: ephemeral /etc/foo is gone, persistent paths kept their files.
     let mut vm = Vm::boot(&disk, &work.path().join("boot2.log")).unwrap();
     vm.login("root", "rootpw").unwrap();
-    check(
-        &vm.sh("cat /etc/foo").unwrap(),
-        "No such file",
-        "/etc/foo is ephemeral",
-    );
-    check(
-        &vm.sh("cat /etc/ssh/kept").unwrap(),
-        "keep\n[exit 0]",
-        "/etc/ssh persists",
-    );
-    check(
-        &vm.sh("cat /usr/local/kept").unwrap(),
-        "local\n[exit 0]",
-        "/usr/local persists",
-    );
+    check_persistence_probes(&mut vm).unwrap();
     vm.send("poweroff").unwrap();
     vm.wait_exit(Duration::from_secs(120)).unwrap();
     drop(vm);
