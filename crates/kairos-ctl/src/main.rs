@@ -72,7 +72,7 @@ enum BuildKind {
 
 #[derive(Debug, clap::Args)]
 struct RawArgs {
-    /// The image: `dir:PATH` (a root tree with a kernel); registry and OCI sources come with kairosify
+    /// The image: REGISTRY/NAME:TAG, oci-layout:DIR[:TAG], ocifile:TAR (kairosified), or dir:PATH (a root tree with a kernel; the Kairos layer is added)
     #[arg(long)]
     image: String,
     /// The disk file to write (`.qcow2` converts with qemu-img)
