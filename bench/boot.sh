@@ -70,4 +70,4 @@ for i in $(seq "$RUNS"); do
     echo "| $i | ${imm:-n/a} | ${boot:-n/a} |"
 done
 echo
-echo "Not measured yet: the same image through a dracut-built initramfs (needs the \`debian\` flavour with dracut; next step of issue #3)."
+echo "The dracut comparison (debian flavour) is bench/dracut.py."
