@@ -22,7 +22,6 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("mkfs.ext4", "e2fsprogs"),
     ("mkfs.vfat", "dosfstools"),
     ("mcopy", "mtools"),
-    ("mmd", "mtools"),
     ("mkfs.erofs", "erofs-utils"),
 ];
 
@@ -202,34 +201,10 @@ fn loader_entry(title: &str, id: &str, options: &str) -> String {
 /// Builds the disk; on any error nothing is left at `spec.output`.
 pub fn build_raw(spec: &RawSpec) -> Result<RawReport> {
     check_tools(TOOLS)?;
-    let out_dir = spec
-        .output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(out_dir)?;
-    let work = tempfile_dir(out_dir)?;
-    let result = build_in(spec, &work.0);
-    if result.is_err() {
-        let _ = fs::remove_file(work.0.join("disk.raw"));
-    }
-    result
-}
-
-/// A work directory next to the output, removed on drop.
-struct WorkDir(PathBuf);
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempfile_dir(parent: &Path) -> Result<WorkDir> {
-    let p = parent.join(format!(".kairos-build-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&p);
-    fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
-    Ok(WorkDir(p))
+    let work = crate::WorkDir::beside(spec.output, "kairos-build")?;
+    // The disk is assembled inside the work dir and renamed into place only when complete;
+    // dropping `work` removes everything else, on success and on error.
+    build_in(spec, work.path())
 }
 
 fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
@@ -261,14 +236,22 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
     for (i, tree) in spec.layers.iter().enumerate() {
         let tmp = work.join(format!("layer{i}.erofs"));
         erofs(tree, &tmp)?;
+        // Hash the image once: it is both the blob checksum and, for `dir:` trees, the name.
+        let hex = kairos_layers::sha256_file(&tmp)?;
         let digest = match &spec.diff_ids {
             Some(ids) => ids.get(i).cloned().context("fewer diff_ids than layers")?,
-            None => format!("sha256:{}", kairos_layers::sha256_file(&tmp)?),
+            None => format!("sha256:{hex}"),
         };
-        fs::rename(&tmp, store.layer_path(&digest))?;
+        let file = kairos_layers::layer_file(&digest);
+        fs::rename(&tmp, state_dir.join(&file))?;
+        let size = fs::metadata(state_dir.join(&file))?.len();
         layers.push(Layer {
-            digest: digest.clone(),
-            image: store.blob(&kairos_layers::layer_file(&digest))?,
+            digest,
+            image: kairos_layers::Blob {
+                file,
+                size,
+                sha256: hex,
+            },
         });
     }
     let layer_bytes: u64 = layers.iter().map(|l| l.image.size).sum();
@@ -386,33 +369,13 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
     run(Command::new("mkfs.vfat")
         .args(["-F", "32", "-n", "COS_GRUB"])
         .arg(&esp_img))?;
-    for d in [
-        "EFI",
-        "EFI/BOOT",
-        "loader",
-        "loader/entries",
-        "kairos",
-        &format!("kairos/{id}"),
-    ] {
-        run(Command::new("mmd")
-            .arg("-i")
-            .arg(&esp_img)
-            .arg(format!("::/{d}")))?;
+    // The ESP tree was laid out in esp_dir: copy it whole (mcopy -s recurses).
+    let mut mcopy = Command::new("mcopy");
+    mcopy.arg("-s").arg("-i").arg(&esp_img);
+    for e in fs::read_dir(&esp_dir)? {
+        mcopy.arg(e?.path());
     }
-    for f in [
-        "EFI/BOOT/BOOTX64.EFI".to_string(),
-        "loader/loader.conf".into(),
-        "loader/entries/active.conf".into(),
-        "loader/entries/recovery.conf".into(),
-        format!("kairos/{id}/vmlinuz"),
-        format!("kairos/{id}/initrd"),
-    ] {
-        run(Command::new("mcopy")
-            .arg("-i")
-            .arg(&esp_img)
-            .arg(esp_dir.join(&f))
-            .arg(format!("::/{f}")))?;
-    }
+    run(mcopy.arg("::/"))?;
     let imgs = [
         esp_img,
         fs_img(work, "oem", &parts[1], Some(&oem_dir))?,

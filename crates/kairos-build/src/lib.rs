@@ -6,3 +6,6 @@ pub mod disk;
 pub mod image;
 pub mod initrd;
 pub mod kairosify;
+pub mod workdir;
+
+pub use workdir::WorkDir;

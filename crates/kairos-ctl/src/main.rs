@@ -172,11 +172,11 @@ fn store(img: &kairos_oci::LocalImage, dest: &str) -> Result<()> {
 
 fn image_import(src: &Path, dest: &str, split: &[String]) -> Result<()> {
     let blobs = cache().join("blobs");
-    let work = tempdir_near(&cache().join("x"))?;
+    let work = kairos_build::WorkDir::new(&cache(), "kairosctl")?;
     let tree = if src.is_dir() {
         src.to_path_buf()
     } else {
-        let t = work.join("rootfs");
+        let t = work.path().join("rootfs");
         std::fs::create_dir_all(&t)?;
         let st = Command::new("tar")
             .args(["-xpf"])
@@ -192,7 +192,6 @@ fn image_import(src: &Path, dest: &str, split: &[String]) -> Result<()> {
         t
     };
     let img = kairos_oci::import_dir(&tree, &blobs, split);
-    let _ = std::fs::remove_dir_all(&work);
     store(&img?, dest)
 }
 
@@ -207,24 +206,21 @@ fn kairosify(
         agent: companion(agent, "kairos-agent")?,
         immucore: companion(immucore, "kairos-immucore")?,
     };
-    let work = tempdir_near(&cache().join("x"))?;
+    let work = kairos_build::WorkDir::new(&cache(), "kairosctl")?;
     let out = kairos_build::image::kairosify(
         &img,
         &cache().join("blobs"),
         &bins,
         env!("CARGO_PKG_VERSION"),
-        &work,
+        work.path(),
     );
-    let _ = std::fs::remove_dir_all(&work);
     store(&out?, dest)
 }
 
 fn build_raw(a: RawArgs) -> Result<()> {
     let immucore = companion(a.immucore.clone(), "kairos-immucore")?;
-    let work = tempdir_near(&a.output)?;
-    let result = build_raw_in(a, &immucore, &work);
-    let _ = std::fs::remove_dir_all(&work);
-    result
+    let work = kairos_build::WorkDir::beside(&a.output, "kairosctl")?;
+    build_raw_in(a, &immucore, work.path())
 }
 
 fn build_raw_in(a: RawArgs, immucore: &Path, work: &Path) -> Result<()> {
@@ -317,16 +313,6 @@ fn build_raw_in(a: RawArgs, immucore: &Path, work: &Path) -> Result<()> {
     );
     println!("{}", a.output.display());
     Ok(())
-}
-
-fn tempdir_near(output: &Path) -> Result<PathBuf> {
-    let dir = output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let p = dir.join(format!(".kairosctl-{}", std::process::id()));
-    std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
-    Ok(p)
 }
 
 fn run() -> Result<i32> {

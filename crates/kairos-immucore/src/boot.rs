@@ -34,6 +34,8 @@ pub struct Boot {
     pub steps: Vec<Step>,
     /// Every mount made for the new root, for /etc/fstab: (spec, target, type, options).
     pub fstab: Vec<(String, String, String, String)>,
+    /// The kernel cmdline, read once; the stages get it too.
+    cmdline: String,
     debug: bool,
 }
 
@@ -63,8 +65,14 @@ impl Boot {
             start: Instant::now(),
             steps: Vec::new(),
             fstab: Vec::new(),
+            cmdline: String::new(),
             debug: false,
         }
+    }
+
+    /// True once COS_OEM is mounted in the new root (the failure summary goes there).
+    pub fn oem_mounted(&self) -> bool {
+        self.fstab.iter().any(|(_, target, _, _)| target == "/oem")
     }
 
     fn step<T>(&mut self, name: &str, f: impl FnOnce(&mut Boot) -> Result<T>) -> Result<T> {
@@ -113,7 +121,8 @@ impl Boot {
     }
 
     pub fn run(&mut self) -> Result<()> {
-        let cmdline = fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
+        self.cmdline = fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
+        let cmdline = self.cmdline.clone();
         let plan = self.step("read-cmdline", |_| Ok(Plan::from_cmdline(&cmdline)?))?;
         self.debug = plan.debug;
         self.plan = Some(plan.clone());
@@ -212,7 +221,7 @@ impl Boot {
             Ok(())
         })?;
         self.step("rootfs-stage", |_| {
-            run_stage_in_initramfs("rootfs");
+            run_stage_in_initramfs("rootfs", &cmdline);
             Ok(())
         })?;
         self.step("mount-ephemeral", |b| {
@@ -262,7 +271,7 @@ impl Boot {
             fs::write(format!("{SYSROOT}/etc/fstab"), text).context("writing /etc/fstab")
         })?;
         self.step("initramfs-stage", |_| {
-            run_stage_chrooted("initramfs");
+            run_stage_chrooted("initramfs", &cmdline);
             Ok(())
         })?;
         self.write_timeline();
@@ -456,12 +465,11 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn run_stage_with(root: Root, stage: &str) {
+fn run_stage_with(root: Root, stage: &str, cmdline: &str) {
     let fetcher = kairos_config::HttpFetcher::default();
-    let cmdline = fs::read_to_string("/proc/cmdline").ok();
     let run = kairos_stages::runner::StageRun {
         root,
-        cmdline,
+        cmdline: Some(cmdline.to_string()),
         extra_paths: Vec::new(),
         fetcher: &fetcher,
     };
@@ -477,19 +485,19 @@ fn run_stage_with(root: Root, stage: &str) {
 }
 
 /// `rootfs` runs in the initramfs itself, with /oem and /system pointing into the new root.
-fn run_stage_in_initramfs(stage: &str) {
+fn run_stage_in_initramfs(stage: &str, cmdline: &str) {
     for p in ["oem", "system"] {
         let link = Path::new("/").join(p);
         if !link.exists() {
             let _ = std::os::unix::fs::symlink(format!("{SYSROOT}/{p}"), &link);
         }
     }
-    run_stage_with(Root::host(), stage);
+    run_stage_with(Root::host(), stage, cmdline);
 }
 
 /// `initramfs` runs against the new root (commands chrooted into it).
-fn run_stage_chrooted(stage: &str) {
-    run_stage_with(Root::new(SYSROOT), stage);
+fn run_stage_chrooted(stage: &str, cmdline: &str) {
+    run_stage_with(Root::new(SYSROOT), stage, cmdline);
 }
 
 /// Moves the API filesystems into the new root, makes it `/`, and execs its init.

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use kairos_sys::mount::MountFlags;
 
-/// Writes the summary everywhere a person or a later boot can see it.
-pub fn report_failure(summary: &str) {
+/// Writes the summary everywhere a person or a later boot can see it; `oem_mounted` says
+/// whether COS_OEM is already at /sysroot/oem (else it is mounted just for this).
+pub fn report_failure(summary: &str, oem_mounted: bool) {
     // /dev/console is the last console= of the cmdline; tty1 is the screen when that is serial.
     for console in ["/dev/console", "/dev/tty1"] {
         if let Ok(mut f) = fs::OpenOptions::new().write(true).open(console) {
@@ -23,7 +24,7 @@ pub fn report_failure(summary: &str) {
         }
     }
     boot::say(summary.lines().nth(2).unwrap_or("boot failed"));
-    let oem_dir = if std::path::Path::new("/sysroot/oem/lost+found").exists() {
+    let oem_dir = if oem_mounted {
         Some("/sysroot/oem".to_string())
     } else {
         kairos_sys::blockdev::find_by_label("COS_OEM").and_then(|dev| {

@@ -35,12 +35,12 @@ fn main() {
                 .unwrap_or_else(|| "/sbin/init".into());
             kairos_immucore::boot::say(&format!("switching root to /sysroot, exec {init}"));
             let Err(e) = kairos_immucore::boot::switch_root(&init);
-            kairos_immucore::report_failure(&boot.failure_summary(&e));
+            kairos_immucore::report_failure(&boot.failure_summary(&e), boot.oem_mounted());
             kairos_immucore::restart(poweroff);
         }
         Err(e) => {
             boot.write_timeline();
-            kairos_immucore::report_failure(&boot.failure_summary(&e));
+            kairos_immucore::report_failure(&boot.failure_summary(&e), boot.oem_mounted());
             kairos_immucore::restart(poweroff);
         }
     }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kairos_config::node::{Key, Node, Origin, Value};
+use kairos_config::node::{Node, Value};
 use kairos_config::types::{
     Config, ExpandPartition, FileMode, Layout, LayoutDevice, Step, StepFile, StepUser,
 };
@@ -201,36 +201,6 @@ fn transpile(node: &Node, cfg: &mut YipConfig) {
                 ..Default::default()
             });
     }
-}
-
-/// A document made of one stage holding `steps` (for tests and generated configs).
-pub fn from_steps(name: &str, stage: &str, steps: Vec<Step>) -> YipConfig {
-    YipConfig {
-        name: name.into(),
-        stages: BTreeMap::from([(stage.into(), steps)]),
-        problems: Vec::new(),
-    }
-}
-
-/// Wraps a value in a map node, e.g. the cmdline's `stages` tree.
-pub fn map_node(entries: Vec<(&str, Node)>, origin: &Origin) -> Node {
-    Node::new(
-        Value::Map(
-            entries
-                .into_iter()
-                .map(|(k, v)| {
-                    (
-                        Key {
-                            name: k.to_string(),
-                            origin: origin.clone(),
-                        },
-                        v,
-                    )
-                })
-                .collect(),
-        ),
-        origin.clone(),
-    )
 }
 
 #[cfg(test)]
