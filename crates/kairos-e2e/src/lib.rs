@@ -134,6 +134,88 @@ pub fn check_persistence_probes(vm: &mut Vm) -> Result<()> {
     Ok(())
 }
 
+/// (start, size) in bytes of partition `n` (1-based) of a disk image, from `sfdisk --dump`.
+pub fn partition(disk: &Path, n: usize) -> Result<(u64, u64)> {
+    let out = Command::new("sfdisk")
+        .arg("--dump")
+        .arg(disk)
+        .output()
+        .context("running sfdisk --dump")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .filter(|l| l.contains(": start="))
+        .nth(n - 1)
+        .with_context(|| format!("{}: no partition {n}", disk.display()))?;
+    let num = |key: &str| -> Result<u64> {
+        let v = line.split(key).nth(1).context(key.to_string())?.trim_start();
+        Ok(v[..v.find(',').unwrap_or(v.len())].trim().parse()?)
+    };
+    Ok((num("start=")? * 512, num("size=")? * 512))
+}
+
+/// Makes a built disk `extra_mib` larger, as writing it to a bigger drive would.
+pub fn enlarge_disk(disk: &Path, extra_mib: u64) -> Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open(disk)?;
+    let len = f.metadata()?.len();
+    f.set_len(len + (extra_mib << 20))?;
+    Ok(())
+}
+
+/// Checks COS_PERSISTENT (at /usr/local) is larger than `min_mib`: grown to the disk.
+pub fn check_persistent_grown(vm: &mut Vm, min_mib: u64) -> Result<()> {
+    let df = vm.sh("df -m /usr/local | tail -1")?;
+    let size_mib: u64 = df
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        size_mib > min_mib,
+        "COS_PERSISTENT grown to the disk (df: {df})"
+    );
+    Ok(())
+}
+
+/// Writes `loader.conf` on the disk's ESP (partition 1) with mtools, e.g. to pick an entry.
+pub fn set_loader_conf(disk: &Path, text: &str) -> Result<()> {
+    let (esp, _) = partition(disk, 1)?;
+    let conf = disk.with_extension("loader.conf");
+    std::fs::write(&conf, text)?;
+    let st = Command::new("mcopy")
+        .arg("-o")
+        .arg("-i")
+        .arg(format!("{}@@{esp}", disk.display()))
+        .arg(&conf)
+        .arg("::/loader/loader.conf")
+        .status()
+        .context("running mcopy")?;
+    let _ = std::fs::remove_file(&conf);
+    if !st.success() {
+        bail!("mcopy of loader.conf onto {} failed", disk.display());
+    }
+    Ok(())
+}
+
+/// Boots the recovery entry of `disk` and checks the recovery marker (logs in as root).
+pub fn check_recovery_boot(disk: &Path, log: &Path, root_password: &str) -> Result<()> {
+    set_loader_conf(disk, "default recovery.conf\ntimeout 0\n")?;
+    let mut vm = Vm::boot(disk, log)?;
+    vm.login("root", root_password)?;
+    check(
+        &vm.sh("cat /run/cos/recovery_mode")?,
+        "1[exit 0]",
+        "recovery mode marker",
+    );
+    check(&vm.sh("ls /run/cos")?, "recovery_mode", "recovery");
+    check(
+        &vm.sh("grep ' / ' /proc/mounts")?,
+        "overlay / overlay ro",
+        "recovery root is the read-only overlay",
+    );
+    Ok(())
+}
+
 /// The last 3000 characters of console output, for failure messages.
 fn tail(s: &str) -> String {
     let chars: Vec<char> = s.chars().collect();

@@ -3,8 +3,9 @@
 //! systemd units kairosify installed. Run by `scripts/test` with `--ignored`.
 
 use kairos_e2e::{
-    Vm, build_raw, check, check_active_immutable, check_persistence_probes, debian_rootfs,
-    image_in_registry, start_registry, write_persistence_probes,
+    Vm, build_raw, check, check_active_immutable, check_persistence_probes,
+    check_persistent_grown, check_recovery_boot, debian_rootfs, enlarge_disk, image_in_registry,
+    start_registry, write_persistence_probes,
 };
 
 const CLOUD_CONFIG: &str = "#cloud-config
@@ -22,13 +23,15 @@ runcmd:
 
 #[test]
 #[ignore = "VM test: run by scripts/test tier 3"]
-fn debian_boots_with_systemd_and_applies_oem_config() {
+fn debian_boots_with_systemd_applies_oem_config_grows_persistent_and_boots_recovery() {
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("disk.raw");
     let reg = start_registry().unwrap();
     let image = image_in_registry(&reg, &debian_rootfs(), "debian").unwrap();
     build_raw(&image, CLOUD_CONFIG, &disk).unwrap();
     drop(reg);
+    // As if written to a bigger drive: COS_PERSISTENT grows on first boot.
+    enlarge_disk(&disk, 512).unwrap();
 
     let mut vm = Vm::boot(&disk, &work.path().join("boot.log")).unwrap();
     vm.login("root", "debianpw").unwrap();
@@ -59,6 +62,7 @@ fn debian_boots_with_systemd_and_applies_oem_config() {
         "systemd",
         "systemd is init",
     );
+    check_persistent_grown(&mut vm, 500).unwrap();
     write_persistence_probes(&mut vm).unwrap();
     vm.send("systemctl reboot").unwrap();
     vm.wait_exit(std::time::Duration::from_secs(180)).unwrap();
@@ -68,4 +72,10 @@ fn debian_boots_with_systemd_and_applies_oem_config() {
     let mut vm = Vm::boot(&disk, &work.path().join("boot2.log")).unwrap();
     vm.login("root", "debianpw").unwrap();
     check_persistence_probes(&mut vm).unwrap();
+    vm.send("systemctl poweroff").unwrap();
+    vm.wait_exit(std::time::Duration::from_secs(180)).unwrap();
+    drop(vm);
+
+    // The recovery entry boots the RECOVERY deployment in recovery mode.
+    check_recovery_boot(&disk, &work.path().join("boot3.log"), "debianpw").unwrap();
 }

@@ -6,7 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use kairos_e2e::{
-    Vm, build_raw, check, check_active_immutable, check_persistence_probes, start_registry,
+    Vm, build_raw, check, check_active_immutable, check_persistence_probes,
+    check_persistent_grown, check_recovery_boot, enlarge_disk, partition, start_registry,
     tiny_in_registry, write_persistence_probes,
 };
 
@@ -25,26 +26,6 @@ runcmd:
 - touch /run/boot-stage-ran
 ";
 
-/// (start, size) in bytes of partition `n` (1-based) of a disk image.
-fn partition(disk: &Path, n: usize) -> (u64, u64) {
-    let out = Command::new("sfdisk")
-        .arg("--dump")
-        .arg(disk)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .filter(|l| l.contains(": start="))
-        .nth(n - 1)
-        .expect("partition");
-    let num = |key: &str| -> u64 {
-        let v = line.split(key).nth(1).unwrap().trim_start();
-        v[..v.find(',').unwrap_or(v.len())].trim().parse().unwrap()
-    };
-    (num("start=") * 512, num("size=") * 512)
-}
-
 #[test]
 #[ignore = "VM test: run by scripts/test tier 3"]
 fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
@@ -56,13 +37,7 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
     build_raw(&image, CLOUD_CONFIG, &disk).unwrap();
     drop(reg);
     // Written to a bigger disk: COS_PERSISTENT must grow to fill it on first boot.
-    let built = std::fs::metadata(&disk).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&disk)
-        .unwrap()
-        .set_len(built + (512 << 20))
-        .unwrap();
+    enlarge_disk(&disk, 512).unwrap();
 
     // First boot: active, overlay root, OEM config applied.
     let mut vm = Vm::boot(&disk, &work.path().join("boot1.log")).unwrap();
@@ -93,16 +68,7 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
         "\"total_ms\"",
         "boot timeline",
     );
-    let df = vm.sh("df -m /usr/local | tail -1").unwrap();
-    let size_mib: u64 = df
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    assert!(
-        size_mib > 500,
-        "COS_PERSISTENT grown to the disk (df: {df})"
-    );
+    check_persistent_grown(&mut vm, 500).unwrap();
     vm.send("exit").unwrap();
     vm.login("root", "rootpw").unwrap();
     write_persistence_probes(&mut vm).unwrap();
@@ -119,26 +85,7 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
     drop(vm);
 
     // Recovery entry: make it the default on the ESP and boot it.
-    let (esp, _) = partition(&disk, 1);
-    let conf = work.path().join("loader.conf");
-    std::fs::write(&conf, "default recovery.conf\ntimeout 0\n").unwrap();
-    let st = Command::new("mcopy")
-        .arg("-o")
-        .arg("-i")
-        .arg(format!("{}@@{esp}", disk.display()))
-        .arg(&conf)
-        .arg("::/loader/loader.conf")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let mut vm = Vm::boot(&disk, &work.path().join("boot3.log")).unwrap();
-    vm.login("root", "rootpw").unwrap();
-    check(
-        &vm.sh("cat /run/cos/recovery_mode").unwrap(),
-        "1[exit 0]",
-        "recovery mode marker",
-    );
-    check(&vm.sh("ls /run/cos").unwrap(), "recovery_mode", "recovery");
+    check_recovery_boot(&disk, &work.path().join("boot3.log"), "rootpw").unwrap();
 }
 
 #[test]
@@ -154,7 +101,7 @@ fn missing_layer_image_gives_a_failure_summary_not_a_hang() {
     .unwrap();
 
     // Remove the layer images from STATE (partition 4), as a failed copy would leave it.
-    let (start, size) = partition(&disk, 4);
+    let (start, size) = partition(&disk, 4).unwrap();
     let part = work.path().join("state.img");
     let dd = |args: &[String]| {
         assert!(
