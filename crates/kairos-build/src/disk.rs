@@ -164,10 +164,11 @@ fn mkfs_ext4(img: &Path, label: &str, size_mib: u64, content: Option<&Path>) -> 
 
 /// Builds the layer image of a root tree.
 pub fn erofs(rootfs: &Path, out: &Path) -> Result<()> {
-    run(Command::new("mkfs.erofs")
-        .args(["-zlz4", "-T0", "--quiet"])
-        .arg(out)
-        .arg(rootfs))
+    Ok(kairos_layers::make_erofs(
+        &kairos_layers::mkfs_erofs_argv(Path::new("/")),
+        rootfs,
+        out,
+    )?)
 }
 
 fn copy_into(disk: &mut fs::File, img: &Path, offset: u64) -> Result<()> {

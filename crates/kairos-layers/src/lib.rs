@@ -25,6 +25,8 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{tool}: {msg}")]
+    Tool { tool: String, msg: String },
     #[error("{what} {path}: expected {expected}, found {found}")]
     Mismatch {
         what: &'static str,
@@ -193,6 +195,59 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Where `kairosify` puts a private `mkfs.erofs` with the libraries it needs (and their
+/// loader), so a node of any distribution can turn downloaded layers into images.
+pub const BUNDLED_EROFS: &str = "usr/lib/kairos/erofs";
+
+/// The argv that runs `mkfs.erofs`: the bundled one under `root` when present, else PATH's.
+pub fn mkfs_erofs_argv(root: &Path) -> Vec<String> {
+    let dir = root.join(BUNDLED_EROFS);
+    let tool = dir.join("mkfs.erofs");
+    let loader = dir.join("ld-linux-x86-64.so.2");
+    if tool.is_file() && loader.is_file() {
+        vec![
+            loader.to_string_lossy().into_owned(),
+            "--library-path".into(),
+            dir.to_string_lossy().into_owned(),
+            tool.to_string_lossy().into_owned(),
+        ]
+    } else {
+        vec!["mkfs.erofs".into()]
+    }
+}
+
+/// Makes the read-only image of a layer tree (EROFS, lz4) at `out`, synced to disk.
+pub fn make_erofs(argv: &[String], tree: &Path, out: &Path) -> Result<(), Error> {
+    let (prog, args) = argv.split_first().ok_or_else(|| Error::Tool {
+        tool: "mkfs.erofs".into(),
+        msg: "no command".into(),
+    })?;
+    let o = std::process::Command::new(prog)
+        .args(args)
+        .args(["-zlz4", "-T0", "--quiet"])
+        .arg(out)
+        .arg(tree)
+        .output()
+        .map_err(|e| Error::Tool {
+            tool: prog.clone(),
+            msg: format!("{e} (install the Debian package erofs-utils)"),
+        })?;
+    if !o.status.success() {
+        return Err(Error::Tool {
+            tool: "mkfs.erofs".into(),
+            msg: format!(
+                "making {} from {}: {}",
+                out.display(),
+                tree.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        });
+    }
+    fs::File::open(out)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(out))
 }
 
 /// `sha256:<hex>` → `layers/sha256-<hex>.erofs`.

@@ -102,15 +102,20 @@ impl LocalImage {
 
     /// The uncompressed digests of the layers (`rootfs.diff_ids` of the config).
     pub fn diff_ids(&self) -> Vec<String> {
-        self.config["rootfs"]["diff_ids"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
+        config_diff_ids(&self.config)
     }
+}
+
+/// `rootfs.diff_ids` of an image config.
+pub fn config_diff_ids(config: &Json) -> Vec<String> {
+    config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 pub fn blob_path(blobs: &Path, digest: &str) -> PathBuf {

@@ -65,6 +65,29 @@ pub fn fetch(r: &ImageRef, cache: &Path, progress: Progress) -> Result<LocalImag
     }
 }
 
+/// Like [`fetch`], but from a registry only the layers with `wanted(diff_id)` are downloaded
+/// (local sources are read in place whole): what an upgrade uses to pull only what changed.
+pub fn fetch_wanted(
+    r: &ImageRef,
+    cache: &Path,
+    wanted: &dyn Fn(&str) -> bool,
+    progress: Progress,
+) -> Result<LocalImage, Error> {
+    match r {
+        ImageRef::Registry {
+            registry,
+            repository,
+            reference,
+        } => registry::Registry::new(registry, repository).pull_some(
+            reference,
+            &cache.join("blobs"),
+            wanted,
+            progress,
+        ),
+        other => fetch(other, cache, progress),
+    }
+}
+
 /// Writes an image to a destination (registry, OCI layout, OCI archive).
 pub fn store_to(
     img: &LocalImage,
@@ -100,24 +123,7 @@ fn now_rfc3339() -> String {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let days = secs.div_euclid(86400);
-    let rem = secs.rem_euclid(86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    kairos_sys::time::rfc3339(secs)
 }
 
 /// Writes config + manifest for `layers` (with their diff_ids) and returns the image.

@@ -192,6 +192,49 @@ impl Registry {
         blobs: &Path,
         progress: &mut dyn FnMut(&str, u64, u64),
     ) -> Result<LocalImage, Error> {
+        self.pull_some(reference, blobs, &|_| true, progress)
+    }
+
+    /// Like [`Registry::pull`], but downloads only the layers for which `wanted(diff_id)` is
+    /// true (the config says each layer's diff_id before any layer is fetched). The image
+    /// returned then lacks the other layers' blobs: callers that skip a layer already have
+    /// its content in another form (an upgrade's layer store).
+    pub fn pull_some(
+        &mut self,
+        reference: &str,
+        blobs: &Path,
+        wanted: &dyn Fn(&str) -> bool,
+        progress: &mut dyn FnMut(&str, u64, u64),
+    ) -> Result<LocalImage, Error> {
+        let (manifest, digest, body) = self.resolve(reference)?;
+        self.pull_blob(&manifest.config, blobs, progress)?;
+        let config: serde_json::Value = serde_json::from_slice(&crate::store::read_blob(
+            blobs,
+            &manifest.config.digest,
+        )?)
+        .map_err(|e| Error::Format(format!("image config {}: {e}", manifest.config.digest)))?;
+        let diff_ids = crate::image::config_diff_ids(&config);
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(Error::Format(format!(
+                "{}/{}:{reference}: {} layers but {} diff_ids in the config",
+                self.host,
+                self.repository,
+                manifest.layers.len(),
+                diff_ids.len()
+            )));
+        }
+        for (d, id) in manifest.layers.iter().zip(&diff_ids) {
+            if wanted(id) {
+                self.pull_blob(d, blobs, progress)?;
+            }
+        }
+        put_verified(blobs, &digest, &mut &body[..], &mut |_| {})?;
+        store::local_image(blobs, manifest, digest)
+    }
+
+    /// The image manifest for `reference` (an index resolved to linux/amd64), its digest and
+    /// its bytes.
+    pub fn resolve(&mut self, reference: &str) -> Result<(Manifest, String, Vec<u8>), Error> {
         let accept = [
             MT_OCI_MANIFEST,
             MT_OCI_INDEX,
@@ -230,18 +273,15 @@ impl Registry {
                 })?
                 .digest
                 .clone();
-            return self.pull(&d, blobs, progress);
+            return self.resolve(&d);
         }
         let manifest: Manifest =
             serde_json::from_value(v).map_err(|e| Error::Format(format!("{url}: {e}")))?;
-        for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
-            self.pull_blob(d, blobs, progress)?;
-        }
-        put_verified(blobs, &digest, &mut &body[..], &mut |_| {})?;
-        store::local_image(blobs, manifest, digest)
+        Ok((manifest, digest, body))
     }
 
-    fn pull_blob(
+    /// Downloads one blob into `blobs` unless it is there; verified before it is kept.
+    pub fn pull_blob(
         &mut self,
         d: &Descriptor,
         blobs: &Path,

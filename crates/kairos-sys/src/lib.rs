@@ -13,6 +13,7 @@ pub mod loopdev;
 pub mod mount;
 pub mod root;
 pub mod sysinfo;
+pub mod time;
 
 pub use exec::{CommandOutput, ExecError, Shell};
 pub use root::Root;

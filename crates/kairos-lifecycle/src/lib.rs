@@ -1,0 +1,67 @@
+//! The node lifecycle after the first boot: the ESP [`entries`] that decide what boots,
+//! [`upgrade`]s that fetch only missing layers into the store, boot [`assess`]ment with
+//! automatic fallback, rollback, [`gc`] of unreferenced layers, and the node [`state`].
+//!
+//! Everything takes a [`Node`] (where STATE, the ESP and OEM are mounted), so the logic runs
+//! against plain directories in tests; [`mounts`] finds and mounts them on a real node.
+
+pub mod assess;
+pub mod entries;
+pub mod gc;
+pub mod history;
+pub mod mounts;
+pub mod state;
+pub mod upgrade;
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Oci(#[from] kairos_oci::Error),
+    #[error(transparent)]
+    Store(#[from] kairos_layers::Error),
+    #[error("{0}")]
+    Node(String),
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where a node's partitions are (mounted read-write for the duration of an action).
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// The layer store being changed: COS_STATE (or COS_RECOVERY for `--recovery`).
+    pub store: PathBuf,
+    /// The ESP (COS_GRUB) with `loader/entries` and `kairos/` kernels.
+    pub esp: PathBuf,
+    /// COS_OEM, where boot failure records live (`None` when not mounted).
+    pub oem: Option<PathBuf>,
+    /// Scratch space for downloads and unpacked layers (tmpfs when it fits).
+    pub scratch: PathBuf,
+    /// The root whose bundled tools are used (`/` on a node).
+    pub tools_root: PathBuf,
+}
+
+/// The ESP path of a kernel or initrd with this sha256: the same file for every deployment
+/// that shares it, so an upgrade that keeps the kernel writes nothing to the ESP.
+pub fn esp_boot_path(kind: &str, sha256: &str) -> String {
+    format!("/kairos/{kind}-{}", &sha256[..sha256.len().min(16)])
+}
+
+/// The id of a deployment made from an image with this manifest digest.
+pub fn deployment_id(manifest_digest: &str) -> String {
+    let hex = manifest_digest.trim_start_matches("sha256:");
+    format!("d-{}", &hex[..hex.len().min(12)])
+}
+

@@ -1,0 +1,109 @@
+//! The node's state for `kairos-agent state`: boot mode, what is booted and what boots next,
+//! the deployments with their images and digests, the last failure and why, partitions and
+//! history — one JSON document, also addressable by path (`state get booted.deployment`).
+
+use std::collections::BTreeMap;
+
+use kairos_layers::Store;
+use serde::Serialize;
+
+use crate::assess::Booted;
+use crate::entries::{self, Entry, Role};
+use crate::history::{self, Record, Staged};
+use crate::{Error, Node, upgrade};
+
+/// What kairos-immucore writes on OEM when a boot fails before userspace.
+pub const BOOT_FAILURE_LOG: &str = "boot-failure.log";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeploymentInfo {
+    pub id: String,
+    pub image: String,
+    pub manifest_digest: String,
+    pub version: String,
+    pub created: String,
+    pub layers: Vec<String>,
+    /// Entries that boot it.
+    pub roles: Vec<Role>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct State {
+    pub boot_mode: String,
+    pub booted: String,
+    /// The deployment systemd-boot picks next, and in which role.
+    pub next_boot: Option<String>,
+    pub next_role: Option<Role>,
+    pub entries: Vec<Entry>,
+    pub deployments: Vec<DeploymentInfo>,
+    pub staged: Option<Staged>,
+    pub last_failure: Option<Record>,
+    pub partitions: BTreeMap<String, String>,
+    pub history: Vec<Record>,
+}
+
+pub fn gather(
+    node: &Node,
+    booted: &Booted,
+    partitions: BTreeMap<String, String>,
+) -> Result<State, Error> {
+    let list = entries::list(&node.esp)?;
+    let next = entries::boot_order(&list).first().map(|e| (*e).clone());
+    let deployments = upgrade::deployments(&Store::new(&node.store))
+        .into_iter()
+        .map(|d| DeploymentInfo {
+            roles: list
+                .iter()
+                .filter(|e| e.deployment == d.id)
+                .map(|e| e.role)
+                .collect(),
+            id: d.id,
+            image: d.image,
+            manifest_digest: d.manifest_digest,
+            version: d.version,
+            created: d.created,
+            layers: d.layers.into_iter().map(|l| l.digest).collect(),
+        })
+        .collect();
+    let hist = history::read(&node.store);
+    let last_failure = hist
+        .iter()
+        .rev()
+        .find(|r| r.action == "fell-back")
+        .cloned()
+        .or_else(|| history::failures(&node.store).pop());
+    Ok(State {
+        boot_mode: booted.mode.clone(),
+        booted: booted.deployment.clone(),
+        next_boot: next.as_ref().map(|e| e.deployment.clone()),
+        next_role: next.map(|e| e.role),
+        entries: list,
+        deployments,
+        staged: history::staged(&node.store),
+        last_failure,
+        partitions,
+        history: hist,
+    })
+}
+
+/// The value at a dotted path (`entries.0.role`), as JSON.
+pub fn get<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    path.split('.')
+        .filter(|p| !p.is_empty())
+        .try_fold(v, |cur, key| match cur {
+            serde_json::Value::Array(a) => a.get(key.parse::<usize>().ok()?),
+            serde_json::Value::Object(o) => o.get(key),
+            _ => None,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dotted_paths() {
+        let v = serde_json::json!({"a": {"b": [1, {"c": "x"}]}});
+        assert_eq!(super::get(&v, "a.b.1.c"), Some(&serde_json::json!("x")));
+        assert_eq!(super::get(&v, "a.b.7"), None);
+        assert_eq!(super::get(&v, ""), Some(&v));
+    }
+}
