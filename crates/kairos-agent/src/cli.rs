@@ -77,6 +77,53 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Upgrade to an image: fetch only the layers the node lacks, stage the deployment and
+    /// make it the next boot with tries (it falls back by itself if it does not come up healthy)
+    Upgrade(crate::lifecycle::UpgradeArgs),
+    /// Make the passive (previous) deployment boot next; the active one becomes the fallback
+    Rollback {
+        /// Reboot when done
+        #[arg(long)]
+        reboot: bool,
+        #[command(flatten)]
+        node: crate::lifecycle::NodeArgs,
+    },
+    /// List the boot entries in the order they boot, or pin one
+    Bootentry {
+        /// List the entries (the default)
+        #[arg(long)]
+        list: bool,
+        /// Boot this entry (active, passive or recovery) until `--select active`
+        #[arg(long, value_name = "ENTRY")]
+        select: Option<String>,
+        #[command(flatten)]
+        node: crate::lifecycle::NodeArgs,
+    },
+    /// Show the node's state: boot mode, deployments, next boot, last failure, history
+    State {
+        #[command(subcommand)]
+        command: Option<StateCommand>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        node: crate::lifecycle::NodeArgs,
+    },
+    /// Run the health checks after the boot stage: keep a new deployment that passes, reboot
+    /// one that fails (it falls back after its tries), record a fallback (run by the init system)
+    BootAssessment {
+        /// Print the verdict as JSON
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        node: crate::lifecycle::NodeArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Print one value by dot path (`booted`, `next_boot`, `deployments.0.image`)
+    Get { path: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,6 +155,34 @@ impl Global {
             return Some(c.clone());
         }
         std::fs::read_to_string(self.root().join("proc/cmdline")).ok()
+    }
+
+    /// What the running system booted (deployment and mode), from the cmdline.
+    fn booted(&self) -> kairos_lifecycle::assess::Booted {
+        kairos_lifecycle::assess::Booted::from_cmdline(&self.cmdline().unwrap_or_default())
+    }
+
+    /// The config sections lifecycle commands read, each typed on its own so a problem
+    /// elsewhere in the config does not stop an upgrade (it is reported as a warning).
+    fn lifecycle_config(&self, fetcher: &dyn Fetcher) -> kairos_config::types::Config {
+        let mut cfg = kairos_config::types::Config::default();
+        let json = match self.collect(fetcher) {
+            Ok(c) => c.config.to_json(),
+            Err(e) => {
+                eprintln!("warning: {e:#}");
+                return cfg;
+            }
+        };
+        fn section<T: serde::de::DeserializeOwned>(j: &serde_json::Value, key: &str) -> Option<T> {
+            let v = j.get(key)?;
+            serde_json::from_value(v.clone())
+                .map_err(|e| eprintln!("warning: config key {key}: {e}"))
+                .ok()
+        }
+        cfg.upgrade = section(&json, "upgrade");
+        cfg.boot_assessment = section(&json, "boot_assessment");
+        cfg.reset = section(&json, "reset");
+        cfg
     }
 
     fn collect(&self, fetcher: &dyn Fetcher) -> Result<Collected> {
@@ -179,6 +254,84 @@ pub fn run(cli: Cli) -> Result<Code> {
             analyze,
             json,
         } => run_stage(&cli.global, &stage, strict, analyze, json, &fetcher),
+        Command::Upgrade(a) => {
+            let cfg = cli.global.lifecycle_config(&fetcher);
+            crate::lifecycle::upgrade_cmd(&a, &cli.global.root, &cli.global.booted(), &cfg)
+        }
+        Command::Rollback { reboot, node } => {
+            crate::lifecycle::rollback_cmd(&node, &cli.global.root, reboot)
+        }
+        Command::Bootentry { select, node, .. } => {
+            crate::lifecycle::bootentry_cmd(&node, &cli.global.root, select.as_deref())
+        }
+        Command::State {
+            command,
+            json,
+            node,
+        } => {
+            let v = crate::lifecycle::state_value(&node, &cli.global.root, &cli.global.booted())?;
+            match command {
+                Some(StateCommand::Get { path }) => match kairos_lifecycle::state::get(&v, &path) {
+                    Some(serde_json::Value::String(s)) => println!("{s}"),
+                    Some(x) => println!("{}", serde_json::to_string_pretty(x)?),
+                    None => {
+                        eprintln!("state has no value at {path}");
+                        return Ok(exit::INVALID);
+                    }
+                },
+                None if json => println!("{}", serde_json::to_string_pretty(&v)?),
+                None => print_state(&v),
+            }
+            Ok(0)
+        }
+        Command::BootAssessment { json, node } => {
+            let cfg = cli.global.lifecycle_config(&fetcher);
+            crate::lifecycle::boot_assessment_cmd(
+                &node,
+                &cli.global.root,
+                &cli.global.booted(),
+                &cfg,
+                json,
+            )
+        }
+    }
+}
+
+/// `state` for people: the few lines an operator looks for first.
+fn print_state(v: &serde_json::Value) {
+    let s = |p: &str| {
+        kairos_lifecycle::state::get(v, p)
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| x.to_string())
+            })
+            .unwrap_or_default()
+    };
+    println!("boot mode:  {}", s("boot_mode"));
+    println!("booted:     {}", s("booted"));
+    println!("next boot:  {} ({})", s("next_boot"), s("next_role"));
+    if let Some(deps) = v["deployments"].as_array() {
+        for d in deps {
+            println!(
+                "deployment: {} {} {} roles={}",
+                d["id"].as_str().unwrap_or_default(),
+                d["image"].as_str().unwrap_or_default(),
+                d["manifest_digest"].as_str().unwrap_or_default(),
+                d["roles"]
+            );
+        }
+    }
+    if v["staged"].is_object() {
+        println!("staged:     {}", s("staged.deployment"));
+    }
+    if v["last_failure"].is_object() {
+        println!(
+            "last failure: {} {}: {}",
+            s("last_failure.deployment"),
+            s("last_failure.action"),
+            s("last_failure.detail")
+        );
     }
 }
 

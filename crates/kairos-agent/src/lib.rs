@@ -2,3 +2,4 @@
 //! without spawning the binary.
 
 pub mod cli;
+pub mod lifecycle;

@@ -13,6 +13,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use kairos_layers::{Deployment, Layer, Store};
+use kairos_lifecycle::entries::Role;
 
 const MIB: u64 = 1 << 20;
 
@@ -193,12 +194,6 @@ fn copy_into(disk: &mut fs::File, img: &Path, offset: u64) -> Result<()> {
     Ok(())
 }
 
-fn loader_entry(title: &str, id: &str, options: &str) -> String {
-    format!(
-        "title {title}\nlinux /kairos/{id}/vmlinuz\ninitrd /kairos/{id}/initrd\noptions {options}\n"
-    )
-}
-
 /// Builds the disk; on any error nothing is left at `spec.output`.
 pub fn build_raw(spec: &RawSpec) -> Result<RawReport> {
     check_tools(TOOLS)?;
@@ -269,75 +264,77 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
         .manifest_digest
         .clone()
         .unwrap_or_else(|| format!("sha256:{image_hex}"));
-    let id = format!("d-{}", &digest.trim_start_matches("sha256:")[..12]);
-    fs::create_dir_all(state_dir.join("boot").join(&id))?;
-    fs::copy(
-        &kernel.vmlinuz,
-        state_dir.join(format!("boot/{id}/vmlinuz")),
-    )?;
-    fs::copy(&initrd_path, state_dir.join(format!("boot/{id}/initrd")))?;
-    let mk_dep = |id: &str| -> Result<Deployment> {
-        Ok(Deployment {
-            id: id.to_string(),
-            image: spec.image_ref.clone(),
-            manifest_digest: digest.clone(),
-            version: fs::read_to_string(base.join("etc/os-release"))
-                .ok()
-                .and_then(|t| {
-                    kairos_sys::sysinfo::parse_key_values(&t)
-                        .get("VERSION_ID")
-                        .cloned()
-                })
-                .unwrap_or_default(),
-            created: String::new(),
-            layers: layers.clone(),
-            kernel: Some(store.blob(&format!("boot/{id}/vmlinuz"))?),
-            initrd: Some(store.blob(&format!("boot/{id}/initrd"))?),
-            cmdline: spec.cmdline.clone(),
-        })
+    let id = kairos_lifecycle::deployment_id(&digest);
+    // Kernel and initrd are stored by content, on STATE and on the ESP, as upgrades do.
+    let boot_blob = |src: &Path| -> Result<kairos_layers::Blob> {
+        let hex = kairos_layers::sha256_file(src)?;
+        let rel = format!("boot/sha256-{hex}");
+        fs::create_dir_all(state_dir.join("boot"))?;
+        fs::copy(src, state_dir.join(&rel))
+            .with_context(|| format!("copying {}", src.display()))?;
+        Ok(store.blob(&rel)?)
     };
-    let dep = mk_dep(&id)?;
+    let kernel_blob = boot_blob(&kernel.vmlinuz)?;
+    let initrd_blob = boot_blob(&initrd_path)?;
+    let dep = Deployment {
+        id: id.clone(),
+        image: spec.image_ref.clone(),
+        manifest_digest: digest.clone(),
+        version: fs::read_to_string(base.join("etc/os-release"))
+            .ok()
+            .and_then(|t| {
+                kairos_sys::sysinfo::parse_key_values(&t)
+                    .get("VERSION_ID")
+                    .cloned()
+            })
+            .unwrap_or_default(),
+        created: kairos_sys::time::now_rfc3339(),
+        layers: layers.clone(),
+        kernel: Some(kernel_blob.clone()),
+        initrd: Some(initrd_blob.clone()),
+        cmdline: spec.cmdline.clone(),
+    };
     store.write_deployment(&dep)?;
     // RECOVERY: the same content, its own store (independent of STATE).
     let rec_dir = work.join("recovery");
     copy_dir(&state_dir, &rec_dir)?;
+    kairos_lifecycle::history::append(
+        &state_dir,
+        &kairos_lifecycle::history::Record::new(
+            "installed",
+            &id,
+            &spec.image_ref,
+            "kairosctl build raw",
+        ),
+    )?;
 
-    // ESP: systemd-boot as the removable-media loader, entries for active and recovery.
+    // ESP: systemd-boot as the removable-media loader, kernel and initrd by content, an
+    // entry for active and one for recovery (order comes from their sort-keys).
     let esp_dir = work.join("esp");
     fs::create_dir_all(esp_dir.join("EFI/BOOT"))?;
-    fs::create_dir_all(esp_dir.join("loader/entries"))?;
-    fs::create_dir_all(esp_dir.join(format!("kairos/{id}")))?;
     fs::copy(SYSTEMD_BOOT, esp_dir.join("EFI/BOOT/BOOTX64.EFI"))?;
-    fs::copy(
-        &kernel.vmlinuz,
-        esp_dir.join(format!("kairos/{id}/vmlinuz")),
-    )?;
-    fs::copy(&initrd_path, esp_dir.join(format!("kairos/{id}/initrd")))?;
-    let opts = |extra: &str| {
-        format!("{} kairos.deployment={id} {extra}", spec.cmdline)
-            .trim()
-            .to_string()
-    };
+    for (kind, src, blob) in [
+        ("vmlinuz", &kernel.vmlinuz, &kernel_blob),
+        ("initrd", &initrd_path, &initrd_blob),
+    ] {
+        let rel = kairos_lifecycle::esp_boot_path(kind, &blob.sha256);
+        let dest = esp_dir.join(rel.trim_start_matches('/'));
+        fs::create_dir_all(dest.parent().unwrap_or(&esp_dir))?;
+        fs::copy(src, &dest).with_context(|| format!("copying {}", src.display()))?;
+    }
+    fs::create_dir_all(esp_dir.join("loader/entries"))?;
     fs::write(
         esp_dir.join("loader/loader.conf"),
-        "default active.conf\ntimeout 3\nconsole-mode keep\neditor no\n",
+        "timeout 3\nconsole-mode keep\neditor no\n",
     )?;
-    fs::write(
-        esp_dir.join("loader/entries/active.conf"),
-        loader_entry(
-            "Kairos",
-            &id,
-            &opts("kairos.store=LABEL=COS_STATE kairos.mode=active"),
-        ),
-    )?;
-    fs::write(
-        esp_dir.join("loader/entries/recovery.conf"),
-        loader_entry(
-            "Kairos recovery",
-            &id,
-            &opts("kairos.store=LABEL=COS_RECOVERY kairos.mode=recovery"),
-        ),
-    )?;
+    for role in [Role::Active, Role::Recovery] {
+        kairos_lifecycle::entries::set(
+            &esp_dir,
+            role,
+            &kairos_lifecycle::upgrade::entry_for(role, &dep)?,
+            None,
+        )?;
+    }
 
     // OEM: the user's cloud-config.
     let oem_dir = work.join("oem");

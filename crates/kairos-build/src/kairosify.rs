@@ -38,7 +38,42 @@ pub struct Binaries {
     pub immucore: PathBuf,
 }
 
-const STAGES: &[(&str, &str)] = &[("fs", "sysinit"), ("boot", "sysinit"), ("network", "once")];
+/// A hook the init system runs: service name, `kairos-agent` arguments, busybox inittab
+/// action, OpenRC dependencies.
+struct Hook {
+    name: &'static str,
+    args: &'static str,
+    inittab: &'static str,
+    openrc_depend: &'static str,
+}
+
+/// The stages, then boot assessment once the boot stage is done.
+const HOOKS: &[Hook] = &[
+    Hook {
+        name: "cos-setup-fs",
+        args: "run-stage fs",
+        inittab: "sysinit",
+        openrc_depend: "need localmount",
+    },
+    Hook {
+        name: "cos-setup-boot",
+        args: "run-stage boot",
+        inittab: "sysinit",
+        openrc_depend: "need localmount",
+    },
+    Hook {
+        name: "cos-setup-network",
+        args: "run-stage network",
+        inittab: "once",
+        openrc_depend: "need net",
+    },
+    Hook {
+        name: "kairos-boot-assessment",
+        args: "boot-assessment",
+        inittab: "once",
+        openrc_depend: "need localmount\n    after cos-setup-boot",
+    },
+];
 
 fn write(path: &Path, text: &str, mode: u32) -> Result<()> {
     if let Some(p) = path.parent() {
@@ -67,6 +102,11 @@ fn systemd_units(layer: &Path) -> Result<()> {
             "[Unit]\nDescription=Kairos network stage\nWants=network-online.target\nAfter=network-online.target cos-setup-boot.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/kairos-agent run-stage network\n\n[Install]\nWantedBy=multi-user.target\n",
             "multi-user.target",
         ),
+        (
+            "kairos-boot-assessment.service",
+            "[Unit]\nDescription=Kairos boot assessment (bless or fall back)\nAfter=cos-setup-boot.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/kairos-agent boot-assessment\n\n[Install]\nWantedBy=multi-user.target\n",
+            "multi-user.target",
+        ),
     ];
     for (name, text, target) in units {
         write(
@@ -85,25 +125,17 @@ fn systemd_units(layer: &Path) -> Result<()> {
 
 /// OpenRC services for the stages.
 fn openrc_services(layer: &Path) -> Result<()> {
-    for (stage, _) in STAGES {
-        let need = if *stage == "network" {
-            "need net"
-        } else {
-            "need localmount"
-        };
+    for h in HOOKS {
+        let (name, args, depend) = (h.name, h.args, h.openrc_depend);
         let text = format!(
-            "#!/sbin/openrc-run\ndescription=\"Kairos {stage} stage\"\ndepend() {{\n    {need}\n}}\nstart() {{\n    /usr/bin/kairos-agent run-stage {stage}\n}}\n"
+            "#!/sbin/openrc-run\ndescription=\"Kairos: {args}\"\ndepend() {{\n    {depend}\n}}\nstart() {{\n    /usr/bin/kairos-agent {args}\n}}\n"
         );
-        write(
-            &layer.join(format!("etc/init.d/cos-setup-{stage}")),
-            &text,
-            0o755,
-        )?;
+        write(&layer.join(format!("etc/init.d/{name}")), &text, 0o755)?;
         let lvl = layer.join("etc/runlevels/default");
         fs::create_dir_all(&lvl)?;
-        let link = lvl.join(format!("cos-setup-{stage}"));
+        let link = lvl.join(name);
         let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(format!("/etc/init.d/cos-setup-{stage}"), link)?;
+        std::os::unix::fs::symlink(format!("/etc/init.d/{name}"), link)?;
     }
     Ok(())
 }
@@ -124,9 +156,10 @@ fn busybox_inittab(rootfs: &Path, layer: &Path) -> Result<()> {
         }
     }
     let mut text = sysinit;
-    for (stage, action) in STAGES {
+    for h in HOOKS {
         text.push_str(&format!(
-            "::{action}:/usr/bin/kairos-agent run-stage {stage}\n"
+            "::{}:/usr/bin/kairos-agent {}\n",
+            h.inittab, h.args
         ));
     }
     text.push_str(&rest);
@@ -160,6 +193,7 @@ pub fn kairos_layer(
             fs::Permissions::from_mode(0o755),
         )?;
     }
+    bundle_mkfs_erofs(&layer.join(kairos_layers::BUNDLED_EROFS))?;
     for d in ["oem", "usr/local/cloud-config", "system/oem", "run/cos"] {
         fs::create_dir_all(layer.join(d))?;
     }
@@ -187,6 +221,53 @@ pub fn kairos_layer(
         InitSystem::Busybox => busybox_inittab(rootfs, layer)?,
     }
     Ok(init)
+}
+
+/// Copies the build host's `mkfs.erofs` with every library it links and the dynamic loader
+/// into `dir`: upgrades on the node turn layers into images with it, whatever the distribution
+/// ships (busybox images have no erofs-utils at all).
+fn bundle_mkfs_erofs(dir: &Path) -> Result<()> {
+    let tool = std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("mkfs.erofs"))
+                .find(|p| p.is_file())
+        })
+        .context("mkfs.erofs not found: install the Debian package erofs-utils")?;
+    let out = std::process::Command::new("ldd")
+        .arg(&tool)
+        .output()
+        .context("running ldd (Debian package libc-bin)")?;
+    if !out.status.success() {
+        bail!("ldd {} failed", tool.display());
+    }
+    fs::create_dir_all(dir)?;
+    let copy = |src: &Path, name: &str| -> Result<()> {
+        let dest = dir.join(name);
+        fs::copy(src, &dest).with_context(|| format!("copying {}", src.display()))?;
+        fs::set_permissions(&dest, fs::Permissions::from_mode(0o755))?;
+        Ok(())
+    };
+    copy(&tool, "mkfs.erofs")?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // `libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`
+        let path = match line.split_once("=>") {
+            Some((_, rhs)) => rhs.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else {
+            continue;
+        };
+        let name = Path::new(path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        copy(Path::new(path), &name)?;
+    }
+    if !dir.join("ld-linux-x86-64.so.2").is_file() {
+        bail!("ldd {} named no ld-linux-x86-64.so.2", tool.display());
+    }
+    Ok(())
 }
 
 /// True when the tree already carries the Kairos layer.
@@ -245,7 +326,7 @@ mod tests {
         let tab = fs::read_to_string(l.path().join("etc/inittab")).unwrap();
         assert_eq!(
             tab,
-            "::sysinit:/etc/init.d/rcS\n::sysinit:/usr/bin/kairos-agent run-stage fs\n::sysinit:/usr/bin/kairos-agent run-stage boot\n::once:/usr/bin/kairos-agent run-stage network\nttyS0::respawn:/sbin/getty -L 115200 ttyS0\n"
+            "::sysinit:/etc/init.d/rcS\n::sysinit:/usr/bin/kairos-agent run-stage fs\n::sysinit:/usr/bin/kairos-agent run-stage boot\n::once:/usr/bin/kairos-agent run-stage network\n::once:/usr/bin/kairos-agent boot-assessment\nttyS0::respawn:/sbin/getty -L 115200 ttyS0\n"
         );
         assert!(
             fs::read_to_string(l.path().join("etc/kairos-release"))

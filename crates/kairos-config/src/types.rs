@@ -226,6 +226,8 @@ config_struct!(
         stages: Map<Vec<Step>>,
         install: Option<Install>,
         upgrade: Option<Upgrade>,
+        /// How a newly upgraded deployment proves itself before it is kept.
+        boot_assessment: Option<BootAssessment>,
         reset: Option<Reset>,
         /// URL of more config; fetched values win over this file's.
         config_url: Option<String>,
@@ -564,6 +566,20 @@ config_struct!(
         excluded_paths: Vec<String>,
         #[serde(rename = "allow-insecure-registries")]
         allow_insecure_registries: GoBool,
+    }
+);
+
+config_struct!(
+    /// `boot_assessment:` — after an upgrade the new deployment boots with `tries` attempts;
+    /// it is kept once the `boot` stage is done and every health check exits 0, and after
+    /// `tries` failed boots the previous deployment boots by itself.
+    BootAssessment {
+        /// Shell commands run after the `boot` stage; all must exit 0.
+        health_checks: Vec<String>,
+        /// Seconds each check may take (default 60).
+        timeout: Option<u64>,
+        /// Boot attempts for a new deployment (default 3).
+        tries: Option<u32>,
     }
 );
 

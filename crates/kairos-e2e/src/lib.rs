@@ -148,7 +148,11 @@ pub fn partition(disk: &Path, n: usize) -> Result<(u64, u64)> {
         .nth(n - 1)
         .with_context(|| format!("{}: no partition {n}", disk.display()))?;
     let num = |key: &str| -> Result<u64> {
-        let v = line.split(key).nth(1).context(key.to_string())?.trim_start();
+        let v = line
+            .split(key)
+            .nth(1)
+            .context(key.to_string())?
+            .trim_start();
         Ok(v[..v.find(',').unwrap_or(v.len())].trim().parse()?)
     };
     Ok((num("start=")? * 512, num("size=")? * 512))

@@ -3,9 +3,9 @@
 //! systemd units kairosify installed. Run by `scripts/test` with `--ignored`.
 
 use kairos_e2e::{
-    Vm, build_raw, check, check_active_immutable, check_persistence_probes,
-    check_persistent_grown, check_recovery_boot, debian_rootfs, enlarge_disk, image_in_registry,
-    start_registry, write_persistence_probes,
+    Vm, build_raw, check, check_active_immutable, check_persistence_probes, check_persistent_grown,
+    check_recovery_boot, debian_rootfs, enlarge_disk, image_in_registry, start_registry,
+    write_persistence_probes,
 };
 
 const CLOUD_CONFIG: &str = "#cloud-config

@@ -1,14 +1,13 @@
 //! Tier 3: the `tiny` flavour (busybox init, Debian kernel) built into a raw disk by kairosctl
 //! and booted in QEMU under OVMF + systemd-boot. Run by `scripts/test` with `--ignored`.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use kairos_e2e::{
-    Vm, build_raw, check, check_active_immutable, check_persistence_probes,
-    check_persistent_grown, check_recovery_boot, enlarge_disk, partition, start_registry,
-    tiny_in_registry, write_persistence_probes,
+    Vm, build_raw, check, check_active_immutable, check_persistence_probes, check_persistent_grown,
+    check_recovery_boot, enlarge_disk, partition, start_registry, tiny_in_registry,
+    write_persistence_probes,
 };
 
 const CLOUD_CONFIG: &str = "#cloud-config
@@ -165,7 +164,7 @@ fn missing_layer_image_gives_a_failure_summary_not_a_hang() {
     drop(vm);
 
     // The summary was also saved on OEM (partition 2).
-    let (start, size) = partition(&disk, 2);
+    let (start, size) = partition(&disk, 2).unwrap();
     let oem = work.path().join("oem.img");
     dd(&[
         format!("if={}", disk.display()),

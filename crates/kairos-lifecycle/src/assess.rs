@@ -195,7 +195,10 @@ mod tests {
         let n = node(d.path());
         set(&n.esp, Role::Passive, &entry(Role::Passive, "v1"), None).unwrap();
         set(&n.esp, Role::Active, &entry(Role::Active, "v2"), Some(3)).unwrap();
-        let v = assess(&n, &booted("v2", "active"), &mut || Err("curl exited 7".into())).unwrap();
+        let v = assess(&n, &booted("v2", "active"), &mut || {
+            Err("curl exited 7".into())
+        })
+        .unwrap();
         assert_eq!(
             v,
             Verdict::Unhealthy {
@@ -206,7 +209,12 @@ mod tests {
         );
         assert_eq!(entries::list(&n.esp).unwrap()[0].file, "active+3.conf");
         let v = assess(&n, &booted("v2", "active"), &mut || Ok(())).unwrap();
-        assert_eq!(v, Verdict::Blessed { deployment: "v2".into() });
+        assert_eq!(
+            v,
+            Verdict::Blessed {
+                deployment: "v2".into()
+            }
+        );
         assert_eq!(entries::list(&n.esp).unwrap()[0].file, "active.conf");
         // Blessed: a failing check no longer asks for a reboot.
         let v = assess(&n, &booted("v2", "active"), &mut || Err("x".into())).unwrap();
@@ -219,11 +227,19 @@ mod tests {
         let n = node(d.path());
         set(&n.esp, Role::Passive, &entry(Role::Passive, "v1"), None).unwrap();
         set(&n.esp, Role::Active, &entry(Role::Active, "v2"), Some(3)).unwrap();
-        assess(&n, &booted("v2", "active"), &mut || Err("exit status 1".into())).unwrap();
+        assess(&n, &booted("v2", "active"), &mut || {
+            Err("exit status 1".into())
+        })
+        .unwrap();
         let dir = n.esp.join("loader/entries");
         fs::rename(dir.join("active+3.conf"), dir.join("active+0-3.conf")).unwrap();
         let v = assess(&n, &booted("v1", "passive"), &mut || Ok(())).unwrap();
-        let Verdict::FellBack { failed, reason, running } = v else {
+        let Verdict::FellBack {
+            failed,
+            reason,
+            running,
+        } = v
+        else {
             panic!("{v:?}")
         };
         assert_eq!((failed.as_str(), running.as_str()), ("v2", "v1"));
@@ -250,6 +266,11 @@ mod tests {
         assert!(r.contains("switch-root"), "{r}");
         assert!(failure_reason(&n, "v9").contains("no record"));
         let v = assess(&n, &booted("r", "recovery"), &mut || Ok(())).unwrap();
-        assert_eq!(v, Verdict::NotAssessed { mode: "recovery".into() });
+        assert_eq!(
+            v,
+            Verdict::NotAssessed {
+                mode: "recovery".into()
+            }
+        );
     }
 }

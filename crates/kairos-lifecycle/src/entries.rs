@@ -293,9 +293,27 @@ mod tests {
     #[test]
     fn spent_active_falls_back_to_passive_then_recovery() {
         let esp = tempfile::tempdir().unwrap();
-        set(esp.path(), Role::Recovery, &render(Role::Recovery, &target("r")), None).unwrap();
-        set(esp.path(), Role::Passive, &render(Role::Passive, &target("old")), None).unwrap();
-        set(esp.path(), Role::Active, &render(Role::Active, &target("new")), Some(3)).unwrap();
+        set(
+            esp.path(),
+            Role::Recovery,
+            &render(Role::Recovery, &target("r")),
+            None,
+        )
+        .unwrap();
+        set(
+            esp.path(),
+            Role::Passive,
+            &render(Role::Passive, &target("old")),
+            None,
+        )
+        .unwrap();
+        set(
+            esp.path(),
+            Role::Active,
+            &render(Role::Active, &target("new")),
+            Some(3),
+        )
+        .unwrap();
         let e = list(esp.path()).unwrap();
         assert_eq!(boot_order(&e)[0].deployment, "new");
         // systemd-boot counts the tries down in the file name.
@@ -313,8 +331,20 @@ mod tests {
     #[test]
     fn set_replaces_the_role_and_bless_drops_the_counter() {
         let esp = tempfile::tempdir().unwrap();
-        set(esp.path(), Role::Active, &render(Role::Active, &target("a")), None).unwrap();
-        set(esp.path(), Role::Active, &render(Role::Active, &target("b")), Some(3)).unwrap();
+        set(
+            esp.path(),
+            Role::Active,
+            &render(Role::Active, &target("a")),
+            None,
+        )
+        .unwrap();
+        set(
+            esp.path(),
+            Role::Active,
+            &render(Role::Active, &target("b")),
+            Some(3),
+        )
+        .unwrap();
         let e = list(esp.path()).unwrap();
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].file, "active+3.conf");
@@ -338,8 +368,16 @@ mod tests {
         let esp = tempfile::tempdir().unwrap();
         let dir = esp.path().join("loader/entries");
         fs::create_dir_all(&dir).unwrap();
-        fs::write(dir.join("active.conf"), render(Role::Active, &target("old"))).unwrap();
-        fs::write(dir.join("active+3.conf"), render(Role::Active, &target("new"))).unwrap();
+        fs::write(
+            dir.join("active.conf"),
+            render(Role::Active, &target("old")),
+        )
+        .unwrap();
+        fs::write(
+            dir.join("active+3.conf"),
+            render(Role::Active, &target("new")),
+        )
+        .unwrap();
         let e = list(esp.path()).unwrap();
         // systemd-boot orders same-key entries by id, descending: '.' (0x2e) > '+' (0x2b).
         assert_eq!(boot_order(&e)[0].deployment, "old");

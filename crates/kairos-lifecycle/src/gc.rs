@@ -50,7 +50,11 @@ pub fn collect(node: &Node) -> Result<Report, Error> {
         }
     }
     for sub in ["layers", "boot"] {
-        for e in fs::read_dir(node.store.join(sub)).into_iter().flatten().flatten() {
+        for e in fs::read_dir(node.store.join(sub))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let rel = format!("{sub}/{}", e.file_name().to_string_lossy());
             if !used.contains(&rel) {
                 remove(&e.path(), &mut report)?;
@@ -62,7 +66,11 @@ pub fn collect(node: &Node) -> Result<Report, Error> {
         .flat_map(|e| [e.linux.clone(), e.initrd.clone()])
         .map(|p| p.trim_start_matches('/').to_string())
         .collect();
-    for e in fs::read_dir(node.esp.join("kairos")).into_iter().flatten().flatten() {
+    for e in fs::read_dir(node.esp.join("kairos"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let rel = format!("kairos/{}", e.file_name().to_string_lossy());
         if !on_esp.contains(&rel) && e.path().is_file() {
             remove(&e.path(), &mut report)?;

@@ -64,4 +64,3 @@ pub fn deployment_id(manifest_digest: &str) -> String {
     let hex = manifest_digest.trim_start_matches("sha256:");
     format!("d-{}", &hex[..hex.len().min(12)])
 }
-

@@ -72,7 +72,13 @@ pub fn mount_rw(label: &str, fstype: &str, fallback: &Path) -> Result<Mounted, E
     }
     if fstype == "vfat" {
         // The node's kernel has FAT as modules; the mount would fail without them.
-        for m in ["vfat", "nls_cp437", "nls_iso8859-1", "nls_ascii", "nls_utf8"] {
+        for m in [
+            "vfat",
+            "nls_cp437",
+            "nls_iso8859-1",
+            "nls_ascii",
+            "nls_utf8",
+        ] {
             let _ = kairos_sys::host::modprobe(m, &[]);
         }
     }

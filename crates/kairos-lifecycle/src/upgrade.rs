@@ -294,7 +294,12 @@ pub fn activate(
             .or_else(|| active.filter(|e| !e.is_bad()).map(|e| e.deployment.clone()));
         if let Some(f) = fallback.filter(|f| f != &dep.id) {
             let fdep = store.read_deployment(&f)?;
-            entries::set(&node.esp, Role::Passive, &entry_for(Role::Passive, &fdep)?, None)?;
+            entries::set(
+                &node.esp,
+                Role::Passive,
+                &entry_for(Role::Passive, &fdep)?,
+                None,
+            )?;
         }
     }
     entries::set(&node.esp, role, &entry_for(role, dep)?, tries)?;
@@ -347,11 +352,19 @@ pub fn rollback(node: &Node) -> Result<(String, String), Error> {
         Some(a) => Some(store.read_deployment(&a.deployment)?),
         None => None,
     };
-    entries::set(&node.esp, Role::Active, &entry_for(Role::Active, &pdep)?, None)?;
+    entries::set(
+        &node.esp,
+        Role::Active,
+        &entry_for(Role::Active, &pdep)?,
+        None,
+    )?;
     match &adep {
-        Some(a) if a.id != pdep.id => {
-            entries::set(&node.esp, Role::Passive, &entry_for(Role::Passive, a)?, None)?
-        }
+        Some(a) if a.id != pdep.id => entries::set(
+            &node.esp,
+            Role::Passive,
+            &entry_for(Role::Passive, a)?,
+            None,
+        )?,
         _ => entries::clear(&node.esp, Role::Passive)?,
     }
     let from = adep.map(|a| a.id).unwrap_or_default();

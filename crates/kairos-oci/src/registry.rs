@@ -23,13 +23,22 @@ pub struct Registry {
     basic: Option<String>,
 }
 
-/// True for registries that are reached over plain HTTP: loopback, or listed in
-/// `KAIROS_INSECURE_REGISTRIES` (comma-separated hosts).
+static ALLOW_INSECURE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets every registry be reached over plain HTTP (`upgrade.allow-insecure-registries`).
+pub fn allow_insecure_registries() {
+    ALLOW_INSECURE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// True for registries that are reached over plain HTTP: loopback, listed in
+/// `KAIROS_INSECURE_REGISTRIES` (comma-separated hosts, `*` for all), or all once
+/// [`allow_insecure_registries`] was called.
 pub fn is_insecure(host: &str) -> bool {
     let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
     matches!(name, "localhost" | "127.0.0.1" | "[::1]")
+        || ALLOW_INSECURE.load(std::sync::atomic::Ordering::Relaxed)
         || std::env::var("KAIROS_INSECURE_REGISTRIES")
-            .is_ok_and(|v| v.split(',').any(|h| h.trim() == host))
+            .is_ok_and(|v| v.split(',').any(|h| h.trim() == host || h.trim() == "*"))
 }
 
 /// `auths.<host>.auth` from `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
@@ -208,11 +217,11 @@ impl Registry {
     ) -> Result<LocalImage, Error> {
         let (manifest, digest, body) = self.resolve(reference)?;
         self.pull_blob(&manifest.config, blobs, progress)?;
-        let config: serde_json::Value = serde_json::from_slice(&crate::store::read_blob(
-            blobs,
-            &manifest.config.digest,
-        )?)
-        .map_err(|e| Error::Format(format!("image config {}: {e}", manifest.config.digest)))?;
+        let config: serde_json::Value =
+            serde_json::from_slice(&crate::store::read_blob(blobs, &manifest.config.digest)?)
+                .map_err(|e| {
+                    Error::Format(format!("image config {}: {e}", manifest.config.digest))
+                })?;
         let diff_ids = crate::image::config_diff_ids(&config);
         if diff_ids.len() != manifest.layers.len() {
             return Err(Error::Format(format!(

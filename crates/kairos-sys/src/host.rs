@@ -31,3 +31,12 @@ pub fn systemd_running() -> bool {
 pub fn systemctl(args: &[String]) -> Result<(), ExecError> {
     run_program("systemctl", args).map(|_| ())
 }
+
+/// Asks the init system for a reboot: systemd when it runs, else `reboot` (busybox, sysvinit).
+pub fn reboot() -> Result<(), ExecError> {
+    if systemd_running() {
+        systemctl(&["reboot".to_string()])
+    } else {
+        run_program("reboot", &[]).map(|_| ())
+    }
+}
