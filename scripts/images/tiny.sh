@@ -6,7 +6,7 @@ set -euo pipefail
 source "$(dirname "$0")/../env.sh"
 OUT="$KAIROS_CACHE/images/tiny"
 ROOTFS="$OUT/rootfs"
-STAMP="$OUT/.built-v1"
+STAMP="$OUT/.built-v2"
 if [[ -f "$STAMP" ]]; then echo "$ROOTFS"; exit 0; fi
 
 DEBS="$KAIROS_CACHE/debs"
@@ -57,6 +57,8 @@ printf '127.0.0.1 localhost\n' > "$R/etc/hosts"
 printf '/bin/sh\n' > "$R/etc/shells"
 printf 'PRETTY_NAME="Kairos tiny (busybox) on Debian kernel %s"\nNAME="Kairos tiny"\nID=kairos-tiny\nID_LIKE=debian\nVERSION_ID="1"\n' "$KVER" > "$R/etc/os-release"
 ln -sf "vmlinuz-$KVER" "$R/boot/vmlinuz"
+# modules.dep, as the kernel package's postinst would make it, so busybox modprobe works.
+depmod -b "$R" "$KVER"
 rm -rf "$ROOTFS" && mkdir -p "$OUT" && mv "$R" "$ROOTFS" && rm -rf "$OUT.tmp"
 touch "$STAMP"
 echo "$ROOTFS"

@@ -20,16 +20,16 @@ use kairos_lifecycle::{Node, gc, state};
 #[derive(Debug, Clone, Args)]
 pub struct NodeArgs {
     /// The layer store (a mounted COS_STATE, or COS_RECOVERY with --recovery)
-    #[arg(long, value_name = "DIR", requires = "esp")]
+    #[arg(long, value_name = "DIR", requires = "esp", global = true)]
     pub store: Option<PathBuf>,
     /// The mounted ESP (COS_GRUB)
-    #[arg(long, value_name = "DIR", requires = "store")]
+    #[arg(long, value_name = "DIR", requires = "store", global = true)]
     pub esp: Option<PathBuf>,
     /// The mounted COS_OEM (default /oem when it exists)
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     pub oem: Option<PathBuf>,
     /// Scratch space for downloads and unpacked layers (default: tmpfs under /run/kairos)
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     pub scratch: Option<PathBuf>,
 }
 

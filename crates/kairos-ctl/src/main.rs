@@ -62,6 +62,15 @@ enum ImageCmd {
         #[arg(long, value_delimiter = ',')]
         split: Vec<String>,
     },
+    /// Add a layer made from a directory on top of an image (your files over a base image)
+    Append {
+        /// The base image (REGISTRY/NAME:TAG, oci-layout:DIR[:TAG], ocifile:TAR)
+        src: String,
+        /// A directory whose contents become the new top layer, as paths from /
+        dir: PathBuf,
+        /// Destination image (same syntax)
+        dest: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,15 +148,36 @@ fn cache() -> PathBuf {
 }
 
 /// Prints one line per blob as it completes.
+/// Transfer progress: a bar per blob on a terminal, a line per blob otherwise (logs, CI).
 fn progress_printer(verb: &'static str) -> impl FnMut(&str, u64, u64) {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
+    let mut bar: Option<indicatif::ProgressBar> = None;
     move |digest: &str, done: u64, total: u64| {
-        if done >= total && digest != last {
-            eprintln!(
-                "  {verb} {} ({:.1} MiB)",
-                &digest[..digest.len().min(19)],
-                total as f64 / 1048576.0
-            );
+        let name = &digest[..digest.len().min(19)];
+        if tty {
+            if digest != last {
+                let pb = indicatif::ProgressBar::new(total);
+                pb.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "  {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                pb.set_message(format!("{verb} {name}"));
+                bar = Some(pb);
+                last = digest.to_string();
+            }
+            if let Some(pb) = &bar {
+                pb.set_position(done);
+                if done >= total {
+                    pb.finish();
+                }
+            }
+        } else if done >= total && digest != last {
+            eprintln!("  {verb} {name} ({:.1} MiB)", total as f64 / 1048576.0);
             last = digest.to_string();
         }
     }
@@ -323,6 +353,21 @@ fn run() -> Result<i32> {
         Cmd::Image {
             command: ImageCmd::Import { src, dest, split },
         } => image_import(&src, &dest, &split).map(|_| 0),
+        Cmd::Image {
+            command: ImageCmd::Append { src, dir, dest },
+        } => {
+            if !dir.is_dir() {
+                bail!("{}: not a directory", dir.display());
+            }
+            let img = fetch(&src)?;
+            let out = kairos_oci::append_layer(
+                &img,
+                &dir,
+                &cache().join("blobs"),
+                &format!("kairosctl image append {}", dir.display()),
+            )?;
+            store(&out, &dest).map(|_| 0)
+        }
         Cmd::Kairosify {
             src,
             dest,

@@ -25,7 +25,7 @@ pub fn tiny_rootfs() -> PathBuf {
     cache().join("images/tiny/rootfs")
 }
 
-fn kairosctl(args: &[&str]) -> Result<String> {
+pub fn kairosctl(args: &[&str]) -> Result<String> {
     let o = Command::new(bin("kairosctl"))
         .args(args)
         .output()
@@ -59,6 +59,109 @@ pub fn image_in_registry(reg: &Registry, rootfs: &Path, name: &str) -> Result<St
 
 pub fn tiny_in_registry(reg: &Registry) -> Result<String> {
     image_in_registry(reg, &tiny_rootfs(), "tiny")
+}
+
+/// A new version of `base`: its layers plus one small layer with `files` (path, content),
+/// pushed as `dest` — what a user's CI makes when one thing changes.
+pub fn image_with_files(base: &str, files: &[(&str, &[u8])], dest: &str) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    for (path, content) in files {
+        let p = dir.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap_or(dir.path()))?;
+        std::fs::write(&p, content)?;
+    }
+    kairosctl(&[
+        "image",
+        "append",
+        base,
+        &dir.path().to_string_lossy(),
+        dest,
+    ])?;
+    Ok(dest.to_string())
+}
+
+/// Runs the static `kairos-agent` on the host (offline node tests); (exit code, stdout, stderr).
+pub fn agent(args: &[&str]) -> Result<(i32, String, String)> {
+    let o = Command::new(bin("kairos-agent"))
+        .args(args)
+        .output()
+        .context("running kairos-agent (scripts/build-static builds it)")?;
+    Ok((
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    ))
+}
+
+/// Deterministic filler bytes that do not compress (a stand-in for a changed binary).
+pub fn incompressible(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Copies the ESP (partition 1, FAT) of a disk image into `dir` with mtools: the kernel of
+/// these machines has no FAT driver, so offline tests work on a copy of the tree.
+pub fn esp_tree(disk: &Path, dir: &Path) -> Result<()> {
+    let (start, _) = partition(disk, 1)?;
+    std::fs::create_dir_all(dir)?;
+    let st = Command::new("mcopy")
+        .args(["-s", "-n", "-i"])
+        .arg(format!("{}@@{start}", disk.display()))
+        .arg("::/")
+        .arg(dir)
+        .status()
+        .context("running mcopy")?;
+    if !st.success() {
+        bail!("mcopy of the ESP of {} failed", disk.display());
+    }
+    Ok(())
+}
+
+/// A mount that is undone when dropped.
+pub struct MountGuard {
+    pub path: PathBuf,
+}
+
+impl MountGuard {
+    /// Mounts partition `n` of a disk image through a loop device at its offset (these
+    /// machines have no udev to make partition nodes of a scanned loop device).
+    pub fn partition(disk: &Path, n: usize, path: &Path, fstype: &str) -> Result<MountGuard> {
+        let (start, size) = partition(disk, n)?;
+        std::fs::create_dir_all(path)?;
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                fstype,
+                "-o",
+                &format!("loop,offset={start},sizelimit={size}"),
+            ])
+            .arg(disk)
+            .arg(path)
+            .status()?;
+        if !st.success() {
+            bail!(
+                "mounting partition {n} of {} at {} failed",
+                disk.display(),
+                path.display()
+            );
+        }
+        Ok(MountGuard {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
 }
 
 /// The debian image tree, built by `scripts/images/debian.sh`.

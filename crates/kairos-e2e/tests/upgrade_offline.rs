@@ -1,0 +1,169 @@
+//! Tier 3 without a VM: `kairos-agent upgrade`, `rollback` and `state` against a disk built by
+//! `kairosctl build raw`, attached to a loop device with STATE and the ESP mounted — the same
+//! code a node runs, checked file by file. Needs root (loop devices); run with `--ignored`.
+
+use std::path::Path;
+
+use kairos_e2e::{
+    MountGuard, agent, esp_tree, build_raw, image_with_files, incompressible, start_registry,
+    tiny_in_registry,
+};
+
+fn entries(esp: &Path) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = std::fs::read_dir(esp.join("loader/entries"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            let dep = text
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("kairos.deployment="))
+                .unwrap_or_default()
+                .to_string();
+            (e.file_name().to_string_lossy().into_owned(), dep)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn events(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and the tiny image: run by scripts/test tier 3"]
+fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.raw");
+    let reg = start_registry().unwrap();
+    let v1 = tiny_in_registry(&reg).unwrap();
+    build_raw(&v1, "#cloud-config\n", &disk).unwrap();
+    let v2 = image_with_files(
+        &v1,
+        &[
+            ("etc/kairos-e2e-version", b"v2\n"),
+            ("usr/share/v2/blob", &incompressible(300 << 10, 2)),
+        ],
+        &format!("{}/kairos/tiny:v2", reg.addr),
+    )
+    .unwrap();
+
+    let state = MountGuard::partition(&disk, 4, &work.path().join("state"), "ext4").unwrap();
+    // The ESP as a directory tree (no FAT driver on the host): the same file operations.
+    let esp = MountGuard {
+        path: work.path().join("esp"),
+    };
+    esp_tree(&disk, &esp.path).unwrap();
+    let before = entries(&esp.path);
+    assert_eq!(before.len(), 2, "{before:?}");
+    let v1_id = before[0].1.clone();
+    let node = [
+        "--store",
+        &state.path.to_string_lossy().into_owned(),
+        "--esp",
+        &esp.path.to_string_lossy().into_owned(),
+        "--scratch",
+        &work.path().join("scratch").to_string_lossy().into_owned(),
+    ]
+    .map(|s| s.to_string());
+    let booted = format!("kairos.deployment={v1_id} kairos.mode=active");
+    let run = |args: &[&str]| {
+        let mut a: Vec<&str> = vec!["--cmdline", &booted];
+        a.extend_from_slice(args);
+        a.extend(node.iter().map(String::as_str));
+        agent(&a).unwrap()
+    };
+
+    // A tag that does not exist: a clear error, nothing changed.
+    let (code, _, err) = run(&["upgrade", "--source", &format!("{}/kairos/tiny:nope", reg.addr)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no such image or tag"), "{err}");
+    assert_eq!(entries(&esp.path), before);
+
+    // v1 → v2: one layer fetched and written, the rest reused; v2 boots next with 3 tries.
+    let (code, out, err) = run(&["upgrade", "--source", &v2, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let ev = events(&out);
+    let resolved = ev.iter().find(|e| e["event"] == "resolved").unwrap();
+    assert_eq!(resolved["missing"], 1, "{out}");
+    let written: Vec<_> = ev
+        .iter()
+        .filter(|e| e["event"] == "layer-ready" && e["reused"] == false)
+        .collect();
+    assert_eq!(written.len(), 1, "{out}");
+    let fetched: std::collections::BTreeSet<_> = ev
+        .iter()
+        .filter(|e| e["event"] == "download")
+        .map(|e| e["digest"].as_str().unwrap().to_string())
+        .collect();
+    // The config blob and the one new layer; no base layer.
+    assert_eq!(fetched.len(), 2, "{fetched:?}");
+    let v2_id = ev
+        .iter()
+        .find(|e| e["event"] == "activated")
+        .unwrap()["deployment"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(v2_id, v1_id);
+    assert_eq!(
+        entries(&esp.path),
+        vec![
+            ("active+3.conf".to_string(), v2_id.clone()),
+            ("passive.conf".to_string(), v1_id.clone()),
+            ("recovery.conf".to_string(), v1_id.clone()),
+        ]
+    );
+    // Same kernel and initrd: nothing new on the ESP.
+    assert_eq!(std::fs::read_dir(esp.path.join("kairos")).unwrap().count(), 2);
+    assert!(state.path.join(format!("deployments/{v2_id}.json")).is_file());
+
+    // Again: nothing to fetch, entries unchanged.
+    let (code, out, _) = run(&["upgrade", "--source", &v2, "--json"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"missing\":0"), "{out}");
+
+    // state says what boots next.
+    let (code, out, err) = run(&["state", "get", "next_boot"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), v2_id);
+
+    // Rollback: v1 boots next (blessed), v2 is the fallback.
+    let (code, _, err) = run(&["rollback"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        entries(&esp.path),
+        vec![
+            ("active.conf".to_string(), v1_id.clone()),
+            ("passive.conf".to_string(), v2_id.clone()),
+            ("recovery.conf".to_string(), v1_id.clone()),
+        ]
+    );
+    let (_, out, _) = run(&["state", "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["next_boot"], v1_id.as_str());
+    let actions: Vec<&str> = st["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions.first(), Some(&"installed"), "{actions:?}");
+    assert!(actions.ends_with(&["rollback"]), "{actions:?}");
+
+    // --download-only stages without switching; --apply switches.
+    let (code, _, err) = run(&["upgrade", "--source", &v2, "--download-only"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(entries(&esp.path)[0], ("active.conf".to_string(), v1_id.clone()));
+    let (_, out, _) = run(&["state", "get", "staged.deployment"]);
+    assert_eq!(out.trim(), v2_id);
+    let (code, _, err) = run(&["upgrade", "--apply"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(entries(&esp.path)[0], ("active+3.conf".to_string(), v2_id.clone()));
+    std::mem::forget(esp);
+    drop(state);
+}
