@@ -182,6 +182,25 @@ impl Global {
         cfg.upgrade = section(&json, "upgrade");
         cfg.boot_assessment = section(&json, "boot_assessment");
         cfg.reset = section(&json, "reset");
+        // Health checks shipped with the image (/system/oem) count too: an image author knows
+        // what "healthy" means for it; the node's own checks are added to them.
+        let image_checks: Vec<String> =
+            kairos_config::collect::walk_yaml(&self.root().join("system/oem"))
+                .iter()
+                .filter_map(|p| {
+                    let text = std::fs::read_to_string(p).ok()?;
+                    let src: std::sync::Arc<str> = p.to_string_lossy().into();
+                    let j = kairos_config::yaml::parse(&text, &src).ok()?.to_json();
+                    section::<kairos_config::types::BootAssessment>(&j, "boot_assessment")
+                })
+                .flat_map(|b| b.health_checks)
+                .collect();
+        if !image_checks.is_empty() {
+            let ba = cfg.boot_assessment.get_or_insert_with(Default::default);
+            let mut all = image_checks;
+            all.append(&mut ba.health_checks);
+            ba.health_checks = all;
+        }
         cfg
     }
 

@@ -63,11 +63,11 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
     let v1_id = before[0].1.clone();
     let node = [
         "--store",
-        &state.path.to_string_lossy().into_owned(),
+        &state.path.to_string_lossy(),
         "--esp",
-        &esp.path.to_string_lossy().into_owned(),
+        &esp.path.to_string_lossy(),
         "--scratch",
-        &work.path().join("scratch").to_string_lossy().into_owned(),
+        &work.path().join("scratch").to_string_lossy(),
     ]
     .map(|s| s.to_string());
     let booted = format!("kairos.deployment={v1_id} kairos.mode=active");
@@ -166,4 +166,129 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
     assert_eq!(entries(&esp.path)[0], ("active+3.conf".to_string(), v2_id.clone()));
     std::mem::forget(esp);
     drop(state);
+}
+
+/// STATE's files with sizes, and the ESP's entries with their deployments.
+type NodeFiles = (Vec<(String, u64)>, Vec<(String, String)>);
+
+/// Every file under `dir` with its size (what "the node unchanged" means for STATE).
+fn snapshot(dir: &Path) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+            if rel == "lost+found" || rel == "filler" {
+                continue;
+            }
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((rel, md.len()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+#[ignore = "needs root and the tiny image: run by scripts/test tier 3"]
+fn bad_blob_full_store_and_dead_registry_leave_the_node_unchanged() {
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.raw");
+    let reg = start_registry().unwrap();
+    let v1 = tiny_in_registry(&reg).unwrap();
+    build_raw(&v1, "#cloud-config\n", &disk).unwrap();
+    let v2 = image_with_files(
+        &v1,
+        &[("usr/share/v2/blob", &incompressible(2 << 20, 3))],
+        &format!("{}/kairos/tiny:v2", reg.addr),
+    )
+    .unwrap();
+    let state = MountGuard::partition(&disk, 4, &work.path().join("state"), "ext4").unwrap();
+    let esp_dir = work.path().join("esp");
+    esp_tree(&disk, &esp_dir).unwrap();
+    let v1_id = entries(&esp_dir)[0].1.clone();
+    let booted = format!("kairos.deployment={v1_id} kairos.mode=active");
+    let scratch = work.path().join("scratch");
+    let upgrade = |source: &str| {
+        agent(&[
+            "--cmdline",
+            &booted,
+            "upgrade",
+            "--source",
+            source,
+            "--store",
+            &state.path.to_string_lossy(),
+            "--esp",
+            &esp_dir.to_string_lossy(),
+            "--scratch",
+            &scratch.to_string_lossy(),
+        ])
+        .unwrap()
+    };
+    let unchanged = |what: &str, before: &NodeFiles| {
+        assert_eq!(
+            &(snapshot(&state.path), entries(&esp_dir)),
+            before,
+            "{what}: the node changed"
+        );
+    };
+    let before = (snapshot(&state.path), entries(&esp_dir));
+
+    // A full STATE: the layer image cannot be written; nothing half-written stays.
+    let free = {
+        let o = std::process::Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(&state.path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let filler = state.path.join("filler");
+    let st = std::process::Command::new("fallocate")
+        .args(["-l", &(free - (256 << 10)).to_string()])
+        .arg(&filler)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (code, _, err) = upgrade(&v2);
+    assert_ne!(code, 0);
+    assert!(err.contains("No space left") || err.contains("mkfs.erofs"), "{err}");
+    unchanged("full STATE", &before);
+    std::fs::remove_file(&filler).unwrap();
+
+    // The new layer's bytes in the registry do not match its digest: refused. It is the one
+    // blob of just over 2 MiB (incompressible content).
+    let new_layer = std::fs::read_dir(reg.storage.join("docker/registry/v2/blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|d| d.path().join("data"))
+        .find(|p| {
+            let n = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+            n > (2 << 20) && n < (2 << 20) + (64 << 10)
+        })
+        .expect("the v2 layer blob in the registry");
+    std::fs::write(&new_layer, incompressible(2 << 20, 9)).unwrap();
+    let (code, _, err) = upgrade(&v2);
+    assert_ne!(code, 0);
+    assert!(err.contains("does not match its digest"), "{err}");
+    unchanged("tampered blob", &before);
+
+    // The registry is down.
+    drop(reg);
+    let (code, _, err) = upgrade(&v2);
+    assert_ne!(code, 0);
+    assert!(err.contains("is the registry running"), "{err}");
+    unchanged("registry down", &before);
 }

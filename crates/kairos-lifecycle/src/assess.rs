@@ -95,7 +95,9 @@ pub fn assess(
                     Ok(Verdict::Unhealthy {
                         deployment: booted.deployment.clone(),
                         reason,
-                        reboot: trial.is_some_and(|e| e.tries.is_some_and(|t| t.left > 0)),
+                        // Even with no tries left (the last one is this boot): the reboot is
+                        // what makes systemd-boot pass over the entry to the fallback.
+                        reboot: trial.is_some(),
                     })
                 }
             }
@@ -208,6 +210,12 @@ mod tests {
             }
         );
         assert_eq!(entries::list(&n.esp).unwrap()[0].file, "active+3.conf");
+        // The last try failing still reboots, so that the fallback boots.
+        let dir = n.esp.join("loader/entries");
+        fs::rename(dir.join("active+3.conf"), dir.join("active+0-3.conf")).unwrap();
+        let v = assess(&n, &booted("v2", "active"), &mut || Err("x".into())).unwrap();
+        assert!(matches!(v, Verdict::Unhealthy { reboot: true, .. }), "{v:?}");
+        fs::rename(dir.join("active+0-3.conf"), dir.join("active+3.conf")).unwrap();
         let v = assess(&n, &booted("v2", "active"), &mut || Ok(())).unwrap();
         assert_eq!(
             v,

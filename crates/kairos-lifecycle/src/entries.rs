@@ -211,6 +211,7 @@ pub fn set(esp: &Path, role: Role, text: &str, tries: Option<u32>) -> Result<(),
         None => format!("{}.conf", role.name()),
     };
     kairos_layers::write_atomic(&dir.join(&name), text.as_bytes())?;
+    crate::failpoint(&format!("{}-entry-added", role.name()));
     for e in list(esp)? {
         if e.role == role && e.file != name {
             remove(&dir.join(&e.file))?;

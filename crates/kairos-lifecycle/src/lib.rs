@@ -53,6 +53,17 @@ pub struct Node {
     pub tools_root: PathBuf,
 }
 
+/// Fault injection for power-cut tests: when `KAIROS_FAILPOINT` names this point, the action
+/// announces it on stderr and stops there (the test then cuts the VM's power).
+pub fn failpoint(name: &str) {
+    if std::env::var("KAIROS_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("kairos-failpoint: paused at {name}");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
 /// The ESP path of a kernel or initrd with this sha256: the same file for every deployment
 /// that shares it, so an upgrade that keeps the kernel writes nothing to the ESP.
 pub fn esp_boot_path(kind: &str, sha256: &str) -> String {

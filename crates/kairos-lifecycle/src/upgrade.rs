@@ -106,6 +106,7 @@ pub fn stage(
             l
         } else {
             let blob = img.blob_path(&desc.digest);
+            crate::failpoint("downloaded");
             let l = import_layer(&store, &blob, diff_id, &node.scratch, &argv)?;
             // The compressed blob is not needed once its image exists.
             let _ = fs::remove_file(&blob);
@@ -134,10 +135,12 @@ pub fn stage(
         initrd: Some(initrd),
         cmdline: cmdline.to_string(),
     };
+    crate::failpoint("before-manifest");
     // An existing manifest for the same image is kept as is (its creation time included).
     if store.read_deployment(&id).is_err() {
         store.write_deployment(&dep)?;
     }
+    crate::failpoint("manifest-written");
     history::append(&node.store, &Record::new("staged", &id, source, ""))?;
     events(Event::Staged {
         deployment: id.clone(),
@@ -204,6 +207,7 @@ pub fn import_layer(
         let _ = fs::remove_file(&tmp);
         return Err(e.into());
     }
+    crate::failpoint("layer-image-written");
     fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
     entries::sync_dir(&dir);
     Ok(Layer {
@@ -301,8 +305,10 @@ pub fn activate(
                 None,
             )?;
         }
+        crate::failpoint("passive-entry-written");
     }
     entries::set(&node.esp, role, &entry_for(role, dep)?, tries)?;
+    crate::failpoint("active-entry-written");
     history::clear_staged(&node.store)?;
     history::append(
         &node.store,

@@ -28,15 +28,17 @@ impl TestRegistry {
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
                 storage.display()
             ),
         )?;
+        // The access log says how many bytes each response carried: what an upgrade pulled.
+        let log = std::fs::File::create(dir.join("registry.log"))?;
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&cfg)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .map_err(|e| {
                 std::io::Error::new(
@@ -59,6 +61,22 @@ impl TestRegistry {
             dir,
             child,
         })
+    }
+}
+
+impl TestRegistry {
+    /// Bytes the registry has sent in answers to GET requests so far, from its log
+    /// (`http.response.written` of each completed response).
+    pub fn bytes_served(&self) -> u64 {
+        let log = std::fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("response completed") && l.contains("http.request.method=GET"))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("http.response.written="))
+                    .and_then(|v| v.trim_matches('"').parse::<u64>().ok())
+            })
+            .sum()
     }
 }
 

@@ -199,6 +199,12 @@ fn registry_push_pull_only_missing_blobs_and_refuse_bad_digests() {
     .unwrap();
     assert_eq!(pulled.manifest_digest, img.manifest_digest);
     assert!(downloaded > 0);
+    // The registry's own count (its access log) agrees: blobs plus the manifest.
+    let served = reg.bytes_served();
+    assert!(
+        served >= downloaded && served < downloaded + (64 << 10),
+        "registry served {served} bytes for {downloaded} downloaded"
+    );
     let before: Vec<_> = fs::read_dir(fresh.join("blobs/sha256"))
         .unwrap()
         .flatten()
