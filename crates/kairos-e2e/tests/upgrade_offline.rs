@@ -204,7 +204,7 @@ fn bad_blob_full_store_and_dead_registry_leave_the_node_unchanged() {
     build_raw(&v1, "#cloud-config\n", &disk).unwrap();
     let v2 = image_with_files(
         &v1,
-        &[("usr/share/v2/blob", &incompressible(2 << 20, 3))],
+        &[("usr/share/v2/blob", &incompressible(8 << 20, 3))],
         &format!("{}/kairos/tiny:v2", reg.addr),
     )
     .unwrap();
@@ -240,27 +240,29 @@ fn bad_blob_full_store_and_dead_registry_leave_the_node_unchanged() {
     let before = (snapshot(&state.path), entries(&esp_dir));
 
     // A full STATE: the layer image cannot be written; nothing half-written stays.
+    // Free blocks including the ones reserved for root (the agent runs as root).
     let free = {
-        let o = std::process::Command::new("df")
-            .args(["-B1", "--output=avail"])
+        let o = std::process::Command::new("stat")
+            .args(["-f", "-c", "%f %S"])
             .arg(&state.path)
             .output()
             .unwrap();
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .nth(1)
-            .unwrap()
-            .trim()
-            .parse::<u64>()
-            .unwrap()
+        let t = String::from_utf8_lossy(&o.stdout).into_owned();
+        let mut it = t.split_whitespace().map(|v| v.parse::<u64>().unwrap());
+        it.next().unwrap() * it.next().unwrap()
     };
     let filler = state.path.join("filler");
-    let st = std::process::Command::new("fallocate")
-        .args(["-l", &(free - (256 << 10)).to_string()])
-        .arg(&filler)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    // ext4 keeps some clusters back even from root: take as much as it gives, leaving less
+    // than the 8 MiB layer image needs.
+    let filled = (5..40u64).any(|slack_mib| {
+        std::process::Command::new("fallocate")
+            .args(["-l", &(free - (slack_mib << 20)).to_string()])
+            .arg(&filler)
+            .status()
+            .unwrap()
+            .success()
+    });
+    assert!(filled, "could not fill STATE");
     let (code, _, err) = upgrade(&v2);
     assert_ne!(code, 0);
     assert!(err.contains("No space left") || err.contains("mkfs.erofs"), "{err}");
@@ -268,7 +270,7 @@ fn bad_blob_full_store_and_dead_registry_leave_the_node_unchanged() {
     std::fs::remove_file(&filler).unwrap();
 
     // The new layer's bytes in the registry do not match its digest: refused. It is the one
-    // blob of just over 2 MiB (incompressible content).
+    // blob of just over 8 MiB (incompressible content).
     let new_layer = std::fs::read_dir(reg.storage.join("docker/registry/v2/blobs/sha256"))
         .unwrap()
         .flatten()
@@ -276,10 +278,10 @@ fn bad_blob_full_store_and_dead_registry_leave_the_node_unchanged() {
         .map(|d| d.path().join("data"))
         .find(|p| {
             let n = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-            n > (2 << 20) && n < (2 << 20) + (64 << 10)
+            n > (8 << 20) && n < (8 << 20) + (64 << 10)
         })
         .expect("the v2 layer blob in the registry");
-    std::fs::write(&new_layer, incompressible(2 << 20, 9)).unwrap();
+    std::fs::write(&new_layer, incompressible(8 << 20, 9)).unwrap();
     let (code, _, err) = upgrade(&v2);
     assert_ne!(code, 0);
     assert!(err.contains("does not match its digest"), "{err}");
