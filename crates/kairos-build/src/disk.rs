@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use kairos_layers::{Deployment, Layer, Store};
+use kairos_layers::Deployment;
 use kairos_lifecycle::entries::Role;
 
 const MIB: u64 = 1 << 20;
@@ -122,24 +122,11 @@ pub fn sfdisk_script(parts: &[Part]) -> String {
 
 /// Inputs of a raw disk build.
 pub struct RawSpec<'a> {
-    /// The image's layers as trees in overlay format, base first. The base has the kernel.
-    pub layers: Vec<PathBuf>,
-    /// The merged view of the layers (or the base tree), where the kernel, its modules and a
-    /// kairosified `/boot/initrd` are looked up.
-    pub boot_tree: PathBuf,
-    /// Digest of the OCI manifest the layers came from (`None` for `dir:` trees).
-    pub manifest_digest: Option<String>,
-    /// diff_ids of the layers, in order (`None` for `dir:` trees: layers are then named by
-    /// the digest of their filesystem image).
-    pub diff_ids: Option<Vec<String>>,
-    pub image_ref: String,
-    pub immucore: &'a Path,
+    pub os: crate::os::OsSpec<'a>,
     pub cloud_config: Option<&'a Path>,
     /// Total disk size in MiB; `None` = just large enough (persistent grows on first boot).
     pub size_mib: Option<u64>,
     pub output: &'a Path,
-    /// Extra kernel cmdline for every entry (e.g. `console=ttyS0`).
-    pub cmdline: String,
 }
 
 /// What was built, for the report and the tests.
@@ -204,97 +191,8 @@ pub fn build_raw(spec: &RawSpec) -> Result<RawReport> {
 }
 
 fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
-    let base = &spec.boot_tree;
-    if spec.layers.is_empty() {
-        bail!("an image needs at least one layer");
-    }
-    let kernel = crate::initrd::find_kernel(base)?;
-    let initrd_path = work.join("initrd");
-    // A kairosified image carries its initrd; otherwise make one from its modules.
-    match ["boot/initrd", "boot/kairos-initrd"]
-        .iter()
-        .map(|p| base.join(p))
-        .find(|p| p.is_file())
-    {
-        Some(p) => {
-            fs::copy(&p, &initrd_path).with_context(|| format!("copying {}", p.display()))?;
-        }
-        None => {
-            crate::initrd::build(base, spec.immucore, &initrd_path)?;
-        }
-    }
-
-    // The layer store: one filesystem image per layer tree, named by its digest.
     let state_dir = work.join("state");
-    fs::create_dir_all(state_dir.join("layers"))?;
-    let store = Store::new(&state_dir);
-    let mut layers = Vec::new();
-    for (i, tree) in spec.layers.iter().enumerate() {
-        let tmp = work.join(format!("layer{i}.erofs"));
-        erofs(tree, &tmp)?;
-        // Hash the image once: it is both the blob checksum and, for `dir:` trees, the name.
-        let hex = kairos_layers::sha256_file(&tmp)?;
-        let digest = match &spec.diff_ids {
-            Some(ids) => ids.get(i).cloned().context("fewer diff_ids than layers")?,
-            None => format!("sha256:{hex}"),
-        };
-        let file = kairos_layers::layer_file(&digest);
-        fs::rename(&tmp, state_dir.join(&file))?;
-        let size = fs::metadata(state_dir.join(&file))?.len();
-        layers.push(Layer {
-            digest,
-            image: kairos_layers::Blob {
-                file,
-                size,
-                sha256: hex,
-            },
-        });
-    }
-    let layer_bytes: u64 = layers.iter().map(|l| l.image.size).sum();
-    // Without an OCI manifest, the image is identified by its ordered layer digests.
-    let image_hex = kairos_layers::sha256_hex(
-        layers
-            .iter()
-            .map(|l| l.digest.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-            .as_bytes(),
-    );
-    let digest = spec
-        .manifest_digest
-        .clone()
-        .unwrap_or_else(|| format!("sha256:{image_hex}"));
-    let id = kairos_lifecycle::deployment_id(&digest);
-    // Kernel and initrd are stored by content, on STATE and on the ESP, as upgrades do.
-    let boot_blob = |src: &Path| -> Result<kairos_layers::Blob> {
-        let hex = kairos_layers::sha256_file(src)?;
-        let rel = format!("boot/sha256-{hex}");
-        fs::create_dir_all(state_dir.join("boot"))?;
-        fs::copy(src, state_dir.join(&rel))
-            .with_context(|| format!("copying {}", src.display()))?;
-        Ok(store.blob(&rel)?)
-    };
-    let kernel_blob = boot_blob(&kernel.vmlinuz)?;
-    let initrd_blob = boot_blob(&initrd_path)?;
-    let dep = Deployment {
-        id: id.clone(),
-        image: spec.image_ref.clone(),
-        manifest_digest: digest.clone(),
-        version: fs::read_to_string(base.join("etc/os-release"))
-            .ok()
-            .and_then(|t| {
-                kairos_sys::sysinfo::parse_key_values(&t)
-                    .get("VERSION_ID")
-                    .cloned()
-            })
-            .unwrap_or_default(),
-        created: kairos_sys::time::now_rfc3339(),
-        layers: layers.clone(),
-        kernel: Some(kernel_blob.clone()),
-        initrd: Some(initrd_blob.clone()),
-        cmdline: spec.cmdline.clone(),
-    };
-    store.write_deployment(&dep)?;
+    let os = crate::os::build_store(&spec.os, &state_dir, work)?;
     // RECOVERY: the same content, its own store (independent of STATE).
     let rec_dir = work.join("recovery");
     copy_dir(&state_dir, &rec_dir)?;
@@ -302,39 +200,14 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
         &state_dir,
         &kairos_lifecycle::history::Record::new(
             "installed",
-            &id,
-            &spec.image_ref,
+            &os.dep.id,
+            &spec.os.image_ref,
             "kairosctl build raw",
         ),
     )?;
-
-    // ESP: systemd-boot as the removable-media loader, kernel and initrd by content, an
-    // entry for active and one for recovery (order comes from their sort-keys).
     let esp_dir = work.join("esp");
-    fs::create_dir_all(esp_dir.join("EFI/BOOT"))?;
-    fs::copy(SYSTEMD_BOOT, esp_dir.join("EFI/BOOT/BOOTX64.EFI"))?;
-    for (kind, src, blob) in [
-        ("vmlinuz", &kernel.vmlinuz, &kernel_blob),
-        ("initrd", &initrd_path, &initrd_blob),
-    ] {
-        let rel = kairos_lifecycle::esp_boot_path(kind, &blob.sha256);
-        let dest = esp_dir.join(rel.trim_start_matches('/'));
-        fs::create_dir_all(dest.parent().unwrap_or(&esp_dir))?;
-        fs::copy(src, &dest).with_context(|| format!("copying {}", src.display()))?;
-    }
-    fs::create_dir_all(esp_dir.join("loader/entries"))?;
-    fs::write(
-        esp_dir.join("loader/loader.conf"),
-        "timeout 3\nconsole-mode keep\neditor no\n",
-    )?;
-    for role in [Role::Active, Role::Recovery] {
-        kairos_lifecycle::entries::set(
-            &esp_dir,
-            role,
-            &kairos_lifecycle::upgrade::entry_for(role, &dep)?,
-            None,
-        )?;
-    }
+    crate::os::esp_tree(&esp_dir, &os, &[Role::Active, Role::Recovery])?;
+    let (dep, layer_bytes) = (os.dep, os.layer_bytes);
 
     // OEM: the user's cloud-config.
     let oem_dir = work.join("oem");
@@ -360,20 +233,7 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
 
     // Filesystem images.
     let esp_img = work.join("esp.img");
-    {
-        let f = fs::File::create(&esp_img)?;
-        f.set_len(parts[0].size_mib * MIB)?;
-    }
-    run(Command::new("mkfs.vfat")
-        .args(["-F", "32", "-n", "COS_GRUB"])
-        .arg(&esp_img))?;
-    // The ESP tree was laid out in esp_dir: copy it whole (mcopy -s recurses).
-    let mut mcopy = Command::new("mcopy");
-    mcopy.arg("-s").arg("-i").arg(&esp_img);
-    for e in fs::read_dir(&esp_dir)? {
-        mcopy.arg(e?.path());
-    }
-    run(mcopy.arg("::/"))?;
+    fat_image(&esp_dir, &esp_img, parts[0].size_mib, Some("COS_GRUB"))?;
     let imgs = [
         esp_img,
         fs_img(work, "oem", &parts[1], Some(&oem_dir))?,
@@ -428,7 +288,28 @@ fn fs_img(work: &Path, name: &str, p: &Part, content: Option<&Path>) -> Result<P
     Ok(img)
 }
 
-fn dir_size(d: &Path) -> u64 {
+/// A FAT filesystem image of `size_mib` holding the tree `dir` (mkfs.vfat, then mcopy -s).
+pub fn fat_image(dir: &Path, img: &Path, size_mib: u64, label: Option<&str>) -> Result<()> {
+    let f = fs::File::create(img).with_context(|| format!("creating {}", img.display()))?;
+    f.set_len(size_mib * MIB)?;
+    drop(f);
+    let mut mkfs = Command::new("mkfs.vfat");
+    if size_mib >= 64 {
+        mkfs.args(["-F", "32"]);
+    }
+    if let Some(l) = label {
+        mkfs.args(["-n", l]);
+    }
+    run(mkfs.arg(img))?;
+    let mut mcopy = Command::new("mcopy");
+    mcopy.arg("-s").arg("-i").arg(img);
+    for e in fs::read_dir(dir)? {
+        mcopy.arg(e?.path());
+    }
+    run(mcopy.arg("::/"))
+}
+
+pub fn dir_size(d: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![d.to_path_buf()];
     while let Some(p) = stack.pop() {

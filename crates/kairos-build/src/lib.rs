@@ -5,7 +5,9 @@ pub mod cpio;
 pub mod disk;
 pub mod image;
 pub mod initrd;
+pub mod iso;
 pub mod kairosify;
+pub mod os;
 pub mod workdir;
 
 pub use workdir::WorkDir;

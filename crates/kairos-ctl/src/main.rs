@@ -77,22 +77,17 @@ enum ImageCmd {
 enum BuildKind {
     /// An already-installed disk image (raw, or qcow2 by --output extension)
     Raw(RawArgs),
+    /// A hybrid UEFI install ISO (label COS_LIVE): boots live, `kairos-agent install` copies
+    /// its layers to a disk without network
+    Iso(IsoArgs),
 }
 
+/// What every artifact is built from.
 #[derive(Debug, clap::Args)]
-struct RawArgs {
+struct ImageArgs {
     /// The image: REGISTRY/NAME:TAG, oci-layout:DIR[:TAG], ocifile:TAR (kairosified), or dir:PATH (a root tree with a kernel; the Kairos layer is added)
     #[arg(long)]
     image: String,
-    /// The disk file to write (`.qcow2` converts with qemu-img)
-    #[arg(long)]
-    output: PathBuf,
-    /// Cloud-config to put on OEM as 90_custom.yaml
-    #[arg(long)]
-    cloud_config: Option<PathBuf>,
-    /// Disk size in MiB (default: just large enough; COS_PERSISTENT takes the rest)
-    #[arg(long)]
-    size: Option<u64>,
     /// The static kairos-immucore binary (default: next to kairosctl)
     #[arg(long, env = "KAIROS_IMMUCORE")]
     immucore: Option<PathBuf>,
@@ -102,6 +97,33 @@ struct RawArgs {
     /// Kernel command line added to every boot entry
     #[arg(long, default_value = "console=tty1 console=ttyS0,115200")]
     cmdline: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct RawArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// The disk file to write (`.qcow2` converts with qemu-img)
+    #[arg(long)]
+    output: PathBuf,
+    /// Cloud-config to put on OEM as 90_custom.yaml
+    #[arg(long)]
+    cloud_config: Option<PathBuf>,
+    /// Disk size in MiB (default: just large enough; COS_PERSISTENT takes the rest)
+    #[arg(long)]
+    size: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+struct IsoArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// The ISO file to write
+    #[arg(long)]
+    output: PathBuf,
+    /// Cloud-config embedded in the ISO (e.g. with `install: {auto: true, device: auto}`)
+    #[arg(long)]
+    cloud_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,13 +269,8 @@ fn kairosify(
     store(&out?, dest)
 }
 
-fn build_raw(a: RawArgs) -> Result<()> {
-    let immucore = companion(a.immucore.clone(), "kairos-immucore")?;
-    let work = kairos_build::WorkDir::beside(&a.output, "kairosctl")?;
-    build_raw_in(a, &immucore, work.path())
-}
-
-fn build_raw_in(a: RawArgs, immucore: &Path, work: &Path) -> Result<()> {
+/// The image's layers, unpacked under `work`, with the Kairos layer added to `dir:` trees.
+fn os_spec<'a>(a: &ImageArgs, immucore: &'a Path, work: &Path) -> Result<kairos_build::os::OsSpec<'a>> {
     let (mut layers, boot_tree, manifest_digest, diff_ids) =
         if let Some(dir) = a.image.strip_prefix("dir:") {
             let rootfs = PathBuf::from(dir);
@@ -280,7 +297,7 @@ fn build_raw_in(a: RawArgs, immucore: &Path, work: &Path) -> Result<()> {
             );
         }
         let bins = kairos_build::kairosify::Binaries {
-            agent: companion(a.agent, "kairos-agent")?,
+            agent: companion(a.agent.clone(), "kairos-agent")?,
             immucore: immucore.to_path_buf(),
         };
         let layer = work.join("kairos-layer");
@@ -294,6 +311,50 @@ fn build_raw_in(a: RawArgs, immucore: &Path, work: &Path) -> Result<()> {
         eprintln!("kairosctl: added the Kairos layer ({init:?} init)");
         layers.push(layer);
     }
+    Ok(kairos_build::os::OsSpec {
+        layers,
+        boot_tree,
+        manifest_digest,
+        diff_ids,
+        image_ref: a.image.clone(),
+        immucore,
+        cmdline: a.cmdline.clone(),
+    })
+}
+
+fn build_iso(a: IsoArgs) -> Result<()> {
+    let immucore = companion(a.image.immucore.clone(), "kairos-immucore")?;
+    let work = kairos_build::WorkDir::beside(&a.output, "kairosctl")?;
+    let os = os_spec(&a.image, &immucore, work.path())?;
+    eprintln!(
+        "kairosctl: building {} from {}",
+        a.output.display(),
+        a.image.image
+    );
+    let built = kairos_build::iso::build_iso(&kairos_build::iso::IsoSpec {
+        os,
+        cloud_config: a.cloud_config.as_deref(),
+        output: &a.output,
+    })?;
+    eprintln!(
+        "  deployment {} ({} layers, {} bytes), {} bytes in all",
+        built.dep.id,
+        built.dep.layers.len(),
+        built.layer_bytes,
+        std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0)
+    );
+    println!("{}", a.output.display());
+    Ok(())
+}
+
+fn build_raw(a: RawArgs) -> Result<()> {
+    let immucore = companion(a.image.immucore.clone(), "kairos-immucore")?;
+    let work = kairos_build::WorkDir::beside(&a.output, "kairosctl")?;
+    build_raw_in(a, &immucore, work.path())
+}
+
+fn build_raw_in(a: RawArgs, immucore: &Path, work: &Path) -> Result<()> {
+    let os = os_spec(&a.image, immucore, work)?;
     let qcow = a.output.extension().is_some_and(|e| e == "qcow2");
     let raw_out = if qcow {
         a.output.with_extension("raw.tmp")
@@ -303,19 +364,13 @@ fn build_raw_in(a: RawArgs, immucore: &Path, work: &Path) -> Result<()> {
     eprintln!(
         "kairosctl: building {} from {}",
         a.output.display(),
-        a.image
+        a.image.image
     );
     let report = kairos_build::disk::build_raw(&kairos_build::disk::RawSpec {
-        layers,
-        boot_tree,
-        manifest_digest,
-        diff_ids,
-        image_ref: a.image.clone(),
-        immucore,
+        os,
         cloud_config: a.cloud_config.as_deref(),
         size_mib: a.size,
         output: &raw_out,
-        cmdline: a.cmdline.clone(),
     })?;
     if qcow {
         let st = Command::new("qemu-img")
@@ -350,6 +405,9 @@ fn run() -> Result<i32> {
         Cmd::Build {
             kind: BuildKind::Raw(a),
         } => build_raw(a).map(|_| 0),
+        Cmd::Build {
+            kind: BuildKind::Iso(a),
+        } => build_iso(a).map(|_| 0),
         Cmd::Image {
             command: ImageCmd::Import { src, dest, split },
         } => image_import(&src, &dest, &split).map(|_| 0),

@@ -14,7 +14,8 @@ use kairos_sys::{Root, blockdev, kmod, loopdev};
 use crate::plan::{self, Mode, Plan};
 
 pub const SYSROOT: &str = "/sysroot";
-const STORE_MNT: &str = "/run/initramfs/cos-state";
+/// The tmpfs holding a live system's writable root layer.
+const LIVE_UPPER: &str = "/run/kairos/live";
 const OVERLAY_BASE: &str = "/run/overlay";
 /// Written by kairosify: module files to load, in dependency order, one per line.
 pub const MODULE_LIST: &str = "/lib/modules/kairos-initrd.load";
@@ -134,23 +135,28 @@ impl Boot {
         let store_dev = self.step("find-store", |_| {
             wait_for_label(&plan.store_label, plan.timeout)
         })?;
+        let store_mnt = plan.mode.store_mountpoint();
         self.step("mount-store", |b| {
+            // ext4 on a disk, ISO 9660 on install media: the superblock says which.
+            let fstype = blockdev::probe(&store_dev)
+                .map(|p| p.fstype)
+                .unwrap_or("ext4");
             do_mount(
                 &store_dev.to_string_lossy(),
-                STORE_MNT,
-                "ext4",
+                store_mnt,
+                fstype,
                 MountFlags::RDONLY,
                 "",
             )?;
             b.fstab.push((
                 format!("LABEL={}", plan.store_label),
-                "/run/initramfs/cos-state".into(),
-                "ext4".into(),
+                store_mnt.into(),
+                fstype.into(),
                 "ro".into(),
             ));
             Ok(())
         })?;
-        let store = Store::new(STORE_MNT);
+        let store = Store::new(store_mnt);
         let dep = self.step("read-deployment", |_| {
             Ok(store.read_deployment(&plan.deployment)?)
         })?;
@@ -187,6 +193,29 @@ impl Boot {
                 mkdirs("/run/kairos/empty")?;
                 lowers.push("/run/kairos/empty".into());
             }
+            if plan.mode == Mode::Live {
+                // Live media: the root is writable, in memory.
+                mkdirs(LIVE_UPPER)?;
+                do_mount(
+                    "tmpfs",
+                    LIVE_UPPER,
+                    "tmpfs",
+                    MountFlags::NOSUID | MountFlags::NODEV,
+                    "size=50%,mode=0755",
+                )?;
+                mkdirs(&format!("{LIVE_UPPER}/upper"))?;
+                mkdirs(&format!("{LIVE_UPPER}/work"))?;
+                return do_mount(
+                    "overlay",
+                    SYSROOT,
+                    "overlay",
+                    MountFlags::empty(),
+                    &format!(
+                        "lowerdir={},upperdir={LIVE_UPPER}/upper,workdir={LIVE_UPPER}/work",
+                        lowers.join(":")
+                    ),
+                );
+            }
             do_mount(
                 "overlay",
                 SYSROOT,
@@ -200,7 +229,11 @@ impl Boot {
                 .context("writing the mode marker")
         })?;
         self.step("mount-oem", |b| {
-            match blockdev::find_by_label("COS_OEM") {
+            // A live system must not pick up the OEM of a disk it is about to install over.
+            let oem = (plan.mode != Mode::Live)
+                .then(|| blockdev::find_by_label("COS_OEM"))
+                .flatten();
+            match oem {
                 Some(dev) => {
                     do_mount(
                         &dev.to_string_lossy(),
@@ -260,7 +293,7 @@ impl Boot {
             }
             Ok(())
         })?;
-        if plan.mode != Mode::Recovery {
+        if matches!(plan.mode, Mode::Active | Mode::Passive) {
             self.step("mount-persistent", mount_persistent)?;
         }
         self.step("write-fstab", |b| {

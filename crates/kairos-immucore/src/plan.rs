@@ -6,6 +6,8 @@ pub enum Mode {
     Active,
     Passive,
     Recovery,
+    /// Booted from install media (ISO `COS_LIVE`): writable root in memory, nothing persists.
+    Live,
 }
 
 impl Mode {
@@ -14,6 +16,16 @@ impl Mode {
             Mode::Active => "active_mode",
             Mode::Passive => "passive_mode",
             Mode::Recovery => "recovery_mode",
+            Mode::Live => "live_mode",
+        }
+    }
+
+    /// Where the store's filesystem is mounted (Kairos' paths: the agent reads the live
+    /// medium's embedded config from /run/initramfs/live).
+    pub fn store_mountpoint(self) -> &'static str {
+        match self {
+            Mode::Live => "/run/initramfs/live",
+            _ => "/run/initramfs/cos-state",
         }
     }
 }
@@ -48,6 +60,8 @@ impl std::error::Error for PlanError {}
 /// Ephemeral paths (tmpfs upper) per mode — Kairos' shipped defaults.
 pub fn rw_paths(mode: Mode) -> &'static [&'static str] {
     match mode {
+        // Live: the whole root is an overlay with a tmpfs upper.
+        Mode::Live => &[],
         Mode::Recovery => &[
             "/etc",
             "/root",
@@ -150,9 +164,10 @@ impl Plan {
                         "active" => Mode::Active,
                         "passive" => Mode::Passive,
                         "recovery" => Mode::Recovery,
+                        "live" => Mode::Live,
                         other => {
                             return Err(PlanError(format!(
-                                "kairos.mode={other}: expected active, passive or recovery"
+                                "kairos.mode={other}: expected active, passive, recovery or live"
                             )));
                         }
                     })
@@ -174,10 +189,12 @@ impl Plan {
         })?;
         plan.mode = mode.unwrap_or(match store.as_deref() {
             Some("COS_RECOVERY") => Mode::Recovery,
+            Some("COS_LIVE") => Mode::Live,
             _ => Mode::Active,
         });
         plan.store_label = store.unwrap_or_else(|| match plan.mode {
             Mode::Recovery => "COS_RECOVERY".into(),
+            Mode::Live => "COS_LIVE".into(),
             _ => "COS_STATE".into(),
         });
         Ok(plan)
@@ -214,6 +231,11 @@ mod tests {
                 .contains("kairos.deployment")
         );
         assert!(Plan::from_cmdline("kairos.deployment=x kairos.mode=weird").is_err());
+        let p = Plan::from_cmdline("kairos.deployment=l kairos.store=LABEL=COS_LIVE").unwrap();
+        assert_eq!(
+            (p.mode, p.mode.store_mountpoint()),
+            (Mode::Live, "/run/initramfs/live")
+        );
     }
 
     #[test]

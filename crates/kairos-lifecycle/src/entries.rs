@@ -19,16 +19,19 @@ pub enum Role {
     Active,
     Passive,
     Recovery,
+    /// The entry of install media.
+    Live,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Active, Role::Passive, Role::Recovery];
+    pub const ALL: [Role; 4] = [Role::Active, Role::Passive, Role::Recovery, Role::Live];
 
     pub fn name(self) -> &'static str {
         match self {
             Role::Active => "active",
             Role::Passive => "passive",
             Role::Recovery => "recovery",
+            Role::Live => "live",
         }
     }
 
@@ -37,6 +40,7 @@ impl Role {
             Role::Active => "kairos-1-active",
             Role::Passive => "kairos-2-passive",
             Role::Recovery => "kairos-3-recovery",
+            Role::Live => "kairos-0-live",
         }
     }
 
@@ -46,6 +50,7 @@ impl Role {
             Role::Active => ("COS_STATE", "active"),
             Role::Passive => ("COS_STATE", "passive"),
             Role::Recovery => ("COS_RECOVERY", "recovery"),
+            Role::Live => ("COS_LIVE", "live"),
         }
     }
 
@@ -153,10 +158,11 @@ pub fn list(esp: &Path) -> Result<Vec<Entry>, Error> {
 pub fn boot_order(entries: &[Entry]) -> Vec<&Entry> {
     let mut v: Vec<&Entry> = entries.iter().collect();
     v.sort_by(|a, b| {
-        (a.is_bad(), a.role)
-            .cmp(&(b.is_bad(), b.role))
-            // Same role twice only after a cut between writing one and removing the other;
-            // systemd-boot then orders by file name, descending.
+        (a.is_bad(), a.role.sort_key())
+            .cmp(&(b.is_bad(), b.role.sort_key()))
+            // Same role twice only after a cut between writing the new entry and removing
+            // the old one; systemd-boot 252 then boots the one with tries (seen in QEMU).
+            .then_with(|| b.tries.is_some().cmp(&a.tries.is_some()))
             .then_with(|| b.file.cmp(&a.file))
     });
     v
@@ -181,6 +187,7 @@ pub fn render(role: Role, t: &Target) -> String {
         Role::Active => "Kairos",
         Role::Passive => "Kairos (fallback)",
         Role::Recovery => "Kairos recovery",
+        Role::Live => "Kairos live (install)",
     };
     let title = if t.version.is_empty() {
         format!("{name} {}", t.deployment)
@@ -211,6 +218,7 @@ pub fn set(esp: &Path, role: Role, text: &str, tries: Option<u32>) -> Result<(),
         None => format!("{}.conf", role.name()),
     };
     kairos_layers::write_atomic(&dir.join(&name), text.as_bytes())?;
+    sync_dir(&dir);
     crate::failpoint(&format!("{}-entry-added", role.name()));
     for e in list(esp)? {
         if e.role == role && e.file != name {
@@ -254,11 +262,13 @@ fn remove(p: &Path) -> Result<(), Error> {
     }
 }
 
-/// Best effort: vfat may refuse fsync on a directory; the rename is already issued.
+/// Makes a rename in `dir` durable before the next step: the whole filesystem is flushed,
+/// as a directory fsync does not reach FAT's directory entries.
 pub(crate) fn sync_dir(dir: &Path) {
     if let Ok(f) = fs::File::open(dir) {
         let _ = f.sync_all();
     }
+    let _ = kairos_sys::fs::sync_filesystem(dir);
 }
 
 #[cfg(test)]
@@ -365,7 +375,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cut_between_write_and_remove_leaves_the_old_entry_first() {
+    fn a_cut_between_write_and_remove_boots_the_new_entry() {
         let esp = tempfile::tempdir().unwrap();
         let dir = esp.path().join("loader/entries");
         fs::create_dir_all(&dir).unwrap();
@@ -380,7 +390,7 @@ mod tests {
         )
         .unwrap();
         let e = list(esp.path()).unwrap();
-        // systemd-boot orders same-key entries by id, descending: '.' (0x2e) > '+' (0x2b).
-        assert_eq!(boot_order(&e)[0].deployment, "old");
+        // Either is a bootable node; systemd-boot 252 picks the new one, with its tries.
+        assert_eq!(boot_order(&e)[0].deployment, "new");
     }
 }

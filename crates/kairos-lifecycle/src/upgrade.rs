@@ -286,7 +286,10 @@ pub fn activate(
     let store = Store::new(&node.store);
     let current = entries::list(&node.esp)?;
     if role == Role::Active {
-        let active = current.iter().find(|e| e.role == Role::Active);
+        // An entry without a deployment (a file damaged by a cut) is ignored, then replaced.
+        let active = current
+            .iter()
+            .find(|e| e.role == Role::Active && !e.deployment.is_empty());
         if active.is_some_and(|e| e.deployment == dep.id && !e.is_bad()) {
             history::clear_staged(&node.store)?;
             return Ok(());
@@ -294,6 +297,7 @@ pub fn activate(
         // What to fall back to: the running deployment, else the active one if it is good,
         // else the passive one as it is.
         let fallback = keep
+            .filter(|k| !k.is_empty())
             .map(str::to_string)
             .or_else(|| active.filter(|e| !e.is_bad()).map(|e| e.deployment.clone()));
         if let Some(f) = fallback.filter(|f| f != &dep.id) {

@@ -4,8 +4,18 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// The label of the filesystem whose first 64 KiB are `head`, for ext2/3/4 and FAT.
-pub fn label_from_head(head: &[u8]) -> Option<String> {
+/// What a superblock says: the filesystem type (as mount(2) names it) and its label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probed {
+    pub fstype: &'static str,
+    pub label: Option<String>,
+}
+
+/// Bytes to read from the start of a device for [`probe_head`] (ISO 9660 starts at 32 KiB).
+pub const HEAD_LEN: usize = 0x8800;
+
+/// Identifies ext2/3/4, ISO 9660 and FAT from the first bytes of a device.
+pub fn probe_head(head: &[u8]) -> Option<Probed> {
     let clean = |b: &[u8]| {
         let s = String::from_utf8_lossy(b)
             .trim_end_matches(['\0', ' '])
@@ -14,26 +24,57 @@ pub fn label_from_head(head: &[u8]) -> Option<String> {
     };
     // ext: superblock at 1024, magic 0xEF53 at +0x38, volume name at +0x78.
     if head.len() >= 1024 + 0x88 && head[1024 + 0x38..1024 + 0x3A] == [0x53, 0xEF] {
-        return clean(&head[1024 + 0x78..1024 + 0x88]);
+        return Some(Probed {
+            fstype: "ext4",
+            label: clean(&head[1024 + 0x78..1024 + 0x88]),
+        });
+    }
+    // ISO 9660: primary volume descriptor in sector 16, "CD001" at +1, volume id at +40.
+    if head.len() >= 0x8000 + 72 && &head[0x8001..0x8006] == b"CD001" {
+        return Some(Probed {
+            fstype: "iso9660",
+            label: clean(&head[0x8028..0x8048]),
+        });
     }
     // FAT32: "FAT32   " at 0x52, label at 0x47; FAT12/16: "FAT" at 0x36, label at 0x2B.
     if head.len() >= 512 && head[510..512] == [0x55, 0xAA] {
-        if &head[0x52..0x57] == b"FAT32" {
-            return clean(&head[0x47..0x52]).filter(|l| l != "NO NAME");
-        }
-        if &head[0x36..0x39] == b"FAT" {
-            return clean(&head[0x2B..0x36]).filter(|l| l != "NO NAME");
-        }
+        let label = if &head[0x52..0x57] == b"FAT32" {
+            &head[0x47..0x52]
+        } else if &head[0x36..0x39] == b"FAT" {
+            &head[0x2B..0x36]
+        } else {
+            return None;
+        };
+        return Some(Probed {
+            fstype: "vfat",
+            label: clean(label).filter(|l| l != "NO NAME"),
+        });
     }
     None
 }
 
-pub fn label_of(dev: &Path) -> Option<String> {
+/// The label of the filesystem whose first bytes are `head`.
+pub fn label_from_head(head: &[u8]) -> Option<String> {
+    probe_head(head)?.label
+}
+
+/// Probes a device (or image file).
+pub fn probe(dev: &Path) -> Option<Probed> {
     let mut f = fs::File::open(dev).ok()?;
-    let mut head = vec![0u8; 4096];
+    let mut head = vec![0u8; HEAD_LEN];
     f.seek(SeekFrom::Start(0)).ok()?;
-    let n = f.read(&mut head).ok()?;
-    label_from_head(&head[..n])
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    probe_head(&head[..n])
+}
+
+pub fn label_of(dev: &Path) -> Option<String> {
+    probe(dev)?.label
 }
 
 /// Every block device the kernel knows (`/sys/class/block`), as `/dev/<name>`.
@@ -75,6 +116,12 @@ mod tests {
         f[0x47..0x52].copy_from_slice(b"COS_GRUB   ");
         assert_eq!(label_from_head(&f).as_deref(), Some("COS_GRUB"));
         assert_eq!(label_from_head(&[0u8; 4096]), None);
+        let mut iso = vec![0u8; HEAD_LEN];
+        iso[0x8001..0x8006].copy_from_slice(b"CD001");
+        iso[0x8028..0x8030].copy_from_slice(b"COS_LIVE");
+        iso[0x8030..0x8048].fill(b' ');
+        let p = probe_head(&iso).unwrap();
+        assert_eq!((p.fstype, p.label.as_deref()), ("iso9660", Some("COS_LIVE")));
     }
 
     #[test]

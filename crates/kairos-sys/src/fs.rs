@@ -115,6 +115,13 @@ pub fn make_opaque(dir: &Path) -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
+/// Flushes the whole filesystem holding `path` (`syncfs`): on FAT a directory fsync does not
+/// reach the directory entries and the FAT, so a rename is only durable after this.
+pub fn sync_filesystem(path: &Path) -> io::Result<()> {
+    let f = fs::File::open(path)?;
+    rustix::fs::syncfs(&f).map_err(io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,3 +140,4 @@ mod tests {
         assert!(!d.path().join(".f.kairos-tmp").exists());
     }
 }
+

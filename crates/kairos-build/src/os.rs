@@ -1,0 +1,166 @@
+//! One OS version laid out for a medium: the layer store (EROFS images named by digest,
+//! kernel and initrd by content, the deployment manifest) and the ESP tree that boots it —
+//! shared by raw disks and ISOs.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use kairos_layers::{Blob, Deployment, Layer, Store};
+use kairos_lifecycle::entries::Role;
+
+/// The image an artifact is built from.
+pub struct OsSpec<'a> {
+    /// The image's layers as trees in overlay format, base first. The base has the kernel.
+    pub layers: Vec<PathBuf>,
+    /// The merged view of the layers (or the base tree), where the kernel, its modules and a
+    /// kairosified `/boot/initrd` are looked up.
+    pub boot_tree: PathBuf,
+    /// Digest of the OCI manifest the layers came from (`None` for `dir:` trees).
+    pub manifest_digest: Option<String>,
+    /// diff_ids of the layers, in order (`None` for `dir:` trees: layers are then named by
+    /// the digest of their filesystem image).
+    pub diff_ids: Option<Vec<String>>,
+    pub image_ref: String,
+    pub immucore: &'a Path,
+    /// Extra kernel cmdline for every entry (e.g. `console=ttyS0`).
+    pub cmdline: String,
+}
+
+/// A store written for one deployment.
+pub struct Os {
+    pub dep: Deployment,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub layer_bytes: u64,
+}
+
+/// Writes the layer store for `spec` into `store_dir`; `work` holds temporary files.
+pub fn build_store(spec: &OsSpec, store_dir: &Path, work: &Path) -> Result<Os> {
+    let base = &spec.boot_tree;
+    if spec.layers.is_empty() {
+        anyhow::bail!("an image needs at least one layer");
+    }
+    let kernel = crate::initrd::find_kernel(base)?;
+    let initrd_path = work.join("initrd");
+    // A kairosified image carries its initrd; otherwise make one from its modules.
+    match ["boot/initrd", "boot/kairos-initrd"]
+        .iter()
+        .map(|p| base.join(p))
+        .find(|p| p.is_file())
+    {
+        Some(p) => {
+            fs::copy(&p, &initrd_path).with_context(|| format!("copying {}", p.display()))?;
+        }
+        None => {
+            crate::initrd::build(base, spec.immucore, &initrd_path)?;
+        }
+    }
+
+    fs::create_dir_all(store_dir.join("layers"))?;
+    let store = Store::new(store_dir);
+    let mut layers = Vec::new();
+    for (i, tree) in spec.layers.iter().enumerate() {
+        let tmp = work.join(format!("layer{i}.erofs"));
+        crate::disk::erofs(tree, &tmp)?;
+        // Hash the image once: it is both the blob checksum and, for `dir:` trees, the name.
+        let hex = kairos_layers::sha256_file(&tmp)?;
+        let digest = match &spec.diff_ids {
+            Some(ids) => ids.get(i).cloned().context("fewer diff_ids than layers")?,
+            None => format!("sha256:{hex}"),
+        };
+        let file = kairos_layers::layer_file(&digest);
+        fs::rename(&tmp, store_dir.join(&file))?;
+        let size = fs::metadata(store_dir.join(&file))?.len();
+        layers.push(Layer {
+            digest,
+            image: Blob {
+                file,
+                size,
+                sha256: hex,
+            },
+        });
+    }
+    let layer_bytes: u64 = layers.iter().map(|l| l.image.size).sum();
+    // Without an OCI manifest, the image is identified by its ordered layer digests.
+    let image_hex = kairos_layers::sha256_hex(
+        layers
+            .iter()
+            .map(|l| l.digest.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+            .as_bytes(),
+    );
+    let digest = spec
+        .manifest_digest
+        .clone()
+        .unwrap_or_else(|| format!("sha256:{image_hex}"));
+    let id = kairos_lifecycle::deployment_id(&digest);
+    // Kernel and initrd are stored by content, on the store and on the ESP, as upgrades do.
+    let boot_blob = |src: &Path| -> Result<Blob> {
+        let hex = kairos_layers::sha256_file(src)?;
+        let rel = format!("boot/sha256-{hex}");
+        fs::create_dir_all(store_dir.join("boot"))?;
+        fs::copy(src, store_dir.join(&rel))
+            .with_context(|| format!("copying {}", src.display()))?;
+        Ok(store.blob(&rel)?)
+    };
+    let dep = Deployment {
+        id,
+        image: spec.image_ref.clone(),
+        manifest_digest: digest,
+        version: fs::read_to_string(base.join("etc/os-release"))
+            .ok()
+            .and_then(|t| {
+                kairos_sys::sysinfo::parse_key_values(&t)
+                    .get("VERSION_ID")
+                    .cloned()
+            })
+            .unwrap_or_default(),
+        created: kairos_sys::time::now_rfc3339(),
+        layers,
+        kernel: Some(boot_blob(&kernel.vmlinuz)?),
+        initrd: Some(boot_blob(&initrd_path)?),
+        cmdline: spec.cmdline.clone(),
+    };
+    store.write_deployment(&dep)?;
+    Ok(Os {
+        dep,
+        kernel: kernel.vmlinuz,
+        initrd: initrd_path,
+        layer_bytes,
+    })
+}
+
+/// Lays out an ESP tree in `dir`: systemd-boot as the removable-media loader, the kernel and
+/// initrd by content, and an entry per role (their order comes from their sort-keys).
+pub fn esp_tree(dir: &Path, os: &Os, roles: &[Role]) -> Result<()> {
+    fs::create_dir_all(dir.join("EFI/BOOT"))?;
+    fs::copy(crate::disk::SYSTEMD_BOOT, dir.join("EFI/BOOT/BOOTX64.EFI"))
+        .with_context(|| format!("copying {}", crate::disk::SYSTEMD_BOOT))?;
+    let blobs = [
+        ("vmlinuz", &os.kernel, &os.dep.kernel),
+        ("initrd", &os.initrd, &os.dep.initrd),
+    ];
+    for (kind, src, blob) in blobs {
+        let blob = blob.as_ref().context("deployment without kernel or initrd")?;
+        let rel = kairos_lifecycle::esp_boot_path(kind, &blob.sha256);
+        let dest = dir.join(rel.trim_start_matches('/'));
+        fs::create_dir_all(dest.parent().unwrap_or(dir))?;
+        fs::copy(src, &dest).with_context(|| format!("copying {}", src.display()))?;
+    }
+    fs::create_dir_all(dir.join("loader/entries"))?;
+    fs::write(
+        dir.join("loader/loader.conf"),
+        "timeout 3\nconsole-mode keep\neditor no\n",
+    )?;
+    for role in roles {
+        kairos_lifecycle::entries::set(
+            dir,
+            *role,
+            &kairos_lifecycle::upgrade::entry_for(*role, &os.dep)?,
+            None,
+        )?;
+    }
+    Ok(())
+}
