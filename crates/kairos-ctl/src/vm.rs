@@ -45,7 +45,7 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
         format!("if=pflash,format=raw,unit=1,file={}", s.vars.display()),
         "-drive".into(),
         format!(
-            "file={},if=virtio,format={}",
+            "file={},if=none,id=disk0,format={}",
             s.disk.display(),
             if s.disk.extension().is_some_and(|e| e == "qcow2") {
                 "qcow2"
@@ -53,6 +53,9 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
                 "raw"
             }
         ),
+        // The disk first: once installed it boots even with the ISO still inserted.
+        "-device".into(),
+        "virtio-blk-pci,drive=disk0,bootindex=0".into(),
         "-netdev".into(),
         "user,id=n0".into(),
         "-device".into(),
@@ -62,9 +65,17 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
         "-no-reboot".into(),
     ];
     if let Some(iso) = &s.iso {
+        // virtio-scsi: distribution cloud kernels often lack AHCI, never virtio.
         a.extend([
+            "-device".into(),
+            "virtio-scsi-pci,id=scsi0".into(),
             "-drive".into(),
-            format!("file={},media=cdrom,readonly=on", iso.display()),
+            format!(
+                "file={},if=none,id=cd0,media=cdrom,readonly=on",
+                iso.display()
+            ),
+            "-device".into(),
+            "scsi-cd,bus=scsi0.0,drive=cd0,bootindex=1".into(),
         ]);
     }
     match (&s.serial_log, s.serial_stdio) {
@@ -120,10 +131,12 @@ mod tests {
         let a = qemu_args(&s).join(" ");
         assert!(a.contains("-accel tcg -cpu max"), "{a}");
         assert!(
-            a.contains("file=/d/disk.qcow2,if=virtio,format=qcow2"),
+            a.contains("file=/d/disk.qcow2,if=none,id=disk0,format=qcow2"),
             "{a}"
         );
-        assert!(a.contains("file=/d/k.iso,media=cdrom"), "{a}");
+        assert!(a.contains("virtio-blk-pci,drive=disk0,bootindex=0"), "{a}");
+        assert!(a.contains("file=/d/k.iso,if=none,id=cd0,media=cdrom"), "{a}");
+        assert!(a.contains("scsi-cd,bus=scsi0.0,drive=cd0,bootindex=1"), "{a}");
         assert!(a.contains("-serial file:/d/serial.log"), "{a}");
         assert!(a.contains("unit=1,file=/d/vars.fd"), "{a}");
     }

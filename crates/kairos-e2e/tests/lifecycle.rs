@@ -284,7 +284,12 @@ fn power_cut_at_any_step_of_an_upgrade_leaves_a_bootable_node() {
     vm.wait_exit(Duration::from_secs(120)).unwrap();
     drop(vm);
     let mut vm = Vm::boot(&disk, &work.path().join("v2.log")).unwrap();
-    check(&verdict(&mut vm), "passed", "v2 boots and is blessed");
+    // Blessed now, or already at the boot after the last cut (which may boot v2).
+    let v = verdict(&mut vm);
+    assert!(
+        v.contains("passed") || v.contains("healthy"),
+        "v2 is kept: {v}"
+    );
     vm.login("root", "rootpw").unwrap();
     check(
         &vm.sh("cat /etc/kairos-e2e-version").unwrap(),

@@ -17,6 +17,9 @@ use crate::loader::{self, YipConfig};
 
 pub const STAGE_PATHS: &[&str] = &["/system/oem", "/oem", "/usr/local/cloud-config"];
 
+/// Where kairos-immucore mounts install media (ISO `COS_LIVE`).
+pub const LIVE_MEDIUM: &str = "/run/initramfs/live";
+
 /// Where a stage's documents are read from.
 pub struct StageRun<'a> {
     pub root: Root,
@@ -71,9 +74,14 @@ impl StageRun<'_> {
 
     pub fn sources(&self) -> Vec<Source> {
         let mut out = Vec::new();
-        let paths = STAGE_PATHS
-            .iter()
-            .map(|s| s.to_string())
+        // Install media: the ISO's embedded cloud-config applies to the live system, first
+        // (lowest priority), only where a live medium is mounted.
+        let live = Some(LIVE_MEDIUM)
+            .filter(|p| self.root.join(p).is_dir())
+            .map(str::to_string);
+        let paths = live
+            .into_iter()
+            .chain(STAGE_PATHS.iter().map(|s| s.to_string()))
             .chain(self.extra_paths.iter().cloned());
         for p in paths {
             let full = self.root.join(&p);
