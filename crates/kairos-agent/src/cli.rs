@@ -109,6 +109,25 @@ pub enum Command {
         #[command(flatten)]
         node: crate::lifecycle::NodeArgs,
     },
+    /// Install from the live medium to the disk in the config's `install.device` (`auto`: the
+    /// largest non-removable disk), with the live system's config as the node's OEM config
+    Install {
+        /// Only when booted live and the config says `install.auto: true` (the boot hook)
+        #[arg(long)]
+        auto: bool,
+        #[command(flatten)]
+        opts: crate::lifecycle::InstallArgs,
+    },
+    /// Install from the live medium to DEVICE with CONFIG as the node's cloud-config
+    ManualInstall {
+        /// The disk: /dev/…, a /dev/disk/by-* link, or `auto`
+        #[arg(long)]
+        device: String,
+        /// The cloud-config for the node (written to COS_OEM)
+        config: PathBuf,
+        #[command(flatten)]
+        opts: crate::lifecycle::InstallArgs,
+    },
     /// Run the health checks after the boot stage: keep a new deployment that passes, reboot
     /// one that fails (it falls back after its tries), record a fallback (run by the init system)
     BootAssessment {
@@ -303,6 +322,58 @@ pub fn run(cli: Cli) -> Result<Code> {
             }
             Ok(0)
         }
+        Command::Install { auto, opts } => {
+            let booted = cli.global.booted();
+            let c = cli.global.collect(&fetcher)?;
+            let json = c.config.to_json();
+            let install: kairos_config::types::Install = json
+                .get("install")
+                .map(|v| serde_json::from_value(v.clone()))
+                .transpose()
+                .context("config key install")?
+                .unwrap_or_default();
+            if auto && !(booted.mode == "live" && install.auto.0) {
+                return Ok(0);
+            }
+            let device = install
+                .device
+                .as_ref()
+                .map(|d| d.0.clone())
+                .unwrap_or_else(|| "auto".into());
+            let text = format!("#cloud-config\n{}", kairos_config::yaml::to_string(&c.config));
+            let g = &cli.global;
+            crate::lifecycle::install_cmd(&opts, &device, &install, &text, &g.root, &mut |s| {
+                run_install_stage(g, s, None, &fetcher)
+            })
+        }
+        Command::ManualInstall {
+            device,
+            config,
+            opts,
+        } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            if !kairos_config::collect::has_header(&text) {
+                anyhow::bail!(
+                    "{}: a cloud-config must start with #cloud-config",
+                    config.display()
+                );
+            }
+            let src: std::sync::Arc<str> = config.to_string_lossy().into();
+            let node = kairos_config::yaml::parse(&text, &src)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            let install: kairos_config::types::Install = node
+                .to_json()
+                .get("install")
+                .map(|v| serde_json::from_value(v.clone()))
+                .transpose()
+                .with_context(|| format!("{}: install", config.display()))?
+                .unwrap_or_default();
+            let g = &cli.global;
+            crate::lifecycle::install_cmd(&opts, &device, &install, &text, &g.root, &mut |s| {
+                run_install_stage(g, s, Some(&config), &fetcher)
+            })
+        }
         Command::BootAssessment { json, node } => {
             let cfg = cli.global.lifecycle_config(&fetcher);
             crate::lifecycle::boot_assessment_cmd(
@@ -314,6 +385,19 @@ pub fn run(cli: Cli) -> Result<Code> {
             )
         }
     }
+}
+
+/// Runs an install stage from the node's stage paths (and the install config file); a failing
+/// step is reported, not fatal, as in Kairos.
+fn run_install_stage(g: &Global, stage: &str, config: Option<&std::path::Path>, fetcher: &dyn Fetcher) {
+    let run = StageRun {
+        root: g.root(),
+        cmdline: g.cmdline(),
+        extra_paths: config.map(|c| c.to_string_lossy().into_owned()).into_iter().collect(),
+        fetcher,
+    };
+    let report = run.run(stage, &mut std::io::stderr());
+    let _ = report;
 }
 
 /// `state` for people: the few lines an operator looks for first.

@@ -436,3 +436,66 @@ pub fn boot_assessment_cmd(
     }
     Ok(0)
 }
+
+/// Options shared by `install` and `manual-install`.
+#[derive(Debug, Clone, Args)]
+pub struct InstallArgs {
+    /// Overwrite a disk that already has a Kairos install (also `install.force: true`)
+    #[arg(long)]
+    pub force: bool,
+    /// Reboot when done (also `install.reboot: true`)
+    #[arg(long)]
+    pub reboot: bool,
+    /// Power off when done (also `install.poweroff: true`)
+    #[arg(long)]
+    pub poweroff: bool,
+    /// Where the install medium is mounted
+    #[arg(long, value_name = "DIR", default_value = "/run/initramfs/live")]
+    pub medium: PathBuf,
+}
+
+/// Installs to a disk. `config_text` becomes OEM's 90_custom.yaml; `stages` runs the
+/// install stages (name) against the running system.
+pub fn install_cmd(
+    a: &InstallArgs,
+    device: &str,
+    install: &kairos_config::types::Install,
+    config_text: &str,
+    root: &Path,
+    stages: &mut dyn FnMut(&str),
+) -> Result<i32> {
+    use kairos_lifecycle::install;
+    let medium = install::medium(&root.join(a.medium.strip_prefix("/").unwrap_or(&a.medium)))?;
+    let all = install::disks();
+    let disk = install::resolve_device(device, &all)?;
+    install::check_disk(&disk, a.force || install.force.0)?;
+    let parts = install::plan(&medium, &disk)?;
+    eprintln!(
+        "installing {} ({}) on {} ({} MiB):",
+        medium.dep.id,
+        medium.dep.image,
+        disk.path.display(),
+        disk.size >> 20
+    );
+    for p in &parts {
+        eprintln!(
+            "  {:<11} {:<15} {:>7} MiB at {:>6} MiB",
+            p.name, p.label, p.size_mib, p.start_mib
+        );
+    }
+    stages("kairos-install.pre");
+    stages("before-install");
+    install::install(&medium, &disk, &parts, config_text, root, &mut |m| {
+        eprintln!("  {m}")
+    })
+    .with_context(|| format!("installing on {}", disk.path.display()))?;
+    stages("after-install");
+    stages("kairos-install.after");
+    eprintln!("installed: {} boots from {}", medium.dep.id, disk.path.display());
+    if a.poweroff || install.poweroff.0 {
+        kairos_sys::host::poweroff().context("powering off")?;
+    } else if a.reboot || install.reboot.0 {
+        kairos_sys::host::reboot().context("rebooting")?;
+    }
+    Ok(0)
+}

@@ -62,48 +62,7 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// One partition of the plan.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Part {
-    pub name: &'static str,
-    pub label: &'static str,
-    pub type_guid: &'static str,
-    pub start_mib: u64,
-    pub size_mib: u64,
-}
-
-const ESP_GUID: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
-const LINUX_GUID: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
-
-/// Partition sizes in MiB, from the real sizes of what goes in, with headroom for one upgrade.
-pub fn plan(esp_payload: u64, os_payload: u64, oem_mib: u64, persistent_mib: u64) -> Vec<Part> {
-    let mib = |b: u64| b.div_ceil(MIB);
-    // ESP: two kernel+initrd sets (active + recovery), doubled for an upgrade, + 16 MiB slack.
-    let esp = (mib(esp_payload) * 2 + 16).max(64);
-    // STATE holds the active layers plus room for one more deployment of the same size;
-    // RECOVERY holds one deployment. ext4 overhead is ~5%.
-    let state = mib(os_payload) * 2 + mib(os_payload) / 10 + 32;
-    let recovery = mib(os_payload) + mib(os_payload) / 10 + 32;
-    let mut start = 1;
-    let mut parts = Vec::new();
-    for (name, label, type_guid, size) in [
-        ("efi", "COS_GRUB", ESP_GUID, esp),
-        ("oem", "COS_OEM", LINUX_GUID, oem_mib),
-        ("recovery", "COS_RECOVERY", LINUX_GUID, recovery),
-        ("state", "COS_STATE", LINUX_GUID, state),
-        ("persistent", "COS_PERSISTENT", LINUX_GUID, persistent_mib),
-    ] {
-        parts.push(Part {
-            name,
-            label,
-            type_guid,
-            start_mib: start,
-            size_mib: size,
-        });
-        start += size;
-    }
-    parts
-}
+pub use kairos_lifecycle::layout::{Part, plan};
 
 /// The sfdisk script for a plan.
 pub fn sfdisk_script(parts: &[Part]) -> String {
@@ -220,7 +179,7 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
     let esp_payload = dir_size(&esp_dir);
     let os_payload = dir_size(&state_dir);
     let mut parts = plan(esp_payload, os_payload, 64, 64);
-    let used_end = parts.last().map(|p| p.start_mib + p.size_mib).unwrap_or(1) + 1;
+    let used_end = kairos_lifecycle::layout::min_disk_mib(&parts);
     if let Some(total) = spec.size_mib {
         if total < used_end {
             bail!("--size {total} MiB is too small: this image needs at least {used_end} MiB");
@@ -229,7 +188,7 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
             last.size_mib += total - used_end;
         }
     }
-    let total_mib = parts.last().map(|p| p.start_mib + p.size_mib).unwrap_or(1) + 1;
+    let total_mib = kairos_lifecycle::layout::min_disk_mib(&parts);
 
     // Filesystem images.
     let esp_img = work.join("esp.img");
@@ -334,25 +293,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plan_is_aligned_and_ordered() {
+    fn sfdisk_script_of_a_plan() {
         let p = plan(30 * MIB, 100 * MIB, 64, 64);
-        let names: Vec<_> = p.iter().map(|x| x.label).collect();
-        assert_eq!(
-            names,
-            [
-                "COS_GRUB",
-                "COS_OEM",
-                "COS_RECOVERY",
-                "COS_STATE",
-                "COS_PERSISTENT"
-            ]
-        );
-        assert_eq!(p[0].start_mib, 1);
-        for w in p.windows(2) {
-            assert_eq!(w[0].start_mib + w[0].size_mib, w[1].start_mib);
-        }
-        assert_eq!(p[0].size_mib, 76);
-        assert_eq!(p[3].size_mib, 242);
         let s = sfdisk_script(&p);
         assert!(s.starts_with("label: gpt\n"));
         assert!(

@@ -73,6 +73,12 @@ const HOOKS: &[Hook] = &[
         inittab: "once",
         openrc_depend: "need localmount\n    after cos-setup-boot",
     },
+    Hook {
+        name: "kairos-auto-install",
+        args: "install --auto",
+        inittab: "once",
+        openrc_depend: "need localmount\n    after cos-setup-boot",
+    },
 ];
 
 fn write(path: &Path, text: &str, mode: u32) -> Result<()> {
@@ -105,6 +111,11 @@ fn systemd_units(layer: &Path) -> Result<()> {
         (
             "kairos-boot-assessment.service",
             "[Unit]\nDescription=Kairos boot assessment (bless or fall back)\nAfter=cos-setup-boot.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/kairos-agent boot-assessment\n\n[Install]\nWantedBy=multi-user.target\n",
+            "multi-user.target",
+        ),
+        (
+            "kairos-auto-install.service",
+            "[Unit]\nDescription=Kairos unattended install (live media with install.auto)\nAfter=cos-setup-boot.service\n\n[Service]\nType=oneshot\nExecStart=/usr/bin/kairos-agent install --auto\nStandardOutput=journal+console\nStandardError=journal+console\n\n[Install]\nWantedBy=multi-user.target\n",
             "multi-user.target",
         ),
     ];
@@ -193,7 +204,7 @@ pub fn kairos_layer(
             fs::Permissions::from_mode(0o755),
         )?;
     }
-    bundle_mkfs_erofs(&layer.join(kairos_layers::BUNDLED_EROFS))?;
+    bundle_tools(&layer.join(kairos_sys::tools::BUNDLE))?;
     for d in ["oem", "usr/local/cloud-config", "system/oem", "run/cos"] {
         fs::create_dir_all(layer.join(d))?;
     }
@@ -223,49 +234,59 @@ pub fn kairos_layer(
     Ok(init)
 }
 
-/// Copies the build host's `mkfs.erofs` with every library it links and the dynamic loader
-/// into `dir`: upgrades on the node turn layers into images with it, whatever the distribution
-/// ships (busybox images have no erofs-utils at all).
-fn bundle_mkfs_erofs(dir: &Path) -> Result<()> {
-    let tool = std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("mkfs.erofs"))
-                .find(|p| p.is_file())
-        })
-        .context("mkfs.erofs not found: install the Debian package erofs-utils")?;
-    let out = std::process::Command::new("ldd")
-        .arg(&tool)
-        .output()
-        .context("running ldd (Debian package libc-bin)")?;
-    if !out.status.success() {
-        bail!("ldd {} failed", tool.display());
-    }
+/// Copies the build host's filesystem tools (mkfs.erofs for upgrades, mke2fs and mkfs.fat for
+/// the installer) with every library they link and the dynamic loader into `dir`: the node
+/// runs them whatever its distribution ships (busybox images have none of them).
+fn bundle_tools(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir)?;
     let copy = |src: &Path, name: &str| -> Result<()> {
         let dest = dir.join(name);
+        if dest.exists() {
+            return Ok(());
+        }
         fs::copy(src, &dest).with_context(|| format!("copying {}", src.display()))?;
         fs::set_permissions(&dest, fs::Permissions::from_mode(0o755))?;
         Ok(())
     };
-    copy(&tool, "mkfs.erofs")?;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        // `libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`
-        let path = match line.split_once("=>") {
-            Some((_, rhs)) => rhs.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        let Some(path) = path.filter(|p| p.starts_with('/')) else {
-            continue;
-        };
-        let name = Path::new(path)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        copy(Path::new(path), &name)?;
+    for (name, package) in [
+        ("mkfs.erofs", "erofs-utils"),
+        ("mke2fs", "e2fsprogs"),
+        ("mkfs.fat", "dosfstools"),
+    ] {
+        let tool = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(["/sbin".into(), "/usr/sbin".into()])
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+            .with_context(|| format!("{name} not found: install the Debian package {package}"))?;
+        let out = std::process::Command::new("ldd")
+            .arg(&tool)
+            .output()
+            .context("running ldd (Debian package libc-bin)")?;
+        if !out.status.success() {
+            bail!("ldd {} failed", tool.display());
+        }
+        copy(&tool, name)?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // `libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`
+            let path = match line.split_once("=>") {
+                Some((_, rhs)) => rhs.split_whitespace().next(),
+                None => line.split_whitespace().next(),
+            };
+            let Some(path) = path.filter(|p| p.starts_with('/')) else {
+                continue;
+            };
+            let lib = Path::new(path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            copy(Path::new(path), &lib)?;
+        }
     }
     if !dir.join("ld-linux-x86-64.so.2").is_file() {
-        bail!("ldd {} named no ld-linux-x86-64.so.2", tool.display());
+        bail!("ldd named no ld-linux-x86-64.so.2");
     }
     Ok(())
 }
@@ -326,7 +347,7 @@ mod tests {
         let tab = fs::read_to_string(l.path().join("etc/inittab")).unwrap();
         assert_eq!(
             tab,
-            "::sysinit:/etc/init.d/rcS\n::sysinit:/usr/bin/kairos-agent run-stage fs\n::sysinit:/usr/bin/kairos-agent run-stage boot\n::once:/usr/bin/kairos-agent run-stage network\n::once:/usr/bin/kairos-agent boot-assessment\nttyS0::respawn:/sbin/getty -L 115200 ttyS0\n"
+            "::sysinit:/etc/init.d/rcS\n::sysinit:/usr/bin/kairos-agent run-stage fs\n::sysinit:/usr/bin/kairos-agent run-stage boot\n::once:/usr/bin/kairos-agent run-stage network\n::once:/usr/bin/kairos-agent boot-assessment\n::once:/usr/bin/kairos-agent install --auto\nttyS0::respawn:/sbin/getty -L 115200 ttyS0\n"
         );
         assert!(
             fs::read_to_string(l.path().join("etc/kairos-release"))

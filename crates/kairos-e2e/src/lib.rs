@@ -186,6 +186,29 @@ pub fn build_raw(image: &str, cloud_config: &str, out: &Path) -> Result<String> 
     ])
 }
 
+/// Runs `kairosctl build iso` for `image` with `cloud_config`, writing `out`.
+pub fn build_iso(image: &str, cloud_config: &str, out: &Path) -> Result<String> {
+    let cc = out.with_extension("cloud-config.yaml");
+    std::fs::write(&cc, cloud_config)?;
+    let (out, cc) = (out.to_string_lossy(), cc.to_string_lossy());
+    kairosctl(&[
+        "build",
+        "iso",
+        "--image",
+        image,
+        "--output",
+        &out,
+        "--cloud-config",
+        &cc,
+    ])
+}
+
+/// A blank (sparse) disk image of `mib` MiB.
+pub fn blank_disk(path: &Path, mib: u64) -> Result<()> {
+    std::fs::File::create(path)?.set_len(mib << 20)?;
+    Ok(())
+}
+
 /// Fails the test unless `out` contains `want`.
 pub fn check(out: &str, want: &str, what: &str) {
     assert!(out.contains(want), "{what}: expected {want:?} in:\n{out}");
@@ -343,8 +366,17 @@ impl Vm {
     /// Boots `disk` with `kairosctl vm run` (the users' one-liner: OVMF, TCG, virtio), one
     /// vCPU so that two VMs fit this 2-core machine; its UEFI variables live next to the disk.
     pub fn boot(disk: &Path, log: &Path) -> Result<Vm> {
-        let mut child = Command::new(bin("kairosctl"))
-            .args(["vm", "run", "--memory", "768", "--smp", "1"])
+        Vm::boot_with(disk, None, log)
+    }
+
+    /// Boots with an install ISO inserted (the disk stays first in the boot order).
+    pub fn boot_with(disk: &Path, iso: Option<&Path>, log: &Path) -> Result<Vm> {
+        let mut cmd = Command::new(bin("kairosctl"));
+        cmd.args(["vm", "run", "--memory", "768", "--smp", "1"]);
+        if let Some(iso) = iso {
+            cmd.arg("--iso").arg(iso);
+        }
+        let mut child = cmd
             .arg(disk)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -197,25 +197,9 @@ impl Store {
     }
 }
 
-/// Where `kairosify` puts a private `mkfs.erofs` with the libraries it needs (and their
-/// loader), so a node of any distribution can turn downloaded layers into images.
-pub const BUNDLED_EROFS: &str = "usr/lib/kairos/erofs";
-
-/// The argv that runs `mkfs.erofs`: the bundled one under `root` when present, else PATH's.
+/// The argv that runs `mkfs.erofs`: the copy bundled under `root` when present, else PATH's.
 pub fn mkfs_erofs_argv(root: &Path) -> Vec<String> {
-    let dir = root.join(BUNDLED_EROFS);
-    let tool = dir.join("mkfs.erofs");
-    let loader = dir.join("ld-linux-x86-64.so.2");
-    if tool.is_file() && loader.is_file() {
-        vec![
-            loader.to_string_lossy().into_owned(),
-            "--library-path".into(),
-            dir.to_string_lossy().into_owned(),
-            tool.to_string_lossy().into_owned(),
-        ]
-    } else {
-        vec!["mkfs.erofs".into()]
-    }
+    kairos_sys::tools::argv(root, "mkfs.erofs")
 }
 
 /// Makes the read-only image of a layer tree (EROFS, lz4) at `out`, synced to disk.

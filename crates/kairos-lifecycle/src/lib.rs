@@ -9,6 +9,8 @@ pub mod assess;
 pub mod entries;
 pub mod gc;
 pub mod history;
+pub mod install;
+pub mod layout;
 pub mod mounts;
 pub mod state;
 pub mod upgrade;

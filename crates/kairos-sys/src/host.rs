@@ -40,3 +40,12 @@ pub fn reboot() -> Result<(), ExecError> {
         run_program("reboot", &[]).map(|_| ())
     }
 }
+
+/// Asks the init system to power off.
+pub fn poweroff() -> Result<(), ExecError> {
+    if systemd_running() {
+        systemctl(&["poweroff".to_string()])
+    } else {
+        run_program("poweroff", &[]).map(|_| ())
+    }
+}

@@ -6,6 +6,7 @@
 pub mod blockdev;
 pub mod exec;
 pub mod fs;
+pub mod gpt;
 pub mod grow;
 pub mod host;
 pub mod kmod;
@@ -14,6 +15,7 @@ pub mod mount;
 pub mod root;
 pub mod sysinfo;
 pub mod time;
+pub mod tools;
 
 pub use exec::{CommandOutput, ExecError, Shell};
 pub use root::Root;
