@@ -128,6 +128,9 @@ pub enum Command {
         #[command(flatten)]
         opts: crate::lifecycle::InstallArgs,
     },
+    /// Reset from recovery: re-create COS_STATE from the recovery deployment, wipe
+    /// COS_PERSISTENT (unless kept), keep COS_OEM (unless wiped); active boots next
+    Reset(crate::lifecycle::ResetArgs),
     /// Run the health checks after the boot stage: keep a new deployment that passes, reboot
     /// one that fails (it falls back after its tries), record a fallback (run by the init system)
     BootAssessment {
@@ -373,6 +376,17 @@ pub fn run(cli: Cli) -> Result<Code> {
             crate::lifecycle::install_cmd(&opts, &device, &install, &text, &g.root, &mut |s| {
                 run_install_stage(g, s, Some(&config), &fetcher)
             })
+        }
+        Command::Reset(a) => {
+            let cfg = cli.global.lifecycle_config(&fetcher);
+            let g = &cli.global;
+            crate::lifecycle::reset_cmd(
+                &a,
+                &g.root,
+                &g.cmdline().unwrap_or_default(),
+                &cfg,
+                &mut |s| run_install_stage(g, s, None, &fetcher),
+            )
         }
         Command::BootAssessment { json, node } => {
             let cfg = cli.global.lifecycle_config(&fetcher);

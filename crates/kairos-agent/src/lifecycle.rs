@@ -499,3 +499,88 @@ pub fn install_cmd(
     }
     Ok(0)
 }
+
+/// Options of `reset`.
+#[derive(Debug, Clone, Args)]
+pub struct ResetArgs {
+    /// Only when booted in recovery with `kairos.reset` on the kernel cmdline (the boot hook)
+    #[arg(long)]
+    pub auto: bool,
+    /// Keep COS_PERSISTENT (also `reset.reset-persistent: false`)
+    #[arg(long)]
+    pub keep_persistent: bool,
+    /// Wipe COS_OEM too (also `reset.reset-oem: true`)
+    #[arg(long)]
+    pub reset_oem: bool,
+    /// Reboot when done (also `reset.reboot: true`)
+    #[arg(long)]
+    pub reboot: bool,
+    /// Power off when done (also `reset.poweroff: true`)
+    #[arg(long)]
+    pub poweroff: bool,
+}
+
+/// Removes a `default` pin from loader.conf (a pinned recovery entry after a reset would
+/// boot recovery again).
+fn unpin(esp: &Path) -> Result<()> {
+    let conf = esp.join("loader/loader.conf");
+    let text = std::fs::read_to_string(&conf).unwrap_or_default();
+    if text.lines().any(|l| l.starts_with("default ")) {
+        let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("default ")).collect();
+        kairos_layers::write_atomic(&conf, (kept.join("\n") + "\n").as_bytes())?;
+    }
+    Ok(())
+}
+
+pub fn reset_cmd(
+    a: &ResetArgs,
+    root: &Path,
+    cmdline: &str,
+    cfg: &kairos_config::types::Config,
+    stages: &mut dyn FnMut(&str),
+) -> Result<i32> {
+    let booted = Booted::from_cmdline(cmdline);
+    let autoreset = cmdline.split_whitespace().any(|w| w == "kairos.reset");
+    if a.auto && !(booted.mode == "recovery" && autoreset) {
+        return Ok(0);
+    }
+    if booted.mode != "recovery" {
+        bail!(
+            "reset runs from recovery (booted: {} mode): `kairos-agent bootentry --select recovery` and reboot first",
+            if booted.mode.is_empty() { "unknown" } else { &booted.mode }
+        );
+    }
+    let r = cfg.reset.clone().unwrap_or_default();
+    let opts = kairos_lifecycle::reset::ResetOptions {
+        reset_persistent: !a.keep_persistent && r.reset_persistent.is_none_or(|b| b.0),
+        reset_oem: a.reset_oem || r.reset_oem.0,
+    };
+    let esp = mounts::mount_rw("COS_GRUB", "vfat", &root.join("run/kairos/mnt/efi"))?;
+    stages("kairos-reset.pre");
+    stages("before-reset");
+    kairos_lifecycle::reset::reset(
+        &root.join("run/initramfs/cos-state"),
+        &booted.deployment,
+        &esp.path,
+        opts,
+        root,
+        &mut |m| eprintln!("  {m}"),
+    )
+    .context("resetting")?;
+    unpin(&esp.path)?;
+    stages("after-reset");
+    stages("kairos-reset.after");
+    eprintln!(
+        "reset: COS_STATE re-created from {}{}{}",
+        booted.deployment,
+        if opts.reset_persistent { ", COS_PERSISTENT wiped" } else { "" },
+        if opts.reset_oem { ", COS_OEM wiped" } else { "" }
+    );
+    drop(esp);
+    if a.poweroff || r.poweroff.0 {
+        kairos_sys::host::poweroff().context("powering off")?;
+    } else if a.reboot || r.reboot.0 || a.auto {
+        kairos_sys::host::reboot().context("rebooting")?;
+    }
+    Ok(0)
+}

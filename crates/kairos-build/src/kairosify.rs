@@ -74,6 +74,12 @@ const HOOKS: &[Hook] = &[
         openrc_depend: "need localmount\n    after cos-setup-boot",
     },
     Hook {
+        name: "kairos-auto-reset",
+        args: "reset --auto",
+        inittab: "once",
+        openrc_depend: "need localmount\n    after cos-setup-boot",
+    },
+    Hook {
         name: "kairos-auto-install",
         args: "install --auto",
         inittab: "once",
@@ -111,6 +117,11 @@ fn systemd_units(layer: &Path) -> Result<()> {
         (
             "kairos-boot-assessment.service",
             "[Unit]\nDescription=Kairos boot assessment (bless or fall back)\nAfter=cos-setup-boot.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/kairos-agent boot-assessment\n\n[Install]\nWantedBy=multi-user.target\n",
+            "multi-user.target",
+        ),
+        (
+            "kairos-auto-reset.service",
+            "[Unit]\nDescription=Kairos reset from recovery (kairos.reset on the cmdline)\nAfter=cos-setup-boot.service\n\n[Service]\nType=oneshot\nExecStart=/usr/bin/kairos-agent reset --auto\nStandardOutput=journal+console\nStandardError=journal+console\n\n[Install]\nWantedBy=multi-user.target\n",
             "multi-user.target",
         ),
         (
@@ -347,7 +358,7 @@ mod tests {
         let tab = fs::read_to_string(l.path().join("etc/inittab")).unwrap();
         assert_eq!(
             tab,
-            "::sysinit:/etc/init.d/rcS\n::sysinit:/usr/bin/kairos-agent run-stage fs\n::sysinit:/usr/bin/kairos-agent run-stage boot\n::once:/usr/bin/kairos-agent run-stage network\n::once:/usr/bin/kairos-agent boot-assessment\n::once:/usr/bin/kairos-agent install --auto\nttyS0::respawn:/sbin/getty -L 115200 ttyS0\n"
+            "::sysinit:/etc/init.d/rcS\n::sysinit:/usr/bin/kairos-agent run-stage fs\n::sysinit:/usr/bin/kairos-agent run-stage boot\n::once:/usr/bin/kairos-agent run-stage network\n::once:/usr/bin/kairos-agent boot-assessment\n::once:/usr/bin/kairos-agent reset --auto\n::once:/usr/bin/kairos-agent install --auto\nttyS0::respawn:/sbin/getty -L 115200 ttyS0\n"
         );
         assert!(
             fs::read_to_string(l.path().join("etc/kairos-release"))

@@ -97,7 +97,20 @@ fn upgrade_fetches_one_layer_blesses_and_rolls_back() {
     check(&out, "[exit 0]", "upgrade succeeds");
     let pulled = reg.bytes_served() - served;
     let wrote = disk_written(&mut vm) - written;
-    eprintln!("upgrade v1→v2: {pulled} bytes pulled, {wrote} bytes written to disk");
+    // The whole image, for the fraction (what the Go Kairos pulls and writes per upgrade).
+    let cache = tempfile::tempdir().unwrap();
+    let full = kairos_oci::fetch(
+        &kairos_oci::ImageRef::parse(&v2).unwrap(),
+        cache.path(),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let full_bytes: u64 = full.manifest.layers.iter().map(|l| l.size).sum();
+    let changed = full.manifest.layers.last().unwrap().size;
+    eprintln!(
+        "BENCH upgrade one-layer: pulled={pulled} written={wrote} changed_layer_compressed={changed} changed_layer_uncompressed={} full_image_compressed={full_bytes}",
+        512 << 10
+    );
     // The changed layer is 512 KiB of incompressible bytes (+ a few for the tar and gzip);
     // manifests and config add a few KiB; the written side adds ext4 journal and metadata.
     assert!(

@@ -12,6 +12,7 @@ pub mod history;
 pub mod install;
 pub mod layout;
 pub mod mounts;
+pub mod reset;
 pub mod state;
 pub mod upgrade;
 

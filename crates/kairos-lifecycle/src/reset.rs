@@ -1,0 +1,94 @@
+//! Reset from recovery: COS_STATE is made again from the recovery deployment (the one running),
+//! COS_PERSISTENT is wiped unless asked to keep it, COS_OEM is kept unless asked to wipe it,
+//! and the active entry boots the fresh STATE. Only runs in recovery mode, where neither STATE
+//! nor PERSISTENT is mounted.
+
+use std::path::Path;
+
+use kairos_layers::Store;
+use kairos_sys::mount::{self, MountFlags};
+
+use crate::entries::{self, Role};
+use crate::history::{self, Record};
+use crate::{Error, io_err, upgrade};
+
+#[derive(Debug, Clone, Copy)]
+pub struct ResetOptions {
+    pub reset_persistent: bool,
+    pub reset_oem: bool,
+}
+
+fn mkfs_ext4(tools_root: &Path, label: &str) -> Result<String, Error> {
+    let dev = crate::mounts::device_for(label)?;
+    let d = dev.to_string_lossy().into_owned();
+    let argv = kairos_sys::tools::argv(tools_root, "mke2fs");
+    let (prog, pre) = argv.split_first().ok_or_else(|| Error::Node("mke2fs".into()))?;
+    let out = std::process::Command::new(prog)
+        .args(pre)
+        .args(["-t", "ext4", "-q", "-F", "-L", label, &d])
+        .output()
+        .map_err(|e| Error::Node(format!("running mke2fs: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Node(format!(
+            "formatting {d} ({label}): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(d)
+}
+
+/// Resets the node. `recovery` is the mounted recovery store, `booted` the recovery
+/// deployment running now, `esp` the mounted ESP.
+pub fn reset(
+    recovery: &Path,
+    booted: &str,
+    esp: &Path,
+    opts: ResetOptions,
+    tools_root: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<(), Error> {
+    let rec = Store::new(recovery);
+    let dep = rec.read_deployment(booted)?;
+    log("formatting COS_STATE");
+    let state_dev = mkfs_ext4(tools_root, "COS_STATE")?;
+    let target = Path::new(crate::install::TARGET).join("state");
+    std::fs::create_dir_all(&target).map_err(io_err(&target))?;
+    mount::mount(
+        &state_dev,
+        &target.to_string_lossy(),
+        "ext4",
+        MountFlags::empty(),
+        "",
+    )
+    .map_err(|e| Error::Node(format!("mounting {state_dev}: {e}")))?;
+    let copied = (|| {
+        log("copying the recovery deployment to COS_STATE");
+        for b in dep
+            .layers
+            .iter()
+            .map(|l| &l.image)
+            .chain(dep.kernel.iter())
+            .chain(dep.initrd.iter())
+        {
+            upgrade::copy_if_missing(&recovery.join(&b.file), &target.join(&b.file))?;
+        }
+        Store::new(&target).write_deployment(&dep)?;
+        history::append(&target, &Record::new("reset", &dep.id, &dep.image, ""))?;
+        kairos_sys::fs::sync_filesystem(&target).map_err(io_err(&target))
+    })();
+    let _ = mount::unmount(&target.to_string_lossy(), false);
+    copied?;
+    if opts.reset_persistent {
+        log("wiping COS_PERSISTENT");
+        mkfs_ext4(tools_root, "COS_PERSISTENT")?;
+    }
+    if opts.reset_oem {
+        log("wiping COS_OEM");
+        let _ = mount::unmount("/oem", true);
+        mkfs_ext4(tools_root, "COS_OEM")?;
+    }
+    // The switch, last: active boots the fresh STATE; no passive to fall back to.
+    entries::set(esp, Role::Active, &upgrade::entry_for(Role::Active, &dep)?, None)?;
+    entries::clear(esp, Role::Passive)?;
+    Ok(())
+}
