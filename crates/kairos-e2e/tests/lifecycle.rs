@@ -319,3 +319,52 @@ fn power_cut_at_any_step_of_an_upgrade_leaves_a_bootable_node() {
         .unwrap();
     check(&tmp, "0\n", "no temp files left after the rerun and gc");
 }
+
+/// Reset from recovery: STATE re-made from recovery, PERSISTENT wiped, OEM kept — the node
+/// comes back active with its OEM config applied again.
+#[test]
+#[ignore = "VM test: run by scripts/test tier 3"]
+fn reset_from_recovery_comes_back_active_with_the_oem_config() {
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.raw");
+    let reg = start_registry().unwrap();
+    let v1 = tiny_in_registry(&reg).unwrap();
+    build_raw(&v1, CLOUD_CONFIG, &disk).unwrap();
+    drop(reg);
+    let mut vm = Vm::boot(&disk, &work.path().join("active.log")).unwrap();
+    verdict(&mut vm);
+    vm.login("root", "rootpw").unwrap();
+    vm.sh("echo data > /usr/local/kept; sync").unwrap();
+    check(
+        &vm.sh("kairos-agent bootentry --select recovery").unwrap(),
+        "[exit 0]",
+        "select recovery",
+    );
+    vm.send("reboot").unwrap();
+    vm.wait_exit(Duration::from_secs(120)).unwrap();
+    drop(vm);
+
+    let mut vm = Vm::boot(&disk, &work.path().join("recovery.log")).unwrap();
+    vm.login("root", "rootpw").unwrap();
+    check(&vm.sh("cat /run/cos/recovery_mode").unwrap(), "1", "recovery");
+    let out = vm.sh("kairos-agent reset 2>&1").unwrap();
+    check(&out, "COS_PERSISTENT wiped", "reset report");
+    check(&out, "[exit 0]", "reset succeeds");
+    vm.send("reboot").unwrap();
+    vm.wait_exit(Duration::from_secs(120)).unwrap();
+    drop(vm);
+
+    let mut vm = Vm::boot(&disk, &work.path().join("after.log")).unwrap();
+    vm.login("root", "rootpw").unwrap();
+    check(&vm.sh("cat /run/cos/active_mode").unwrap(), "1", "active again");
+    check(
+        &vm.sh("cat /usr/local/kept").unwrap(),
+        "No such file",
+        "PERSISTENT was wiped",
+    );
+    check(
+        &vm.sh("kairos-agent state get history").unwrap(),
+        "reset",
+        "history starts with the reset",
+    );
+}
