@@ -15,8 +15,9 @@ echo "$out"
 python3 - "$out" <<'PY'
 import sys
 kv = dict(x.split("=") for x in sys.argv[1].split()[3:])
-p, w = int(kv["pulled"]), int(kv["written"])
+p, w, li = int(kv["pulled"]), int(kv["written"]), int(kv["layer_image"])
 cc, cu, full = int(kv["changed_layer_compressed"]), int(kv["changed_layer_uncompressed"]), int(kv["full_image_compressed"])
 print(f"| pulled from the registry | {p} B | {p/cc:.2f} × the changed layer (compressed) | {p/full:.4f} of the full image |")
 print(f"| written to disk | {w} B | {w/cu:.2f} × the changed layer (uncompressed) | {w/full:.4f} of the full image |")
+print(f"| of which the layer image | {li} B | {li/cu:.2f} × the changed layer (uncompressed) | metadata (journal, manifest, entries, history): {w-li} B |")
 PY

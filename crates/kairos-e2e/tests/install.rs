@@ -84,3 +84,67 @@ fn install_refuses_a_disk_too_small_and_leaves_it_blank() {
         "no partitions written",
     );
 }
+
+/// Install time against the floor of writing the same bytes with `dd`, in the same live VM
+/// (printed as BENCH lines for bench/install.sh; asserts only that both ran).
+#[test]
+#[ignore = "VM test: run by scripts/test tier 3"]
+fn manual_install_and_the_dd_floor() {
+    let work = tempfile::tempdir().unwrap();
+    let iso = work.path().join("kairos.iso");
+    let disk = work.path().join("disk.raw");
+    let reg = start_registry().unwrap();
+    let image = tiny_in_registry(&reg).unwrap();
+    build_iso(
+        &image,
+        "#cloud-config\nusers:\n- name: root\n  passwd: live\n",
+        &iso,
+    )
+    .unwrap();
+    drop(reg);
+    blank_disk(&disk, 2048).unwrap();
+    let mut vm = Vm::boot_with(&disk, Some(&iso), &work.path().join("live.log")).unwrap();
+    vm.login("root", "live").unwrap();
+    vm.sh("printf '#cloud-config\\nusers:\\n- name: root\\n  passwd: x\\n' > /tmp/c.yaml")
+        .unwrap();
+    let written = |vm: &mut Vm| -> u64 {
+        let out = vm.sh("cat /sys/block/vda/stat").unwrap();
+        out.split_whitespace()
+            .nth(6)
+            .and_then(|s| s.parse::<u64>().ok())
+            .expect("vda stat")
+            * 512
+    };
+    let ms = |vm: &mut Vm, cmd: &str| -> (u64, String) {
+        let out = vm
+            .sh(&format!(
+                // /proc/uptime has centiseconds; busybox date has no %N.
+                "a=$(cut -d' ' -f1 /proc/uptime | tr -d .); {cmd} >/tmp/o 2>&1; r=$?; b=$(cut -d' ' -f1 /proc/uptime | tr -d .); cat /tmp/o; echo MS$(( (b-a)*10 )) rc=$r"
+            ))
+            .unwrap();
+        let ms = out
+            .split("MS")
+            .last()
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("timing");
+        (ms, out)
+    };
+    let w0 = written(&mut vm);
+    let (install_ms, out) = ms(&mut vm, "kairos-agent manual-install --device /dev/vda /tmp/c.yaml");
+    check(&out, "rc=0", "manual-install succeeds");
+    let bytes = written(&mut vm) - w0;
+    let mib = bytes.div_ceil(1 << 20);
+    let (dd_ms, out) = ms(
+        &mut vm,
+        &format!("dd if=/dev/zero of=/dev/vda bs=1M count={mib} conv=fsync"),
+    );
+    check(&out, "rc=0", "dd ran");
+    let space = vm
+        .sh("du -sk /run/initramfs/live/layers /run/initramfs/live/boot | awk '{s+=$1} END {print \"KIB\" s}'")
+        .unwrap();
+    eprintln!(
+        "BENCH install: install_ms={install_ms} written={bytes} dd_ms={dd_ms} dd_mib={mib} medium_store={}",
+        space.split("KIB").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or("?")
+    );
+}

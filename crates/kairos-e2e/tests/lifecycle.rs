@@ -85,6 +85,17 @@ fn upgrade_fetches_one_layer_blesses_and_rolls_back() {
     let v1_id = booted_id(&mut vm);
     assert!(v1_id.starts_with("d-"), "{v1_id}");
 
+    let state_kib = |vm: &mut Vm| -> u64 {
+        let out = vm
+            .sh("du -sk /run/initramfs/cos-state/layers /run/initramfs/cos-state/boot | awk '{s+=$1} END {print \"KIB\" s}'")
+            .unwrap();
+        out.split("KIB")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("du of the store")
+    };
+    let space_before = state_kib(&mut vm);
     let served = reg.bytes_served();
     let written = disk_written(&mut vm);
     let out = vm
@@ -107,8 +118,23 @@ fn upgrade_fetches_one_layer_blesses_and_rolls_back() {
     .unwrap();
     let full_bytes: u64 = full.manifest.layers.iter().map(|l| l.size).sum();
     let changed = full.manifest.layers.last().unwrap().size;
+    // "layer <digest> written (N bytes)": the one layer image the upgrade made.
+    let layer_image: u64 = out
+        .split("written (")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the upgrade reports the layer image it wrote");
+    assert!(
+        layer_image < (512 << 10) * 11 / 10,
+        "layer image of {layer_image} bytes for 512 KiB"
+    );
+    let space_after = state_kib(&mut vm);
     eprintln!(
-        "BENCH upgrade one-layer: pulled={pulled} written={wrote} changed_layer_compressed={changed} changed_layer_uncompressed={} full_image_compressed={full_bytes}",
+        "BENCH os-space: state_before_kib={space_before} state_after_upgrade_kib={space_after} full_image_compressed={full_bytes}"
+    );
+    eprintln!(
+        "BENCH upgrade one-layer: pulled={pulled} written={wrote} layer_image={layer_image} changed_layer_compressed={changed} changed_layer_uncompressed={} full_image_compressed={full_bytes}",
         512 << 10
     );
     // The changed layer is 512 KiB of incompressible bytes (+ a few for the tar and gzip);
