@@ -343,7 +343,10 @@ pub fn run(cli: Cli) -> Result<Code> {
                 .as_ref()
                 .map(|d| d.0.clone())
                 .unwrap_or_else(|| "auto".into());
-            let text = format!("#cloud-config\n{}", kairos_config::yaml::to_string(&c.config));
+            let text = format!(
+                "#cloud-config\n{}",
+                kairos_config::yaml::to_string(&c.config)
+            );
             let g = &cli.global;
             crate::lifecycle::install_cmd(&opts, &device, &install, &text, &g.root, &mut |s| {
                 run_install_stage(g, s, None, &fetcher)
@@ -403,11 +406,19 @@ pub fn run(cli: Cli) -> Result<Code> {
 
 /// Runs an install stage from the node's stage paths (and the install config file); a failing
 /// step is reported, not fatal, as in Kairos.
-fn run_install_stage(g: &Global, stage: &str, config: Option<&std::path::Path>, fetcher: &dyn Fetcher) {
+fn run_install_stage(
+    g: &Global,
+    stage: &str,
+    config: Option<&std::path::Path>,
+    fetcher: &dyn Fetcher,
+) {
     let run = StageRun {
         root: g.root(),
         cmdline: g.cmdline(),
-        extra_paths: config.map(|c| c.to_string_lossy().into_owned()).into_iter().collect(),
+        extra_paths: config
+            .map(|c| c.to_string_lossy().into_owned())
+            .into_iter()
+            .collect(),
         fetcher,
     };
     let report = run.run(stage, &mut std::io::stderr());

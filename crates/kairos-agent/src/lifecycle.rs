@@ -491,7 +491,11 @@ pub fn install_cmd(
     .with_context(|| format!("installing on {}", disk.path.display()))?;
     stages("after-install");
     stages("kairos-install.after");
-    eprintln!("installed: {} boots from {}", medium.dep.id, disk.path.display());
+    eprintln!(
+        "installed: {} boots from {}",
+        medium.dep.id,
+        disk.path.display()
+    );
     if a.poweroff || install.poweroff.0 {
         kairos_sys::host::poweroff().context("powering off")?;
     } else if a.reboot || install.reboot.0 {
@@ -526,7 +530,10 @@ fn unpin(esp: &Path) -> Result<()> {
     let conf = esp.join("loader/loader.conf");
     let text = std::fs::read_to_string(&conf).unwrap_or_default();
     if text.lines().any(|l| l.starts_with("default ")) {
-        let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("default ")).collect();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("default "))
+            .collect();
         kairos_layers::write_atomic(&conf, (kept.join("\n") + "\n").as_bytes())?;
     }
     Ok(())
@@ -547,7 +554,11 @@ pub fn reset_cmd(
     if booted.mode != "recovery" {
         bail!(
             "reset runs from recovery (booted: {} mode): `kairos-agent bootentry --select recovery` and reboot first",
-            if booted.mode.is_empty() { "unknown" } else { &booted.mode }
+            if booted.mode.is_empty() {
+                "unknown"
+            } else {
+                &booted.mode
+            }
         );
     }
     let r = cfg.reset.clone().unwrap_or_default();
@@ -573,8 +584,16 @@ pub fn reset_cmd(
     eprintln!(
         "reset: COS_STATE re-created from {}{}{}",
         booted.deployment,
-        if opts.reset_persistent { ", COS_PERSISTENT wiped" } else { "" },
-        if opts.reset_oem { ", COS_OEM wiped" } else { "" }
+        if opts.reset_persistent {
+            ", COS_PERSISTENT wiped"
+        } else {
+            ""
+        },
+        if opts.reset_oem {
+            ", COS_OEM wiped"
+        } else {
+            ""
+        }
     );
     drop(esp);
     if a.poweroff || r.poweroff.0 {

@@ -29,8 +29,7 @@ pub struct IsoSpec<'a> {
 pub fn build_iso(spec: &IsoSpec) -> Result<Os> {
     crate::disk::check_tools(TOOLS)?;
     if let Some(cc) = spec.cloud_config {
-        let text =
-            fs::read_to_string(cc).with_context(|| format!("reading {}", cc.display()))?;
+        let text = fs::read_to_string(cc).with_context(|| format!("reading {}", cc.display()))?;
         if !kairos_config::collect::has_header(&text) {
             bail!(
                 "{}: a cloud-config must start with #cloud-config (the live system would ignore it)",
@@ -60,7 +59,12 @@ pub fn build_iso(spec: &IsoSpec) -> Result<Os> {
     let out = Command::new("xorriso")
         .args(["-as", "mkisofs", "-quiet", "-r", "-J", "-joliet-long"])
         .args(["-iso-level", "3", "-V", "COS_LIVE"])
-        .args(["-e", "boot/efi.img", "-no-emul-boot", "-isohybrid-gpt-basdat"])
+        .args([
+            "-e",
+            "boot/efi.img",
+            "-no-emul-boot",
+            "-isohybrid-gpt-basdat",
+        ])
         .arg("-o")
         .arg(&tmp)
         .arg(&tree)

@@ -143,7 +143,9 @@ pub fn esp_tree(dir: &Path, os: &Os, roles: &[Role]) -> Result<()> {
         ("initrd", &os.initrd, &os.dep.initrd),
     ];
     for (kind, src, blob) in blobs {
-        let blob = blob.as_ref().context("deployment without kernel or initrd")?;
+        let blob = blob
+            .as_ref()
+            .context("deployment without kernel or initrd")?;
         let rel = kairos_lifecycle::esp_boot_path(kind, &blob.sha256);
         let dest = dir.join(rel.trim_start_matches('/'));
         fs::create_dir_all(dest.parent().unwrap_or(dir))?;

@@ -80,6 +80,9 @@ enum BuildKind {
     /// A hybrid UEFI install ISO (label COS_LIVE): boots live, `kairos-agent install` copies
     /// its layers to a disk without network
     Iso(IsoArgs),
+    /// Netboot artifacts in a directory: vmlinuz, an initrd carrying the layers (boots live
+    /// from RAM) and netboot.ipxe
+    Netboot(IsoArgs),
 }
 
 /// What every artifact is built from.
@@ -142,6 +145,14 @@ enum VmCmd {
         /// Virtual CPUs
         #[arg(long, default_value_t = 2)]
         smp: u32,
+        /// Boot this kernel directly (netboot artifacts), with --initrd and --append
+        #[arg(long, requires = "initrd")]
+        kernel: Option<PathBuf>,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line for --kernel
+        #[arg(long, default_value = "")]
+        append: String,
         /// Accelerator: tcg (default) or kvm
         #[arg(long, default_value = "tcg")]
         accel: String,
@@ -270,7 +281,11 @@ fn kairosify(
 }
 
 /// The image's layers, unpacked under `work`, with the Kairos layer added to `dir:` trees.
-fn os_spec<'a>(a: &ImageArgs, immucore: &'a Path, work: &Path) -> Result<kairos_build::os::OsSpec<'a>> {
+fn os_spec<'a>(
+    a: &ImageArgs,
+    immucore: &'a Path,
+    work: &Path,
+) -> Result<kairos_build::os::OsSpec<'a>> {
     let (mut layers, boot_tree, manifest_digest, diff_ids) =
         if let Some(dir) = a.image.strip_prefix("dir:") {
             let rootfs = PathBuf::from(dir);
@@ -347,6 +362,26 @@ fn build_iso(a: IsoArgs) -> Result<()> {
     Ok(())
 }
 
+fn build_netboot(a: IsoArgs) -> Result<()> {
+    let immucore = companion(a.image.immucore.clone(), "kairos-immucore")?;
+    std::fs::create_dir_all(&a.output)?;
+    let work = kairos_build::WorkDir::new(&a.output, "kairosctl")?;
+    let os = os_spec(&a.image, &immucore, work.path())?;
+    let built = kairos_build::netboot::build_netboot(&kairos_build::netboot::NetbootSpec {
+        os,
+        cloud_config: a.cloud_config.as_deref(),
+        output: &a.output,
+    })?;
+    eprintln!(
+        "  deployment {} ({} layers): {}/{{vmlinuz,initrd,netboot.ipxe}}",
+        built.dep.id,
+        built.dep.layers.len(),
+        a.output.display()
+    );
+    println!("{}", a.output.join("netboot.ipxe").display());
+    Ok(())
+}
+
 fn build_raw(a: RawArgs) -> Result<()> {
     let immucore = companion(a.image.immucore.clone(), "kairos-immucore")?;
     let work = kairos_build::WorkDir::beside(&a.output, "kairosctl")?;
@@ -408,6 +443,9 @@ fn run() -> Result<i32> {
         Cmd::Build {
             kind: BuildKind::Iso(a),
         } => build_iso(a).map(|_| 0),
+        Cmd::Build {
+            kind: BuildKind::Netboot(a),
+        } => build_netboot(a).map(|_| 0),
         Cmd::Image {
             command: ImageCmd::Import { src, dest, split },
         } => image_import(&src, &dest, &split).map(|_| 0),
@@ -441,6 +479,9 @@ fn run() -> Result<i32> {
                     memory,
                     smp,
                     accel,
+                    kernel,
+                    initrd,
+                    append,
                 },
         } => {
             // The UEFI variables live next to the disk, like a machine's NVRAM.
@@ -457,6 +498,7 @@ fn run() -> Result<i32> {
                 serial_log,
                 accel,
                 serial_stdio: true,
+                kernel: kernel.zip(initrd).map(|(k, i)| (k, i, append)),
             };
             // exec: QEMU takes over this process (and its stdio), so stopping kairosctl stops the VM.
             use std::os::unix::process::CommandExt;

@@ -20,6 +20,8 @@ pub struct VmSpec {
     pub accel: String,
     /// Serial console on stdio (interactive use and tests) instead of a log file only.
     pub serial_stdio: bool,
+    /// Direct kernel boot: (kernel, initrd, cmdline), as netboot would load them.
+    pub kernel: Option<(PathBuf, PathBuf, String)>,
 }
 
 /// The QEMU command line (argv after the program name).
@@ -78,6 +80,16 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
             "scsi-cd,bus=scsi0.0,drive=cd0,bootindex=1".into(),
         ]);
     }
+    if let Some((k, i, append)) = &s.kernel {
+        a.extend([
+            "-kernel".into(),
+            k.display().to_string(),
+            "-initrd".into(),
+            i.display().to_string(),
+            "-append".into(),
+            append.clone(),
+        ]);
+    }
     match (&s.serial_log, s.serial_stdio) {
         (Some(log), true) => {
             a.extend([
@@ -127,6 +139,7 @@ mod tests {
             serial_log: Some("/d/serial.log".into()),
             accel: "tcg".into(),
             serial_stdio: false,
+            kernel: Some(("/d/vmlinuz".into(), "/d/initrd".into(), "a=b".into())),
         };
         let a = qemu_args(&s).join(" ");
         assert!(a.contains("-accel tcg -cpu max"), "{a}");
@@ -135,9 +148,16 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("virtio-blk-pci,drive=disk0,bootindex=0"), "{a}");
-        assert!(a.contains("file=/d/k.iso,if=none,id=cd0,media=cdrom"), "{a}");
-        assert!(a.contains("scsi-cd,bus=scsi0.0,drive=cd0,bootindex=1"), "{a}");
+        assert!(
+            a.contains("file=/d/k.iso,if=none,id=cd0,media=cdrom"),
+            "{a}"
+        );
+        assert!(
+            a.contains("scsi-cd,bus=scsi0.0,drive=cd0,bootindex=1"),
+            "{a}"
+        );
         assert!(a.contains("-serial file:/d/serial.log"), "{a}");
         assert!(a.contains("unit=1,file=/d/vars.fd"), "{a}");
+        assert!(a.contains("-kernel /d/vmlinuz -initrd /d/initrd -append a=b"), "{a}");
     }
 }

@@ -70,13 +70,7 @@ pub fn image_with_files(base: &str, files: &[(&str, &[u8])], dest: &str) -> Resu
         std::fs::create_dir_all(p.parent().unwrap_or(dir.path()))?;
         std::fs::write(&p, content)?;
     }
-    kairosctl(&[
-        "image",
-        "append",
-        base,
-        &dir.path().to_string_lossy(),
-        dest,
-    ])?;
+    kairosctl(&["image", "append", base, &dir.path().to_string_lossy(), dest])?;
     Ok(dest.to_string())
 }
 
@@ -194,6 +188,24 @@ pub fn build_iso(image: &str, cloud_config: &str, out: &Path) -> Result<String> 
     kairosctl(&[
         "build",
         "iso",
+        "--image",
+        image,
+        "--output",
+        &out,
+        "--cloud-config",
+        &cc,
+    ])
+}
+
+/// Runs `kairosctl build netboot` for `image` with `cloud_config` into `dir`.
+pub fn build_netboot(image: &str, cloud_config: &str, dir: &Path) -> Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let cc = dir.join("cloud-config.yaml");
+    std::fs::write(&cc, cloud_config)?;
+    let (out, cc) = (dir.to_string_lossy(), cc.to_string_lossy());
+    kairosctl(&[
+        "build",
+        "netboot",
         "--image",
         image,
         "--output",
@@ -371,11 +383,36 @@ impl Vm {
 
     /// Boots with an install ISO inserted (the disk stays first in the boot order).
     pub fn boot_with(disk: &Path, iso: Option<&Path>, log: &Path) -> Result<Vm> {
+        let mut extra: Vec<String> = Vec::new();
+        if let Some(iso) = iso {
+            extra.extend(["--iso".into(), iso.to_string_lossy().into_owned()]);
+        }
+        Vm::spawn(disk, &extra, log)
+    }
+
+    /// Boots netboot artifacts (`kairosctl build netboot` output) the way the iPXE script
+    /// says: its kernel, initrd and cmdline.
+    pub fn boot_netboot(disk: &Path, dir: &Path, log: &Path) -> Result<Vm> {
+        let script = std::fs::read_to_string(dir.join("netboot.ipxe"))?;
+        let append = script
+            .lines()
+            .find_map(|l| l.strip_prefix("kernel vmlinuz "))
+            .context("netboot.ipxe has no `kernel vmlinuz …` line")?;
+        let extra = [
+            "--kernel".to_string(),
+            dir.join("vmlinuz").to_string_lossy().into_owned(),
+            "--initrd".into(),
+            dir.join("initrd").to_string_lossy().into_owned(),
+            "--append".into(),
+            append.to_string(),
+        ];
+        Vm::spawn(disk, &extra, log)
+    }
+
+    fn spawn(disk: &Path, extra: &[String], log: &Path) -> Result<Vm> {
         let mut cmd = Command::new(bin("kairosctl"));
         cmd.args(["vm", "run", "--memory", "768", "--smp", "1"]);
-        if let Some(iso) = iso {
-            cmd.arg("--iso").arg(iso);
-        }
+        cmd.args(extra);
         let mut child = cmd
             .arg(disk)
             .stdin(Stdio::piped())

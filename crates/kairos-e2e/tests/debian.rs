@@ -121,7 +121,8 @@ stages:
     blank_disk(&disk, 4096).unwrap();
 
     let mut vm = Vm::boot_with(&disk, Some(&iso), &work.path().join("live.log")).unwrap();
-    vm.wait_for("installed: ", Duration::from_secs(900)).unwrap();
+    vm.wait_for("installed: ", Duration::from_secs(900))
+        .unwrap();
     vm.wait_exit(Duration::from_secs(300)).unwrap();
     drop(vm);
 

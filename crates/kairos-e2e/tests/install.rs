@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use kairos_e2e::{Vm, blank_disk, build_iso, check, start_registry, tiny_in_registry};
+use kairos_e2e::{
+    Vm, blank_disk, build_iso, build_netboot, check, start_registry, tiny_in_registry,
+};
 
 #[test]
 #[ignore = "VM test: run by scripts/test tier 3"]
@@ -26,7 +28,9 @@ fn iso_boots_live_and_installs_itself_to_a_blank_disk() {
 
     let mut vm = Vm::boot_with(&disk, Some(&iso), &work.path().join("live.log")).unwrap();
     vm.wait_for("Live", Duration::from_secs(300)).unwrap();
-    let out = vm.wait_for("installed: ", Duration::from_secs(600)).unwrap();
+    let out = vm
+        .wait_for("installed: ", Duration::from_secs(600))
+        .unwrap();
     check(&out, "COS_PERSISTENT", "the plan is printed before writing");
     vm.wait_exit(Duration::from_secs(120)).unwrap();
     drop(vm);
@@ -131,7 +135,10 @@ fn manual_install_and_the_dd_floor() {
         (ms, out)
     };
     let w0 = written(&mut vm);
-    let (install_ms, out) = ms(&mut vm, "kairos-agent manual-install --device /dev/vda /tmp/c.yaml");
+    let (install_ms, out) = ms(
+        &mut vm,
+        "kairos-agent manual-install --device /dev/vda /tmp/c.yaml",
+    );
     check(&out, "rc=0", "manual-install succeeds");
     let bytes = written(&mut vm) - w0;
     let mib = bytes.div_ceil(1 << 20);
@@ -145,6 +152,46 @@ fn manual_install_and_the_dd_floor() {
         .unwrap();
     eprintln!(
         "BENCH install: install_ms={install_ms} written={bytes} dd_ms={dd_ms} dd_mib={mib} medium_store={}",
-        space.split("KIB").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or("?")
+        space
+            .split("KIB")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("?")
+    );
+}
+
+/// Netboot: kernel + an initrd carrying the layers, booted as the iPXE script says → live,
+/// from RAM, with the embedded config applied.
+#[test]
+#[ignore = "VM test: run by scripts/test tier 3"]
+fn netboot_boots_live_from_ram() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("netboot");
+    let disk = work.path().join("disk.raw");
+    let reg = start_registry().unwrap();
+    let image = tiny_in_registry(&reg).unwrap();
+    build_netboot(
+        &image,
+        "#cloud-config\nusers:\n- name: root\n  passwd: netboot\n",
+        &dir,
+    )
+    .unwrap();
+    drop(reg);
+    let script = std::fs::read_to_string(dir.join("netboot.ipxe")).unwrap();
+    check(&script, "#!ipxe", "an iPXE script");
+    check(&script, "kairos.store=initrd", "the store is in the initrd");
+    blank_disk(&disk, 64).unwrap();
+    let mut vm = Vm::boot_netboot(&disk, &dir, &work.path().join("netboot.log")).unwrap();
+    vm.login("root", "netboot").unwrap();
+    check(&vm.sh("cat /run/cos/live_mode").unwrap(), "1", "live mode");
+    check(
+        &vm.sh("touch /usr/netboot-writable && echo ok").unwrap(),
+        "ok\n[exit 0]",
+        "the live root is writable (tmpfs upper)",
+    );
+    check(
+        &vm.sh("ls /run/initramfs/live/layers | wc -l").unwrap(),
+        "2",
+        "layers from the initrd",
     );
 }

@@ -233,13 +233,21 @@ fn failing_health_check_falls_back_by_itself() {
         let mut vm = Vm::boot(&disk, &work.path().join(format!("try{i}.log"))).unwrap();
         let v = verdict(&mut vm);
         if !v.contains("; running") {
-            check(&v, "failed: `test -e /run/never-there`", "v3 fails its check");
+            check(
+                &v,
+                "failed: `test -e /run/never-there`",
+                "v3 fails its check",
+            );
             vm.wait_exit(Duration::from_secs(120)).unwrap();
             continue;
         }
         assert_eq!(i, 3, "fell back after exactly 3 failed tries: {v}");
         vm.login("root", "rootpw").unwrap();
-        check(&vm.sh("cat /run/cos/passive_mode").unwrap(), "1", "passive mode");
+        check(
+            &vm.sh("cat /run/cos/passive_mode").unwrap(),
+            "1",
+            "passive mode",
+        );
         check(
             &vm.sh("kairos-agent state get booted").unwrap(),
             &v1_id,
@@ -284,7 +292,10 @@ fn power_cut_at_any_step_of_an_upgrade_leaves_a_bootable_node() {
         &format!("{}/kairos/tiny:v2", reg.addr),
     )
     .unwrap();
-    let upgrade = format!("kairos-agent upgrade --insecure --source {}", guest_ref(&v2));
+    let upgrade = format!(
+        "kairos-agent upgrade --insecure --source {}",
+        guest_ref(&v2)
+    );
     let mut v1_id = String::new();
     for (i, point) in POINTS.iter().enumerate() {
         let mut vm = Vm::boot(&disk, &work.path().join(format!("cut{i}.log"))).unwrap();
@@ -336,7 +347,8 @@ fn power_cut_at_any_step_of_an_upgrade_leaves_a_bootable_node() {
         "v2 after the cuts",
     );
     check(
-        &vm.sh("ls /run/initramfs/cos-state/layers /run/initramfs/cos-state/deployments").unwrap(),
+        &vm.sh("ls /run/initramfs/cos-state/layers /run/initramfs/cos-state/deployments")
+            .unwrap(),
         "[exit 0]",
         "store readable",
     );
@@ -372,7 +384,11 @@ fn reset_from_recovery_comes_back_active_with_the_oem_config() {
 
     let mut vm = Vm::boot(&disk, &work.path().join("recovery.log")).unwrap();
     vm.login("root", "rootpw").unwrap();
-    check(&vm.sh("cat /run/cos/recovery_mode").unwrap(), "1", "recovery");
+    check(
+        &vm.sh("cat /run/cos/recovery_mode").unwrap(),
+        "1",
+        "recovery",
+    );
     let out = vm.sh("kairos-agent reset 2>&1").unwrap();
     check(&out, "COS_PERSISTENT wiped", "reset report");
     check(&out, "[exit 0]", "reset succeeds");
@@ -382,7 +398,11 @@ fn reset_from_recovery_comes_back_active_with_the_oem_config() {
 
     let mut vm = Vm::boot(&disk, &work.path().join("after.log")).unwrap();
     vm.login("root", "rootpw").unwrap();
-    check(&vm.sh("cat /run/cos/active_mode").unwrap(), "1", "active again");
+    check(
+        &vm.sh("cat /run/cos/active_mode").unwrap(),
+        "1",
+        "active again",
+    );
     check(
         &vm.sh("cat /usr/local/kept").unwrap(),
         "No such file",

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use kairos_e2e::{
-    MountGuard, agent, esp_tree, build_raw, image_with_files, incompressible, start_registry,
+    MountGuard, agent, build_raw, esp_tree, image_with_files, incompressible, start_registry,
     tiny_in_registry,
 };
 
@@ -79,7 +79,11 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
     };
 
     // A tag that does not exist: a clear error, nothing changed.
-    let (code, _, err) = run(&["upgrade", "--source", &format!("{}/kairos/tiny:nope", reg.addr)]);
+    let (code, _, err) = run(&[
+        "upgrade",
+        "--source",
+        &format!("{}/kairos/tiny:nope", reg.addr),
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("no such image or tag"), "{err}");
     assert_eq!(entries(&esp.path), before);
@@ -102,10 +106,7 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
         .collect();
     // The config blob and the one new layer; no base layer.
     assert_eq!(fetched.len(), 2, "{fetched:?}");
-    let v2_id = ev
-        .iter()
-        .find(|e| e["event"] == "activated")
-        .unwrap()["deployment"]
+    let v2_id = ev.iter().find(|e| e["event"] == "activated").unwrap()["deployment"]
         .as_str()
         .unwrap()
         .to_string();
@@ -119,8 +120,16 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
         ]
     );
     // Same kernel and initrd: nothing new on the ESP.
-    assert_eq!(std::fs::read_dir(esp.path.join("kairos")).unwrap().count(), 2);
-    assert!(state.path.join(format!("deployments/{v2_id}.json")).is_file());
+    assert_eq!(
+        std::fs::read_dir(esp.path.join("kairos")).unwrap().count(),
+        2
+    );
+    assert!(
+        state
+            .path
+            .join(format!("deployments/{v2_id}.json"))
+            .is_file()
+    );
 
     // Again: nothing to fetch, entries unchanged.
     let (code, out, _) = run(&["upgrade", "--source", &v2, "--json"]);
@@ -158,12 +167,18 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
     // --download-only stages without switching; --apply switches.
     let (code, _, err) = run(&["upgrade", "--source", &v2, "--download-only"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(entries(&esp.path)[0], ("active.conf".to_string(), v1_id.clone()));
+    assert_eq!(
+        entries(&esp.path)[0],
+        ("active.conf".to_string(), v1_id.clone())
+    );
     let (_, out, _) = run(&["state", "get", "staged.deployment"]);
     assert_eq!(out.trim(), v2_id);
     let (code, _, err) = run(&["upgrade", "--apply"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(entries(&esp.path)[0], ("active+3.conf".to_string(), v2_id.clone()));
+    assert_eq!(
+        entries(&esp.path)[0],
+        ("active+3.conf".to_string(), v2_id.clone())
+    );
     std::mem::forget(esp);
     drop(state);
 }
@@ -265,7 +280,10 @@ fn bad_blob_full_store_and_dead_registry_leave_the_node_unchanged() {
     assert!(filled, "could not fill STATE");
     let (code, _, err) = upgrade(&v2);
     assert_ne!(code, 0);
-    assert!(err.contains("No space left") || err.contains("mkfs.erofs"), "{err}");
+    assert!(
+        err.contains("No space left") || err.contains("mkfs.erofs"),
+        "{err}"
+    );
     unchanged("full STATE", &before);
     std::fs::remove_file(&filler).unwrap();
 

@@ -14,6 +14,8 @@ use kairos_sys::{Root, blockdev, kmod, loopdev};
 use crate::plan::{self, Mode, Plan};
 
 pub const SYSROOT: &str = "/sysroot";
+/// Where a netboot initrd carries the layer store.
+const NETBOOT_STORE: &str = "/kairos-store";
 /// The tmpfs holding a live system's writable root layer.
 const LIVE_UPPER: &str = "/run/kairos/live";
 const OVERLAY_BASE: &str = "/run/overlay";
@@ -132,30 +134,40 @@ impl Boot {
             plan.deployment, plan.mode, plan.store_label
         ));
         self.step("load-modules", |_| load_modules())?;
-        let store_dev = self.step("find-store", |_| {
-            wait_for_label(&plan.store_label, plan.timeout)
-        })?;
         let store_mnt = plan.mode.store_mountpoint();
-        self.step("mount-store", |b| {
-            // ext4 on a disk, ISO 9660 on install media: the superblock says which.
-            let fstype = blockdev::probe(&store_dev)
-                .map(|p| p.fstype)
-                .unwrap_or("ext4");
-            do_mount(
-                &store_dev.to_string_lossy(),
-                store_mnt,
-                fstype,
-                MountFlags::RDONLY,
-                "",
-            )?;
-            b.fstab.push((
-                format!("LABEL={}", plan.store_label),
-                store_mnt.into(),
-                fstype.into(),
-                "ro".into(),
-            ));
-            Ok(())
-        })?;
+        if plan.store_label == "initrd" {
+            // Netboot: the store came inside the initrd; it is shown where a live medium is.
+            self.step("mount-store", |_| {
+                mkdirs(store_mnt)?;
+                bind(NETBOOT_STORE, store_mnt)
+                    .with_context(|| format!("binding {NETBOOT_STORE}"))?;
+                Ok(())
+            })?;
+        } else {
+            let store_dev = self.step("find-store", |_| {
+                wait_for_label(&plan.store_label, plan.timeout)
+            })?;
+            self.step("mount-store", |b| {
+                // ext4 on a disk, ISO 9660 on install media: the superblock says which.
+                let fstype = blockdev::probe(&store_dev)
+                    .map(|p| p.fstype)
+                    .unwrap_or("ext4");
+                do_mount(
+                    &store_dev.to_string_lossy(),
+                    store_mnt,
+                    fstype,
+                    MountFlags::RDONLY,
+                    "",
+                )?;
+                b.fstab.push((
+                    format!("LABEL={}", plan.store_label),
+                    store_mnt.into(),
+                    fstype.into(),
+                    "ro".into(),
+                ));
+                Ok(())
+            })?;
+        }
         let store = Store::new(store_mnt);
         let dep = self.step("read-deployment", |_| {
             Ok(store.read_deployment(&plan.deployment)?)

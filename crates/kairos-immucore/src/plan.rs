@@ -189,7 +189,7 @@ impl Plan {
         })?;
         plan.mode = mode.unwrap_or(match store.as_deref() {
             Some("COS_RECOVERY") => Mode::Recovery,
-            Some("COS_LIVE") => Mode::Live,
+            Some("COS_LIVE") | Some("initrd") => Mode::Live,
             _ => Mode::Active,
         });
         plan.store_label = store.unwrap_or_else(|| match plan.mode {

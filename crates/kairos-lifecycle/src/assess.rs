@@ -214,7 +214,10 @@ mod tests {
         let dir = n.esp.join("loader/entries");
         fs::rename(dir.join("active+3.conf"), dir.join("active+0-3.conf")).unwrap();
         let v = assess(&n, &booted("v2", "active"), &mut || Err("x".into())).unwrap();
-        assert!(matches!(v, Verdict::Unhealthy { reboot: true, .. }), "{v:?}");
+        assert!(
+            matches!(v, Verdict::Unhealthy { reboot: true, .. }),
+            "{v:?}"
+        );
         fs::rename(dir.join("active+0-3.conf"), dir.join("active+3.conf")).unwrap();
         let v = assess(&n, &booted("v2", "active"), &mut || Ok(())).unwrap();
         assert_eq!(

@@ -29,7 +29,11 @@ pub struct Disk {
 /// Whole disks from `/sys/class/block` (no partitions, loop, ram, optical or device-mapper).
 pub fn disks() -> Vec<Disk> {
     let mut v = Vec::new();
-    for e in fs::read_dir("/sys/class/block").into_iter().flatten().flatten() {
+    for e in fs::read_dir("/sys/class/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         let sys = e.path();
         if sys.join("partition").exists()
@@ -69,8 +73,8 @@ pub fn resolve_device(spec: &str, all: &[Disk]) -> Result<Disk, Error> {
             .cloned()
             .ok_or_else(|| Error::Node("install.device: auto found no non-removable disk".into()));
     }
-    let real = fs::canonicalize(spec)
-        .map_err(|e| Error::Node(format!("install.device {spec}: {e}")))?;
+    let real =
+        fs::canonicalize(spec).map_err(|e| Error::Node(format!("install.device {spec}: {e}")))?;
     all.iter().find(|d| d.path == real).cloned().ok_or_else(|| {
         Error::Node(format!(
             "install.device {spec} ({}) is not a whole disk; disks here: {}",
@@ -134,12 +138,23 @@ pub fn medium(root: &Path) -> Result<Medium, Error> {
 
 fn store_bytes(m: &Medium) -> u64 {
     m.dep.layers.iter().map(|l| l.image.size).sum::<u64>()
-        + m.dep.kernel.iter().chain(&m.dep.initrd).map(|b| b.size).sum::<u64>()
+        + m.dep
+            .kernel
+            .iter()
+            .chain(&m.dep.initrd)
+            .map(|b| b.size)
+            .sum::<u64>()
 }
 
 /// The partition plan for `disk`: PERSISTENT takes the rest. Errors when it does not fit.
 pub fn plan(m: &Medium, disk: &Disk) -> Result<Vec<Part>, Error> {
-    let boot = m.dep.kernel.iter().chain(&m.dep.initrd).map(|b| b.size).sum();
+    let boot = m
+        .dep
+        .kernel
+        .iter()
+        .chain(&m.dep.initrd)
+        .map(|b| b.size)
+        .sum();
     let mut parts = layout::plan(boot, store_bytes(m), 64, 64);
     let need = layout::min_disk_mib(&parts);
     let have = disk.size / MIB;
@@ -280,8 +295,14 @@ pub fn install(
             }
             let target = Path::new(TARGET).join(p.name);
             fs::create_dir_all(&target).map_err(io_err(&target))?;
-            mount::mount(&d, &target.to_string_lossy(), fstype, MountFlags::empty(), "")
-                .map_err(|e| Error::Node(format!("mounting {d} at {}: {e}", target.display())))?;
+            mount::mount(
+                &d,
+                &target.to_string_lossy(),
+                fstype,
+                MountFlags::empty(),
+                "",
+            )
+            .map_err(|e| Error::Node(format!("mounting {d} at {}: {e}", target.display())))?;
             mounted.push(Mounted(target.clone()));
             paths.insert(p.label, target);
         }
@@ -325,7 +346,12 @@ pub fn install(
             .map_err(io_err(&oem))?;
         history::append(
             &state,
-            &Record::new("installed", &m.dep.id, &m.dep.image, &disk.path.to_string_lossy()),
+            &Record::new(
+                "installed",
+                &m.dep.id,
+                &m.dep.image,
+                &disk.path.to_string_lossy(),
+            ),
         )?;
         for mnt in &mounted {
             let _ = kairos_sys::fs::sync_filesystem(&mnt.0);

@@ -45,7 +45,6 @@ pub fn plan(esp_payload: u64, os_payload: u64, oem_mib: u64, persistent_mib: u64
     parts
 }
 
-
 /// The smallest disk (MiB) a plan fits on, with a 1 MiB backup-GPT margin at the end.
 pub fn min_disk_mib(parts: &[Part]) -> u64 {
     parts.last().map(|p| p.start_mib + p.size_mib).unwrap_or(1) + 1

@@ -22,7 +22,9 @@ fn mkfs_ext4(tools_root: &Path, label: &str) -> Result<String, Error> {
     let dev = crate::mounts::device_for(label)?;
     let d = dev.to_string_lossy().into_owned();
     let argv = kairos_sys::tools::argv(tools_root, "mke2fs");
-    let (prog, pre) = argv.split_first().ok_or_else(|| Error::Node("mke2fs".into()))?;
+    let (prog, pre) = argv
+        .split_first()
+        .ok_or_else(|| Error::Node("mke2fs".into()))?;
     let out = std::process::Command::new(prog)
         .args(pre)
         .args(["-t", "ext4", "-q", "-F", "-L", label, &d])
@@ -88,7 +90,12 @@ pub fn reset(
         mkfs_ext4(tools_root, "COS_OEM")?;
     }
     // The switch, last: active boots the fresh STATE; no passive to fall back to.
-    entries::set(esp, Role::Active, &upgrade::entry_for(Role::Active, &dep)?, None)?;
+    entries::set(
+        esp,
+        Role::Active,
+        &upgrade::entry_for(Role::Active, &dep)?,
+        None,
+    )?;
     entries::clear(esp, Role::Passive)?;
     Ok(())
 }

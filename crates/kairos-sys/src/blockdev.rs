@@ -121,7 +121,10 @@ mod tests {
         iso[0x8028..0x8030].copy_from_slice(b"COS_LIVE");
         iso[0x8030..0x8048].fill(b' ');
         let p = probe_head(&iso).unwrap();
-        assert_eq!((p.fstype, p.label.as_deref()), ("iso9660", Some("COS_LIVE")));
+        assert_eq!(
+            (p.fstype, p.label.as_deref()),
+            ("iso9660", Some("COS_LIVE"))
+        );
     }
 
     #[test]

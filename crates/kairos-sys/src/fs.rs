@@ -140,4 +140,3 @@ mod tests {
         assert!(!d.path().join(".f.kairos-tmp").exists());
     }
 }
-

@@ -114,7 +114,10 @@ mod tests {
         let b = guid_bytes(ESP_TYPE).unwrap();
         assert_eq!(&b[..4], &[0x28, 0x73, 0x2A, 0xC1]);
         assert_eq!(&b[8..], &[0xBA, 0x4B, 0x00, 0xA0, 0xC9, 0x3E, 0xC9, 0x3B]);
-        assert_eq!(partition_path(Path::new("/dev/vda"), 3), PathBuf::from("/dev/vda3"));
+        assert_eq!(
+            partition_path(Path::new("/dev/vda"), 3),
+            PathBuf::from("/dev/vda3")
+        );
         assert_eq!(
             partition_path(Path::new("/dev/nvme0n1"), 1),
             PathBuf::from("/dev/nvme0n1p1")
@@ -148,7 +151,12 @@ mod tests {
             .expect("sfdisk (Debian package fdisk)");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("label: gpt"), "{text}");
-        assert!(text.contains("start=        2048, size=       32768, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"), "{text}");
+        assert!(
+            text.contains(
+                "start=        2048, size=       32768, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+            ),
+            "{text}"
+        );
         assert!(text.contains("name=\"state\""), "{text}");
         wipe_gpt(&img).unwrap();
         let out = std::process::Command::new("sfdisk")
