@@ -39,7 +39,8 @@ pub fn build_netboot(spec: &NetbootSpec) -> Result<Os> {
     let store = work.path().join("store");
     let os = crate::os::build_store(&spec.os, &store, work.path())?;
     // The Kairos initrd, then the store as a second (uncompressed) cpio: the kernel unpacks both.
-    let initrd = work.path().join("initrd");
+    // (build_store keeps its initrd at work/initrd: this one needs its own name.)
+    let initrd = work.path().join("initrd.netboot");
     fs::copy(&os.initrd, &initrd)?;
     {
         let f = fs::OpenOptions::new().append(true).open(&initrd)?;
@@ -71,8 +72,12 @@ pub fn build_netboot(spec: &NetbootSpec) -> Result<Os> {
     // Files appear under their final names only when all are complete.
     fs::write(work.path().join("netboot.ipxe"), script)?;
     fs::copy(&os.kernel, work.path().join("vmlinuz"))?;
-    for name in ["vmlinuz", "initrd", "netboot.ipxe"] {
-        fs::rename(work.path().join(name), spec.output.join(name))?;
+    for (from, to) in [
+        ("vmlinuz", "vmlinuz"),
+        ("initrd.netboot", "initrd"),
+        ("netboot.ipxe", "netboot.ipxe"),
+    ] {
+        fs::rename(work.path().join(from), spec.output.join(to))?;
     }
     Ok(os)
 }

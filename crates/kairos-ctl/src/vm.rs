@@ -55,9 +55,10 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
                 "raw"
             }
         ),
-        // The disk first: once installed it boots even with the ISO still inserted.
+        // The disk first (after a -kernel, which QEMU gives index 0): once installed it boots
+        // even with the ISO still inserted.
         "-device".into(),
-        "virtio-blk-pci,drive=disk0,bootindex=0".into(),
+        "virtio-blk-pci,drive=disk0,bootindex=1".into(),
         "-netdev".into(),
         "user,id=n0".into(),
         "-device".into(),
@@ -77,7 +78,7 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
                 iso.display()
             ),
             "-device".into(),
-            "scsi-cd,bus=scsi0.0,drive=cd0,bootindex=1".into(),
+            "scsi-cd,bus=scsi0.0,drive=cd0,bootindex=2".into(),
         ]);
     }
     if let Some((k, i, append)) = &s.kernel {
@@ -147,17 +148,20 @@ mod tests {
             a.contains("file=/d/disk.qcow2,if=none,id=disk0,format=qcow2"),
             "{a}"
         );
-        assert!(a.contains("virtio-blk-pci,drive=disk0,bootindex=0"), "{a}");
+        assert!(a.contains("virtio-blk-pci,drive=disk0,bootindex=1"), "{a}");
         assert!(
             a.contains("file=/d/k.iso,if=none,id=cd0,media=cdrom"),
             "{a}"
         );
         assert!(
-            a.contains("scsi-cd,bus=scsi0.0,drive=cd0,bootindex=1"),
+            a.contains("scsi-cd,bus=scsi0.0,drive=cd0,bootindex=2"),
             "{a}"
         );
         assert!(a.contains("-serial file:/d/serial.log"), "{a}");
         assert!(a.contains("unit=1,file=/d/vars.fd"), "{a}");
-        assert!(a.contains("-kernel /d/vmlinuz -initrd /d/initrd -append a=b"), "{a}");
+        assert!(
+            a.contains("-kernel /d/vmlinuz -initrd /d/initrd -append a=b"),
+            "{a}"
+        );
     }
 }
