@@ -163,14 +163,20 @@ pub fn debian_rootfs() -> PathBuf {
     cache().join("images/debian/rootfs")
 }
 
-/// Runs `kairosctl build raw` for `image` with `cloud_config`, writing `out`.
-pub fn build_raw(image: &str, cloud_config: &str, out: &Path) -> Result<String> {
-    let cc = out.with_extension("cloud-config.yaml");
-    std::fs::write(&cc, cloud_config)?;
+/// `kairosctl build KIND --image IMAGE --output OUT --cloud-config CC`, with `cloud_config`
+/// written to `cc` first.
+fn build_artifact(
+    kind: &str,
+    image: &str,
+    cloud_config: &str,
+    out: &Path,
+    cc: &Path,
+) -> Result<String> {
+    std::fs::write(cc, cloud_config)?;
     let (out, cc) = (out.to_string_lossy(), cc.to_string_lossy());
     kairosctl(&[
         "build",
-        "raw",
+        kind,
         "--image",
         image,
         "--output",
@@ -180,44 +186,52 @@ pub fn build_raw(image: &str, cloud_config: &str, out: &Path) -> Result<String> 
     ])
 }
 
+/// Runs `kairosctl build raw` for `image` with `cloud_config`, writing `out`.
+pub fn build_raw(image: &str, cloud_config: &str, out: &Path) -> Result<String> {
+    build_artifact(
+        "raw",
+        image,
+        cloud_config,
+        out,
+        &out.with_extension("cloud-config.yaml"),
+    )
+}
+
 /// Runs `kairosctl build iso` for `image` with `cloud_config`, writing `out`.
 pub fn build_iso(image: &str, cloud_config: &str, out: &Path) -> Result<String> {
-    let cc = out.with_extension("cloud-config.yaml");
-    std::fs::write(&cc, cloud_config)?;
-    let (out, cc) = (out.to_string_lossy(), cc.to_string_lossy());
-    kairosctl(&[
-        "build",
+    build_artifact(
         "iso",
-        "--image",
         image,
-        "--output",
-        &out,
-        "--cloud-config",
-        &cc,
-    ])
+        cloud_config,
+        out,
+        &out.with_extension("cloud-config.yaml"),
+    )
 }
 
 /// Runs `kairosctl build netboot` for `image` with `cloud_config` into `dir`.
 pub fn build_netboot(image: &str, cloud_config: &str, dir: &Path) -> Result<String> {
     std::fs::create_dir_all(dir)?;
-    let cc = dir.join("cloud-config.yaml");
-    std::fs::write(&cc, cloud_config)?;
-    let (out, cc) = (dir.to_string_lossy(), cc.to_string_lossy());
-    kairosctl(&[
-        "build",
+    build_artifact(
         "netboot",
-        "--image",
         image,
-        "--output",
-        &out,
-        "--cloud-config",
-        &cc,
-    ])
+        cloud_config,
+        dir,
+        &dir.join("cloud-config.yaml"),
+    )
 }
 
 /// A blank (sparse) disk image of `mib` MiB.
 pub fn blank_disk(path: &Path, mib: u64) -> Result<()> {
     std::fs::File::create(path)?.set_len(mib << 20)?;
+    Ok(())
+}
+
+/// The tiny image from a fresh local registry built into an ISO with `cloud_config`; the
+/// registry is stopped again (installing from the ISO needs no network).
+pub fn tiny_iso(cloud_config: &str, iso: &Path) -> Result<()> {
+    let reg = start_registry()?;
+    let image = tiny_in_registry(&reg)?;
+    build_iso(&image, cloud_config, iso)?;
     Ok(())
 }
 

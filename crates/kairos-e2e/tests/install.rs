@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use kairos_e2e::{
-    Vm, blank_disk, build_iso, build_netboot, check, start_registry, tiny_in_registry,
+    Vm, blank_disk, build_netboot, check, start_registry, tiny_in_registry, tiny_iso,
 };
 
 #[test]
@@ -15,15 +15,11 @@ fn iso_boots_live_and_installs_itself_to_a_blank_disk() {
     let work = tempfile::tempdir().unwrap();
     let iso = work.path().join("kairos.iso");
     let disk = work.path().join("disk.raw");
-    let reg = start_registry().unwrap();
-    let image = tiny_in_registry(&reg).unwrap();
-    build_iso(
-        &image,
+    tiny_iso(
         "#cloud-config\nusers:\n- name: root\n  passwd: installed\ninstall:\n  auto: true\n  device: auto\n  reboot: true\n",
         &iso,
     )
     .unwrap();
-    drop(reg); // no network needed from here on
     blank_disk(&disk, 2048).unwrap();
 
     let mut vm = Vm::boot_with(&disk, Some(&iso), &work.path().join("live.log")).unwrap();
@@ -62,15 +58,11 @@ fn install_refuses_a_disk_too_small_and_leaves_it_blank() {
     let work = tempfile::tempdir().unwrap();
     let iso = work.path().join("kairos.iso");
     let disk = work.path().join("small.raw");
-    let reg = start_registry().unwrap();
-    let image = tiny_in_registry(&reg).unwrap();
-    build_iso(
-        &image,
+    tiny_iso(
         "#cloud-config\nusers:\n- name: root\n  passwd: live\n",
         &iso,
     )
     .unwrap();
-    drop(reg);
     blank_disk(&disk, 256).unwrap();
     let mut vm = Vm::boot_with(&disk, Some(&iso), &work.path().join("live.log")).unwrap();
     vm.login("root", "live").unwrap();
@@ -97,15 +89,11 @@ fn manual_install_and_the_dd_floor() {
     let work = tempfile::tempdir().unwrap();
     let iso = work.path().join("kairos.iso");
     let disk = work.path().join("disk.raw");
-    let reg = start_registry().unwrap();
-    let image = tiny_in_registry(&reg).unwrap();
-    build_iso(
-        &image,
+    tiny_iso(
         "#cloud-config\nusers:\n- name: root\n  passwd: live\n",
         &iso,
     )
     .unwrap();
-    drop(reg);
     blank_disk(&disk, 2048).unwrap();
     let mut vm = Vm::boot_with(&disk, Some(&iso), &work.path().join("live.log")).unwrap();
     vm.login("root", "live").unwrap();

@@ -34,14 +34,54 @@ fn events(stdout: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A disk built from `v1` with STATE mounted and the ESP copied out (the host has no FAT
+/// driver: the same file operations on a tree), and `kairos-agent` run against them as the
+/// running v1 would.
+struct Offline {
+    state: MountGuard,
+    esp: std::path::PathBuf,
+    scratch: std::path::PathBuf,
+    v1_id: String,
+    _work: tempfile::TempDir,
+}
+
+impl Offline {
+    fn new(v1: &str) -> Offline {
+        let work = tempfile::tempdir().unwrap();
+        let disk = work.path().join("disk.raw");
+        build_raw(v1, "#cloud-config\n", &disk).unwrap();
+        let state = MountGuard::partition(&disk, 4, &work.path().join("state"), "ext4").unwrap();
+        let esp = work.path().join("esp");
+        esp_tree(&disk, &esp).unwrap();
+        let v1_id = entries(&esp)[0].1.clone();
+        Offline {
+            state,
+            scratch: work.path().join("scratch"),
+            esp,
+            v1_id,
+            _work: work,
+        }
+    }
+
+    fn agent(&self, args: &[&str]) -> (i32, String, String) {
+        let booted = format!("kairos.deployment={} kairos.mode=active", self.v1_id);
+        let (store, esp, scratch) = (
+            self.state.path.to_string_lossy(),
+            self.esp.to_string_lossy(),
+            self.scratch.to_string_lossy(),
+        );
+        let mut a: Vec<&str> = vec!["--cmdline", &booted];
+        a.extend_from_slice(args);
+        a.extend(["--store", &store, "--esp", &esp, "--scratch", &scratch]);
+        agent(&a).unwrap()
+    }
+}
+
 #[test]
 #[ignore = "needs root and the tiny image: run by scripts/test tier 3"]
 fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
-    let work = tempfile::tempdir().unwrap();
-    let disk = work.path().join("disk.raw");
     let reg = start_registry().unwrap();
     let v1 = tiny_in_registry(&reg).unwrap();
-    build_raw(&v1, "#cloud-config\n", &disk).unwrap();
     let v2 = image_with_files(
         &v1,
         &[
@@ -51,32 +91,12 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
         &format!("{}/kairos/tiny:v2", reg.addr),
     )
     .unwrap();
-
-    let state = MountGuard::partition(&disk, 4, &work.path().join("state"), "ext4").unwrap();
-    // The ESP as a directory tree (no FAT driver on the host): the same file operations.
-    let esp = MountGuard {
-        path: work.path().join("esp"),
-    };
-    esp_tree(&disk, &esp.path).unwrap();
-    let before = entries(&esp.path);
+    let node = Offline::new(&v1);
+    let (state, esp) = (&node.state, &node.esp);
+    let before = entries(esp);
     assert_eq!(before.len(), 2, "{before:?}");
-    let v1_id = before[0].1.clone();
-    let node = [
-        "--store",
-        &state.path.to_string_lossy(),
-        "--esp",
-        &esp.path.to_string_lossy(),
-        "--scratch",
-        &work.path().join("scratch").to_string_lossy(),
-    ]
-    .map(|s| s.to_string());
-    let booted = format!("kairos.deployment={v1_id} kairos.mode=active");
-    let run = |args: &[&str]| {
-        let mut a: Vec<&str> = vec!["--cmdline", &booted];
-        a.extend_from_slice(args);
-        a.extend(node.iter().map(String::as_str));
-        agent(&a).unwrap()
-    };
+    let v1_id = node.v1_id.clone();
+    let run = |args: &[&str]| node.agent(args);
 
     // A tag that does not exist: a clear error, nothing changed.
     let (code, _, err) = run(&[
@@ -86,7 +106,7 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("no such image or tag"), "{err}");
-    assert_eq!(entries(&esp.path), before);
+    assert_eq!(entries(esp), before);
 
     // v1 → v2: one layer fetched and written, the rest reused; v2 boots next with 3 tries.
     let (code, out, err) = run(&["upgrade", "--source", &v2, "--json"]);
@@ -112,7 +132,7 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
         .to_string();
     assert_ne!(v2_id, v1_id);
     assert_eq!(
-        entries(&esp.path),
+        entries(esp),
         vec![
             ("active+3.conf".to_string(), v2_id.clone()),
             ("passive.conf".to_string(), v1_id.clone()),
@@ -120,10 +140,7 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
         ]
     );
     // Same kernel and initrd: nothing new on the ESP.
-    assert_eq!(
-        std::fs::read_dir(esp.path.join("kairos")).unwrap().count(),
-        2
-    );
+    assert_eq!(std::fs::read_dir(esp.join("kairos")).unwrap().count(), 2);
     assert!(
         state
             .path
@@ -145,7 +162,7 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
     let (code, _, err) = run(&["rollback"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
-        entries(&esp.path),
+        entries(esp),
         vec![
             ("active.conf".to_string(), v1_id.clone()),
             ("passive.conf".to_string(), v2_id.clone()),
@@ -167,20 +184,15 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
     // --download-only stages without switching; --apply switches.
     let (code, _, err) = run(&["upgrade", "--source", &v2, "--download-only"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        entries(&esp.path)[0],
-        ("active.conf".to_string(), v1_id.clone())
-    );
+    assert_eq!(entries(esp)[0], ("active.conf".to_string(), v1_id.clone()));
     let (_, out, _) = run(&["state", "get", "staged.deployment"]);
     assert_eq!(out.trim(), v2_id);
     let (code, _, err) = run(&["upgrade", "--apply"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
-        entries(&esp.path)[0],
+        entries(esp)[0],
         ("active+3.conf".to_string(), v2_id.clone())
     );
-    std::mem::forget(esp);
-    drop(state);
 }
 
 /// STATE's files with sizes, and the ESP's entries with their deployments.
@@ -212,47 +224,25 @@ fn snapshot(dir: &Path) -> Vec<(String, u64)> {
 #[test]
 #[ignore = "needs root and the tiny image: run by scripts/test tier 3"]
 fn bad_blob_full_store_and_dead_registry_leave_the_node_unchanged() {
-    let work = tempfile::tempdir().unwrap();
-    let disk = work.path().join("disk.raw");
     let reg = start_registry().unwrap();
     let v1 = tiny_in_registry(&reg).unwrap();
-    build_raw(&v1, "#cloud-config\n", &disk).unwrap();
     let v2 = image_with_files(
         &v1,
         &[("usr/share/v2/blob", &incompressible(8 << 20, 3))],
         &format!("{}/kairos/tiny:v2", reg.addr),
     )
     .unwrap();
-    let state = MountGuard::partition(&disk, 4, &work.path().join("state"), "ext4").unwrap();
-    let esp_dir = work.path().join("esp");
-    esp_tree(&disk, &esp_dir).unwrap();
-    let v1_id = entries(&esp_dir)[0].1.clone();
-    let booted = format!("kairos.deployment={v1_id} kairos.mode=active");
-    let scratch = work.path().join("scratch");
-    let upgrade = |source: &str| {
-        agent(&[
-            "--cmdline",
-            &booted,
-            "upgrade",
-            "--source",
-            source,
-            "--store",
-            &state.path.to_string_lossy(),
-            "--esp",
-            &esp_dir.to_string_lossy(),
-            "--scratch",
-            &scratch.to_string_lossy(),
-        ])
-        .unwrap()
-    };
+    let node = Offline::new(&v1);
+    let (state, esp_dir) = (&node.state, &node.esp);
+    let upgrade = |source: &str| node.agent(&["upgrade", "--source", source]);
     let unchanged = |what: &str, before: &NodeFiles| {
         assert_eq!(
-            &(snapshot(&state.path), entries(&esp_dir)),
+            &(snapshot(&state.path), entries(esp_dir)),
             before,
             "{what}: the node changed"
         );
     };
-    let before = (snapshot(&state.path), entries(&esp_dir));
+    let before = (snapshot(&state.path), entries(esp_dir));
 
     // A full STATE: the layer image cannot be written; nothing half-written stays.
     // Free blocks including the ones reserved for root (the agent runs as root).

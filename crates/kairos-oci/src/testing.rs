@@ -15,7 +15,21 @@ pub struct TestRegistry {
 }
 
 impl TestRegistry {
+    /// Starts a registry on a free port. Another test may take the port between choosing it
+    /// and the registry binding it, so a start that does not answer as a registry is retried
+    /// on another port.
     pub fn start() -> std::io::Result<TestRegistry> {
+        let mut last = None;
+        for _ in 0..5 {
+            match Self::try_start() {
+                Ok(r) => return Ok(r),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("docker-registry did not start")))
+    }
+
+    fn try_start() -> std::io::Result<TestRegistry> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
         let dir = std::env::temp_dir().join(format!(
@@ -46,21 +60,36 @@ impl TestRegistry {
                     format!("starting docker-registry (Debian package docker-registry): {e}"),
                 )
             })?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(&addr).is_err() {
-            if Instant::now() > deadline {
-                return Err(std::io::Error::other(format!(
-                    "docker-registry did not listen on {addr}"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(TestRegistry {
+        let mut reg = TestRegistry {
             addr,
             storage,
             dir,
             child,
-        })
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = reg.child.try_wait() {
+                return Err(std::io::Error::other(format!(
+                    "docker-registry on {} exited ({st})",
+                    reg.addr
+                )));
+            }
+            // Ours answers /v2/ with its API version header; anything else is not it.
+            if TcpStream::connect(&reg.addr).is_ok()
+                && ureq::get(&format!("http://{}/v2/", reg.addr))
+                    .call()
+                    .is_ok_and(|r| r.headers().contains_key("docker-distribution-api-version"))
+            {
+                return Ok(reg);
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(format!(
+                    "docker-registry did not answer on {}",
+                    reg.addr
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
