@@ -153,8 +153,8 @@ enum VmCmd {
         /// Kernel command line for --kernel
         #[arg(long, default_value = "")]
         append: String,
-        /// Accelerator: tcg (default) or kvm
-        #[arg(long, default_value = "tcg")]
+        /// Accelerator: auto (KVM if a probe boot under KVM succeeds, else TCG), tcg or kvm
+        #[arg(long, default_value = "auto", value_parser = ["auto", "tcg", "kvm"])]
         accel: String,
     },
 }
@@ -489,6 +489,11 @@ fn run() -> Result<i32> {
             vars.push(".vars.fd");
             let vars = PathBuf::from(vars);
             vm::prepare(&vars)?;
+            let accel = match accel.as_str() {
+                "auto" if vm::kvm_works() => "kvm".to_string(),
+                "auto" => "tcg".to_string(),
+                other => other.to_string(),
+            };
             let spec = vm::VmSpec {
                 disk,
                 iso,

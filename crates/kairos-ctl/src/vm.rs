@@ -106,6 +106,92 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
     a
 }
 
+/// Whether KVM can run guests here: OVMF booted under KVM must reach its boot manager
+/// ("BdsDxe" on the serial console) within 10 s. On some hosts /dev/kvm exists but guests fail
+/// at once or hang, so its presence proves nothing. The verdict is cached per boot of the host.
+pub fn kvm_works() -> bool {
+    if !Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let cache = std::env::temp_dir().join("kairos-kvm-probe");
+    if let Some(v) = std::fs::read_to_string(&cache)
+        .ok()
+        .and_then(|t| t.strip_prefix(boot_id.trim()).map(|v| v.trim() == "kvm"))
+    {
+        return v;
+    }
+    let verdict = probe_kvm();
+    let _ = std::fs::write(
+        &cache,
+        format!(
+            "{} {}\n",
+            boot_id.trim(),
+            if verdict { "kvm" } else { "tcg" }
+        ),
+    );
+    verdict
+}
+
+fn probe_kvm() -> bool {
+    use std::io::Read;
+    let vars = std::env::temp_dir().join(format!("kairos-kvm-probe-{}.fd", std::process::id()));
+    if std::fs::copy(OVMF_VARS, &vars).is_err() {
+        return false;
+    }
+    let child = std::process::Command::new("qemu-system-x86_64")
+        .args([
+            "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "128",
+        ])
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        let _ = std::fs::remove_file(&vars);
+        return false;
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(mut out) = child.stdout.take() {
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                if seen.windows(6).any(|w| w == b"BdsDxe") {
+                    let _ = tx.send(());
+                    break;
+                }
+            }
+        });
+    }
+    let ok = rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&vars);
+    ok
+}
+
 /// Checks QEMU and OVMF are installed and creates the writable UEFI variables if missing.
 pub fn prepare(vars: &Path) -> Result<()> {
     if !Path::new(OVMF_CODE).exists() {

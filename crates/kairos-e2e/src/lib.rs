@@ -118,6 +118,41 @@ pub fn esp_tree(disk: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A disk built from `rootfs` whose layer images were removed from STATE (as a failed copy
+/// would leave it) must show the failure summary on the console naming the step, reboot, and
+/// leave `boot-failure.log` on OEM.
+pub fn check_missing_layer_failure(rootfs: &Path, cloud_config: &str, work: &Path) -> Result<()> {
+    let disk = work.join("disk.raw");
+    build_raw(&format!("dir:{}", rootfs.display()), cloud_config, &disk)?;
+    {
+        let state = MountGuard::partition(&disk, 4, &work.join("state"), "ext4")?;
+        let mut removed = 0;
+        for e in std::fs::read_dir(state.path.join("layers"))? {
+            std::fs::remove_file(e?.path())?;
+            removed += 1;
+        }
+        if removed == 0 {
+            bail!("no layer images in STATE");
+        }
+    }
+    let mut vm = Vm::boot(&disk, &work.join("fail.log"))?;
+    vm.wait_for("KAIROS BOOT FAILED", Duration::from_secs(300))?;
+    let summary = vm.wait_for(
+        "========================================",
+        Duration::from_secs(30),
+    )?;
+    check(&summary, "mount-layers", "the failed step is named");
+    check(&summary, "FAILED", "timeline");
+    vm.wait_exit(Duration::from_secs(60))
+        .context("the node reboots after a failed boot")?;
+    drop(vm);
+    let oem = MountGuard::partition(&disk, 2, &work.join("oem"), "ext4")?;
+    let log = std::fs::read_to_string(oem.path.join("boot-failure.log"))
+        .context("boot-failure.log on OEM")?;
+    check(&log, "mount-layers", "boot-failure.log on OEM");
+    Ok(())
+}
+
 /// A mount that is undone when dropped.
 pub struct MountGuard {
     pub path: PathBuf,

@@ -155,3 +155,10 @@ stages:
     check(&list, "active.conf", "v2 blessed");
     check(&list, "passive", "v1 kept as the fallback");
 }
+
+#[test]
+#[ignore = "VM test: run by scripts/test tier 3"]
+fn debian_missing_layer_gives_a_failure_summary_not_a_hang() {
+    let work = tempfile::tempdir().unwrap();
+    kairos_e2e::check_missing_layer_failure(&debian_rootfs(), CLOUD_CONFIG, work.path()).unwrap();
+}

@@ -5,9 +5,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use kairos_e2e::{
-    Vm, build_raw, check, check_active_immutable, check_persistence_probes, check_persistent_grown,
-    check_recovery_boot, enlarge_disk, partition, start_registry, tiny_in_registry,
-    write_persistence_probes,
+    Vm, build_raw, check, check_active_immutable, check_missing_layer_failure,
+    check_persistence_probes, check_persistent_grown, check_recovery_boot, enlarge_disk,
+    start_registry, tiny_in_registry, write_persistence_probes,
 };
 
 const CLOUD_CONFIG: &str = "#cloud-config
@@ -91,98 +91,7 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
 #[ignore = "VM test: run by scripts/test tier 3"]
 fn missing_layer_image_gives_a_failure_summary_not_a_hang() {
     let work = tempfile::tempdir().unwrap();
-    let disk = work.path().join("disk.raw");
-    build_raw(
-        &format!("dir:{}", kairos_e2e::tiny_rootfs().display()),
-        CLOUD_CONFIG,
-        &disk,
-    )
-    .unwrap();
-
-    // Remove the layer images from STATE (partition 4), as a failed copy would leave it.
-    let (start, size) = partition(&disk, 4).unwrap();
-    let part = work.path().join("state.img");
-    let dd = |args: &[String]| {
-        assert!(
-            Command::new("dd")
-                .args(args)
-                .arg("status=none")
-                .status()
-                .unwrap()
-                .success()
-        )
-    };
-    dd(&[
-        format!("if={}", disk.display()),
-        format!("of={}", part.display()),
-        "bs=1M".into(),
-        format!("skip={}", start >> 20),
-        format!("count={}", size >> 20),
-    ]);
-    let ls = Command::new("debugfs")
-        .args(["-R", "ls -p /layers"])
-        .arg(&part)
-        .output()
-        .unwrap();
-    let names: Vec<String> = String::from_utf8_lossy(&ls.stdout)
-        .lines()
-        .filter_map(|l| l.split('/').nth(5).map(str::to_string))
-        .filter(|n| n.ends_with(".erofs"))
-        .collect();
-    assert!(!names.is_empty(), "no layers found in STATE");
-    for n in &names {
-        let st = Command::new("debugfs")
-            .args(["-w", "-R", &format!("rm /layers/{n}")])
-            .arg(&part)
-            .output()
-            .unwrap();
-        assert!(st.status.success());
-    }
-    dd(&[
-        format!("if={}", part.display()),
-        format!("of={}", disk.display()),
-        "bs=1M".into(),
-        format!("seek={}", start >> 20),
-        "conv=notrunc".into(),
-    ]);
-
-    let mut vm = Vm::boot(&disk, &work.path().join("fail.log")).unwrap();
-    let text = vm
-        .wait_for("KAIROS BOOT FAILED", Duration::from_secs(240))
-        .unwrap();
-    drop(text);
-    let summary = vm
-        .wait_for(
-            "========================================",
-            Duration::from_secs(30),
-        )
-        .unwrap();
-    check(&summary, "mount-layers", "the failed step is named");
-    check(&summary, "FAILED", "timeline");
-    vm.wait_exit(Duration::from_secs(60))
-        .expect("the node reboots after a failed boot");
-    drop(vm);
-
-    // The summary was also saved on OEM (partition 2).
-    let (start, size) = partition(&disk, 2).unwrap();
-    let oem = work.path().join("oem.img");
-    dd(&[
-        format!("if={}", disk.display()),
-        format!("of={}", oem.display()),
-        "bs=1M".into(),
-        format!("skip={}", start >> 20),
-        format!("count={}", size >> 20),
-    ]);
-    let cat = Command::new("debugfs")
-        .args(["-R", "cat /boot-failure.log"])
-        .arg(&oem)
-        .output()
-        .unwrap();
-    check(
-        &String::from_utf8_lossy(&cat.stdout),
-        "mount-layers",
-        "boot-failure.log on OEM",
-    );
+    check_missing_layer_failure(&kairos_e2e::tiny_rootfs(), CLOUD_CONFIG, work.path()).unwrap();
 }
 
 #[test]

@@ -249,3 +249,37 @@ fn registry_push_pull_only_missing_blobs_and_refuse_bad_digests() {
             .exists()
     );
 }
+
+#[test]
+fn zstd_layers_unpack_and_verify_against_the_tar_digest() {
+    let t = tempfile::tempdir().unwrap();
+    let tar_path = t.path().join("layer.tar");
+    {
+        let mut b = tar::Builder::new(fs::File::create(&tar_path).unwrap());
+        let data = b"compressed with zstd\n";
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o640);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append_data(&mut h, "etc/zstd-file", &data[..]).unwrap();
+        b.finish().unwrap();
+    }
+    let diff_id = format!("sha256:{}", kairos_layers::sha256_file(&tar_path).unwrap());
+    let st = Command::new("zstd")
+        .args(["-q", "-19", "-k"])
+        .arg(&tar_path)
+        .status()
+        .expect("zstd (Debian package zstd; scripts/setup installs it)");
+    assert!(st.success());
+    let out = t.path().join("tree");
+    let got = layer::unpack(&t.path().join("layer.tar.zst"), &out).unwrap();
+    assert_eq!(
+        got, diff_id,
+        "the diff_id is the digest of the uncompressed tar"
+    );
+    assert_eq!(
+        fs::read_to_string(out.join("etc/zstd-file")).unwrap(),
+        "compressed with zstd\n"
+    );
+}
