@@ -260,6 +260,8 @@ fn zstd_layers_unpack_and_verify_against_the_tar_digest() {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
         h.set_mode(0o640);
+        h.set_uid(0);
+        h.set_gid(0);
         h.set_mtime(0);
         h.set_cksum();
         b.append_data(&mut h, "etc/zstd-file", &data[..]).unwrap();
