@@ -348,8 +348,8 @@ pub fn run(cli: Cli) -> Result<Code> {
                 kairos_config::yaml::to_string(&c.config)
             );
             let g = &cli.global;
-            crate::lifecycle::install_cmd(&opts, &device, &install, &text, &g.root, &mut |s| {
-                run_install_stage(g, s, None, &fetcher)
+            crate::lifecycle::install_cmd(&opts, &device, &install, &text, &g.root, &mut |s, r| {
+                run_install_stage(g, s, None, r, &fetcher)
             })
         }
         Command::ManualInstall {
@@ -376,8 +376,8 @@ pub fn run(cli: Cli) -> Result<Code> {
                 .with_context(|| format!("{}: install", config.display()))?
                 .unwrap_or_default();
             let g = &cli.global;
-            crate::lifecycle::install_cmd(&opts, &device, &install, &text, &g.root, &mut |s| {
-                run_install_stage(g, s, Some(&config), &fetcher)
+            crate::lifecycle::install_cmd(&opts, &device, &install, &text, &g.root, &mut |s, r| {
+                run_install_stage(g, s, Some(&config), r, &fetcher)
             })
         }
         Command::Reset(a) => {
@@ -388,7 +388,7 @@ pub fn run(cli: Cli) -> Result<Code> {
                 &g.root,
                 &g.cmdline().unwrap_or_default(),
                 &cfg,
-                &mut |s| run_install_stage(g, s, None, &fetcher),
+                &mut |s, r| run_install_stage(g, s, None, r, &fetcher),
             )
         }
         Command::BootAssessment { json, node } => {
@@ -405,15 +405,17 @@ pub fn run(cli: Cli) -> Result<Code> {
 }
 
 /// Runs an install stage from the node's stage paths (and the install config file); a failing
-/// step is reported, not fatal, as in Kairos.
+/// step is reported, not fatal, as in Kairos. `root`: the new system, for
+/// `after-install-chroot` (commands chrooted into it).
 fn run_install_stage(
     g: &Global,
     stage: &str,
     config: Option<&std::path::Path>,
+    root: Option<&std::path::Path>,
     fetcher: &dyn Fetcher,
 ) {
     let run = StageRun {
-        root: g.root(),
+        root: root.map(Root::new).unwrap_or_else(|| g.root()),
         cmdline: g.cmdline(),
         extra_paths: config
             .map(|c| c.to_string_lossy().into_owned())

@@ -462,7 +462,7 @@ pub fn install_cmd(
     install: &kairos_config::types::Install,
     config_text: &str,
     root: &Path,
-    stages: &mut dyn FnMut(&str),
+    stages: &mut dyn FnMut(&str, Option<&Path>),
 ) -> Result<i32> {
     use kairos_lifecycle::install;
     let medium = install::medium(&root.join(a.medium.strip_prefix("/").unwrap_or(&a.medium)))?;
@@ -483,14 +483,20 @@ pub fn install_cmd(
             p.name, p.label, p.size_mib, p.start_mib
         );
     }
-    stages("kairos-install.pre");
-    stages("before-install");
-    install::install(&medium, &disk, &parts, config_text, root, &mut |m| {
-        eprintln!("  {m}")
-    })
+    stages("kairos-install.pre", None);
+    stages("before-install", None);
+    install::install(
+        &medium,
+        &disk,
+        &parts,
+        config_text,
+        root,
+        &mut |m| eprintln!("  {m}"),
+        &mut |new_root| stages("after-install-chroot", Some(new_root)),
+    )
     .with_context(|| format!("installing on {}", disk.path.display()))?;
-    stages("after-install");
-    stages("kairos-install.after");
+    stages("after-install", None);
+    stages("kairos-install.after", None);
     eprintln!(
         "installed: {} boots from {}",
         medium.dep.id,
@@ -544,7 +550,7 @@ pub fn reset_cmd(
     root: &Path,
     cmdline: &str,
     cfg: &kairos_config::types::Config,
-    stages: &mut dyn FnMut(&str),
+    stages: &mut dyn FnMut(&str, Option<&Path>),
 ) -> Result<i32> {
     let booted = Booted::from_cmdline(cmdline);
     let autoreset = cmdline.split_whitespace().any(|w| w == "kairos.reset");
@@ -567,8 +573,8 @@ pub fn reset_cmd(
         reset_oem: a.reset_oem || r.reset_oem.0,
     };
     let esp = mounts::mount_rw("COS_GRUB", "vfat", &root.join("run/kairos/mnt/efi"))?;
-    stages("kairos-reset.pre");
-    stages("before-reset");
+    stages("kairos-reset.pre", None);
+    stages("before-reset", None);
     kairos_lifecycle::reset::reset(
         &root.join("run/initramfs/cos-state"),
         &booted.deployment,
@@ -579,8 +585,8 @@ pub fn reset_cmd(
     )
     .context("resetting")?;
     unpin(&esp.path)?;
-    stages("after-reset");
-    stages("kairos-reset.after");
+    stages("after-reset", None);
+    stages("kairos-reset.after", None);
     eprintln!(
         "reset: COS_STATE re-created from {}{}{}",
         booted.deployment,

@@ -407,6 +407,36 @@ pub fn check_recovery_boot(disk: &Path, log: &Path, root_password: &str) -> Resu
     Ok(())
 }
 
+/// Removes kernel log lines (`[    4.590418] EXT4-fs …`) that the console mixes into a
+/// command's output, wherever they start.
+pub fn strip_kernel_lines(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find('[') {
+        let after = &rest[i + 1..];
+        let stamp = after.find(']').filter(|&j| {
+            let t = after[..j].trim_start();
+            !t.is_empty() && t.contains('.') && t.chars().all(|c| c.is_ascii_digit() || c == '.')
+        });
+        match stamp {
+            Some(j) => {
+                out.push_str(&rest[..i]);
+                let line_end = after[j..]
+                    .find('\n')
+                    .map(|k| j + k + 1)
+                    .unwrap_or(after.len());
+                rest = &after[line_end..];
+            }
+            None => {
+                out.push_str(&rest[..=i]);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The last 3000 characters of console output, for failure messages.
 fn tail(s: &str) -> String {
     let chars: Vec<char> = s.chars().collect();
@@ -572,7 +602,11 @@ impl Vm {
         let text = self.wait_for(&format!("{tag}-E"), Duration::from_secs(120))?;
         let status = self.wait_for("\n", Duration::from_secs(10))?;
         let body = text.trim_end_matches(&format!("{tag}-E")).replace('\r', "");
-        Ok(format!("{body}[exit {}]", status.trim()))
+        Ok(format!(
+            "{}[exit {}]",
+            strip_kernel_lines(&body),
+            status.trim()
+        ))
     }
 
     /// Waits for the VM to stop by itself (reboot with -no-reboot, poweroff).
@@ -596,5 +630,18 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_lines_are_stripped_from_output() {
+        assert_eq!(
+            super::strip_kernel_lines("tiny-node[    4.590418] EXT4-fs (vda4): re-mounted.\n\n"),
+            "tiny-node\n"
+        );
+        assert_eq!(super::strip_kernel_lines("a\n[exit 0]"), "a\n[exit 0]");
+        assert_eq!(super::strip_kernel_lines("[1] x [12.5] y\nz"), "[1] x z");
     }
 }

@@ -85,3 +85,78 @@ fn remove(p: &Path, report: &mut Report) -> Result<(), Error> {
     report.files.push(p.to_string_lossy().into_owned());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_layers::{Blob, Deployment, Layer};
+
+    fn blob(store: &Path, file: &str) -> Blob {
+        let p = store.join(file);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, file).unwrap();
+        Blob {
+            file: file.into(),
+            size: file.len() as u64,
+            sha256: "00".repeat(32),
+        }
+    }
+
+    #[test]
+    fn keeps_what_entries_use_and_removes_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let node = Node {
+            store: d.path().join("state"),
+            esp: d.path().join("esp"),
+            oem: None,
+            scratch: d.path().join("scratch"),
+            tools_root: "/".into(),
+        };
+        let store = Store::new(&node.store);
+        let dep = |id: &str, layers: &[&str]| Deployment {
+            id: id.into(),
+            image: format!("img:{id}"),
+            manifest_digest: format!("sha256:{id}"),
+            version: String::new(),
+            created: String::new(),
+            layers: layers
+                .iter()
+                .map(|l| Layer {
+                    digest: format!("sha256:{l}"),
+                    image: blob(&node.store, &format!("layers/sha256-{l}.erofs")),
+                })
+                .collect(),
+            kernel: Some(blob(&node.store, "boot/sha256-k")),
+            initrd: Some(blob(&node.store, "boot/sha256-i")),
+            cmdline: String::new(),
+        };
+        let old = dep("d-old", &["a", "b"]);
+        let new = dep("d-new", &["a", "c"]);
+        store.write_deployment(&old).unwrap();
+        store.write_deployment(&new).unwrap();
+        entries::set(
+            &node.esp,
+            Role::Active,
+            &crate::upgrade::entry_for(Role::Active, &new).unwrap(),
+            None,
+        )
+        .unwrap();
+        fs::create_dir_all(node.esp.join("kairos")).unwrap();
+        fs::write(node.esp.join("kairos/vmlinuz-stale"), "x").unwrap();
+        let linux = crate::esp_boot_path("vmlinuz", &"00".repeat(32));
+        fs::write(node.esp.join(linux.trim_start_matches('/')), "k").unwrap();
+
+        let r = collect(&node).unwrap();
+        assert_eq!(r.deployments, ["d-old"]);
+        assert!(!node.store.join("layers/sha256-b.erofs").exists());
+        assert!(node.store.join("layers/sha256-a.erofs").exists());
+        assert!(node.store.join("layers/sha256-c.erofs").exists());
+        assert!(node.store.join("boot/sha256-k").exists());
+        assert!(!node.esp.join("kairos/vmlinuz-stale").exists());
+        assert!(node.esp.join(linux.trim_start_matches('/')).exists());
+        // Without entries nothing is collected at all.
+        entries::clear(&node.esp, Role::Active).unwrap();
+        assert!(collect(&node).is_err());
+        assert!(node.store.join("layers/sha256-a.erofs").exists());
+    }
+}

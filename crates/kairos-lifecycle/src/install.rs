@@ -245,6 +245,7 @@ pub fn install(
     oem_config: &str,
     tools_root: &Path,
     log: &mut dyn FnMut(&str),
+    in_new_root: &mut dyn FnMut(&Path),
 ) -> Result<(), Error> {
     let new: Vec<NewPartition> = parts
         .iter()
@@ -352,6 +353,23 @@ pub fn install(
                 &m.dep.image,
                 &disk.path.to_string_lossy(),
             ),
+        )?;
+        // `after-install-chroot`: the new system as it will boot (read-only layers), with its
+        // OEM partition at /oem — the place for changes that must reach the installed node.
+        crate::mounts::with_deployment_root(
+            &Store::new(&state),
+            &m.dep.layers,
+            &Path::new(TARGET).join("chroot"),
+            |root| {
+                let oem_in = root.join("oem");
+                let bound = oem_in.is_dir()
+                    && mount::bind(&oem.to_string_lossy(), &oem_in.to_string_lossy()).is_ok();
+                in_new_root(root);
+                if bound {
+                    let _ = mount::unmount(&oem_in.to_string_lossy(), false);
+                }
+                Ok(())
+            },
         )?;
         for mnt in &mounted {
             let _ = kairos_sys::fs::sync_filesystem(&mnt.0);

@@ -111,15 +111,14 @@ pub struct BootFiles {
     pub version: String,
 }
 
-/// Mounts the layer images as the read-only overlay they boot as and copies out
-/// `/boot/vmlinuz`, `/boot/initrd` and the version from `/etc/os-release`.
-pub fn probe_boot_files(
+/// Mounts the layer images as the read-only overlay they boot as, at `dir/root`, runs `f` on
+/// it and unmounts everything again (also when `f` fails).
+pub fn with_deployment_root<T>(
     store: &Store,
     layers: &[Layer],
-    scratch: &Path,
-) -> Result<BootFiles, Error> {
-    let dir = scratch.join("probe");
-    let _ = fs::remove_dir_all(&dir);
+    dir: &Path,
+    f: impl FnOnce(&Path) -> Result<T, Error>,
+) -> Result<T, Error> {
     let root = dir.join("root");
     fs::create_dir_all(&root).map_err(io_err(&root))?;
     let mut mounted: Vec<PathBuf> = Vec::new();
@@ -157,8 +156,27 @@ pub fn probe_boot_files(
         )
         .map_err(sys_err("mounting the deployment's overlay".into()))?;
         mounted.push(root.clone());
+        f(&root)
+    })();
+    for m in mounted.iter().rev() {
+        let _ = mount::unmount(&m.to_string_lossy(), false)
+            .or_else(|_| mount::unmount(&m.to_string_lossy(), true));
+    }
+    result
+}
+
+/// Copies `/boot/vmlinuz`, `/boot/initrd` and the version from `/etc/os-release` out of the
+/// deployment's merged root.
+pub fn probe_boot_files(
+    store: &Store,
+    layers: &[Layer],
+    scratch: &Path,
+) -> Result<BootFiles, Error> {
+    let dir = scratch.join("probe");
+    let _ = fs::remove_dir_all(&dir);
+    let result = with_deployment_root(store, layers, &dir, |root| {
         let out = |name: &str| -> Result<PathBuf, Error> {
-            let src = resolve_in(&root, Path::new("boot").join(name))?;
+            let src = resolve_in(root, Path::new("boot").join(name))?;
             let dest = dir.join(name);
             fs::copy(&src, &dest).map_err(io_err(&src))?;
             Ok(dest)
@@ -179,11 +197,7 @@ pub fn probe_boot_files(
             initrd,
             version,
         })
-    })();
-    for m in mounted.iter().rev() {
-        let _ = mount::unmount(&m.to_string_lossy(), false)
-            .or_else(|_| mount::unmount(&m.to_string_lossy(), true));
-    }
+    });
     if result.is_err() {
         let _ = fs::remove_dir_all(&dir);
     }
