@@ -129,6 +129,16 @@ fn manual_install_and_the_dd_floor() {
     );
     check(&out, "rc=0", "manual-install succeeds");
     let bytes = written(&mut vm) - w0;
+    // A second install onto the installed disk is refused without --force.
+    let again = vm
+        .sh("kairos-agent manual-install --device /dev/vda /tmp/c.yaml")
+        .unwrap();
+    check(
+        &again,
+        "already has a Kairos install",
+        "an installed disk is refused",
+    );
+    check(&again, "[exit 3]", "refusal exit code");
     let mib = bytes.div_ceil(1 << 20);
     let (dd_ms, out) = ms(
         &mut vm,

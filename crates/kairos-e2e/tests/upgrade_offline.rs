@@ -39,6 +39,7 @@ fn events(stdout: &str) -> Vec<serde_json::Value> {
 /// running v1 would.
 struct Offline {
     state: MountGuard,
+    recovery: MountGuard,
     esp: std::path::PathBuf,
     scratch: std::path::PathBuf,
     v1_id: String,
@@ -51,11 +52,14 @@ impl Offline {
         let disk = work.path().join("disk.raw");
         build_raw(v1, "#cloud-config\n", &disk).unwrap();
         let state = MountGuard::partition(&disk, 4, &work.path().join("state"), "ext4").unwrap();
+        let recovery =
+            MountGuard::partition(&disk, 3, &work.path().join("recovery"), "ext4").unwrap();
         let esp = work.path().join("esp");
         esp_tree(&disk, &esp).unwrap();
         let v1_id = entries(&esp)[0].1.clone();
         Offline {
             state,
+            recovery,
             scratch: work.path().join("scratch"),
             esp,
             v1_id,
@@ -64,9 +68,14 @@ impl Offline {
     }
 
     fn agent(&self, args: &[&str]) -> (i32, String, String) {
+        self.agent_on(&self.state.path, args)
+    }
+
+    /// With another store given as `--store` (COS_RECOVERY for `upgrade --recovery`).
+    fn agent_on(&self, store: &Path, args: &[&str]) -> (i32, String, String) {
         let booted = format!("kairos.deployment={} kairos.mode=active", self.v1_id);
         let (store, esp, scratch) = (
-            self.state.path.to_string_lossy(),
+            store.to_string_lossy(),
             self.esp.to_string_lossy(),
             self.scratch.to_string_lossy(),
         );
@@ -192,6 +201,25 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
     assert_eq!(
         entries(esp)[0],
         ("active+3.conf".to_string(), v2_id.clone())
+    );
+
+    // --recovery: v2 into COS_RECOVERY's own store, the recovery entry replaced (no tries:
+    // recovery is the last resort and is not assessed).
+    let (code, _, err) = node.agent_on(
+        &node.recovery.path,
+        &["upgrade", "--recovery", "--source", &v2],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        node.recovery
+            .path
+            .join(format!("deployments/{v2_id}.json"))
+            .is_file()
+    );
+    assert!(
+        entries(esp).contains(&("recovery.conf".to_string(), v2_id.clone())),
+        "{:?}",
+        entries(esp)
     );
 }
 
