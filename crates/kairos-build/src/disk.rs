@@ -165,7 +165,11 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
         ),
     )?;
     let esp_dir = work.join("esp");
-    crate::os::esp_tree(&esp_dir, &os, &[Role::Active, Role::Recovery])?;
+    crate::os::esp_tree(
+        &esp_dir,
+        &os,
+        &[Role::Active, Role::Recovery, Role::Autoreset],
+    )?;
     let (dep, layer_bytes) = (os.dep, os.layer_bytes);
 
     // OEM: the user's cloud-config.

@@ -358,8 +358,9 @@ fn power_cut_at_any_step_of_an_upgrade_leaves_a_bootable_node() {
     check(&tmp, "0\n", "no temp files left after the rerun and gc");
 }
 
-/// Reset from recovery: STATE re-made from recovery, PERSISTENT wiped, OEM kept — the node
-/// comes back active with its OEM config applied again.
+/// Reset: the autoreset entry boots recovery, which re-makes STATE from the recovery
+/// deployment, wipes PERSISTENT, keeps OEM and reboots by itself — the node comes back active
+/// with its OEM config applied again.
 #[test]
 #[ignore = "VM test: run by scripts/test tier 3"]
 fn reset_from_recovery_comes_back_active_with_the_oem_config() {
@@ -373,26 +374,29 @@ fn reset_from_recovery_comes_back_active_with_the_oem_config() {
     verdict(&mut vm);
     vm.login("root", "rootpw").unwrap();
     vm.sh("echo data > /usr/local/kept; sync").unwrap();
+    // Outside recovery, reset refuses and says what to do.
     check(
-        &vm.sh("kairos-agent bootentry --select recovery").unwrap(),
+        &vm.sh("kairos-agent reset").unwrap(),
+        "reset runs from recovery",
+        "reset refused in active mode",
+    );
+    check(
+        &vm.sh("kairos-agent bootentry --select autoreset").unwrap(),
         "[exit 0]",
-        "select recovery",
+        "select the reset entry",
     );
     vm.send("reboot").unwrap();
     vm.wait_exit(Duration::from_secs(120)).unwrap();
     drop(vm);
 
-    let mut vm = Vm::boot(&disk, &work.path().join("recovery.log")).unwrap();
-    vm.login("root", "rootpw").unwrap();
-    check(
-        &vm.sh("cat /run/cos/recovery_mode").unwrap(),
-        "1",
-        "recovery",
-    );
-    let out = vm.sh("kairos-agent reset 2>&1").unwrap();
-    check(&out, "COS_PERSISTENT wiped", "reset report");
-    check(&out, "[exit 0]", "reset succeeds");
-    vm.send("reboot").unwrap();
+    // Recovery with kairos.reset: resets and reboots without anyone logged in.
+    let mut vm = Vm::boot(&disk, &work.path().join("autoreset.log")).unwrap();
+    let out = vm
+        .wait_for("reset: COS_STATE re-created", Duration::from_secs(300))
+        .unwrap();
+    check(&out, "recovery", "booted the recovery deployment");
+    let line = vm.wait_for("\n", Duration::from_secs(10)).unwrap();
+    check(&line, "COS_PERSISTENT wiped", "reset report");
     vm.wait_exit(Duration::from_secs(120)).unwrap();
     drop(vm);
 

@@ -21,10 +21,18 @@ pub enum Role {
     Recovery,
     /// The entry of install media.
     Live,
+    /// Recovery that resets the node by itself (`kairos.reset`), then boots active.
+    Autoreset,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Active, Role::Passive, Role::Recovery, Role::Live];
+    pub const ALL: [Role; 5] = [
+        Role::Active,
+        Role::Passive,
+        Role::Recovery,
+        Role::Live,
+        Role::Autoreset,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -32,6 +40,7 @@ impl Role {
             Role::Passive => "passive",
             Role::Recovery => "recovery",
             Role::Live => "live",
+            Role::Autoreset => "autoreset",
         }
     }
 
@@ -41,6 +50,7 @@ impl Role {
             Role::Passive => "kairos-2-passive",
             Role::Recovery => "kairos-3-recovery",
             Role::Live => "kairos-0-live",
+            Role::Autoreset => "kairos-4-autoreset",
         }
     }
 
@@ -51,6 +61,7 @@ impl Role {
             Role::Passive => ("COS_STATE", "passive"),
             Role::Recovery => ("COS_RECOVERY", "recovery"),
             Role::Live => ("COS_LIVE", "live"),
+            Role::Autoreset => ("COS_RECOVERY", "recovery"),
         }
     }
 
@@ -188,14 +199,20 @@ pub fn render(role: Role, t: &Target) -> String {
         Role::Passive => "Kairos (fallback)",
         Role::Recovery => "Kairos recovery",
         Role::Live => "Kairos live (install)",
+        Role::Autoreset => "Kairos reset (wipes the node)",
     };
     let title = if t.version.is_empty() {
         format!("{name} {}", t.deployment)
     } else {
         format!("{name} {}", t.version)
     };
+    let reset = if role == Role::Autoreset {
+        " kairos.reset"
+    } else {
+        ""
+    };
     let options = format!(
-        "{} kairos.deployment={} kairos.store=LABEL={store} kairos.mode={mode}",
+        "{} kairos.deployment={} kairos.store=LABEL={store} kairos.mode={mode}{reset}",
         t.cmdline, t.deployment
     );
     format!(

@@ -340,7 +340,7 @@ pub fn install(
             &esp.join("loader/loader.conf"),
             b"timeout 3\nconsole-mode keep\neditor no\n",
         )?;
-        for role in [Role::Recovery, Role::Active] {
+        for role in [Role::Recovery, Role::Autoreset, Role::Active] {
             entries::set(&esp, role, &upgrade::entry_for(role, &m.dep)?, None)?;
         }
         kairos_sys::fs::write_file(&oem.join("90_custom.yaml"), oem_config.as_bytes(), 0o600)

@@ -312,6 +312,15 @@ pub fn activate(
         crate::failpoint("passive-entry-written");
     }
     entries::set(&node.esp, role, &entry_for(role, dep)?, tries)?;
+    if role == Role::Recovery && current.iter().any(|e| e.role == Role::Autoreset) {
+        // The reset entry boots the recovery deployment too.
+        entries::set(
+            &node.esp,
+            Role::Autoreset,
+            &entry_for(Role::Autoreset, dep)?,
+            None,
+        )?;
+    }
     crate::failpoint("active-entry-written");
     history::clear_staged(&node.store)?;
     history::append(
