@@ -103,7 +103,7 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
     let node = Offline::new(&v1);
     let (state, esp) = (&node.state, &node.esp);
     let before = entries(esp);
-    assert_eq!(before.len(), 2, "{before:?}");
+    assert_eq!(before.len(), 3, "{before:?}");
     let v1_id = node.v1_id.clone();
     let run = |args: &[&str]| node.agent(args);
 
@@ -144,6 +144,7 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
         entries(esp),
         vec![
             ("active+3.conf".to_string(), v2_id.clone()),
+            ("autoreset.conf".to_string(), v1_id.clone()),
             ("passive.conf".to_string(), v1_id.clone()),
             ("recovery.conf".to_string(), v1_id.clone()),
         ]
@@ -174,6 +175,7 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
         entries(esp),
         vec![
             ("active.conf".to_string(), v1_id.clone()),
+            ("autoreset.conf".to_string(), v1_id.clone()),
             ("passive.conf".to_string(), v2_id.clone()),
             ("recovery.conf".to_string(), v1_id.clone()),
         ]
@@ -216,11 +218,13 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
             .join(format!("deployments/{v2_id}.json"))
             .is_file()
     );
-    assert!(
-        entries(esp).contains(&("recovery.conf".to_string(), v2_id.clone())),
-        "{:?}",
-        entries(esp)
-    );
+    for role in ["recovery.conf", "autoreset.conf"] {
+        assert!(
+            entries(esp).contains(&(role.to_string(), v2_id.clone())),
+            "{role}: {:?}",
+            entries(esp)
+        );
+    }
 }
 
 /// STATE's files with sizes, and the ESP's entries with their deployments.
