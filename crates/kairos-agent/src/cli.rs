@@ -423,8 +423,8 @@ fn run_install_stage(
             .collect(),
         fetcher,
     };
-    let report = run.run(stage, &mut std::io::stderr());
-    let _ = report;
+    // Steps print their own progress and errors; an install stage never stops the install.
+    run.run(stage, &mut std::io::stderr());
 }
 
 /// `state` for people: the few lines an operator looks for first.
