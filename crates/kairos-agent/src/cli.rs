@@ -207,10 +207,10 @@ impl Global {
         // Health checks shipped with the image (/system/oem) count too: an image author knows
         // what "healthy" means for it; the node's own checks are added to them.
         let image_checks: Vec<String> =
-            kairos_config::collect::walk_yaml(&self.root().join("system/oem"))
+            kairos_config::collect::walk_yaml(&self.root(), std::path::Path::new("/system/oem"))
                 .iter()
                 .filter_map(|p| {
-                    let text = std::fs::read_to_string(p).ok()?;
+                    let text = kairos_config::collect::read_config(&self.root(), p).ok()?;
                     let src: std::sync::Arc<str> = p.to_string_lossy().into();
                     let j = kairos_config::yaml::parse(&text, &src).ok()?.to_json();
                     section::<kairos_config::types::BootAssessment>(&j, "boot_assessment")

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kairos_sys::Root;
+use kairos_sys::beneath::Kind;
 use serde_json::Value as Json;
 
 use crate::merge::{MergeError, merge};
@@ -138,22 +139,69 @@ pub fn has_header(text: &str) -> bool {
         .any(|l| HEADERS.contains(&l.trim_end()))
 }
 
-/// Files under `dir` in walk order: recursive, lexical, `.yaml`/`.yml` only.
-pub fn walk_yaml(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir(dir) else {
-        return out;
-    };
-    let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            out.extend(walk_yaml(&p));
-        } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-            out.push(p);
+/// How deep [`walk_yaml`] descends below a config dir.
+pub const MAX_WALK_DEPTH: usize = 16;
+
+/// `.yaml`/`.yml` files under `dir` in walk order (recursive, lexical), as paths inside the
+/// root (`/oem/a.yaml`). Everything is resolved beneath the root. Directories reached through
+/// a symlink are not entered (so `l1 -> .` cannot loop), nor are levels past
+/// [`MAX_WALK_DEPTH`]. Symlinks, FIFOs and devices named `*.yaml` are listed, for
+/// [`read_config`] to refuse (and say so) unless they lead to a regular file inside the root.
+pub fn walk_yaml(root: &Root, dir: &Path) -> Vec<PathBuf> {
+    fn walk(root: &Root, dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = root.read_dir(dir) else {
+            return;
+        };
+        for (name, kind) in entries {
+            let p = dir.join(&name);
+            match kind {
+                Kind::Dir if depth < MAX_WALK_DEPTH => walk(root, &p, depth + 1, out),
+                Kind::File | Kind::Symlink | Kind::Other
+                    if p.extension().is_some_and(|e| e == "yaml" || e == "yml") =>
+                {
+                    out.push(p)
+                }
+                _ => {}
+            }
         }
     }
+    let mut out = Vec::new();
+    let top = Path::new("/").join(kairos_sys::beneath::normalize(dir));
+    if root
+        .symlink_metadata(&top)
+        .is_ok_and(|m| m.kind == Kind::File)
+    {
+        out.push(top);
+    } else {
+        walk(root, &top, 0, &mut out);
+    }
     out
+}
+
+/// Reads a config file found by [`walk_yaml`]: a regular file inside the root, under
+/// [`MAX_FILE_SIZE`], UTF-8. The error says why the file was left out.
+pub fn read_config(root: &Root, path: &Path) -> Result<String, String> {
+    if root
+        .symlink_metadata(path)
+        .is_ok_and(|m| m.kind == Kind::Other)
+    {
+        return Err("skipped, a FIFO, device or socket is not a config file".into());
+    }
+    let data = root
+        .dir()
+        .and_then(|d| d.read_limited(path, MAX_FILE_SIZE - 1))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput if e.to_string().contains("limit") => {
+                "skipped, files of 2 MiB or more are ignored".to_string()
+            }
+            _ => format!("skipped, not read: {e}"),
+        })?;
+    String::from_utf8(data).map_err(|e| {
+        format!(
+            "skipped, not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 /// The path as the node sees it (`/oem/a.yaml`), for messages and the sources list.
@@ -183,30 +231,28 @@ impl Collector<'_> {
             skipped: Vec::new(),
         };
         for dir in &self.dirs {
-            for path in walk_yaml(&self.root.join(dir)) {
-                let shown = display_path(&self.root, &path);
-                let meta = fs::metadata(&path).map_err(|source| CollectError::Read {
-                    path: shown.clone(),
-                    source,
-                })?;
-                if meta.len() >= MAX_FILE_SIZE {
-                    out.warnings.push(format!(
-                        "{shown}: skipped, files of 2 MiB or more are ignored"
-                    ));
-                    continue;
-                }
-                let text = fs::read_to_string(&path).map_err(|source| CollectError::Read {
-                    path: shown.clone(),
-                    source,
-                })?;
+            for path in walk_yaml(&self.root, Path::new(dir)) {
+                let shown = path.display().to_string();
+                // One unreadable, oversized or non-UTF-8 file is reported, not fatal.
+                let text = match read_config(&self.root, &path) {
+                    Ok(t) => t,
+                    Err(why) => {
+                        out.warnings.push(format!("{shown}: {why}"));
+                        continue;
+                    }
+                };
                 if !has_header(&text) {
                     out.skipped.push(format!(
                         "{shown}: skipped, no #cloud-config (or #kairos-config, #node-config) header in its first lines"
                     ));
                     continue;
                 }
-                let node = yaml::parse(&text, &Arc::from(shown.as_str()))?;
-                self.fold(&mut out, node, shown)?;
+                match yaml::parse(&text, &Arc::from(shown.as_str())) {
+                    Ok(node) => self.fold(&mut out, node, shown)?,
+                    Err(e) => out
+                        .warnings
+                        .push(format!("{e} (the file was skipped; the others apply)")),
+                }
             }
         }
         for path in &self.files {

@@ -7,6 +7,7 @@
 pub mod cmdline;
 pub mod collect;
 pub mod merge;
+pub mod names;
 pub mod node;
 pub mod types;
 pub mod validate;

@@ -23,12 +23,25 @@ enum Frame {
     Map(Vec<(Key, Node)>, Option<Key>, Origin, usize, Vec<Node>),
 }
 
+/// Nesting deeper than this is refused (later passes recurse over the tree).
+pub const MAX_DEPTH: usize = 128;
+/// Aliases may make a document at most this many nodes larger than its size in bytes: a
+/// config does not need more, and a "billion laughs" file of 500 bytes would otherwise expand
+/// to 10⁹ nodes.
+pub const MAX_ALIAS_NODES: usize = 100_000;
+
 /// Parses the first document of `text`; an empty document is an empty map.
 pub fn parse(text: &str, source: &Arc<str>) -> Result<Node, YamlError> {
     let origin_at = |span: &Span| Origin::new(source, span.start.line(), span.start.col() + 1);
     let mut parser = Parser::new_from_str(text);
     let mut stack: Vec<Frame> = Vec::new();
     let mut anchors: HashMap<usize, Node> = HashMap::new();
+    // Nodes built so far (aliases count as the size of what they copy), each anchor's size,
+    // and the count when each open collection started.
+    let max_nodes = MAX_ALIAS_NODES + text.len();
+    let mut nodes = 0usize;
+    let mut weights: HashMap<usize, usize> = HashMap::new();
+    let mut starts: Vec<usize> = Vec::new();
     let mut result: Option<Node> = None;
     let mut docs = 0;
     while let Some(ev) = parser.next_event() {
@@ -46,10 +59,21 @@ pub fn parse(text: &str, source: &Arc<str>) -> Result<Node, YamlError> {
                 continue;
             }
             Event::StreamStart | Event::StreamEnd | Event::DocumentEnd | Event::Nothing => continue,
-            Event::Alias(id) => anchors.get(&id).cloned().ok_or_else(|| YamlError {
-                origin: origin_at(&span),
-                message: "unknown anchor".into(),
-            })?,
+            Event::Alias(id) => {
+                nodes += weights.get(&id).copied().unwrap_or(1);
+                if nodes > max_nodes {
+                    return Err(YamlError {
+                        origin: origin_at(&span),
+                        message: format!(
+                            "aliases expand this document past {max_nodes} nodes; refused (a \"billion laughs\" file?)"
+                        ),
+                    });
+                }
+                anchors.get(&id).cloned().ok_or_else(|| YamlError {
+                    origin: origin_at(&span),
+                    message: "unknown anchor".into(),
+                })?
+            }
             Event::Scalar(text, style, anchor, tag) => {
                 let tag = tag.map(|t| t.suffix.clone());
                 let value =
@@ -67,16 +91,26 @@ pub fn parse(text: &str, source: &Arc<str>) -> Result<Node, YamlError> {
                 } else {
                     n
                 };
+                nodes += 1;
                 if anchor > 0 {
                     anchors.insert(anchor, n.clone());
+                    weights.insert(anchor, 1);
                 }
                 n
             }
+            Event::SequenceStart(..) | Event::MappingStart(..) if stack.len() >= MAX_DEPTH => {
+                return Err(YamlError {
+                    origin: origin_at(&span),
+                    message: format!("nested more than {MAX_DEPTH} levels deep; refused"),
+                });
+            }
             Event::SequenceStart(anchor, _) => {
+                starts.push(nodes);
                 stack.push(Frame::Seq(Vec::new(), origin_at(&span), anchor));
                 continue;
             }
             Event::MappingStart(anchor, _) => {
+                starts.push(nodes);
                 stack.push(Frame::Map(
                     Vec::new(),
                     None,
@@ -89,8 +123,11 @@ pub fn parse(text: &str, source: &Arc<str>) -> Result<Node, YamlError> {
             Event::SequenceEnd => match stack.pop() {
                 Some(Frame::Seq(items, origin, anchor)) => {
                     let n = Node::new(Value::Seq(items), origin);
+                    nodes += 1;
+                    let start = starts.pop().unwrap_or(0);
                     if anchor > 0 {
                         anchors.insert(anchor, n.clone());
+                        weights.insert(anchor, nodes - start);
                     }
                     n
                 }
@@ -120,8 +157,11 @@ pub fn parse(text: &str, source: &Arc<str>) -> Result<Node, YamlError> {
                         }
                     }
                     let n = Node::new(Value::Map(entries), origin);
+                    nodes += 1;
+                    let start = starts.pop().unwrap_or(0);
                     if anchor > 0 {
                         anchors.insert(anchor, n.clone());
+                        weights.insert(anchor, nodes - start);
                     }
                     n
                 }
@@ -411,6 +451,35 @@ fn quote_str(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn billion_laughs_and_deep_nesting_are_refused() {
+        let mut doc = String::from(
+            "#cloud-config\na: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        for (i, prev) in ["b", "c", "d", "e", "f", "g", "h", "i"]
+            .iter()
+            .zip(["a", "b", "c", "d", "e", "f", "g", "h"])
+        {
+            let refs = vec![format!("*{prev}"); 9].join(",");
+            doc.push_str(&format!("{i}: &{i} [{refs}]\n"));
+        }
+        assert!(doc.len() < 600, "{}", doc.len());
+        let e = parse(&doc, &Arc::from("bomb.yaml")).unwrap_err();
+        assert!(e.message.contains("billion laughs"), "{e}");
+        assert!(e.to_string().starts_with("bomb.yaml:"), "{e}");
+        let deep = format!("a: {}{}\n", "[".repeat(200), "]".repeat(200));
+        let e = parse(&deep, &Arc::from("deep.yaml")).unwrap_err();
+        assert!(e.message.contains("nested"), "{e}");
+        // Ordinary anchors still work.
+        let ok = parse(
+            "base: &b {x: 1}\nuse: *b\nlist: [*b, *b]\n",
+            &Arc::from("ok"),
+        )
+        .unwrap();
+        assert_eq!(ok.to_json()["list"][1]["x"], 1);
+    }
+
     use super::*;
 
     fn p(t: &str) -> Node {

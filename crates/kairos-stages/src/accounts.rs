@@ -1,9 +1,7 @@
 //! The account files of a root (`/etc/passwd`, `group`, `shadow`, `gshadow`), edited as
 //! text so that untouched lines stay byte-for-byte and re-runs change nothing.
 
-use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 
 use kairos_sys::Root;
 
@@ -19,7 +17,7 @@ pub struct Table {
 
 impl Table {
     fn load(root: &Root, path: &'static str, default_mode: u32) -> io::Result<Table> {
-        let (lines, exists) = match fs::read_to_string(root.join(path)) {
+        let (lines, exists) = match root.read_to_string(path) {
             Ok(t) => (t.lines().map(str::to_string).collect(), true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => (Vec::new(), false),
             Err(e) => return Err(e),
@@ -70,16 +68,15 @@ impl Table {
         if self.lines == self.original {
             return Ok(());
         }
-        let path = root.join(self.path);
-        let mode = fs::metadata(&path)
-            .map(|m| m.permissions().mode() & 0o7777)
+        let mode = root
+            .metadata(self.path)
+            .map(|m| m.mode)
             .unwrap_or(self.default_mode);
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)?;
-        }
+        root.create_parents(self.path, 0o755)?;
         let mut text = self.lines.join("\n");
         text.push('\n');
-        kairos_sys::fs::write_file(&path, text.as_bytes(), mode).map(|_| ())
+        root.write_file(self.path, text.as_bytes(), mode)
+            .map(|_| ())
     }
 }
 
@@ -196,6 +193,7 @@ impl Accounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn edits_keep_other_lines() {

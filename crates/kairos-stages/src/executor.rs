@@ -2,7 +2,6 @@
 //! with every failure collected and none stopping the rest.
 
 use std::io::Write;
-use std::path::Path;
 
 use kairos_config::Fetcher;
 use kairos_config::types::Step;
@@ -55,10 +54,6 @@ impl Ctx<'_> {
                 .push(format!("template kept as written ({e}): {text}"));
         }
         out
-    }
-
-    pub fn path(&self, p: impl AsRef<Path>) -> std::path::PathBuf {
-        self.root.join(p)
     }
 }
 
@@ -218,7 +213,7 @@ impl<'a> Executor<'a> {
             let has = |bin: &str| {
                 ["sbin", "bin", "usr/sbin", "usr/bin"]
                     .iter()
-                    .any(|d| self.root.join(d).join(bin).exists())
+                    .any(|d| self.root.exists(std::path::Path::new(d).join(bin)))
             };
             let (systemd, openrc) = (has("systemctl"), has("openrc"));
             let found = match (systemd, openrc) {
@@ -232,7 +227,7 @@ impl<'a> Executor<'a> {
             }
         }
         if let Some(f) = &step.if_files {
-            let exists = |p: &String| self.root.join(ctx.render(p)).exists();
+            let exists = |p: &String| self.root.exists(ctx.render(p));
             if !f.any.is_empty() && !f.any.iter().any(exists) {
                 return Err("if_files: none of `any` exist".into());
             }

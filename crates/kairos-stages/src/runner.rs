@@ -4,11 +4,10 @@
 //! `/usr/local/cloud-config`, then `cloud-init-paths`) as its own graph, then the document at
 //! the cmdline's `kairos.config_url`, then the cmdline's own `stages.…` dot notation.
 
-use std::fs;
 use std::io::Write;
 
 use kairos_config::Fetcher;
-use kairos_config::collect::{display_path, walk_yaml};
+use kairos_config::collect::{read_config, walk_yaml};
 use kairos_sys::Root;
 
 use crate::dag::Graph;
@@ -45,13 +44,15 @@ pub struct Plan {
 }
 
 fn read_file(root: &Root, path: &std::path::Path) -> YipConfig {
-    let shown = display_path(root, path);
-    let loaded = fs::read_to_string(path)
-        .map_err(|e| e.to_string())
-        .and_then(|t| loader::load_text(&t, &shown));
+    let shown = path.display().to_string();
+    let loaded = read_config(root, path).and_then(|t| loader::load_text(&t, &shown));
     loaded.unwrap_or_else(|e| YipConfig {
         name: shown.clone(),
-        problems: vec![format!("{shown}: not read: {e}")],
+        problems: vec![if e.starts_with(&shown) {
+            e
+        } else {
+            format!("{shown}: {e}")
+        }],
         ..Default::default()
     })
 }
@@ -77,22 +78,17 @@ impl StageRun<'_> {
         // Install media: the ISO's embedded cloud-config applies to the live system, first
         // (lowest priority), only where a live medium is mounted.
         let live = Some(LIVE_MEDIUM)
-            .filter(|p| self.root.join(p).is_dir())
+            .filter(|p| self.root.is_dir(p))
             .map(str::to_string);
         let paths = live
             .into_iter()
             .chain(STAGE_PATHS.iter().map(|s| s.to_string()))
             .chain(self.extra_paths.iter().cloned());
         for p in paths {
-            let full = self.root.join(&p);
-            if self.root.is_host() && !full.exists() {
-                let _ = fs::create_dir_all(&full);
+            if self.root.is_host() && !self.root.exists(&p) {
+                let _ = self.root.create_dir_all(&p, 0o755);
             }
-            let files = if full.is_file() {
-                vec![full.clone()]
-            } else {
-                walk_yaml(&full)
-            };
+            let files = walk_yaml(&self.root, std::path::Path::new(&p));
             out.push(Source {
                 name: p.clone(),
                 configs: files.iter().map(|f| read_file(&self.root, f)).collect(),

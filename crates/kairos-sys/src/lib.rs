@@ -3,6 +3,7 @@
 //! Code elsewhere takes a [`Root`] and goes through this crate, so that the same logic runs
 //! against the live system (`/`) or a target tree (an install target, a test's temp dir).
 
+pub mod beneath;
 pub mod blockdev;
 pub mod exec;
 pub mod fs;

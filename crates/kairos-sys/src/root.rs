@@ -1,6 +1,10 @@
 //! The target root: where absolute paths of a config land.
 
+use std::ffi::OsString;
+use std::io;
 use std::path::{Component, Path, PathBuf};
+
+use crate::beneath::{Dir, Kind, Meta};
 
 /// A filesystem tree that absolute paths are resolved under.
 ///
@@ -37,10 +41,11 @@ impl Root {
         &self.path
     }
 
-    /// Resolves `p` (absolute as written in a config, or relative) under the root.
+    /// The host path `p` would have if nothing in it were a symlink: for messages and for
+    /// arguments of external commands only. File operations go through the methods below,
+    /// which resolve `p` beneath the root by descriptor ([`crate::beneath`]).
     ///
-    /// `..` components are dropped rather than followed: a config must not reach out of
-    /// its target tree.
+    /// `..` components are dropped rather than followed.
     pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
         let mut out = self.path.clone();
         for c in p.as_ref().components() {
@@ -49,6 +54,88 @@ impl Root {
             }
         }
         out
+    }
+}
+
+/// File operations on paths as a config writes them (`/etc/hostname`), resolved beneath the
+/// root: symlinks in the tree (`etc -> /elsewhere`, `rel -> ../../..`) cannot lead out of it.
+impl Root {
+    /// The root opened for beneath-root operations.
+    pub fn dir(&self) -> io::Result<Dir> {
+        Dir::open(&self.path)
+    }
+
+    pub fn read_to_string(&self, p: impl AsRef<Path>) -> io::Result<String> {
+        self.dir()?.read_to_string(p.as_ref())
+    }
+
+    pub fn read(&self, p: impl AsRef<Path>) -> io::Result<Vec<u8>> {
+        self.dir()?.read(p.as_ref())
+    }
+
+    /// Atomic write with `mode`; `false` when nothing had to change. Parents must exist.
+    pub fn write_file(&self, p: impl AsRef<Path>, data: &[u8], mode: u32) -> io::Result<bool> {
+        self.dir()?.write_file(p.as_ref(), data, mode)
+    }
+
+    /// Creates missing directories with `mode`; returns those it created (root-relative).
+    pub fn create_dir_all(&self, p: impl AsRef<Path>, mode: u32) -> io::Result<Vec<PathBuf>> {
+        self.dir()?.create_dir_all(p.as_ref(), mode)
+    }
+
+    /// Creates the parent directories of `p` with `mode`; returns those it created.
+    pub fn create_parents(&self, p: impl AsRef<Path>, mode: u32) -> io::Result<Vec<PathBuf>> {
+        match crate::beneath::normalize(p.as_ref()).parent() {
+            Some(parent) => self.create_dir_all(parent, mode),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    pub fn set_mode(&self, p: impl AsRef<Path>, mode: u32) -> io::Result<()> {
+        self.dir()?.set_mode(p.as_ref(), mode)
+    }
+
+    pub fn set_owner(
+        &self,
+        p: impl AsRef<Path>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> io::Result<()> {
+        self.dir()?.set_owner(p.as_ref(), uid, gid)
+    }
+
+    /// What `p` resolves to inside the root.
+    pub fn metadata(&self, p: impl AsRef<Path>) -> io::Result<Meta> {
+        self.dir()?.metadata(p.as_ref())
+    }
+
+    /// `p` itself (a final symlink not followed).
+    pub fn symlink_metadata(&self, p: impl AsRef<Path>) -> io::Result<Meta> {
+        self.dir()?.symlink_metadata(p.as_ref())
+    }
+
+    pub fn exists(&self, p: impl AsRef<Path>) -> bool {
+        self.metadata(p).is_ok()
+    }
+
+    pub fn is_dir(&self, p: impl AsRef<Path>) -> bool {
+        self.metadata(p).is_ok_and(|m| m.kind == Kind::Dir)
+    }
+
+    pub fn symlink(&self, target: impl AsRef<Path>, p: impl AsRef<Path>) -> io::Result<()> {
+        self.dir()?.symlink(target.as_ref(), p.as_ref())
+    }
+
+    pub fn read_link(&self, p: impl AsRef<Path>) -> io::Result<PathBuf> {
+        self.dir()?.read_link(p.as_ref())
+    }
+
+    pub fn remove_file(&self, p: impl AsRef<Path>) -> io::Result<()> {
+        self.dir()?.remove_file(p.as_ref())
+    }
+
+    pub fn read_dir(&self, p: impl AsRef<Path>) -> io::Result<Vec<(OsString, Kind)>> {
+        self.dir()?.read_dir(p.as_ref())
     }
 }
 

@@ -4,7 +4,6 @@ use std::path::Path;
 
 use base64::Engine;
 use kairos_config::types::{Directory, Download, StepFile};
-use kairos_sys::fs as sysfs;
 
 use crate::executor::Ctx;
 
@@ -40,72 +39,88 @@ pub fn decode(content: &str, encoding: Option<&str>) -> Result<Vec<u8>, String> 
     }
 }
 
-fn ensure_parent(path: &Path, mode: u32, owner: (Option<u32>, Option<u32>)) -> Result<(), String> {
-    let Some(parent) = path.parent() else {
-        return Ok(());
-    };
-    if parent.is_dir() {
-        return Ok(());
-    }
-    let mut missing = Vec::new();
-    let mut p = parent;
-    while !p.exists() {
-        missing.push(p.to_path_buf());
-        match p.parent() {
-            Some(pp) => p = pp,
-            None => break,
-        }
-    }
-    sysfs::create_dir_all(parent, mode)
-        .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    for d in missing {
-        sysfs::set_owner(&d, owner.0, owner.1)
-            .map_err(|e| format!("chown {}: {e}", d.display()))?;
+/// Creates the missing parents of `path` with `mode`; only the directories made here get
+/// the owner.
+fn ensure_parent(
+    ctx: &Ctx,
+    path: &Path,
+    mode: u32,
+    owner: (Option<u32>, Option<u32>),
+) -> Result<(), String> {
+    let made = ctx
+        .root
+        .create_parents(path, mode)
+        .map_err(|e| format!("creating the directories of {}: {e}", path.display()))?;
+    for d in made {
+        ctx.root
+            .set_owner(&d, owner.0, owner.1)
+            .map_err(|e| format!("chown /{}: {e}", d.display()))?;
     }
     Ok(())
+}
+
+/// Writes a file with parents, mode and owner, all beneath the root.
+fn put(
+    ctx: &Ctx,
+    path: &Path,
+    content: &[u8],
+    mode: u32,
+    owner: (Option<u32>, Option<u32>),
+) -> Result<(), String> {
+    let shown = path.display();
+    ensure_parent(ctx, path, dir_mode_for(mode), owner)?;
+    ctx.root
+        .write_file(path, content, mode)
+        .map_err(|e| format!("writing {shown}: {e}"))?;
+    ctx.root
+        .set_owner(path, owner.0, owner.1)
+        .map_err(|e| format!("chown {shown}: {e}"))
 }
 
 pub fn file(ctx: &Ctx, f: &StepFile) -> Result<(), String> {
     if f.path.is_empty() {
         return Err("a file needs a `path`".into());
     }
-    let path = ctx.path(&f.path);
     let mode = mode_or(f.permissions.0, 0o644);
     let owner = super::owner(ctx, f.ownerstring.as_deref(), f.owner, f.group)?;
     let content = decode(&ctx.render(&f.content), f.encoding.as_deref())
         .map_err(|e| format!("{}: {e}", f.path))?;
-    ensure_parent(&path, dir_mode_for(mode), owner).map_err(|e| format!("{}: {e}", f.path))?;
-    sysfs::write_file(&path, &content, mode).map_err(|e| format!("writing {}: {e}", f.path))?;
-    sysfs::set_owner(&path, owner.0, owner.1).map_err(|e| format!("chown {}: {e}", f.path))
+    put(ctx, Path::new(&f.path), &content, mode, owner)
 }
 
 pub fn directory(ctx: &Ctx, d: &Directory) -> Result<(), String> {
     if d.path.is_empty() {
         return Err("a directory needs a `path`".into());
     }
-    let path = ctx.path(&d.path);
+    let path = Path::new(&d.path);
     let mode = mode_or(d.permissions.0, 0o755);
     let owner = super::owner(ctx, None, d.owner, d.group)?;
-    if path.exists() && !path.is_dir() {
+    if ctx.root.exists(path) && !ctx.root.is_dir(path) {
         return Err(format!("{} exists and is not a directory", d.path));
     }
-    ensure_parent(&path, mode, owner).map_err(|e| format!("{}: {e}", d.path))?;
-    sysfs::create_dir_all(&path, mode).map_err(|e| format!("creating {}: {e}", d.path))?;
-    sysfs::set_mode(&path, mode).map_err(|e| format!("chmod {}: {e}", d.path))?;
-    sysfs::set_owner(&path, owner.0, owner.1).map_err(|e| format!("chown {}: {e}", d.path))
+    ensure_parent(ctx, path, mode, owner)?;
+    ctx.root
+        .create_dir_all(path, mode)
+        .map_err(|e| format!("creating {}: {e}", d.path))?;
+    ctx.root
+        .set_mode(path, mode)
+        .map_err(|e| format!("chmod {}: {e}", d.path))?;
+    ctx.root
+        .set_owner(path, owner.0, owner.1)
+        .map_err(|e| format!("chown {}: {e}", d.path))
 }
 
 pub fn download(ctx: &Ctx, d: &Download) -> Result<(), String> {
     if d.url.is_empty() || d.path.is_empty() {
         return Err("a download needs `url` and `path`".into());
     }
-    let mut path = ctx.path(&d.path);
-    if path.is_dir() || d.path.ends_with('/') {
+    let mut path = std::path::PathBuf::from(&d.path);
+    if ctx.root.is_dir(&path) || d.path.ends_with('/') {
         let name = d
             .url
             .rsplit('/')
             .next()
-            .filter(|n| !n.is_empty())
+            .filter(|n| !n.is_empty() && *n != "." && *n != "..")
             .unwrap_or("index.html");
         path = path.join(name);
     }
@@ -115,10 +130,7 @@ pub fn download(ctx: &Ctx, d: &Download) -> Result<(), String> {
         .map_err(|e| format!("downloading {}: {e}", d.url))?;
     let mode = mode_or(d.permissions.0, 0o644);
     let owner = super::owner(ctx, d.ownerstring.as_deref(), d.owner, d.group)?;
-    ensure_parent(&path, dir_mode_for(mode), owner)?;
-    sysfs::write_file(&path, &body, mode)
-        .map_err(|e| format!("writing {}: {e}", path.display()))?;
-    sysfs::set_owner(&path, owner.0, owner.1).map_err(|e| format!("chown {}: {e}", path.display()))
+    put(ctx, &path, &body, mode, owner)
 }
 
 #[cfg(test)]

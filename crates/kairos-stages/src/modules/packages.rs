@@ -102,13 +102,12 @@ pub fn pins(ctx: &Ctx, pins: &BTreeMap<String, Text>) -> Result<(), String> {
                     v.0
                 ));
             }
-            let p = ctx.path("etc/apt/preferences.d/99-yip-pins");
-            if let Some(parent) = p.parent() {
-                kairos_sys::fs::create_dir_all(parent, 0o755).map_err(|e| e.to_string())?;
-            }
-            kairos_sys::fs::write_file(&p, out.as_bytes(), 0o644)
+            let p = "etc/apt/preferences.d/99-yip-pins";
+            ctx.root
+                .create_parents(p, 0o755)
+                .and_then(|_| ctx.root.write_file(p, out.as_bytes(), 0o644))
                 .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(|e| format!("writing /{p}: {e}"))
         }
         other => Err(format!(
             "package_pins is not supported yet for {other}-based distributions"

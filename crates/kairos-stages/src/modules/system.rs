@@ -4,20 +4,27 @@
 //! that make the same thing happen at its next boot.
 
 use std::collections::BTreeMap;
-use std::fs;
 
 use kairos_config::types::{Dns, Text};
-use kairos_sys::fs as sysfs;
 
 use crate::executor::Ctx;
 
 fn write(ctx: &Ctx, path: &str, text: &str, mode: u32) -> Result<(), String> {
-    let p = ctx.path(path);
-    if let Some(parent) = p.parent() {
-        sysfs::create_dir_all(parent, 0o755)
-            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    }
-    sysfs::write_file(&p, text.as_bytes(), mode)
+    write_with_parents(ctx, path, text, mode, 0o755)
+}
+
+fn write_with_parents(
+    ctx: &Ctx,
+    path: &str,
+    text: &str,
+    mode: u32,
+    dir_mode: u32,
+) -> Result<(), String> {
+    ctx.root
+        .create_parents(path, dir_mode)
+        .map_err(|e| format!("creating the directories of {path}: {e}"))?;
+    ctx.root
+        .write_file(path, text.as_bytes(), mode)
         .map(|_| ())
         .map_err(|e| format!("writing {path}: {e}"))
 }
@@ -49,11 +56,12 @@ pub fn hostname(ctx: &Ctx, h: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("hostname is empty after templating".into());
     }
+    kairos_config::names::hostname(&name)?;
     if ctx.root.is_host() {
         kairos_sys::host::set_hostname(&name).map_err(|e| format!("sethostname {name}: {e}"))?;
     }
     write(ctx, "/etc/hostname", &format!("{name}\n"), 0o644)?;
-    let hosts = fs::read_to_string(ctx.path("etc/hosts")).unwrap_or_default();
+    let hosts = ctx.root.read_to_string("etc/hosts").unwrap_or_default();
     let wanted = format!("127.0.0.1 localhost {name}");
     let mut found = false;
     let mut lines: Vec<String> = hosts
@@ -82,7 +90,7 @@ fn merge_kv_file(
     kv: &BTreeMap<String, String>,
 ) -> Result<(), String> {
     let mut all: BTreeMap<String, String> = BTreeMap::new();
-    if let Ok(t) = fs::read_to_string(ctx.path(path)) {
+    if let Ok(t) = ctx.root.read_to_string(path) {
         for l in t.lines() {
             if let Some((k, v)) = l.split_once('=') {
                 all.insert(k.trim().to_string(), v.trim().to_string());
@@ -101,8 +109,13 @@ pub fn sysctl(ctx: &Ctx, kv: &BTreeMap<String, Text>) -> Result<(), String> {
     if ctx.root.is_host() {
         let mut errs = Vec::new();
         for (k, v) in kv {
+            // A validated key is relative, with no `..`: it stays under /proc/sys.
+            if let Err(e) = kairos_config::names::sysctl_key(k) {
+                errs.push(e);
+                continue;
+            }
             let p = std::path::Path::new("/proc/sys").join(k.replace('.', "/"));
-            if let Err(e) = fs::write(&p, &v.0) {
+            if let Err(e) = std::fs::write(&p, &v.0) {
                 errs.push(format!("{k}: writing {}: {e}", p.display()));
             }
         }
@@ -111,6 +124,9 @@ pub fn sysctl(ctx: &Ctx, kv: &BTreeMap<String, Text>) -> Result<(), String> {
         } else {
             Err(errs.join("; "))
         };
+    }
+    for k in kv.keys() {
+        kairos_config::names::sysctl_key(k)?;
     }
     let kv = kv.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
     merge_kv_file(ctx, "/etc/sysctl.d/90-kairos.conf", "", " = ", &kv)
@@ -189,8 +205,7 @@ pub fn environment(
     file: Option<&str>,
 ) -> Result<(), String> {
     let path = file.filter(|f| !f.is_empty()).unwrap_or("/etc/environment");
-    let p = ctx.path(path);
-    let mut env = parse_dotenv(&fs::read_to_string(&p).unwrap_or_default());
+    let mut env = parse_dotenv(&ctx.root.read_to_string(path).unwrap_or_default());
     for (k, v) in kv {
         env.insert(k.clone(), ctx.render(&v.0));
     }
@@ -202,15 +217,7 @@ pub fn environment(
             out.push_str(&format!("{k}=\"{}\"\n", v.replace('"', "\\\"")));
         }
     }
-    if let Some(parent) = p.parent()
-        && !parent.exists()
-    {
-        sysfs::create_dir_all(parent, 0o744)
-            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    }
-    sysfs::write_file(&p, out.as_bytes(), 0o644)
-        .map(|_| ())
-        .map_err(|e| format!("writing {path}: {e}"))
+    write_with_parents(ctx, path, &out, 0o644, 0o744)
 }
 
 pub fn systemd_firstboot(ctx: &Ctx, kv: &BTreeMap<String, Text>) -> Result<(), String> {

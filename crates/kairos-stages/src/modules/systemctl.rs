@@ -2,12 +2,11 @@
 //! what `systemctl --root` does — unit symlinks from the `[Install]` section — without
 //! needing systemd on the machine doing the work.
 
-use std::fs;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 use kairos_config::types::Systemctl;
-use kairos_sys::fs as sysfs;
+use kairos_sys::Root;
+use kairos_sys::beneath::Kind;
 
 use crate::executor::Ctx;
 
@@ -17,6 +16,22 @@ const UNIT_DIRS: &[&str] = &[
     "lib/systemd/system",
     "usr/local/lib/systemd/system",
 ];
+
+/// A unit name as systemd accepts it: one path component of `A-Z a-z 0-9 : _ . \ @ -`.
+fn check_unit(u: &str) -> Result<(), String> {
+    if u.is_empty()
+        || u.len() > 255
+        || u.starts_with('.')
+        || !u
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":_.\\@-".contains(&b))
+    {
+        return Err(format!(
+            "{u:?} is not a unit name (letters, digits and `:_.\\@-`, no `/`)"
+        ));
+    }
+    Ok(())
+}
 
 fn unit_name(u: &str) -> String {
     if u.contains('.') {
@@ -38,10 +53,10 @@ fn template_of(unit: &str) -> (String, Option<String>) {
 }
 
 /// Finds a unit file under the root; returns (path inside the root as seen at boot, real path).
-fn find_unit(root: &Path, unit: &str) -> Option<(String, PathBuf)> {
+fn find_unit(root: &Root, unit: &str) -> Option<(String, PathBuf)> {
     UNIT_DIRS.iter().find_map(|d| {
-        let p = root.join(d).join(unit);
-        p.exists().then(|| (format!("/{d}/{unit}"), p))
+        let p = Path::new(d).join(unit);
+        root.exists(&p).then(|| (format!("/{d}/{unit}"), p))
     })
 }
 
@@ -81,27 +96,30 @@ fn parse_install(text: &str) -> Install {
     i
 }
 
-fn link(target: &str, at: &Path) -> Result<(), String> {
-    if let Ok(existing) = fs::read_link(at) {
-        if existing == Path::new(target) {
-            return Ok(());
-        }
-        fs::remove_file(at).map_err(|e| format!("replacing {}: {e}", at.display()))?;
+/// A symlink `at` (in /etc/systemd/system) to `target`, beneath the root.
+fn link(root: &Root, target: &str, at: &Path) -> Result<(), String> {
+    if root
+        .read_link(at)
+        .is_ok_and(|existing| existing == Path::new(target))
+    {
+        return Ok(());
     }
-    if let Some(parent) = at.parent() {
-        sysfs::create_dir_all(parent, 0o755)
-            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    }
-    symlink(target, at).map_err(|e| format!("linking {} → {target}: {e}", at.display()))
+    root.create_parents(at, 0o755)
+        .map_err(|e| format!("creating the directories of /{}: {e}", at.display()))?;
+    root.symlink(target, at)
+        .map_err(|e| format!("linking /{} → {target}: {e}", at.display()))
 }
 
-fn enable_offline(root: &Path, unit: &str, depth: usize) -> Result<(), String> {
+fn enable_offline(root: &Root, unit: &str, depth: usize) -> Result<(), String> {
+    check_unit(unit)?;
     let (template, instance) = template_of(unit);
     let (boot_path, real) = find_unit(root, unit)
         .or_else(|| find_unit(root, &template))
         .ok_or_else(|| format!("unit {unit} not found under {}", UNIT_DIRS.join(", ")))?;
     let inst = parse_install(
-        &fs::read_to_string(&real).map_err(|e| format!("reading {}: {e}", real.display()))?,
+        &root
+            .read_to_string(&real)
+            .map_err(|e| format!("reading /{}: {e}", real.display()))?,
     );
     let instance = instance.or(inst.default_instance.clone());
     let linked_name = match (&instance, unit == template) {
@@ -117,21 +135,32 @@ fn enable_offline(root: &Path, unit: &str, depth: usize) -> Result<(), String> {
             "unit {unit} has no [Install] section, so it cannot be enabled (it is static)"
         ));
     }
-    let etc = root.join("etc/systemd/system");
+    let etc = Path::new("etc/systemd/system");
+    // Names from the unit file are checked like names from the config.
+    for t in inst
+        .wanted_by
+        .iter()
+        .chain(&inst.required_by)
+        .chain(&inst.alias)
+    {
+        check_unit(t).map_err(|e| format!("{real:?} [Install]: {e}"))?;
+    }
     for t in &inst.wanted_by {
         link(
+            root,
             &boot_path,
             &etc.join(format!("{t}.wants")).join(&linked_name),
         )?;
     }
     for t in &inst.required_by {
         link(
+            root,
             &boot_path,
             &etc.join(format!("{t}.requires")).join(&linked_name),
         )?;
     }
     for a in &inst.alias {
-        link(&boot_path, &etc.join(a))?;
+        link(root, &boot_path, &etc.join(a))?;
     }
     if depth < 4 {
         for also in &inst.also {
@@ -142,25 +171,26 @@ fn enable_offline(root: &Path, unit: &str, depth: usize) -> Result<(), String> {
 }
 
 /// Removes every `*.wants`/`*.requires` link and alias to `unit` under /etc/systemd/system.
-fn disable_offline(root: &Path, unit: &str) -> Result<(), String> {
-    let etc = root.join("etc/systemd/system");
-    let Ok(rd) = fs::read_dir(&etc) else {
+fn disable_offline(root: &Root, unit: &str) -> Result<(), String> {
+    check_unit(unit)?;
+    let etc = Path::new("etc/systemd/system");
+    let Ok(rd) = root.read_dir(etc) else {
         return Ok(());
     };
-    for e in rd.flatten() {
-        let p = e.path();
-        let is_dep_dir = p.is_dir()
+    for (name, kind) in rd {
+        let p = etc.join(&name);
+        let is_dep_dir = kind == Kind::Dir
             && p.extension()
                 .is_some_and(|x| x == "wants" || x == "requires");
         let candidates: Vec<PathBuf> = if is_dep_dir {
-            fs::read_dir(&p)
-                .map(|r| r.flatten().map(|e| e.path()).collect())
+            root.read_dir(&p)
+                .map(|r| r.into_iter().map(|(n, _)| p.join(n)).collect())
                 .unwrap_or_default()
         } else {
             vec![p.clone()]
         };
         for c in candidates {
-            let Ok(target) = fs::read_link(&c) else {
+            let Ok(target) = root.read_link(&c) else {
                 continue;
             };
             let points_at_unit = target
@@ -170,7 +200,8 @@ fn disable_offline(root: &Path, unit: &str) -> Result<(), String> {
             if (is_dep_dir && named_unit)
                 || (!is_dep_dir && points_at_unit && target != Path::new("/dev/null"))
             {
-                fs::remove_file(&c).map_err(|e| format!("removing {}: {e}", c.display()))?;
+                root.remove_file(&c)
+                    .map_err(|e| format!("removing /{}: {e}", c.display()))?;
             }
         }
     }
@@ -192,7 +223,7 @@ fn override_path(service: &str, name: Option<&str>) -> String {
 pub fn apply(ctx: &Ctx, s: &Systemctl) -> Result<(), String> {
     let mut errs = Vec::new();
     let live = ctx.root.is_host() && kairos_sys::host::systemd_running();
-    let root = ctx.root.path();
+    let root = ctx.root;
     for (verb, units) in [
         ("enable", &s.enable),
         ("disable", &s.disable),
@@ -208,7 +239,13 @@ pub fn apply(ctx: &Ctx, s: &Systemctl) -> Result<(), String> {
                 match verb {
                     "enable" => enable_offline(root, &unit, 0),
                     "disable" => disable_offline(root, &unit),
-                    "mask" => link("/dev/null", &root.join("etc/systemd/system").join(&unit)),
+                    "mask" => check_unit(&unit).and_then(|()| {
+                        link(
+                            root,
+                            "/dev/null",
+                            &Path::new("etc/systemd/system").join(&unit),
+                        )
+                    }),
                     // Nothing runs in an offline root; enabling is how it starts at boot.
                     _ => Ok(()),
                 }
@@ -222,12 +259,15 @@ pub fn apply(ctx: &Ctx, s: &Systemctl) -> Result<(), String> {
         if o.service.is_empty() || o.content.is_empty() {
             continue;
         }
+        if let Err(e) = check_unit(&unit_name(&o.service)) {
+            errs.push(format!("override: {e}"));
+            continue;
+        }
         let path = override_path(&o.service, o.name.as_deref());
-        let p = ctx.path(&path);
-        let r = p
-            .parent()
-            .map_or(Ok(()), |d| sysfs::create_dir_all(d, 0o755))
-            .and_then(|_| sysfs::write_file(&p, ctx.render(&o.content).as_bytes(), 0o644));
+        let r = ctx.root.create_parents(&path, 0o755).and_then(|_| {
+            ctx.root
+                .write_file(&path, ctx.render(&o.content).as_bytes(), 0o644)
+        });
         if let Err(e) = r {
             errs.push(format!("override {path}: {e}"));
         }
@@ -245,6 +285,7 @@ pub fn apply(ctx: &Ctx, s: &Systemctl) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn names() {
@@ -266,6 +307,7 @@ mod tests {
     #[test]
     fn enable_disable_mask_offline() {
         let d = tempfile::tempdir().unwrap();
+        let root = Root::new(d.path());
         let lib = d.path().join("usr/lib/systemd/system");
         fs::create_dir_all(&lib).unwrap();
         fs::write(
@@ -278,9 +320,9 @@ mod tests {
             "[Install]\nWantedBy=multi-user.target\nAlias=b.service\n",
         )
         .unwrap();
-        enable_offline(d.path(), "getty@tty1.service", 0).unwrap();
-        enable_offline(d.path(), "a.service", 0).unwrap();
-        enable_offline(d.path(), "a.service", 0).unwrap();
+        enable_offline(&root, "getty@tty1.service", 0).unwrap();
+        enable_offline(&root, "a.service", 0).unwrap();
+        enable_offline(&root, "a.service", 0).unwrap();
         let etc = d.path().join("etc/systemd/system");
         assert_eq!(
             fs::read_link(etc.join("getty.target.wants/getty@tty1.service")).unwrap(),
@@ -290,11 +332,11 @@ mod tests {
             fs::read_link(etc.join("b.service")).unwrap(),
             Path::new("/usr/lib/systemd/system/a.service")
         );
-        disable_offline(d.path(), "a.service").unwrap();
+        disable_offline(&root, "a.service").unwrap();
         assert!(!etc.join("multi-user.target.wants/a.service").exists());
         assert!(fs::symlink_metadata(etc.join("b.service")).is_err());
         assert!(
-            enable_offline(d.path(), "missing.service", 0)
+            enable_offline(&root, "missing.service", 0)
                 .unwrap_err()
                 .contains("not found")
         );

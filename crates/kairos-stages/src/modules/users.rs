@@ -2,10 +2,10 @@
 //! under the root, never through `useradd`, so they work on any target tree.
 
 use std::collections::BTreeMap;
-use std::fs;
+use std::path::Path;
 
+use kairos_config::names;
 use kairos_config::types::{Entity, StepUser};
-use kairos_sys::fs as sysfs;
 use serde_json::Value as Json;
 
 use crate::accounts::Accounts;
@@ -58,7 +58,8 @@ fn new_shadow_entry(name: &str) -> Vec<String> {
 }
 
 fn default_shell(ctx: &Ctx) -> String {
-    fs::read_to_string(ctx.path("etc/default/useradd"))
+    ctx.root
+        .read_to_string("etc/default/useradd")
         .ok()
         .and_then(|t| {
             t.lines().find_map(|l| {
@@ -88,14 +89,16 @@ pub fn users(ctx: &Ctx, users: &BTreeMap<String, StepUser>) -> Result<(), String
             )
         })
         .collect();
+    let mut valid = Vec::new();
     for (name, u) in &named {
-        if let Err(e) = user(ctx, &mut acc, name, u, &mut homes) {
-            errs.push(format!("user {name}: {e}"));
+        match check_user(name, u).and_then(|()| user(ctx, &mut acc, name, u, &mut homes)) {
+            Ok(()) => valid.push((name, u)),
+            Err(e) => errs.push(format!("user {name}: {e}")),
         }
     }
     // Supplementary groups come after every user, so user ids stay dense (1000, 1001, …)
     // and missing groups take the next free ids.
-    for (name, u) in &named {
+    for (name, u) in valid {
         for g in &u.groups.0 {
             acc.ensure_group(g, None);
             acc.add_member(g, name);
@@ -104,10 +107,17 @@ pub fn users(ctx: &Ctx, users: &BTreeMap<String, StepUser>) -> Result<(), String
     acc.save(ctx.root)
         .map_err(|e| format!("writing account files: {e}"))?;
     for (home, uid, gid) in homes {
-        let p = ctx.path(&home);
-        if let Err(e) = sysfs::create_dir_all(&p, 0o755)
-            .and_then(|_| sysfs::set_owner(&p, Some(uid), Some(gid)))
-        {
+        // Only a home this step creates is given to the user: an existing directory (`/`,
+        // `/root`, another user's home) keeps its owner.
+        let made = ctx.root.create_dir_all(&home, 0o755).and_then(|made| {
+            if made.last().map(|p| p.as_path())
+                == Some(kairos_sys::beneath::normalize(Path::new(&home)).as_path())
+            {
+                ctx.root.set_owner(&home, Some(uid), Some(gid))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = made {
             errs.push(format!("creating home {home}: {e}"));
         }
     }
@@ -123,6 +133,28 @@ pub fn users(ctx: &Ctx, users: &BTreeMap<String, StepUser>) -> Result<(), String
     } else {
         Err(errs.join("; "))
     }
+}
+
+/// Refuses names and fields that would corrupt or inject lines into the account files.
+fn check_user(name: &str, u: &StepUser) -> Result<(), String> {
+    names::account_name("user", name)?;
+    if let Some(h) = u.homedir.as_deref().filter(|h| !h.is_empty()) {
+        names::homedir(h)?;
+    }
+    for (what, v) in [
+        ("gecos", u.gecos.as_deref()),
+        ("shell", u.shell.as_deref()),
+        ("passwd", u.passwd.as_deref()),
+    ] {
+        names::field(what, v.unwrap_or_default())?;
+    }
+    if let Some(g) = u.primary_group.as_deref().filter(|g| !g.is_empty()) {
+        names::account_name("primary_group", g)?;
+    }
+    for g in &u.groups.0 {
+        names::account_name("group", g)?;
+    }
+    Ok(())
 }
 
 fn user(
@@ -143,13 +175,10 @@ fn user(
             Some(t) => t
                 .parse::<u32>()
                 .map_err(|_| format!("uid {t:?} is not a number"))?,
-            None => {
-                use std::os::unix::fs::MetadataExt;
-                match fs::metadata(ctx.path(&home)) {
-                    Ok(m) if m.uid() != 0 => m.uid(),
-                    _ => acc.free_id(if u.system.0 { 100 } else { 1000 }),
-                }
-            }
+            None => match ctx.root.metadata(&home) {
+                Ok(m) if m.uid != 0 => m.uid,
+                _ => acc.free_id(if u.system.0 { 100 } else { 1000 }),
+            },
         };
         let group_name = u
             .primary_group
@@ -229,9 +258,9 @@ pub fn authorized_keys(ctx: &Ctx, user: &str, keys: &[String]) -> Result<(), Str
         .ok_or_else(|| format!("authorized_keys: user {user:?} does not exist"))?;
     let (uid, gid) = (f[2].parse().ok(), f[3].parse().ok());
     let home = f.get(5).cloned().unwrap_or_default();
-    let ssh = ctx.path(&home).join(".ssh");
+    let ssh = Path::new(&home).join(".ssh");
     let path = ssh.join("authorized_keys");
-    let mut text = fs::read_to_string(&path).unwrap_or_default();
+    let mut text = ctx.root.read_to_string(&path).unwrap_or_default();
     let mut errs = Vec::new();
     for k in keys {
         match resolve_key(ctx, k) {
@@ -249,12 +278,21 @@ pub fn authorized_keys(ctx: &Ctx, user: &str, keys: &[String]) -> Result<(), Str
             Err(e) => errs.push(e),
         }
     }
+    // The user's own `.ssh` (made now, or in a home the user owns) is theirs; in a home
+    // that belongs to someone else (`homedir: /root`) nothing is chowned to the user.
+    let owns_home = ctx.root.metadata(&home).is_ok_and(|m| Some(m.uid) == uid);
     let write = || -> std::io::Result<()> {
-        sysfs::create_dir_all(&ssh, 0o700)?;
-        sysfs::set_mode(&ssh, 0o700)?;
-        sysfs::set_owner(&ssh, uid, gid)?;
-        sysfs::write_file(&path, text.as_bytes(), 0o600)?;
-        sysfs::set_owner(&path, uid, gid)
+        let made = ctx.root.create_dir_all(&ssh, 0o700)?;
+        let ours = owns_home || !made.is_empty();
+        ctx.root.set_mode(&ssh, 0o700)?;
+        if ours {
+            ctx.root.set_owner(&ssh, uid, gid)?;
+        }
+        ctx.root.write_file(&path, text.as_bytes(), 0o600)?;
+        if ours {
+            ctx.root.set_owner(&path, uid, gid)?;
+        }
+        Ok(())
     };
     write().map_err(|e| format!("writing {}: {e}", path.display()))?;
     if errs.is_empty() {
@@ -328,8 +366,12 @@ fn entity_line(e: &Json) -> Result<(String, &'static str, String), String> {
                 format!("unknown entity kind {kind:?} (expected user, group, shadow or gshadow)")
             })?;
     let name = field(name_key);
+    names::account_name(kind.as_str(), &name)?;
     let mut parts = vec![name.clone()];
     parts.extend(fields.iter().map(|f| field(f)));
+    for (key, value) in fields.iter().zip(&parts[1..]) {
+        names::field(key, value)?;
+    }
     Ok((name, path, parts.join(":")))
 }
 
@@ -341,13 +383,12 @@ pub fn entity(ctx: &Ctx, e: &Entity, ensure: bool) -> Result<(), String> {
     if name.is_empty() {
         return Err("entity has no name".into());
     }
-    let path = ctx.path(
-        e.path
-            .as_deref()
-            .filter(|p| !p.is_empty())
-            .unwrap_or(default_path),
-    );
-    let text = fs::read_to_string(&path).unwrap_or_default();
+    let path = e
+        .path
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .unwrap_or(default_path);
+    let text = ctx.root.read_to_string(path).unwrap_or_default();
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     let pos = lines
         .iter()
@@ -364,17 +405,14 @@ pub fn entity(ctx: &Ctx, e: &Entity, ensure: bool) -> Result<(), String> {
     if !out.is_empty() {
         out.push('\n');
     }
-    use std::os::unix::fs::PermissionsExt;
-    let mode = fs::metadata(&path)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o644);
-    if let Some(parent) = path.parent() {
-        sysfs::create_dir_all(parent, 0o755)
-            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    }
-    sysfs::write_file(&path, out.as_bytes(), mode)
+    let mode = ctx.root.metadata(path).map(|m| m.mode).unwrap_or(0o644);
+    ctx.root
+        .create_parents(path, 0o755)
+        .map_err(|e| format!("creating the directories of {path}: {e}"))?;
+    ctx.root
+        .write_file(path, out.as_bytes(), mode)
         .map(|_| ())
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+        .map_err(|e| format!("writing {path}: {e}"))
 }
 
 #[cfg(test)]
