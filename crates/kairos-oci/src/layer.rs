@@ -7,6 +7,7 @@ use std::fs;
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
+use kairos_sys::beneath::{self, Dir, Kind, NodeKind};
 use sha2::Digest;
 
 use crate::Error;
@@ -40,6 +41,8 @@ pub fn open_layer(path: &Path) -> Result<Box<dyn Read>, Error> {
     })
 }
 
+/// A tar entry's path as components below the layer root; `None` for an absolute path or one
+/// with `..` (a layer has no business naming either).
 fn safe_rel(p: &Path) -> Option<PathBuf> {
     let mut out = PathBuf::new();
     for c in p.components() {
@@ -52,25 +55,40 @@ fn safe_rel(p: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
-/// Unpacks a layer into `dest` (which should be empty), converting OCI whiteouts. Returns the
-/// sha256 of the uncompressed tar (the diff_id), so the caller can verify it.
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg.into())
+}
+
+/// Unpacks a layer into `dest` (which should be empty; it is made 0700 if missing, so device
+/// nodes from the layer cannot be opened by other local users while it exists), converting
+/// OCI whiteouts to overlayfs form. Returns the sha256 of the uncompressed tar (the diff_id),
+/// so the caller can verify it.
+///
+/// Every entry is written beneath `dest` by descriptor ([`kairos_sys::beneath`]): a symlink
+/// in the layer (`esc -> /some/dir`) is followed only inside `dest`, never out of it, and
+/// whiteouts that name no file (`.wh.`, `.wh..`, `.wh...`) are refused.
 pub fn unpack(layer: &Path, dest: &Path) -> Result<String, Error> {
     let reader = open_layer(layer)?;
     let mut hashing = HashingReader {
         inner: reader,
         hash: sha2::Sha256::new(),
     };
+    let io_dest = |e: io::Error| Error::Io {
+        path: dest.to_path_buf(),
+        source: e,
+    };
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dest)
+            .map_err(io_dest)?;
+    }
+    let root = Dir::open(dest).map_err(io_dest)?;
+    let mut dir_times = Vec::new();
     {
         let mut ar = tar::Archive::new(&mut hashing);
-        ar.set_preserve_permissions(true);
-        ar.set_preserve_ownerships(true);
-        ar.set_preserve_mtime(true);
-        ar.set_unpack_xattrs(true);
-        ar.set_overwrite(true);
-        fs::create_dir_all(dest).map_err(|e| Error::Io {
-            path: dest.to_path_buf(),
-            source: e,
-        })?;
         let entries = ar
             .entries()
             .map_err(|e| Error::Format(format!("{}: {e}", layer.display())))?;
@@ -79,7 +97,7 @@ pub fn unpack(layer: &Path, dest: &Path) -> Result<String, Error> {
                 entry.map_err(|e| Error::Format(format!("{}: {e}", layer.display())))?;
             let path = entry
                 .path()
-                .map_err(|e| Error::Format(e.to_string()))?
+                .map_err(|e| Error::Format(format!("{}: {e}", layer.display())))?
                 .into_owned();
             let Some(rel) = safe_rel(&path) else {
                 return Err(Error::Format(format!(
@@ -88,77 +106,20 @@ pub fn unpack(layer: &Path, dest: &Path) -> Result<String, Error> {
                     path.display()
                 )));
             };
-            let name = rel
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let parent = dest.join(rel.parent().unwrap_or(Path::new("")));
-            if name == WH_OPAQUE {
-                fs::create_dir_all(&parent).map_err(|e| Error::Io {
-                    path: parent.clone(),
-                    source: e,
-                })?;
-                kairos_sys::fs::make_opaque(&parent).map_err(|e| Error::Io {
-                    path: parent.clone(),
-                    source: e,
-                })?;
-                continue;
-            }
-            if let Some(hidden) = name.strip_prefix(WH_PREFIX) {
-                fs::create_dir_all(&parent).map_err(|e| Error::Io {
-                    path: parent.clone(),
-                    source: e,
-                })?;
-                let target = parent.join(hidden);
-                let _ = fs::remove_dir_all(&target).or_else(|_| fs::remove_file(&target));
-                kairos_sys::fs::make_whiteout(&target).map_err(|e| Error::Io {
-                    path: target.clone(),
-                    source: e,
-                })?;
-                continue;
-            }
-            let kind = match entry.header().entry_type() {
-                tar::EntryType::Char => Some(kairos_sys::fs::NodeKind::Char),
-                tar::EntryType::Block => Some(kairos_sys::fs::NodeKind::Block),
-                tar::EntryType::Fifo => Some(kairos_sys::fs::NodeKind::Fifo),
-                _ => None,
-            };
-            if let Some(kind) = kind {
-                // tar's unpack skips device nodes; a root tree needs them.
-                let h = entry.header();
-                let target = dest.join(&rel);
-                fs::create_dir_all(&parent).map_err(|e| Error::Io {
-                    path: parent.clone(),
-                    source: e,
-                })?;
-                let _ = fs::remove_file(&target);
-                let num = |v: io::Result<Option<u32>>| v.ok().flatten().unwrap_or(0);
-                let mode = h.mode().unwrap_or(0o600) & 0o7777;
-                kairos_sys::fs::make_node(
-                    &target,
-                    kind,
-                    mode,
-                    num(h.device_major()),
-                    num(h.device_minor()),
-                )
-                .map_err(|e| Error::Io {
-                    path: target.clone(),
-                    source: e,
-                })?;
-                let _ = std::os::unix::fs::lchown(
-                    &target,
-                    h.uid().ok().map(|u| u as u32),
-                    h.gid().ok().map(|g| g as u32),
-                );
-                continue;
-            }
-            entry.unpack_in(dest).map_err(|e| Error::Io {
-                path: dest.join(&rel),
-                source: e,
+            unpack_entry(&root, &mut entry, &rel, &mut dir_times).map_err(|e| {
+                Error::Format(format!(
+                    "{}: entry {}: {e}",
+                    layer.display(),
+                    path.display()
+                ))
             })?;
         }
         // Drain the tar's trailing blocks so the digest covers the whole stream.
         io::copy(ar.into_inner(), &mut io::sink()).map_err(|e| Error::Format(e.to_string()))?;
+    }
+    // Directory times last: entries written into a directory change its mtime.
+    for (rel, mtime) in dir_times.iter().rev() {
+        root.set_mtime(rel, *mtime).map_err(io_dest)?;
     }
     Ok(format!(
         "sha256:{}",
@@ -169,6 +130,138 @@ pub fn unpack(layer: &Path, dest: &Path) -> Result<String, Error> {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     ))
+}
+
+/// `SCHILY.xattr.*` PAX records of an entry, minus overlayfs' own attributes (whiteouts and
+/// opaque directories are made from the OCI markers, never taken from a layer as given).
+fn xattrs<R: Read>(entry: &mut tar::Entry<R>) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    if let Some(exts) = entry.pax_extensions()? {
+        for ext in exts {
+            let ext = ext?;
+            if let Ok(key) = ext.key()
+                && let Some(name) = key.strip_prefix("SCHILY.xattr.")
+                && !name.starts_with("trusted.overlay.")
+            {
+                out.push((name.to_string(), ext.value_bytes().to_vec()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn unpack_entry<R: Read>(
+    root: &Dir,
+    entry: &mut tar::Entry<R>,
+    rel: &Path,
+    dir_times: &mut Vec<(PathBuf, i64)>,
+) -> io::Result<()> {
+    let name = rel
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    if name == WH_OPAQUE {
+        root.create_dir_all(parent, 0o755)?;
+        return root.make_opaque(parent);
+    }
+    if let Some(hidden) = name.strip_prefix(WH_PREFIX) {
+        if hidden.is_empty() || hidden == "." || hidden == ".." {
+            return Err(invalid(format!("whiteout `{name}` names no file")));
+        }
+        root.create_dir_all(parent, 0o755)?;
+        return root.make_whiteout(&parent.join(hidden));
+    }
+    let xattrs = xattrs(entry)?;
+    let h = entry.header();
+    let mode = h.mode()? & 0o7777;
+    let uid = u32::try_from(h.uid()?).map_err(|_| invalid("uid out of range"))?;
+    let gid = u32::try_from(h.gid()?).map_err(|_| invalid("gid out of range"))?;
+    let mtime = i64::try_from(h.mtime()?).unwrap_or(0);
+    let num = |v: io::Result<Option<u32>>| v.ok().flatten().unwrap_or(0);
+    let node = |t| match t {
+        tar::EntryType::Char => Some(NodeKind::Char),
+        tar::EntryType::Block => Some(NodeKind::Block),
+        tar::EntryType::Fifo => Some(NodeKind::Fifo),
+        _ => None,
+    };
+    let kind = h.entry_type();
+    match kind {
+        tar::EntryType::Directory => {
+            if root
+                .symlink_metadata(rel)
+                .is_ok_and(|m| m.kind != Kind::Dir)
+            {
+                root.remove_all(rel)?;
+            }
+            root.create_dir_all(rel, 0o755)?;
+            root.lchown(rel, uid, gid)?;
+            root.set_mode(rel, mode)?;
+            for (k, v) in &xattrs {
+                root.set_xattr(rel, k, v).or_else(|e| match e.kind() {
+                    io::ErrorKind::Unsupported | io::ErrorKind::PermissionDenied => Ok(()),
+                    _ => Err(e),
+                })?;
+            }
+            dir_times.push((rel.to_path_buf(), mtime));
+        }
+        tar::EntryType::Regular | tar::EntryType::Continuous => {
+            root.create_dir_all(parent, 0o755)?;
+            let mut f = root.create_file(rel, 0o600)?;
+            io::copy(entry, &mut f)?;
+            beneath::finish_file(&f, uid, gid, mode)?;
+            for (k, v) in &xattrs {
+                beneath::set_file_xattr(&f, k, v)?;
+            }
+            drop(f);
+            root.set_mtime(rel, mtime)?;
+        }
+        tar::EntryType::Symlink => {
+            let target = entry
+                .link_name()?
+                .ok_or_else(|| invalid("a symlink without a target"))?
+                .into_owned();
+            root.create_dir_all(parent, 0o755)?;
+            // The target is stored as written: it is only ever resolved beneath a root.
+            root.symlink(&target, rel)?;
+            root.lchown(rel, uid, gid)?;
+            root.set_mtime(rel, mtime)?;
+        }
+        tar::EntryType::Link => {
+            let target = entry
+                .link_name()?
+                .ok_or_else(|| invalid("a hard link without a target"))?
+                .into_owned();
+            let target = safe_rel(&target).ok_or_else(|| {
+                invalid(format!(
+                    "hard link to {} points outside the layer",
+                    target.display()
+                ))
+            })?;
+            root.create_dir_all(parent, 0o755)?;
+            root.hard_link(&target, rel)?;
+        }
+        t if node(t).is_some() => {
+            root.create_dir_all(parent, 0o755)?;
+            let kind = node(t).unwrap_or(NodeKind::Fifo);
+            root.make_node(
+                rel,
+                kind,
+                mode,
+                num(h.device_major()),
+                num(h.device_minor()),
+            )?;
+            root.lchown(rel, uid, gid)?;
+            root.set_mtime(rel, mtime)?;
+        }
+        tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
+        other => {
+            return Err(invalid(format!(
+                "unsupported tar entry type {other:?} (sparse and other exotic entries are refused)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 struct HashingReader<R> {

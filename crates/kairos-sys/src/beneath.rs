@@ -460,7 +460,18 @@ impl Dir {
     }
 
     /// Sets owner and group of `rel` itself (a symlink's own owner), without following it.
+    /// Without the privilege to give files away the owner stays the caller's.
     pub fn lchown(&self, rel: &Path, uid: u32, gid: u32) -> io::Result<()> {
+        if normalize(rel).as_os_str().is_empty() {
+            let fd = self.resolve(rel, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+            rustix::fs::fchown(
+                &fd,
+                Some(rustix::process::Uid::from_raw(uid)),
+                Some(rustix::process::Gid::from_raw(gid)),
+            )
+            .or_else(ignore_eperm)?;
+            return Ok(());
+        }
         let (parent, name) = self.parent(rel)?;
         rustix::fs::chownat(
             &parent,
@@ -468,26 +479,28 @@ impl Dir {
             Some(rustix::process::Uid::from_raw(uid)),
             Some(rustix::process::Gid::from_raw(gid)),
             AtFlags::SYMLINK_NOFOLLOW,
-        )?;
+        )
+        .or_else(ignore_eperm)?;
         Ok(())
     }
 
     /// Sets the modification (and access) time of `rel` itself, not following a symlink.
     pub fn set_mtime(&self, rel: &Path, secs: i64) -> io::Result<()> {
-        let (parent, name) = self.parent(rel)?;
         let t = rustix::fs::Timespec {
             tv_sec: secs,
             tv_nsec: 0,
         };
-        rustix::fs::utimensat(
-            &parent,
-            &name,
-            &rustix::fs::Timestamps {
-                last_access: t,
-                last_modification: t,
-            },
-            AtFlags::SYMLINK_NOFOLLOW,
-        )?;
+        let ts = rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        };
+        if normalize(rel).as_os_str().is_empty() {
+            let fd = self.resolve(rel, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+            rustix::fs::futimens(&fd, &ts)?;
+            return Ok(());
+        }
+        let (parent, name) = self.parent(rel)?;
+        rustix::fs::utimensat(&parent, &name, &ts, AtFlags::SYMLINK_NOFOLLOW)?;
         Ok(())
     }
 
@@ -594,6 +607,28 @@ impl Dir {
         let (tp, tname) = self.parent(to)?;
         rustix::fs::renameat(&fp, &fname, &tp, &tname)?;
         Ok(())
+    }
+}
+
+/// Gives a file made by [`Dir::create_file`] its owner (when permitted: an unprivileged
+/// build keeps its own uid) and then its mode, in that order (chown clears set-id bits).
+pub fn finish_file(f: &File, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
+    rustix::fs::fchown(
+        f,
+        Some(rustix::process::Uid::from_raw(uid)),
+        Some(rustix::process::Gid::from_raw(gid)),
+    )
+    .or_else(ignore_eperm)?;
+    rustix::fs::fchmod(f, Mode::from_bits_truncate(mode))?;
+    Ok(())
+}
+
+/// Sets an extended attribute on an open file; a filesystem without xattrs, or a namespace
+/// this process may not write (`security.*` unprivileged), is not an error.
+pub fn set_file_xattr(f: &File, name: &str, value: &[u8]) -> io::Result<()> {
+    match rustix::fs::fsetxattr(f, name, value, rustix::fs::XattrFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::PERM) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
