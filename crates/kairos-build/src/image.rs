@@ -18,7 +18,7 @@ pub struct Unpacked {
 }
 
 pub fn unpack(img: &LocalImage, work: &Path) -> Result<Unpacked> {
-    let diff_ids = img.diff_ids();
+    let diff_ids = img.diff_ids()?;
     if diff_ids.len() != img.manifest.layers.len() {
         bail!(
             "image {}: config lists {} diff_ids for {} layers",
@@ -33,7 +33,7 @@ pub fn unpack(img: &LocalImage, work: &Path) -> Result<Unpacked> {
         let _ = fs::remove_dir_all(&dir);
         let got = kairos_oci::layer::unpack(&img.blob_path(&d.digest), &dir)
             .with_context(|| format!("unpacking layer {}", d.digest))?;
-        if &got != want {
+        if *want != got {
             bail!(
                 "layer {} unpacks to {got}, but the image config says {want}: refusing a corrupt image",
                 d.digest

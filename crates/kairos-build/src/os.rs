@@ -20,7 +20,7 @@ pub struct OsSpec<'a> {
     pub manifest_digest: Option<String>,
     /// diff_ids of the layers, in order (`None` for `dir:` trees: layers are then named by
     /// the digest of their filesystem image).
-    pub diff_ids: Option<Vec<String>>,
+    pub diff_ids: Option<Vec<kairos_layers::Digest>>,
     pub image_ref: String,
     pub immucore: &'a Path,
     /// Extra kernel cmdline for every entry (e.g. `console=ttyS0`).
@@ -67,7 +67,7 @@ pub fn build_store(spec: &OsSpec, store_dir: &Path, work: &Path) -> Result<Os> {
         let hex = kairos_layers::sha256_file(&tmp)?;
         let digest = match &spec.diff_ids {
             Some(ids) => ids.get(i).cloned().context("fewer diff_ids than layers")?,
-            None => format!("sha256:{hex}"),
+            None => kairos_layers::Digest::from_sha256_hex(&hex)?,
         };
         let file = kairos_layers::layer_file(&digest);
         fs::rename(&tmp, store_dir.join(&file))?;

@@ -299,8 +299,8 @@ fn os_spec<'a>(
             (
                 un.layers,
                 un.merged,
-                Some(img.manifest_digest.clone()),
-                Some(img.diff_ids()),
+                Some(img.manifest_digest.to_string()),
+                Some(img.diff_ids()?),
             )
         };
     if !kairos_build::kairosify::is_kairosified(&boot_tree) {

@@ -9,7 +9,10 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
+use sha2::Digest as _;
+
+pub mod digest;
+pub use digest::{Digest, DigestError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -57,7 +60,7 @@ pub struct Blob {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layer {
     /// `sha256:<hex>` of the uncompressed layer tar (the OCI diff_id).
-    pub digest: String,
+    pub digest: Digest,
     #[serde(flatten)]
     pub image: Blob,
 }
@@ -91,10 +94,15 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<String, Error> {
     let mut f = fs::File::open(path).map_err(io_err(path))?;
+    sha256_reader(&mut f).map_err(io_err(path))
+}
+
+/// sha256 of everything `r` yields, hex.
+pub fn sha256_reader(r: &mut dyn Read) -> io::Result<String> {
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(io_err(path))?;
+        let n = r.read(&mut buf)?;
         if n == 0 {
             break;
         }
@@ -136,7 +144,7 @@ impl Store {
     }
 
     /// Where the image of a layer with this diff_id lives.
-    pub fn layer_path(&self, digest: &str) -> PathBuf {
+    pub fn layer_path(&self, digest: &Digest) -> PathBuf {
         self.root.join(layer_file(digest))
     }
 
@@ -234,9 +242,9 @@ pub fn make_erofs(argv: &[String], tree: &Path, out: &Path) -> Result<(), Error>
         .map_err(io_err(out))
 }
 
-/// `sha256:<hex>` → `layers/sha256-<hex>.erofs`.
-pub fn layer_file(digest: &str) -> String {
-    format!("layers/{}.erofs", digest.replace(':', "-"))
+/// `sha256:<hex>` → `layers/sha256-<hex>.erofs` (a validated digest: no `/`, no `..`).
+pub fn layer_file(digest: &Digest) -> String {
+    format!("layers/sha256-{}.erofs", digest.hex())
 }
 
 #[cfg(test)]
@@ -247,11 +255,11 @@ mod tests {
     fn deployment_round_trip_and_verify() {
         let d = tempfile::tempdir().unwrap();
         let store = Store::new(d.path());
-        let digest = "sha256:abc";
+        let digest = &Digest::of(b"abc");
         fs::create_dir_all(d.path().join("layers")).unwrap();
         fs::write(store.layer_path(digest), b"image").unwrap();
         let blob = store.blob(&layer_file(digest)).unwrap();
-        assert_eq!(blob.file, "layers/sha256-abc.erofs");
+        assert_eq!(blob.file, format!("layers/sha256-{}.erofs", digest.hex()));
         let dep = Deployment {
             id: "v1".into(),
             image: "oci:x".into(),
@@ -259,7 +267,7 @@ mod tests {
             version: "1".into(),
             created: "2026-11-25T00:00:00Z".into(),
             layers: vec![Layer {
-                digest: digest.into(),
+                digest: digest.clone(),
                 image: blob.clone(),
             }],
             kernel: None,

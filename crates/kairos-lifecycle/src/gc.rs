@@ -122,7 +122,7 @@ mod tests {
             layers: layers
                 .iter()
                 .map(|l| Layer {
-                    digest: format!("sha256:{l}"),
+                    digest: kairos_layers::Digest::of(l.as_bytes()),
                     image: blob(&node.store, &format!("layers/sha256-{l}.erofs")),
                 })
                 .collect(),

@@ -62,7 +62,7 @@ pub fn gather(
             manifest_digest: d.manifest_digest,
             version: d.version,
             created: d.created,
-            layers: d.layers.into_iter().map(|l| l.digest).collect(),
+            layers: d.layers.into_iter().map(|l| l.digest.to_string()).collect(),
         })
         .collect();
     let hist = history::read(&node.store);

@@ -8,7 +8,7 @@
 use std::fs;
 use std::path::Path;
 
-use kairos_layers::{Blob, Deployment, Layer, Store};
+use kairos_layers::{Blob, Deployment, Digest, Layer, Store};
 use kairos_oci::ImageRef;
 use serde::Serialize;
 
@@ -64,15 +64,16 @@ pub fn stage(
     let store = Store::new(&node.store);
     let cache = node.scratch.join("oci");
     fs::create_dir_all(&cache).map_err(io_err(&cache))?;
-    let have = |diff_id: &str| store.layer_path(diff_id).is_file();
-    let img = kairos_oci::fetch_wanted(&r, &cache, &|d| !have(d), &mut |digest, done, total| {
+    let have = |diff_id: &Digest| store.layer_path(diff_id).is_file();
+    let wanted = |d: &str| Digest::parse(d).is_ok_and(|d| !have(&d));
+    let img = kairos_oci::fetch_wanted(&r, &cache, &wanted, &mut |digest, done, total| {
         events(Event::Download {
             digest: digest.to_string(),
             done,
             total,
         })
     })?;
-    let diff_ids = img.diff_ids();
+    let diff_ids = img.diff_ids()?;
     if diff_ids.len() != img.manifest.layers.len() {
         return Err(Error::Node(format!(
             "{source}: the image config lists {} diff_ids for {} layers",
@@ -83,7 +84,7 @@ pub fn stage(
     let known = known_layers(&store);
     events(Event::Resolved {
         image: source.to_string(),
-        manifest_digest: img.manifest_digest.clone(),
+        manifest_digest: img.manifest_digest.to_string(),
         layers: diff_ids.len(),
         missing: diff_ids.iter().filter(|d| !have(d)).count(),
     });
@@ -99,7 +100,7 @@ pub fn stage(
                 },
             };
             events(Event::LayerReady {
-                diff_id: diff_id.clone(),
+                diff_id: diff_id.to_string(),
                 reused: true,
                 bytes: l.image.size,
             });
@@ -108,10 +109,14 @@ pub fn stage(
             let blob = img.blob_path(&desc.digest);
             crate::failpoint("downloaded");
             let l = import_layer(&store, &blob, diff_id, &node.scratch, &argv)?;
-            // The compressed blob is not needed once its image exists.
-            let _ = fs::remove_file(&blob);
+            // The compressed blob is not needed once its image exists; it is removed only
+            // from our own download cache, never from the source (an OCI layout is the
+            // user's directory).
+            if img.blobs.starts_with(&cache) {
+                let _ = fs::remove_file(&blob);
+            }
             events(Event::LayerReady {
-                diff_id: diff_id.clone(),
+                diff_id: diff_id.to_string(),
                 reused: false,
                 bytes: l.image.size,
             });
@@ -127,7 +132,7 @@ pub fn stage(
     let dep = Deployment {
         id: id.clone(),
         image: source.to_string(),
-        manifest_digest: img.manifest_digest.clone(),
+        manifest_digest: img.manifest_digest.to_string(),
         version: boot.version,
         created: kairos_sys::time::now_rfc3339(),
         layers,
@@ -180,15 +185,16 @@ pub fn deployments(store: &Store) -> Vec<Deployment> {
 pub fn import_layer(
     store: &Store,
     blob: &Path,
-    diff_id: &str,
+    diff_id: &Digest,
     scratch: &Path,
     mkfs: &[String],
 ) -> Result<Layer, Error> {
-    let hex = diff_id.trim_start_matches("sha256:");
+    // A validated digest: `tree-<64 hex>` names nothing but a child of the scratch dir.
+    let hex = diff_id.hex();
     let tree = scratch.join(format!("tree-{hex}"));
     let _ = fs::remove_dir_all(&tree);
     let got = kairos_oci::layer::unpack(blob, &tree)?;
-    if got != diff_id {
+    if *diff_id != got {
         let _ = fs::remove_dir_all(&tree);
         return Err(kairos_oci::Error::Digest {
             digest: diff_id.to_string(),
@@ -211,7 +217,7 @@ pub fn import_layer(
     fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
     entries::sync_dir(&dir);
     Ok(Layer {
-        digest: diff_id.to_string(),
+        digest: diff_id.clone(),
         image: store.blob(&file)?,
     })
 }

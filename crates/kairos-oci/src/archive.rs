@@ -1,11 +1,15 @@
 //! Image archives: `docker save` tars and OCI archives (an OCI layout in a tar).
 
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::path::Path;
 
+use std::path::PathBuf;
+
+use kairos_sys::beneath::Dir;
+
 use crate::Error;
-use crate::image::{Descriptor, LocalImage, MT_OCI_LAYER_TAR, Manifest};
+use crate::image::{Descriptor, Digest, LocalImage, MT_OCI_LAYER_TAR, Manifest};
 use crate::store::{self, put_bytes, put_verified};
 
 /// Reads an archive into the blob store `blobs` (verifying every blob) and returns the image.
@@ -42,26 +46,40 @@ pub fn read_archive(tar_path: &Path, blobs: &Path, scratch: &Path) -> Result<Loc
     let config_file = entry["Config"]
         .as_str()
         .ok_or_else(|| Error::Format("manifest.json: no Config".into()))?;
-    let config_bytes = fs::read(scratch.join(config_file)).map_err(|e| Error::Io {
-        path: scratch.join(config_file),
+    // Names in manifest.json are the archive's own files: resolved beneath the unpacked
+    // archive, regular files only (`"Layers": ["/host/file"]` names the archive's /host/file).
+    let inside = Dir::open(scratch).map_err(|e| Error::Io {
+        path: scratch.to_path_buf(),
         source: e,
     })?;
+    let member = |name: &str| -> Result<fs::File, Error> {
+        inside.open_file(&PathBuf::from(name)).map_err(|e| {
+            Error::Format(format!(
+                "{}: manifest.json names {name:?}, which is not a file in the archive: {e}",
+                tar_path.display()
+            ))
+        })
+    };
+    let mut config_bytes = Vec::new();
+    member(config_file)?
+        .take(crate::store::MAX_JSON_BLOB + 1)
+        .read_to_end(&mut config_bytes)
+        .map_err(|e| Error::Format(format!("{config_file}: {e}")))?;
+    if config_bytes.len() as u64 > crate::store::MAX_JSON_BLOB {
+        return Err(Error::Format(format!(
+            "{config_file}: too big for an image config"
+        )));
+    }
     let config_digest = put_bytes(blobs, &config_bytes)?;
     let mut layers = Vec::new();
-    for l in entry["Layers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str())
-    {
-        let p = scratch.join(l);
-        let hex = kairos_layers::sha256_file(&p).map_err(|e| Error::Format(e.to_string()))?;
-        let digest = format!("sha256:{hex}");
-        let mut f = fs::File::open(&p).map_err(|e| Error::Io {
-            path: p.clone(),
-            source: e,
+    for l in entry["Layers"].as_array().into_iter().flatten() {
+        let l = l.as_str().ok_or_else(|| {
+            Error::Format("manifest.json: a Layers entry is not a string".into())
         })?;
-        let size = put_verified(blobs, &digest, &mut f, &mut |_| {})?;
+        let hex = kairos_layers::sha256_reader(&mut member(l)?)
+            .map_err(|e| Error::Format(format!("{l}: {e}")))?;
+        let digest = Digest::from_sha256_hex(&hex).map_err(|e| Error::Format(e.to_string()))?;
+        let size = put_verified(blobs, &digest, &mut member(l)?, &mut |_| {})?;
         layers.push(Descriptor::new(MT_OCI_LAYER_TAR, digest, size));
     }
     let manifest = Manifest::oci(config_digest, config_bytes.len() as u64, layers);

@@ -4,8 +4,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+pub use kairos_layers::Digest;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
+
+use crate::Error;
 
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -21,7 +24,8 @@ pub const MT_DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
     pub media_type: String,
-    pub digest: String,
+    /// Validated when the descriptor is parsed: a bad digest fails the whole document.
+    pub digest: Digest,
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
@@ -30,7 +34,7 @@ pub struct Descriptor {
 }
 
 impl Descriptor {
-    pub fn new(media_type: &str, digest: String, size: u64) -> Descriptor {
+    pub fn new(media_type: &str, digest: Digest, size: u64) -> Descriptor {
         Descriptor {
             media_type: media_type.into(),
             digest,
@@ -63,7 +67,7 @@ pub struct Manifest {
 
 impl Manifest {
     /// An OCI image manifest for a config blob and layers.
-    pub fn oci(config_digest: String, config_size: u64, layers: Vec<Descriptor>) -> Manifest {
+    pub fn oci(config_digest: Digest, config_size: u64, layers: Vec<Descriptor>) -> Manifest {
         Manifest {
             schema_version: 2,
             media_type: Some(MT_OCI_MANIFEST.into()),
@@ -91,36 +95,38 @@ pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub struct LocalImage {
     pub blobs: PathBuf,
     pub manifest: Manifest,
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     pub config: Json,
 }
 
 impl LocalImage {
-    pub fn blob_path(&self, digest: &str) -> PathBuf {
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         blob_path(&self.blobs, digest)
     }
 
-    /// The uncompressed digests of the layers (`rootfs.diff_ids` of the config).
-    pub fn diff_ids(&self) -> Vec<String> {
+    /// The uncompressed digests of the layers (`rootfs.diff_ids` of the config), each
+    /// validated; a config with a bad one is refused whole.
+    pub fn diff_ids(&self) -> Result<Vec<Digest>, Error> {
         config_diff_ids(&self.config)
     }
 }
 
 /// `rootfs.diff_ids` of an image config.
-pub fn config_diff_ids(config: &Json) -> Vec<String> {
+pub fn config_diff_ids(config: &Json) -> Result<Vec<Digest>, Error> {
     config["rootfs"]["diff_ids"]
         .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            let s = v.as_str().unwrap_or_default();
+            Digest::parse(s).map_err(|e| Error::Format(format!("image config rootfs.diff_ids: {e}")))
         })
-        .unwrap_or_default()
+        .collect()
 }
 
-pub fn blob_path(blobs: &Path, digest: &str) -> PathBuf {
-    let (alg, hex) = digest.split_once(':').unwrap_or(("sha256", digest));
-    blobs.join(alg).join(hex)
+/// `<blobs>/sha256/<hex>`: a validated digest cannot name anything else.
+pub fn blob_path(blobs: &Path, digest: &Digest) -> PathBuf {
+    blobs.join(digest.algorithm()).join(digest.hex())
 }
 
 /// `linux/amd64` from an index, the platform every Kairos node here runs.

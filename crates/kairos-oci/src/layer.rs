@@ -8,7 +8,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use kairos_sys::beneath::{self, Dir, Kind, NodeKind};
-use sha2::Digest;
+use sha2::Digest as _;
 
 use crate::Error;
 
@@ -298,9 +298,9 @@ impl<W: Write> Write for HashingWriter<W> {
 /// A packed layer: gzip blob digest and size, and the uncompressed diff_id.
 #[derive(Debug, Clone)]
 pub struct Packed {
-    pub digest: String,
+    pub digest: crate::Digest,
     pub size: u64,
-    pub diff_id: String,
+    pub diff_id: crate::Digest,
 }
 
 fn hex(h: sha2::Sha256) -> String {
@@ -355,10 +355,12 @@ pub fn pack(root: &Path, paths: &[PathBuf], blobs: &Path) -> Result<Packed, Erro
         }
     }
     let inner = b.into_inner().map_err(io_e)?;
-    let diff_id = format!("sha256:{}", hex(inner.hash));
+    let diff_id = crate::Digest::from_sha256_hex(&hex(inner.hash))
+        .map_err(|e| Error::Format(e.to_string()))?;
     let outer = inner.inner.finish().map_err(io_e)?;
     let size = outer.bytes;
-    let digest = format!("sha256:{}", hex(outer.hash));
+    let digest = crate::Digest::from_sha256_hex(&hex(outer.hash))
+        .map_err(|e| Error::Format(e.to_string()))?;
     let mut w = outer.inner;
     w.flush().map_err(io_e)?;
     drop(w);

@@ -12,7 +12,7 @@ pub mod testing;
 
 use std::path::PathBuf;
 
-pub use image::LocalImage;
+pub use image::{Digest, LocalImage};
 pub use reference::ImageRef;
 
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +139,7 @@ fn assemble(
     let mut descs = Vec::new();
     for (p, comment) in &layers {
         if let Some(ids) = config["rootfs"]["diff_ids"].as_array_mut() {
-            ids.push(serde_json::Value::String(p.diff_id.clone()));
+            ids.push(serde_json::Value::String(p.diff_id.to_string()));
         }
         if let Some(h) = config["history"].as_array_mut() {
             h.push(serde_json::json!({"created": now_rfc3339(), "created_by": comment}));

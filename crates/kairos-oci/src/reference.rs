@@ -31,6 +31,40 @@ pub struct RefError {
     pub reason: String,
 }
 
+/// A tag as the distribution spec allows it (`[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`): it goes
+/// into a URL path, so nothing else may.
+pub fn check_tag(tag: &str) -> Result<(), crate::Error> {
+    let ok = !tag.is_empty()
+        && tag.len() <= 128
+        && !tag.starts_with(['.', '-'])
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::Error::Format(format!(
+            "tag {tag:?} is not a valid tag (letters, digits, `_.-`, at most 128, not starting with `.` or `-`)"
+        )))
+    }
+}
+
+/// Repository path components: lowercase letters, digits and `._-`, none empty or `.`/`..`.
+fn check_repository(repo: &str) -> Result<(), &'static str> {
+    for c in repo.split('/') {
+        if c.is_empty() || c == "." || c == ".." {
+            return Err("repository path components must not be empty, `.` or `..`");
+        }
+        if !c
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err("repository names are lowercase letters, digits and `._-`");
+        }
+    }
+    Ok(())
+}
+
 impl ImageRef {
     pub fn parse(s: &str) -> Result<ImageRef, RefError> {
         let err = |reason: &str| RefError {
@@ -102,6 +136,12 @@ impl ImageRef {
         if repository.chars().any(|c| c.is_ascii_uppercase()) {
             return Err(err("repository names must be lowercase"));
         }
+        check_repository(&repository).map_err(err)?;
+        if reference.contains(':') {
+            kairos_layers::Digest::parse(&reference).map_err(|e| err(&e.to_string()))?;
+        } else if let Err(e) = check_tag(&reference) {
+            return Err(err(&e.to_string()));
+        }
         Ok(ImageRef::Registry {
             registry,
             repository,
@@ -162,10 +202,16 @@ mod tests {
             reg("debian"),
             ("docker.io".into(), "library/debian".into(), "latest".into())
         );
+        let d = format!("sha256:{}", "ab".repeat(32));
         assert_eq!(
-            reg("quay.io/kairos/core@sha256:ab"),
-            ("quay.io".into(), "kairos/core".into(), "sha256:ab".into())
+            reg(&format!("quay.io/kairos/core@{d}")),
+            ("quay.io".into(), "kairos/core".into(), d.clone())
         );
+        // Digests and tags are checked before they reach a URL.
+        assert!(ImageRef::parse("quay.io/kairos/core@sha256:ab").is_err());
+        assert!(ImageRef::parse("quay.io/kairos/core@sha256:../../x").is_err());
+        assert!(ImageRef::parse("quay.io/a/../b:v1").is_err());
+        assert!(ImageRef::parse("quay.io/a:v1?x=1").is_err());
         assert!(ImageRef::parse("Quay.io/x").is_ok());
         assert!(ImageRef::parse("quay.io/Upper/x").is_err());
         assert_eq!(

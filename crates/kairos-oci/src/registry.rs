@@ -1,6 +1,12 @@
 //! A registry client (distribution API v2): pull manifests and blobs into the blob store with
 //! digest checks, push blobs and manifests. Anonymous, basic and bearer-token auth, with
 //! credentials from docker's `config.json`; plain HTTP for loopback registries.
+//!
+//! A registry's answers are untrusted: digests are parsed ([`Digest`]) before they become a
+//! path or a URL, a blob is cut off one byte past its descriptor's size, every request has
+//! time limits, index chains are bounded, and credentials only go back to the registry's own
+//! origin (an upload `Location` or token realm elsewhere gets none; plain HTTP carries none
+//! to a host that is not loopback).
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,7 +15,7 @@ use base64::Engine;
 
 use crate::Error;
 use crate::image::{
-    Descriptor, LocalImage, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST,
+    Descriptor, Digest, LocalImage, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST,
     Manifest, pick_platform,
 };
 use crate::store::{self, put_verified};
@@ -17,10 +23,45 @@ use crate::store::{self, put_verified};
 pub struct Registry {
     agent: ureq::Agent,
     base: String,
+    /// `scheme://host[:port]` of `base`: where credentials may be sent.
+    origin: String,
     host: String,
     repository: String,
     token: Option<String>,
     basic: Option<String>,
+    /// The token scope asked for: `pull` until a push needs `pull,push`.
+    scope: &'static str,
+}
+
+/// Time to get the answer's headers, and to read a small (JSON) body.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A blob body may take this long plus one second per [`BLOB_MIN_RATE`] bytes.
+pub const BLOB_BASE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The slowest transfer rate (bytes/s) a blob download is allowed to average.
+pub const BLOB_MIN_RATE: u64 = 64 * 1024;
+/// How many index levels a manifest reference may go through.
+pub const MAX_INDEX_DEPTH: usize = 4;
+
+/// `scheme://host[:port]` of a URL (lowercased), or "" when it has none.
+pub fn origin_of(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return String::new();
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    // Userinfo never counts as part of the host.
+    let host = host.rsplit_once('@').map(|(_, h)| h).unwrap_or(host);
+    let default_port = match scheme {
+        "http" => ":80",
+        "https" => ":443",
+        _ => "",
+    };
+    let host = host.strip_suffix(default_port).unwrap_or(host);
+    format!("{}://{}", scheme.to_ascii_lowercase(), host.to_ascii_lowercase())
+}
+
+fn is_loopback(host: &str) -> bool {
+    let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+    matches!(name, "localhost" | "127.0.0.1" | "[::1]")
 }
 
 static ALLOW_INSECURE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -34,8 +75,7 @@ pub fn allow_insecure_registries() {
 /// `KAIROS_INSECURE_REGISTRIES` (comma-separated hosts, `*` for all), or all once
 /// [`allow_insecure_registries`] was called.
 pub fn is_insecure(host: &str) -> bool {
-    let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
-    matches!(name, "localhost" | "127.0.0.1" | "[::1]")
+    is_loopback(host)
         || ALLOW_INSECURE.load(std::sync::atomic::Ordering::Relaxed)
         || std::env::var("KAIROS_INSECURE_REGISTRIES")
             .is_ok_and(|v| v.split(',').any(|h| h.trim() == host || h.trim() == "*"))
@@ -73,24 +113,48 @@ impl Registry {
         let scheme = if is_insecure(host) { "http" } else { "https" };
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(15)))
+            .timeout_send_request(Some(RESPONSE_TIMEOUT))
+            .timeout_recv_response(Some(RESPONSE_TIMEOUT))
+            .timeout_recv_body(Some(RESPONSE_TIMEOUT))
             .http_status_as_error(false)
+            // Redirects are followed by hand-free ureq only without credentials (ureq drops
+            // Authorization on a redirect to another host).
             .build()
             .into();
+        let base = format!("{scheme}://{api_host}/v2/{repository}");
         Registry {
             agent,
-            base: format!("{scheme}://{api_host}/v2/{repository}"),
+            origin: origin_of(&base),
+            base,
             host: host.to_string(),
             repository: repository.to_string(),
             token: None,
             basic: docker_auth(host),
+            scope: "pull",
         }
     }
 
-    fn auth_header(&self) -> Option<String> {
+    /// Credentials for a request to `url`: only to the registry's own origin, and over plain
+    /// HTTP only to a loopback registry.
+    fn auth_header(&self, url: &str) -> Option<String> {
+        if origin_of(url) != self.origin {
+            return None;
+        }
+        if self.origin.starts_with("http://") && !is_loopback(&self.host) {
+            return None;
+        }
         self.token
             .as_ref()
             .map(|t| format!("Bearer {t}"))
             .or_else(|| self.basic.as_ref().map(|b| format!("Basic {b}")))
+    }
+
+    /// May the registry's basic credentials go to this token realm? Its own origin, or for
+    /// Docker Hub its token service; any other realm gets an anonymous token request.
+    fn realm_gets_credentials(&self, realm: &str) -> bool {
+        let o = origin_of(realm);
+        o == self.origin
+            || (self.host == "docker.io" && o == "https://auth.docker.io")
     }
 
     /// Gets a bearer token as the registry's 401 asks for it.
@@ -107,12 +171,25 @@ impl Registry {
         let realm = get("realm").ok_or_else(|| {
             Error::Registry(format!("{}: bad auth challenge {challenge}", self.host))
         })?;
-        let mut url = format!("{realm}?scope=repository:{}:pull,push", self.repository);
+        if !realm.starts_with("https://") && !realm.starts_with("http://") {
+            return Err(Error::Registry(format!(
+                "{}: token realm {realm:?} is not an http(s) URL",
+                self.host
+            )));
+        }
+        let sep = if realm.contains('?') { '&' } else { '?' };
+        let mut url = format!(
+            "{realm}{sep}scope=repository:{}:{}",
+            self.repository, self.scope
+        );
         if let Some(s) = get("service") {
             url.push_str(&format!("&service={s}"));
         }
         let mut req = self.agent.get(&url);
-        if let Some(b) = &self.basic {
+        if let Some(b) = &self.basic
+            && self.realm_gets_credentials(&realm)
+            && (realm.starts_with("https://") || is_loopback(&self.host))
+        {
             req = req.header("Authorization", &format!("Basic {b}"));
         }
         let mut resp = req
@@ -142,17 +219,30 @@ impl Registry {
         accept: Option<&str>,
         body: Option<(&str, &[u8])>,
     ) -> Result<ureq::http::Response<ureq::Body>, Error> {
+        self.send_with(method, url, accept, body, RESPONSE_TIMEOUT)
+    }
+
+    fn send_with(
+        &mut self,
+        method: &str,
+        url: &str,
+        accept: Option<&str>,
+        body: Option<(&str, &[u8])>,
+        body_timeout: Duration,
+    ) -> Result<ureq::http::Response<ureq::Body>, Error> {
         let net = |e: ureq::Error| {
-            Error::Registry(format!(
-                "{url}: {e} (is the registry running and reachable?)"
-            ))
+            let hint = match e {
+                ureq::Error::Timeout(_) => "the registry stopped answering in time",
+                _ => "is the registry running and reachable?",
+            };
+            Error::Registry(format!("{url}: {e} ({hint})"))
         };
         for attempt in 0..2 {
             let mut req = ureq::http::Request::builder().method(method).uri(url);
             if let Some(a) = accept {
                 req = req.header("Accept", a);
             }
-            if let Some(h) = self.auth_header() {
+            if let Some(h) = self.auth_header(url) {
                 req = req.header("Authorization", h);
             }
             let resp = match body {
@@ -161,10 +251,20 @@ impl Registry {
                         .header("Content-Type", ct)
                         .body(data.to_vec())
                         .map_err(|e| Error::Registry(e.to_string()))?;
+                    let req = self
+                        .agent
+                        .configure_request(req)
+                        .timeout_recv_body(Some(body_timeout))
+                        .build();
                     self.agent.run(req).map_err(net)?
                 }
                 None => {
                     let req = req.body(()).map_err(|e| Error::Registry(e.to_string()))?;
+                    let req = self
+                        .agent
+                        .configure_request(req)
+                        .timeout_recv_body(Some(body_timeout))
+                        .build();
                     self.agent.run(req).map_err(net)?
                 }
             };
@@ -222,7 +322,7 @@ impl Registry {
                 .map_err(|e| {
                     Error::Format(format!("image config {}: {e}", manifest.config.digest))
                 })?;
-        let diff_ids = crate::image::config_diff_ids(&config);
+        let diff_ids = crate::image::config_diff_ids(&config)?;
         if diff_ids.len() != manifest.layers.len() {
             return Err(Error::Format(format!(
                 "{}/{}:{reference}: {} layers but {} diff_ids in the config",
@@ -233,7 +333,7 @@ impl Registry {
             )));
         }
         for (d, id) in manifest.layers.iter().zip(&diff_ids) {
-            if wanted(id) {
+            if wanted(id.as_str()) {
                 self.pull_blob(d, blobs, progress)?;
             }
         }
@@ -243,7 +343,28 @@ impl Registry {
 
     /// The image manifest for `reference` (an index resolved to linux/amd64), its digest and
     /// its bytes.
-    pub fn resolve(&mut self, reference: &str) -> Result<(Manifest, String, Vec<u8>), Error> {
+    pub fn resolve(&mut self, reference: &str) -> Result<(Manifest, Digest, Vec<u8>), Error> {
+        self.resolve_at(reference, 0)
+    }
+
+    fn resolve_at(
+        &mut self,
+        reference: &str,
+        depth: usize,
+    ) -> Result<(Manifest, Digest, Vec<u8>), Error> {
+        if depth > MAX_INDEX_DEPTH {
+            return Err(Error::Format(format!(
+                "{}/{}: more than {MAX_INDEX_DEPTH} nested indexes at {reference} (a loop?); refused",
+                self.host, self.repository
+            )));
+        }
+        // A reference is a tag or a digest; either goes into the URL only once checked.
+        let by_digest = if reference.contains(':') {
+            Some(Digest::parse(reference).map_err(|e| Error::Format(format!("manifest reference: {e}")))?)
+        } else {
+            crate::reference::check_tag(reference)?;
+            None
+        };
         let accept = [
             MT_OCI_MANIFEST,
             MT_OCI_INDEX,
@@ -264,11 +385,13 @@ impl Registry {
             s => return Err(Error::Registry(format!("{url}: HTTP {s}"))),
         }
         let body = Self::read_body(&mut resp)?;
-        let digest = format!("sha256:{}", kairos_layers::sha256_hex(&body));
-        if reference.starts_with("sha256:") && digest != reference {
+        let digest = Digest::of(&body);
+        if let Some(want) = &by_digest
+            && *want != digest
+        {
             return Err(Error::Digest {
-                digest: reference.into(),
-                found: digest,
+                digest: want.to_string(),
+                found: digest.to_string(),
             });
         }
         let v: serde_json::Value =
@@ -282,7 +405,7 @@ impl Registry {
                 })?
                 .digest
                 .clone();
-            return self.resolve(&d);
+            return self.resolve_at(&d, depth + 1);
         }
         let manifest: Manifest =
             serde_json::from_value(v).map_err(|e| Error::Format(format!("{url}: {e}")))?;
@@ -301,15 +424,24 @@ impl Registry {
             return Ok(());
         }
         let url = format!("{}/blobs/{}", self.base, d.digest);
-        let mut resp = self.send("GET", &url, None, None)?;
+        let timeout = BLOB_BASE_TIMEOUT + Duration::from_secs(d.size / BLOB_MIN_RATE);
+        let mut resp = self.send_with("GET", &url, None, None, timeout)?;
         if resp.status() != 200 {
             return Err(Error::Registry(format!("{url}: HTTP {}", resp.status())));
         }
-        let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+        // One byte past the descriptor's size is an error, not a bigger download.
+        let mut reader = resp.body_mut().with_config().limit(d.size).reader();
         let total = d.size;
-        let dg = d.digest.clone();
+        let dg = d.digest.to_string();
         put_verified(blobs, &d.digest, &mut reader, &mut |done| {
             progress(&dg, done, total)
+        })
+        .map_err(|e| match e {
+            Error::Io { source, .. } => Error::Registry(format!(
+                "{}/{}: blob {} (descriptor size {} bytes): {source}",
+                self.host, self.repository, d.digest, d.size
+            )),
+            other => other,
         })?;
         Ok(())
     }
@@ -321,6 +453,8 @@ impl Registry {
         tag: &str,
         progress: &mut dyn FnMut(&str, u64, u64),
     ) -> Result<(), Error> {
+        self.scope = "pull,push";
+        crate::reference::check_tag(tag)?;
         for d in img.manifest.layers.iter().chain([&img.manifest.config]) {
             let head = self.send(
                 "HEAD",
@@ -357,16 +491,15 @@ impl Registry {
                 loc
             };
             let sep = if loc.contains('?') { '&' } else { '?' };
-            // Monolithic upload: the blob is read whole (layers here are tens to hundreds of MB).
-            let data = std::fs::read(img.blob_path(&d.digest)).map_err(|e| Error::Io {
-                path: img.blob_path(&d.digest),
-                source: e,
-            })?;
-            let put = self.send(
+            // Monolithic upload: the blob is read whole (layers here are tens to hundreds of MB),
+            // and checked against its digest before a byte of it leaves the machine.
+            let data = store::read_verified(&img.blobs, &d.digest, d.size)?;
+            let put = self.send_with(
                 "PUT",
                 &format!("{loc}{sep}digest={}", d.digest),
                 None,
                 Some(("application/octet-stream", &data)),
+                BLOB_BASE_TIMEOUT + Duration::from_secs(d.size / BLOB_MIN_RATE),
             )?;
             if put.status() != 201 {
                 return Err(Error::Registry(format!(

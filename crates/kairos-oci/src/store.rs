@@ -4,11 +4,11 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use sha2::Digest;
+use sha2::Digest as _;
 
 use crate::Error;
 use crate::image::{
-    Descriptor, Index, LocalImage, MT_OCI_INDEX, MT_OCI_MANIFEST, Manifest, REF_NAME, blob_path,
+    Descriptor, Digest, Index, LocalImage, MT_OCI_INDEX, MT_OCI_MANIFEST, Manifest, REF_NAME, blob_path,
     pick_platform,
 };
 
@@ -23,7 +23,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 /// never left in the store. Returns the size.
 pub fn put_verified(
     blobs: &Path,
-    digest: &str,
+    digest: &Digest,
     reader: &mut dyn Read,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, Error> {
@@ -67,7 +67,7 @@ pub fn put_verified(
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     );
-    if found != digest {
+    if *digest != found {
         let _ = fs::remove_file(&tmp);
         return Err(Error::Digest {
             digest: digest.to_string(),
@@ -79,15 +79,60 @@ pub fn put_verified(
 }
 
 /// Stores bytes and returns their digest.
-pub fn put_bytes(blobs: &Path, data: &[u8]) -> Result<String, Error> {
-    let digest = format!("sha256:{}", kairos_layers::sha256_hex(data));
+pub fn put_bytes(blobs: &Path, data: &[u8]) -> Result<Digest, Error> {
+    let digest = Digest::of(data);
     put_verified(blobs, &digest, &mut &data[..], &mut |_| {})?;
     Ok(digest)
 }
 
-pub fn read_blob(blobs: &Path, digest: &str) -> Result<Vec<u8>, Error> {
+/// Manifests, indexes and configs are small: a bigger blob read into memory is refused.
+pub const MAX_JSON_BLOB: u64 = 16 << 20;
+
+/// Reads a regular file of at most `limit` bytes.
+fn read_bounded(p: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let f = fs::File::open(p)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "is not a regular file",
+        ));
+    }
+    let mut out = Vec::new();
+    f.take(limit + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("is larger than {limit} bytes, too big for a manifest or config"),
+        ));
+    }
+    Ok(out)
+}
+
+/// Reads a blob for upload: a regular file of exactly `size` bytes whose content matches
+/// `digest` (an OCI layout is the user's directory: its "blob" may be anything).
+pub fn read_verified(blobs: &Path, digest: &Digest, size: u64) -> Result<Vec<u8>, Error> {
     let p = blob_path(blobs, digest);
-    let data = fs::read(&p).map_err(|e| match e.kind() {
+    let data = read_bounded(&p, size).map_err(io_err(&p))?;
+    if data.len() as u64 != size {
+        return Err(Error::Format(format!(
+            "{}: {} bytes, but the manifest says {size}: refusing to upload it",
+            p.display(),
+            data.len()
+        )));
+    }
+    if *digest != Digest::of(&data) {
+        return Err(Error::Digest {
+            digest: digest.to_string(),
+            found: Digest::of(&data).to_string(),
+        });
+    }
+    Ok(data)
+}
+
+pub fn read_blob(blobs: &Path, digest: &Digest) -> Result<Vec<u8>, Error> {
+    let p = blob_path(blobs, digest);
+    let data = read_bounded(&p, MAX_JSON_BLOB).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => {
             Error::NotFound(format!("blob {digest} is not in {}", blobs.display()))
         }
@@ -97,7 +142,7 @@ pub fn read_blob(blobs: &Path, digest: &str) -> Result<Vec<u8>, Error> {
         },
     })?;
     let found = format!("sha256:{}", kairos_layers::sha256_hex(&data));
-    if found != digest {
+    if *digest != found {
         return Err(Error::Digest {
             digest: digest.to_string(),
             found,
@@ -107,7 +152,24 @@ pub fn read_blob(blobs: &Path, digest: &str) -> Result<Vec<u8>, Error> {
 }
 
 /// Resolves a manifest or index blob to a linux/amd64 image manifest.
-pub fn resolve_manifest(blobs: &Path, desc_digest: &str) -> Result<(Manifest, String), Error> {
+/// How many index levels lead to a manifest at most (an index of indexes is legal; a loop is
+/// not).
+pub const MAX_INDEX_DEPTH: usize = 4;
+
+pub fn resolve_manifest(blobs: &Path, desc_digest: &Digest) -> Result<(Manifest, Digest), Error> {
+    resolve_manifest_at(blobs, desc_digest, 0)
+}
+
+fn resolve_manifest_at(
+    blobs: &Path,
+    desc_digest: &Digest,
+    depth: usize,
+) -> Result<(Manifest, Digest), Error> {
+    if depth > MAX_INDEX_DEPTH {
+        return Err(Error::Format(format!(
+            "index {desc_digest}: more than {MAX_INDEX_DEPTH} nested indexes (a loop?); refused"
+        )));
+    }
     let data = read_blob(blobs, desc_digest)?;
     let v: serde_json::Value = serde_json::from_slice(&data)
         .map_err(|e| Error::Format(format!("manifest {desc_digest}: {e}")))?;
@@ -117,18 +179,18 @@ pub fn resolve_manifest(blobs: &Path, desc_digest: &str) -> Result<(Manifest, St
         let d = pick_platform(&idx).ok_or_else(|| {
             Error::NotFound(format!("index {desc_digest} has no linux/amd64 image"))
         })?;
-        return resolve_manifest(blobs, &d.digest);
+        return resolve_manifest_at(blobs, &d.digest, depth + 1);
     }
     let m: Manifest = serde_json::from_value(v)
         .map_err(|e| Error::Format(format!("manifest {desc_digest}: {e}")))?;
-    Ok((m, desc_digest.to_string()))
+    Ok((m, desc_digest.clone()))
 }
 
 /// Loads the config of a manifest whose blobs are present.
 pub fn local_image(
     blobs: &Path,
     manifest: Manifest,
-    manifest_digest: String,
+    manifest_digest: Digest,
 ) -> Result<LocalImage, Error> {
     let config: serde_json::Value =
         serde_json::from_slice(&read_blob(blobs, &manifest.config.digest)?)
@@ -187,7 +249,7 @@ pub fn read_layout(dir: &Path, tag: Option<&str>) -> Result<LocalImage, Error> {
     local_image(&blobs, m, d)
 }
 
-fn copy_blob(from: &Path, to: &Path, digest: &str) -> Result<(), Error> {
+fn copy_blob(from: &Path, to: &Path, digest: &Digest) -> Result<(), Error> {
     let dst = blob_path(to, digest);
     if dst.exists() {
         return Ok(());
