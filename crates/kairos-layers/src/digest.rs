@@ -152,6 +152,9 @@ mod tests {
         assert!(e.contains("only sha256"), "{e}");
         let j: Result<Digest, _> = serde_json::from_str("\"sha256:/../../x\"");
         assert!(j.is_err());
-        assert_eq!(Digest::of(b""), *"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(
+            Digest::of(b""),
+            *"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
     }
 }

@@ -73,9 +73,9 @@ pub fn read_archive(tar_path: &Path, blobs: &Path, scratch: &Path) -> Result<Loc
     let config_digest = put_bytes(blobs, &config_bytes)?;
     let mut layers = Vec::new();
     for l in entry["Layers"].as_array().into_iter().flatten() {
-        let l = l.as_str().ok_or_else(|| {
-            Error::Format("manifest.json: a Layers entry is not a string".into())
-        })?;
+        let l = l
+            .as_str()
+            .ok_or_else(|| Error::Format("manifest.json: a Layers entry is not a string".into()))?;
         let hex = kairos_layers::sha256_reader(&mut member(l)?)
             .map_err(|e| Error::Format(format!("{l}: {e}")))?;
         let digest = Digest::from_sha256_hex(&hex).map_err(|e| Error::Format(e.to_string()))?;

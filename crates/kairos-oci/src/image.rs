@@ -119,7 +119,8 @@ pub fn config_diff_ids(config: &Json) -> Result<Vec<Digest>, Error> {
         .flatten()
         .map(|v| {
             let s = v.as_str().unwrap_or_default();
-            Digest::parse(s).map_err(|e| Error::Format(format!("image config rootfs.diff_ids: {e}")))
+            Digest::parse(s)
+                .map_err(|e| Error::Format(format!("image config rootfs.diff_ids: {e}")))
         })
         .collect()
 }

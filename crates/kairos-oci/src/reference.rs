@@ -55,10 +55,9 @@ fn check_repository(repo: &str) -> Result<(), &'static str> {
         if c.is_empty() || c == "." || c == ".." {
             return Err("repository path components must not be empty, `.` or `..`");
         }
-        if !c
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
-        {
+        if !c.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        }) {
             return Err("repository names are lowercase letters, digits and `._-`");
         }
     }

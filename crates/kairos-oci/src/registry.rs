@@ -15,8 +15,8 @@ use base64::Engine;
 
 use crate::Error;
 use crate::image::{
-    Descriptor, Digest, LocalImage, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST,
-    Manifest, pick_platform,
+    Descriptor, Digest, LocalImage, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX,
+    MT_OCI_MANIFEST, Manifest, pick_platform,
 };
 use crate::store::{self, put_verified};
 
@@ -56,7 +56,11 @@ pub fn origin_of(url: &str) -> String {
         _ => "",
     };
     let host = host.strip_suffix(default_port).unwrap_or(host);
-    format!("{}://{}", scheme.to_ascii_lowercase(), host.to_ascii_lowercase())
+    format!(
+        "{}://{}",
+        scheme.to_ascii_lowercase(),
+        host.to_ascii_lowercase()
+    )
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -134,6 +138,11 @@ impl Registry {
         }
     }
 
+    /// Uses `basic` (`base64(user:password)`) instead of what docker's config.json holds.
+    pub fn set_credentials(&mut self, basic: Option<String>) {
+        self.basic = basic;
+    }
+
     /// Credentials for a request to `url`: only to the registry's own origin, and over plain
     /// HTTP only to a loopback registry.
     fn auth_header(&self, url: &str) -> Option<String> {
@@ -153,8 +162,7 @@ impl Registry {
     /// Docker Hub its token service; any other realm gets an anonymous token request.
     fn realm_gets_credentials(&self, realm: &str) -> bool {
         let o = origin_of(realm);
-        o == self.origin
-            || (self.host == "docker.io" && o == "https://auth.docker.io")
+        o == self.origin || (self.host == "docker.io" && o == "https://auth.docker.io")
     }
 
     /// Gets a bearer token as the registry's 401 asks for it.
@@ -360,7 +368,10 @@ impl Registry {
         }
         // A reference is a tag or a digest; either goes into the URL only once checked.
         let by_digest = if reference.contains(':') {
-            Some(Digest::parse(reference).map_err(|e| Error::Format(format!("manifest reference: {e}")))?)
+            Some(
+                Digest::parse(reference)
+                    .map_err(|e| Error::Format(format!("manifest reference: {e}")))?,
+            )
         } else {
             crate::reference::check_tag(reference)?;
             None

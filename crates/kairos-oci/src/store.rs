@@ -8,8 +8,8 @@ use sha2::Digest as _;
 
 use crate::Error;
 use crate::image::{
-    Descriptor, Digest, Index, LocalImage, MT_OCI_INDEX, MT_OCI_MANIFEST, Manifest, REF_NAME, blob_path,
-    pick_platform,
+    Descriptor, Digest, Index, LocalImage, MT_OCI_INDEX, MT_OCI_MANIFEST, Manifest, REF_NAME,
+    blob_path, pick_platform,
 };
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
