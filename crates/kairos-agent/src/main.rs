@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() {
+    kairos_sys::exec::default_sigpipe();
     let cli = kairos_agent::cli::Cli::parse();
     let code = match kairos_agent::cli::run(cli) {
         Ok(code) => code,

@@ -350,3 +350,37 @@ fn billion_laughs_does_not_blow_up() {
     assert_eq!(v.status.code(), Some(1), "{vt}");
     assert!(vt.contains("billion laughs"), "{vt}");
 }
+
+/// `kairos-agent schema | head`, `validate --json | head`: the reader is gone before the agent
+/// writes (deterministic: the pipe's read end is closed first). The agent must end quietly
+/// — no panic message, no exit 101.
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    let s = Scene::new();
+    s.config(
+        "a.yaml",
+        "#cloud-config\nhostnme: x\nusers: [{name: a}, {name: b}]\n",
+    );
+    let cfg = s.root.join("oem/a.yaml");
+    for args in [
+        vec!["schema".to_string()],
+        vec![
+            "validate".into(),
+            "--json".into(),
+            cfg.display().to_string(),
+        ],
+        vec!["--help".into()],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let o = Command::new(env!("CARGO_BIN_EXE_kairos-agent"))
+            .args(&args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_ne!(o.status.code(), Some(101), "{args:?}: {err}");
+    }
+}

@@ -516,6 +516,7 @@ fn run() -> Result<i32> {
 }
 
 fn main() {
+    kairos_sys::exec::default_sigpipe();
     match run() {
         Ok(code) => std::process::exit(code),
         Err(e) => {

@@ -80,18 +80,43 @@ impl Shell {
                     root: self.root.path().display().to_string(),
                 });
             }
-            let dir = self.root.path().to_path_buf();
+            // The path is made a C string here, before the fork: the child may not allocate.
+            let dir = std::ffi::CString::new(self.root.path().as_os_str().as_encoded_bytes())
+                .map_err(|_| ExecError::Spawn {
+                    cmd: cmd.to_string(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "the root path contains a NUL byte",
+                    ),
+                })?;
             c.current_dir("/");
             // chroot(2) needs to happen in the child between fork and exec.
             #[allow(unsafe_code)]
+            // SAFETY: the closure runs in the forked child before exec; it only makes two
+            // async-signal-safe syscalls (chroot, chdir) on C strings built before the fork,
+            // and allocates nothing.
             unsafe {
                 c.pre_exec(move || {
-                    std::os::unix::fs::chroot(&dir)?;
-                    std::env::set_current_dir("/")
+                    rustix::process::chroot(dir.as_c_str())?;
+                    rustix::process::chdir(c"/")?;
+                    Ok(())
                 });
             }
         }
         run_combined(c, cmd)
+    }
+}
+
+/// Restores the default action for SIGPIPE, as a command-line tool wants it: the Rust runtime
+/// ignores SIGPIPE, so `kairos-agent schema | head` would otherwise get EPIPE from the next
+/// write and panic in `println!`. With the default action the process ends quietly when the
+/// reader goes away, like `cat` does. Call it first thing in `main`.
+pub fn default_sigpipe() {
+    #[allow(unsafe_code)]
+    // SAFETY: called at the start of main, before any thread exists; setting a signal's
+    // disposition to SIG_DFL installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

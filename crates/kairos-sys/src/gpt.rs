@@ -88,6 +88,7 @@ const BLKRRPART: libc::c_ulong = 0x125F;
 pub fn reread_partitions(disk: &Path) -> io::Result<()> {
     let f = File::open(disk)?;
     #[allow(unsafe_code)]
+    // SAFETY: BLKRRPART takes no argument; the fd is an open block device we own for the call.
     let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKRRPART as _) };
     if r != 0 {
         return Err(io::Error::last_os_error());

@@ -90,6 +90,8 @@ pub fn kernel_resize_partition(disk: &Path, number: u32, ext: Extent) -> io::Res
         data: (&mut part as *mut BlkpgPartition).cast(),
     };
     #[allow(unsafe_code)]
+    // SAFETY: BLKPG reads a `blkpg_ioctl_arg` whose `data` points at a `blkpg_partition`; both
+    // are `#[repr(C)]` locals that outlive the call, and the fd is open on the disk.
     let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKPG as _, &mut arg as *mut BlkpgIoctlArg) };
     if r != 0 {
         return Err(io::Error::last_os_error());
@@ -105,6 +107,8 @@ pub fn grow_ext4(mountpoint: &Path, bytes: u64) -> io::Result<()> {
     let st = rustix::fs::fstatvfs(&f)?;
     let blocks: u64 = bytes / st.f_bsize;
     #[allow(unsafe_code)]
+    // SAFETY: EXT4_IOC_RESIZE_FS reads one u64 (the new block count) from a local that
+    // outlives the call; the fd is the mounted filesystem's root directory.
     let r = unsafe {
         libc::ioctl(
             f.as_raw_fd(),

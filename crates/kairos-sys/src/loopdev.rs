@@ -53,6 +53,8 @@ pub fn attach_read_only(image: &Path) -> io::Result<LoopDevice> {
     for _ in 0..8 {
         // The free index can be taken by someone else between the two calls: retry.
         #[allow(unsafe_code)]
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns an index; the fd is
+        // /dev/loop-control, open for the call.
         let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
         if n < 0 {
             return Err(io::Error::last_os_error());
@@ -84,6 +86,8 @@ pub fn attach_read_only(image: &Path) -> io::Result<LoopDevice> {
             reserved: [0; 8],
         };
         #[allow(unsafe_code)]
+        // SAFETY: LOOP_CONFIGURE reads a `loop_config` (`#[repr(C)]`, kernel layout) from a
+        // local that outlives the call; the fd is the free loop device just opened.
         let r = unsafe {
             libc::ioctl(
                 loopf.as_raw_fd(),
