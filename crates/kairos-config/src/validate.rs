@@ -89,9 +89,128 @@ pub fn validate_node(node: &Node) -> Vec<Problem> {
     problems
 }
 
+/// A string value at `node.key`, with its node, unless it is templated (checked once rendered).
+fn plain_str<'a>(node: &'a Node, key: &str) -> Option<(&'a Node, &'a str)> {
+    let n = node.get(key)?;
+    match &n.value {
+        crate::Value::Str(s) if !s.contains("{{") => Some((n, s.as_str())),
+        _ => None,
+    }
+}
+
+fn report(out: &mut Vec<Problem>, n: &Node, path: String, r: Result<(), String>) {
+    if let Err(message) = r {
+        out.push(Problem {
+            origin: n.origin.clone(),
+            path,
+            message,
+        });
+    }
+}
+
+/// One user (top-level list item or stage `users:` entry) at `path`.
+fn check_user(out: &mut Vec<Problem>, u: &Node, path: &str) {
+    use crate::names;
+    if let Some((n, name)) = plain_str(u, "name").filter(|(_, v)| !v.is_empty()) {
+        report(
+            out,
+            n,
+            format!("{path}.name"),
+            names::account_name("user", name),
+        );
+    }
+    for key in ["gecos", "shell", "passwd"] {
+        if let Some((n, v)) = plain_str(u, key) {
+            report(out, n, format!("{path}.{key}"), names::field(key, v));
+        }
+    }
+    if let Some((n, v)) = plain_str(u, "homedir").filter(|(_, v)| !v.is_empty()) {
+        report(out, n, format!("{path}.homedir"), names::homedir(v));
+    }
+    if let Some((n, v)) = plain_str(u, "primary_group").filter(|(_, v)| !v.is_empty()) {
+        report(
+            out,
+            n,
+            format!("{path}.primary_group"),
+            names::account_name("group", v),
+        );
+    }
+    if let Some(g) = u.get("groups")
+        && let crate::Value::Seq(items) = &g.value
+    {
+        for (i, item) in items.iter().enumerate() {
+            if let crate::Value::Str(v) = &item.value {
+                report(
+                    out,
+                    item,
+                    format!("{path}.groups.{i}"),
+                    names::account_name("group", v),
+                );
+            }
+        }
+    }
+}
+
+/// Names and fields that would corrupt or inject lines into passwd/group/shadow, hostnames
+/// the kernel and RFC 1123 refuse, and sysctl keys that are paths (see [`crate::names`]).
+fn identity(node: &Node, out: &mut Vec<Problem>) {
+    use crate::names;
+    if let Some(users) = node.get("users")
+        && let crate::Value::Seq(items) = &users.value
+    {
+        for (i, u) in items.iter().enumerate() {
+            check_user(out, u, &format!("users.{i}"));
+        }
+    }
+    if let Some((n, h)) = plain_str(node, "hostname").filter(|(_, h)| !h.is_empty()) {
+        report(out, n, "hostname".into(), names::hostname(h));
+    }
+    let Some(crate::Value::Map(stages)) = node.get("stages").map(|s| &s.value) else {
+        return;
+    };
+    for (stage, steps) in stages {
+        let crate::Value::Seq(steps) = &steps.value else {
+            continue;
+        };
+        for (i, step) in steps.iter().enumerate() {
+            let at = format!("stages.{}.{i}", stage.name);
+            if let Some((n, h)) = plain_str(step, "hostname").filter(|(_, h)| !h.is_empty()) {
+                report(out, n, format!("{at}.hostname"), names::hostname(h));
+            }
+            if let Some(crate::Value::Map(users)) = step.get("users").map(|u| &u.value) {
+                for (k, u) in users {
+                    let path = format!("{at}.users.{}", k.name);
+                    if plain_str(u, "name").is_none() && !k.name.contains("{{") {
+                        let key = Node::new(crate::Value::Null, k.origin.clone());
+                        report(
+                            out,
+                            &key,
+                            path.clone(),
+                            names::account_name("user", &k.name),
+                        );
+                    }
+                    check_user(out, u, &path);
+                }
+            }
+            if let Some(crate::Value::Map(kv)) = step.get("sysctl").map(|s| &s.value) {
+                for (k, _) in kv {
+                    let key = Node::new(crate::Value::Null, k.origin.clone());
+                    report(
+                        out,
+                        &key,
+                        format!("{at}.sysctl"),
+                        names::sysctl_key(&k.name),
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Checks the schema cannot express.
 fn semantic(node: &Node) -> Vec<Problem> {
     let mut out = Vec::new();
+    identity(node, &mut out);
     if let Some(h) = node.at_path("install.ssh_hardening")
         && h.to_json() == Json::Bool(true)
     {
@@ -341,6 +460,33 @@ pub fn did_you_mean(key: &str, known: &[String]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn identity_fields_that_would_inject_lines_are_reported() {
+        let text = "#cloud-config\nhostname: \"a b\"\nusers:\n- name: \"x:y\"\n  gecos: \"g\\nroot::0:0\"\n  homedir: rel\n  groups: [\"w:0\"]\n- name: \"{{ .Values.x }}\"\nstages:\n  boot:\n  - hostname: \"-bad\"\n    users:\n      \"ev:il\": {passwd: x}\n    sysctl:\n      /etc/shadow: 1\n";
+        let p = validate_text(text, "u.yaml");
+        let shown: Vec<String> = p.iter().map(|p| p.to_string()).collect();
+        for want in [
+            "u.yaml:2:11: hostname: hostname \"a b\"",
+            "u.yaml:4:9: users.0.name: user name \"x:y\"",
+            "users.0.gecos: gecos",
+            "users.0.homedir: homedir \"rel\" must be an absolute path",
+            "users.0.groups.0: group name \"w:0\"",
+            "stages.boot.0.hostname: hostname \"-bad\"",
+            "stages.boot.0.users.ev:il: user name \"ev:il\"",
+            "stages.boot.0.sysctl: sysctl key \"/etc/shadow\"",
+        ] {
+            assert!(
+                shown.iter().any(|s| s.contains(want)),
+                "missing {want:?} in {shown:#?}"
+            );
+        }
+        assert!(
+            !shown.iter().any(|s| s.contains("users.1.name")),
+            "templated names are checked when rendered: {shown:#?}"
+        );
+    }
+
     use super::*;
 
     fn problems(text: &str) -> Vec<String> {
