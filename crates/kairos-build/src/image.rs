@@ -78,8 +78,9 @@ pub fn kairosify(
     kairos_layer(&un.merged, bins, version, &layer)?;
     let kernel = crate::initrd::find_kernel(&un.merged)?;
     crate::initrd::build(&un.merged, &bins.immucore, &layer.join("boot/initrd"))?;
-    if !un.merged.join("boot/vmlinuz").exists() {
-        fs::copy(&kernel.vmlinuz, layer.join("boot/vmlinuz"))?;
+    let tree = kairos_sys::beneath::Dir::open(&un.merged)?;
+    if !tree.exists(Path::new("boot/vmlinuz")) {
+        kernel.copy_vmlinuz(&layer.join("boot/vmlinuz"))?;
     }
     let out = kairos_oci::append_layer(img, &layer, blobs, &format!("kairosify {version}"))?;
     Ok(out)

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use kairos_sys::beneath::{Dir, Kind};
 
 use crate::cpio;
 
@@ -34,32 +35,60 @@ pub const BOOT_MODULES: &[&str] = &[
     "nls_iso8859_1",
 ];
 
-/// A kernel found in an image tree.
+/// A kernel found in an image tree. Paths are inside the tree and read beneath it: an image
+/// whose `boot/vmlinuz-x` is a symlink to `/host/key` yields the tree's `/host/key` (or
+/// nothing), never the build host's file.
 #[derive(Debug, Clone)]
 pub struct Kernel {
     pub version: String,
+    /// The image tree.
+    pub root: PathBuf,
+    /// `boot/vmlinuz-<ver>` or `lib/modules/<ver>/vmlinuz`, inside `root`.
     pub vmlinuz: PathBuf,
+    /// `lib/modules/<ver>`, inside `root`.
     pub modules: PathBuf,
+}
+
+impl Kernel {
+    /// Copies the kernel image out of the tree to `dest`.
+    pub fn copy_vmlinuz(&self, dest: &Path) -> Result<()> {
+        Dir::open(&self.root)
+            .and_then(|d| d.copy_out(&self.vmlinuz, dest))
+            .with_context(|| {
+                format!(
+                    "copying /{} out of {}",
+                    self.vmlinuz.display(),
+                    self.root.display()
+                )
+            })?;
+        Ok(())
+    }
 }
 
 /// Finds `/boot/vmlinuz-<ver>` with its `/lib/modules/<ver>` (or `/usr/lib/modules`).
 pub fn find_kernel(rootfs: &Path) -> Result<Kernel> {
+    let dir = Dir::open(rootfs).with_context(|| format!("opening {}", rootfs.display()))?;
     let mut found = Vec::new();
     for base in ["lib/modules", "usr/lib/modules"] {
-        let Ok(rd) = fs::read_dir(rootfs.join(base)) else {
+        let Ok(rd) = dir.read_dir(Path::new(base)) else {
             continue;
         };
-        for e in rd.flatten() {
-            let ver = e.file_name().to_string_lossy().into_owned();
+        for (name, _) in rd {
+            let ver = name.to_string_lossy().into_owned();
+            let modules = Path::new(base).join(&name);
             let candidates = [
-                rootfs.join(format!("boot/vmlinuz-{ver}")),
-                e.path().join("vmlinuz"),
+                PathBuf::from(format!("boot/vmlinuz-{ver}")),
+                modules.join("vmlinuz"),
             ];
-            if let Some(v) = candidates.iter().find(|p| p.is_file()) {
+            if let Some(v) = candidates
+                .iter()
+                .find(|p| dir.metadata(p).is_ok_and(|m| m.kind == Kind::File))
+            {
                 found.push(Kernel {
                     version: ver,
+                    root: rootfs.to_path_buf(),
                     vmlinuz: v.clone(),
-                    modules: e.path(),
+                    modules,
                 });
             }
         }
@@ -77,35 +106,41 @@ fn norm(name: &str) -> String {
     name.replace('-', "_")
 }
 
-/// Module name → file, for every uncompressed `.ko` under the modules dir.
-fn index(moddir: &Path) -> BTreeMap<String, PathBuf> {
+/// Module name → file (inside the tree), for every uncompressed `.ko` under the modules dir.
+/// Directories reached through symlinks are not entered, nor levels past 16.
+fn index(dir: &Dir, moddir: &Path) -> BTreeMap<String, PathBuf> {
     let mut out = BTreeMap::new();
-    let mut stack = vec![moddir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Some(n) = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".ko"))
-            {
-                out.insert(norm(n), p);
+    let mut stack = vec![(moddir.to_path_buf(), 0)];
+    while let Some((d, depth)) = stack.pop() {
+        let Ok(rd) = dir.read_dir(&d) else { continue };
+        for (name, kind) in rd {
+            let p = d.join(&name);
+            match kind {
+                Kind::Dir if depth < 16 => stack.push((p, depth + 1)),
+                Kind::File => {
+                    if let Some(n) = name.to_str().and_then(|n| n.strip_suffix(".ko")) {
+                        out.insert(norm(n), p);
+                    }
+                }
+                _ => {}
             }
         }
     }
     out
 }
 
+/// The largest module file read into an initrd.
+const MAX_MODULE: u64 = 64 << 20;
+
 /// The module files to load for `wanted`, dependencies first; built-in and absent modules are
-/// skipped (a kernel may build them in or not need them).
-pub fn closure(moddir: &Path, wanted: &[&str]) -> Result<Vec<PathBuf>> {
-    let idx = index(moddir);
+/// skipped (a kernel may build them in or not need them). Paths are inside `rootfs`.
+pub fn closure(rootfs: &Path, moddir: &Path, wanted: &[&str]) -> Result<Vec<PathBuf>> {
+    let dir = Dir::open(rootfs).with_context(|| format!("opening {}", rootfs.display()))?;
+    let idx = index(&dir, moddir);
     let mut order = Vec::new();
     let mut seen = HashSet::new();
     fn visit(
+        dir: &Dir,
         name: &str,
         idx: &BTreeMap<String, PathBuf>,
         seen: &mut HashSet<String>,
@@ -122,15 +157,17 @@ pub fn closure(moddir: &Path, wanted: &[&str]) -> Result<Vec<PathBuf>> {
         if depth > 32 {
             bail!("module dependency chain too deep at {name}");
         }
-        let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let data = dir
+            .read_limited(path, MAX_MODULE)
+            .with_context(|| format!("reading /{}", path.display()))?;
         for dep in kairos_sys::kmod::depends(&data) {
-            visit(&dep, idx, seen, order, depth + 1)?;
+            visit(dir, &dep, idx, seen, order, depth + 1)?;
         }
         order.push(path.clone());
         Ok(())
     }
     for w in wanted {
-        visit(w, &idx, &mut seen, &mut order, 0)?;
+        visit(&dir, w, &idx, &mut seen, &mut order, 0)?;
     }
     Ok(order)
 }
@@ -146,7 +183,8 @@ pub struct Initrd {
 /// Writes the initrd for the kernel of `rootfs` to `out`.
 pub fn build(rootfs: &Path, immucore: &Path, out: &Path) -> Result<Initrd> {
     let kernel = find_kernel(rootfs)?;
-    let files = closure(&kernel.modules, BOOT_MODULES)?;
+    let files = closure(rootfs, &kernel.modules, BOOT_MODULES)?;
+    let tree = Dir::open(rootfs).with_context(|| format!("opening {}", rootfs.display()))?;
     let init = fs::read(immucore).with_context(|| format!("reading {}", immucore.display()))?;
     let f = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut w = cpio::Writer::new(std::io::BufWriter::new(f));
@@ -190,7 +228,10 @@ pub fn build(rootfs: &Path, immucore: &Path, out: &Path) -> Result<Initrd> {
                 w.dir(&d.to_string_lossy())?;
             }
         }
-        w.file(&inside.to_string_lossy(), 0o644, &fs::read(f)?)?;
+        let data = tree
+            .read_limited(f, MAX_MODULE)
+            .with_context(|| format!("reading /{}", f.display()))?;
+        w.file(&inside.to_string_lossy(), 0o644, &data)?;
         list.push_str(&format!("/{}\n", inside.display()));
         names.push(
             f.file_stem()
@@ -236,7 +277,7 @@ mod tests {
         fake_module(m, "kernel/drivers/virtio/virtio.ko", "");
         fake_module(m, "kernel/drivers/virtio/virtio_ring.ko", "virtio");
         fake_module(m, "kernel/fs/overlayfs/overlay.ko", "");
-        let order = closure(m, &["virtio_blk", "overlay", "not_there"]).unwrap();
+        let order = closure(m, Path::new(""), &["virtio_blk", "overlay", "not_there"]).unwrap();
         let names: Vec<_> = order
             .iter()
             .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
@@ -245,6 +286,37 @@ mod tests {
             names,
             vec!["virtio", "virtio_ring", "virtio_blk", "overlay"]
         );
+    }
+
+    #[test]
+    fn a_kernel_symlinked_to_a_host_file_is_not_copied() {
+        let t = tempfile::tempdir().unwrap();
+        let secret = t.path().join("host-key");
+        fs::write(&secret, "host secret").unwrap();
+        let r = t.path().join("root");
+        fs::create_dir_all(r.join("boot")).unwrap();
+        fs::create_dir_all(r.join("lib/modules/6.1.0-x")).unwrap();
+        std::os::unix::fs::symlink(&secret, r.join("boot/vmlinuz-6.1.0-x")).unwrap();
+        // The link leads nowhere inside the tree: no kernel is found.
+        assert!(find_kernel(&r).is_err());
+        // A module symlinked out of the tree is not read either.
+        fake_module(&r.join("lib/modules/6.1.0-x"), "kernel/fs/a.ko", "");
+        fs::write(r.join("boot/vmlinuz-6.1.0-x.real"), "kernel").unwrap();
+        fs::remove_file(r.join("boot/vmlinuz-6.1.0-x")).unwrap();
+        std::os::unix::fs::symlink("/boot/vmlinuz-6.1.0-x.real", r.join("boot/vmlinuz-6.1.0-x"))
+            .unwrap();
+        std::os::unix::fs::symlink(&secret, r.join("lib/modules/6.1.0-x/kernel/fs/overlay.ko"))
+            .unwrap();
+        let k = find_kernel(&r).unwrap();
+        let out = t.path().join("vmlinuz");
+        k.copy_vmlinuz(&out).unwrap();
+        assert_eq!(
+            fs::read_to_string(&out).unwrap(),
+            "kernel",
+            "absolute link resolved in the tree"
+        );
+        let mods = closure(&r, &k.modules, &["a", "overlay"]).unwrap();
+        assert_eq!(mods.len(), 1, "{mods:?}");
     }
 
     #[test]

@@ -17,7 +17,10 @@ pub enum InitSystem {
 }
 
 pub fn detect_init(rootfs: &Path) -> Result<InitSystem> {
-    let has = |p: &str| rootfs.join(p).exists() || fs::symlink_metadata(rootfs.join(p)).is_ok();
+    // Looked up beneath the image tree: `lib -> /usr/lib` means the image's /usr/lib.
+    let tree = kairos_sys::beneath::Dir::open(rootfs)
+        .with_context(|| format!("opening {}", rootfs.display()))?;
+    let has = |p: &str| tree.symlink_metadata(Path::new(p)).is_ok();
     if has("lib/systemd/systemd") || has("usr/lib/systemd/systemd") {
         Ok(InitSystem::Systemd)
     } else if has("sbin/openrc") || has("usr/sbin/openrc") {
@@ -164,8 +167,9 @@ fn openrc_services(layer: &Path) -> Result<()> {
 
 /// busybox init: the stages as inittab entries after the image's own.
 fn busybox_inittab(rootfs: &Path, layer: &Path) -> Result<()> {
-    let orig = fs::read_to_string(rootfs.join("etc/inittab"))
-        .context("reading the image's /etc/inittab")?;
+    let orig = kairos_sys::beneath::Dir::open(rootfs)
+        .and_then(|d| d.read_to_string(Path::new("etc/inittab")))
+        .context("reading the image's /etc/inittab (a regular file inside the image)")?;
     let mut sysinit = String::new();
     let mut rest = String::new();
     for l in orig.lines() {
@@ -222,7 +226,9 @@ pub fn kairos_layer(
     for (name, text) in DEFAULT_CONFIGS {
         write(&layer.join("system/oem").join(name), text, 0o644)?;
     }
-    let osr = fs::read_to_string(rootfs.join("etc/os-release")).unwrap_or_default();
+    let osr = kairos_sys::beneath::Dir::open(rootfs)
+        .and_then(|d| d.read_to_string(Path::new("etc/os-release")))
+        .unwrap_or_default();
     let kv = kairos_sys::sysinfo::parse_key_values(&osr);
     let flavor = kv.get("ID").cloned().unwrap_or_else(|| "unknown".into());
     let init_name = match init {
@@ -344,6 +350,23 @@ mod tests {
             agent: d.join("agent"),
             immucore: d.join("immucore"),
         }
+    }
+
+    #[test]
+    fn an_inittab_symlinked_to_a_host_file_is_not_copied() {
+        let r = base("busybox");
+        let host = tempfile::tempdir().unwrap();
+        let secret = host.path().join("secret");
+        fs::write(&secret, "::sysinit:host secret\n").unwrap();
+        fs::remove_file(r.path().join("etc/inittab")).unwrap();
+        std::os::unix::fs::symlink(&secret, r.path().join("etc/inittab")).unwrap();
+        let l = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        // The link names a file the image does not have: refused, nothing of the host copied.
+        let e = kairos_layer(r.path(), &bins(b.path()), "1", l.path()).unwrap_err();
+        assert!(format!("{e:#}").contains("/etc/inittab"), "{e:#}");
+        let tab = fs::read_to_string(l.path().join("etc/inittab")).unwrap_or_default();
+        assert!(!tab.contains("host secret"), "{tab}");
     }
 
     #[test]

@@ -42,15 +42,24 @@ pub fn build_store(spec: &OsSpec, store_dir: &Path, work: &Path) -> Result<Os> {
         anyhow::bail!("an image needs at least one layer");
     }
     let kernel = crate::initrd::find_kernel(base)?;
+    let kernel_path = work.join("vmlinuz");
+    kernel.copy_vmlinuz(&kernel_path)?;
     let initrd_path = work.join("initrd");
+    // Files of the image tree are read beneath it: a symlink in the image cannot pull a
+    // build-host file onto the disk.
+    let tree = kairos_sys::beneath::Dir::open(base)
+        .with_context(|| format!("opening {}", base.display()))?;
     // A kairosified image carries its initrd; otherwise make one from its modules.
     match ["boot/initrd", "boot/kairos-initrd"]
         .iter()
-        .map(|p| base.join(p))
-        .find(|p| p.is_file())
-    {
+        .map(Path::new)
+        .find(|p| {
+            tree.metadata(p)
+                .is_ok_and(|m| m.kind == kairos_sys::beneath::Kind::File)
+        }) {
         Some(p) => {
-            fs::copy(&p, &initrd_path).with_context(|| format!("copying {}", p.display()))?;
+            tree.copy_out(p, &initrd_path)
+                .with_context(|| format!("copying /{}", p.display()))?;
         }
         None => {
             crate::initrd::build(base, spec.immucore, &initrd_path)?;
@@ -109,7 +118,8 @@ pub fn build_store(spec: &OsSpec, store_dir: &Path, work: &Path) -> Result<Os> {
         id,
         image: spec.image_ref.clone(),
         manifest_digest: digest,
-        version: fs::read_to_string(base.join("etc/os-release"))
+        version: tree
+            .read_to_string(Path::new("etc/os-release"))
             .ok()
             .and_then(|t| {
                 kairos_sys::sysinfo::parse_key_values(&t)
@@ -119,14 +129,14 @@ pub fn build_store(spec: &OsSpec, store_dir: &Path, work: &Path) -> Result<Os> {
             .unwrap_or_default(),
         created: kairos_sys::time::now_rfc3339(),
         layers,
-        kernel: Some(boot_blob(&kernel.vmlinuz)?),
+        kernel: Some(boot_blob(&kernel_path)?),
         initrd: Some(boot_blob(&initrd_path)?),
         cmdline: spec.cmdline.clone(),
     };
     store.write_deployment(&dep)?;
     Ok(Os {
         dep,
-        kernel: kernel.vmlinuz,
+        kernel: kernel_path,
         initrd: initrd_path,
         layer_bytes,
     })

@@ -175,15 +175,24 @@ pub fn probe_boot_files(
     let dir = scratch.join("probe");
     let _ = fs::remove_dir_all(&dir);
     let result = with_deployment_root(store, layers, &dir, |root| {
+        // The deployment's files are read beneath its root: symlinks in the image resolve
+        // inside it, never to the node's own files.
+        let tree = kairos_sys::beneath::Dir::open(root).map_err(io_err(root))?;
         let out = |name: &str| -> Result<PathBuf, Error> {
-            let src = resolve_in(root, Path::new("boot").join(name))?;
+            let rel = Path::new("boot").join(name);
             let dest = dir.join(name);
-            fs::copy(&src, &dest).map_err(io_err(&src))?;
+            tree.copy_out(&rel, &dest).map_err(|e| {
+                Error::Node(format!(
+                    "the image has no regular file /{} ({e}): upgrade to a kairosified image (`kairosctl kairosify`)",
+                    rel.display()
+                ))
+            })?;
             Ok(dest)
         };
         let kernel = out("vmlinuz")?;
         let initrd = out("initrd")?;
-        let version = fs::read_to_string(root.join("etc/os-release"))
+        let version = tree
+            .read_to_string(Path::new("etc/os-release"))
             .ok()
             .and_then(|t| {
                 kairos_sys::sysinfo::parse_key_values(&t)
@@ -202,23 +211,4 @@ pub fn probe_boot_files(
         let _ = fs::remove_dir_all(&dir);
     }
     result
-}
-
-/// `rel` inside `root`, following symlinks as if `root` were `/`.
-fn resolve_in(root: &Path, rel: PathBuf) -> Result<PathBuf, Error> {
-    let mut p = root.join(&rel);
-    for _ in 0..16 {
-        match fs::read_link(&p) {
-            Ok(t) if t.is_absolute() => p = root.join(t.strip_prefix("/").unwrap_or(&t)),
-            Ok(t) => p = p.parent().unwrap_or(root).join(t),
-            Err(_) => break,
-        }
-    }
-    if !p.is_file() {
-        return Err(Error::Node(format!(
-            "the image has no /{}: upgrade to a kairosified image (`kairosctl kairosify`)",
-            rel.display()
-        )));
-    }
-    Ok(p)
 }

@@ -257,6 +257,14 @@ impl Dir {
         self.read_limited(rel, 64 << 20)
     }
 
+    /// Copies the regular file `rel` (beneath the root) to `dest` (a path the caller chose),
+    /// creating or truncating it. Returns the bytes copied.
+    pub fn copy_out(&self, rel: &Path, dest: &Path) -> io::Result<u64> {
+        let mut src = self.open_file(rel)?;
+        let mut out = File::create(dest)?;
+        io::copy(&mut src, &mut out)
+    }
+
     pub fn read_to_string(&self, rel: &Path) -> io::Result<String> {
         String::from_utf8(self.read(rel)?)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "is not UTF-8 text"))
