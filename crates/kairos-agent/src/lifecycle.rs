@@ -28,7 +28,8 @@ pub struct NodeArgs {
     /// The mounted COS_OEM (default /oem when it exists)
     #[arg(long, value_name = "DIR", global = true)]
     pub oem: Option<PathBuf>,
-    /// Scratch space for downloads and unpacked layers (default: tmpfs under /run/kairos)
+    /// Scratch space for downloads and unpacked layers (default: tmpfs under /run/kairos).
+    /// A fresh root-only subdirectory is made in DIR and only that is removed afterwards
     #[arg(long, value_name = "DIR", global = true)]
     pub scratch: Option<PathBuf>,
 }
@@ -41,10 +42,19 @@ pub struct Opened {
 
 impl NodeArgs {
     pub fn open(&self, root: &Path, recovery: bool) -> Result<Opened> {
-        let scratch = self
-            .scratch
-            .clone()
-            .unwrap_or_else(|| root.join("run/kairos/upgrade"));
+        // A user's --scratch DIR is theirs: we work in a subdirectory of our own, made fresh
+        // when needed and removed alone.
+        let scratch = match &self.scratch {
+            Some(dir) => dir.join(format!(
+                "kairos-scratch-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0)
+            )),
+            None => root.join("run/kairos/upgrade"),
+        };
         let oem = self
             .oem
             .clone()
@@ -76,6 +86,29 @@ impl NodeArgs {
             },
             _mounts: held,
         })
+    }
+}
+
+/// Creates the scratch directory, root-only (0700): device nodes from layers are made in it.
+/// An existing directory there is refused rather than reused.
+fn make_scratch(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        // The default scratch under /run is ours: a leftover of a killed run is cleared.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AlreadyExists
+                && dir.ends_with("run/kairos/upgrade") =>
+        {
+            std::fs::remove_dir_all(dir)?;
+            std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("creating scratch directory {}", dir.display())),
     }
 }
 
@@ -249,7 +282,7 @@ pub fn upgrade_cmd(
             .with_context(|| format!("reading staged deployment {}", s.deployment))?
     } else {
         let source = a.source.as_deref().unwrap_or_default();
-        std::fs::create_dir_all(&node.scratch)?;
+        make_scratch(&node.scratch)?;
         let r = upgrade::stage(node, source, &base_cmdline(node), &mut |e| p.event(e));
         let _ = std::fs::remove_dir_all(&node.scratch);
         r.with_context(|| format!("upgrading to {source}"))?

@@ -139,6 +139,11 @@ enum VmCmd {
         /// Also write the serial console to this file
         #[arg(long)]
         serial_log: Option<PathBuf>,
+        /// A second serial port (the guest's /dev/ttyS1) written to this file: a channel of
+        /// its own for whatever drives the VM (test harnesses send command output there, so
+        /// nothing else the node prints on its console can mix in)
+        #[arg(long)]
+        second_serial: Option<PathBuf>,
         /// Memory in MiB
         #[arg(long, default_value_t = 1024)]
         memory: u32,
@@ -476,6 +481,7 @@ fn run() -> Result<i32> {
                     disk,
                     iso,
                     serial_log,
+                    second_serial,
                     memory,
                     smp,
                     accel,
@@ -501,6 +507,7 @@ fn run() -> Result<i32> {
                 smp,
                 vars,
                 serial_log,
+                second_serial,
                 accel,
                 serial_stdio: true,
                 kernel: kernel.zip(initrd).map(|(k, i)| (k, i, append)),

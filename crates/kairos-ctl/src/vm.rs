@@ -16,6 +16,8 @@ pub struct VmSpec {
     /// Where the writable copy of the UEFI variables lives.
     pub vars: PathBuf,
     pub serial_log: Option<PathBuf>,
+    /// The guest's second serial port (ttyS1), written to this file.
+    pub second_serial: Option<PathBuf>,
     /// `tcg` (default; guests under KVM hang on these machines) or `kvm`.
     pub accel: String,
     /// Serial console on stdio (interactive use and tests) instead of a log file only.
@@ -101,6 +103,9 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
         }
         (Some(log), false) => a.extend(["-serial".into(), format!("file:{}", log.display())]),
         (None, _) => a.extend(["-serial".into(), "stdio".into()]),
+    }
+    if let Some(p) = &s.second_serial {
+        a.extend(["-serial".into(), format!("file:{}", p.display())]);
     }
     a.extend(["-monitor".into(), "none".into()]);
     a
@@ -224,6 +229,7 @@ mod tests {
             smp: 2,
             vars: "/d/vars.fd".into(),
             serial_log: Some("/d/serial.log".into()),
+            second_serial: Some("/d/harness.log".into()),
             accel: "tcg".into(),
             serial_stdio: false,
             kernel: Some(("/d/vmlinuz".into(), "/d/initrd".into(), "a=b".into())),
@@ -244,6 +250,11 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("-serial file:/d/serial.log"), "{a}");
+        assert!(
+            a.ends_with("-serial file:/d/harness.log -monitor none")
+                || a.contains("-serial file:/d/serial.log -serial file:/d/harness.log"),
+            "the second serial port comes after the console: {a}"
+        );
         assert!(a.contains("unit=1,file=/d/vars.fd"), "{a}");
         assert!(
             a.contains("-kernel /d/vmlinuz -initrd /d/initrd -append a=b"),

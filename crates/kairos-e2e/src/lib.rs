@@ -443,13 +443,27 @@ fn tail(s: &str) -> String {
     chars[chars.len().saturating_sub(3000)..].iter().collect()
 }
 
-/// A running VM with its serial console.
+/// A running VM with its serial console, and a second serial port for command output.
+///
+/// Commands typed on the console by [`Vm::sh`] write their output to the guest's
+/// `/dev/ttyS1`, which QEMU writes to a file of its own (`LOG.harness`): kernel messages and
+/// whatever services print on the console never mix into it. Each command is framed by a
+/// per-command nonce. Sessions that cannot open ttyS1 (a non-root login) fall back to framed
+/// output on the console.
 pub struct Vm {
     child: Child,
     stdin: ChildStdin,
     out: Arc<Mutex<String>>,
     /// Bytes of output already consumed by `wait_for`.
     seen: usize,
+    /// What the guest wrote to ttyS1, and how much of it `sh` consumed.
+    chan: Arc<Mutex<String>>,
+    chan_seen: usize,
+    /// True while the logged-in shell is root's (ttyS1 is root-only).
+    use_chan: bool,
+    /// Commands sent so far (part of each nonce).
+    commands: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
     pub log: PathBuf,
 }
 
@@ -489,8 +503,13 @@ impl Vm {
     }
 
     fn spawn(disk: &Path, extra: &[String], log: &Path) -> Result<Vm> {
+        let mut chan_path = log.as_os_str().to_owned();
+        chan_path.push(".harness");
+        let chan_path = PathBuf::from(chan_path);
+        std::fs::write(&chan_path, b"")?;
         let mut cmd = Command::new(bin("kairosctl"));
         cmd.args(["vm", "run", "--memory", "768", "--smp", "1"]);
+        cmd.arg("--second-serial").arg(&chan_path);
         cmd.args(extra);
         let mut child = cmd
             .arg(disk)
@@ -516,13 +535,78 @@ impl Vm {
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
+        // Tail the second serial port's file (QEMU appends to it as the guest writes).
+        let chan = Arc::new(Mutex::new(String::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (chan, stop) = (chan.clone(), stop.clone());
+            let mut f = std::fs::File::open(&chan_path)?;
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut pending = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match f.read(&mut buf) {
+                        Ok(0) | Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                        Ok(n) => {
+                            pending.extend_from_slice(&buf[..n]);
+                            // Keep an incomplete UTF-8 sequence for the next read.
+                            let valid = match std::str::from_utf8(&pending) {
+                                Ok(_) => pending.len(),
+                                Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                                Err(_) => pending.len(),
+                            };
+                            let text = String::from_utf8_lossy(&pending[..valid]).into_owned();
+                            pending.drain(..valid);
+                            chan.lock().unwrap().push_str(&text);
+                        }
+                    }
+                }
+            });
+        }
         Ok(Vm {
             child,
             stdin,
             out,
             seen: 0,
+            chan,
+            chan_seen: 0,
+            use_chan: false,
+            commands: 0,
+            stop,
             log: log.to_path_buf(),
         })
+    }
+
+    /// Waits until `needle` appears on the second serial port after what was consumed.
+    fn wait_chan(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let chan = self.chan.lock().unwrap();
+                if let Some(pos) = chan[self.chan_seen..].find(needle) {
+                    let text =
+                        chan[self.chan_seen..self.chan_seen + pos + needle.len()].to_string();
+                    self.chan_seen += pos + needle.len();
+                    return Ok(text);
+                }
+            }
+            if Instant::now() > deadline {
+                let chan = self.chan.lock().unwrap();
+                let out = self.out.lock().unwrap();
+                bail!(
+                    "timed out after {timeout:?} waiting for {needle:?} on the harness channel; channel tail:\n{}\nconsole tail:\n{}",
+                    tail(&chan[self.chan_seen..]),
+                    tail(&out)
+                );
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                bail!(
+                    "the VM exited ({st}) while waiting for {needle:?}; console tail:\n{}",
+                    tail(&self.out.lock().unwrap())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits until `needle` appears in output not yet consumed; returns the text up to it.
@@ -580,6 +664,7 @@ impl Vm {
                 }
                 if let Some(p) = rest.find("$ ").or_else(|| rest.find("# ")) {
                     self.seen += p + 2;
+                    self.use_chan = user == "root";
                     return Ok(());
                 }
                 if Instant::now() > deadline {
@@ -594,9 +679,31 @@ impl Vm {
         bail!("could not log in as {user}: the password was refused 4 times")
     }
 
-    /// Runs a shell command and returns its output (between unique markers).
+    /// Runs a shell command and returns its output, `…[exit N]`. As root, the output goes to
+    /// the second serial port (nothing else writes there); otherwise it is framed on the
+    /// console and kernel lines are stripped from it.
     pub fn sh(&mut self, cmd: &str) -> Result<String> {
-        let tag = format!("K{}", self.seen);
+        self.commands += 1;
+        // A nonce per command: a marker can only match this command's own echo.
+        let tag = format!(
+            "K{}x{:x}",
+            self.commands,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+        );
+        if self.use_chan {
+            self.send(&format!(
+                "{{ echo {tag}-B; {cmd}; echo {tag}-E$?; }} >/dev/ttyS1 2>&1"
+            ))?;
+            self.wait_chan(&format!("{tag}-B"), Duration::from_secs(60))?;
+            let text = self.wait_chan(&format!("{tag}-E"), Duration::from_secs(120))?;
+            let status = self.wait_chan("\n", Duration::from_secs(10))?;
+            let body = text.trim_end_matches(&format!("{tag}-E")).replace('\r', "");
+            let body = body.strip_prefix('\n').unwrap_or(&body);
+            return Ok(format!("{body}[exit {}]", status.trim()));
+        }
         self.send(&format!("echo {tag}-B; {cmd}; echo {tag}-E$?"))?;
         self.wait_for(&format!("{tag}-B\r\n"), Duration::from_secs(60))?;
         let text = self.wait_for(&format!("{tag}-E"), Duration::from_secs(120))?;
@@ -628,6 +735,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -118,8 +118,20 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
     assert_eq!(entries(esp), before);
 
     // v1 → v2: one layer fetched and written, the rest reused; v2 boots next with 3 tries.
+    // The user's --scratch directory keeps its files: the agent works in a subdirectory.
+    std::fs::create_dir_all(&node.scratch).unwrap();
+    std::fs::write(node.scratch.join("keep.txt"), "mine").unwrap();
     let (code, out, err) = run(&["upgrade", "--source", &v2, "--json"]);
     assert_eq!(code, 0, "{err}");
+    let left: Vec<_> = std::fs::read_dir(&node.scratch)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("keep.txt")],
+        "scratch left as it was"
+    );
     let ev = events(&out);
     let resolved = ev.iter().find(|e| e["event"] == "resolved").unwrap();
     assert_eq!(resolved["missing"], 1, "{out}");
@@ -225,6 +237,19 @@ fn upgrade_fetches_only_the_changed_layer_and_rollback_swaps_entries() {
             entries(esp)
         );
     }
+
+    // An oci-layout source is read, never modified (its blobs were deleted once).
+    let layout = node._work.path().join("layout");
+    let v3 = image_with_files(
+        &v2,
+        &[("etc/kairos-e2e-version", b"v3\n")],
+        &format!("oci-layout:{}:v3", layout.display()),
+    )
+    .unwrap();
+    let before = snapshot(&layout);
+    let (code, _, err) = run(&["upgrade", "--source", &v3]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(snapshot(&layout), before, "the layout changed");
 }
 
 /// STATE's files with sizes, and the ESP's entries with their deployments.
