@@ -66,7 +66,8 @@ pub fn stage(
     fs::create_dir_all(&cache).map_err(io_err(&cache))?;
     let have = |diff_id: &Digest| store.layer_path(diff_id).is_file();
     let wanted = |d: &str| Digest::parse(d).is_ok_and(|d| !have(&d));
-    let img = kairos_oci::fetch_wanted(&r, &cache, &wanted, &mut |digest, done, total| {
+    let room = |bytes: u64| check_room(node, bytes).map_err(kairos_oci::Error::NoSpace);
+    let img = kairos_oci::fetch_wanted(&r, &cache, &wanted, &room, &mut |digest, done, total| {
         events(Event::Download {
             digest: digest.to_string(),
             done,
@@ -180,8 +181,43 @@ pub fn deployments(store: &Store) -> Vec<Deployment> {
         .collect()
 }
 
+/// Space kept free on scratch and store beyond what an upgrade is known to need.
+pub const SPACE_RESERVE: u64 = 16 << 20;
+
+fn mib(b: u64) -> u64 {
+    b.div_ceil(1 << 20)
+}
+
+/// Before any layer is downloaded: `bytes` (the missing layers, compressed) must fit on the
+/// scratch space (downloads) and on the store (each layer image is about that big at least).
+pub fn check_room(node: &Node, bytes: u64) -> Result<(), String> {
+    let need = bytes + SPACE_RESERVE;
+    for (what, path) in [
+        ("the scratch space", &node.scratch),
+        ("the layer store", &node.store),
+    ] {
+        let free =
+            kairos_sys::fs::free_bytes(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if free < need {
+            return Err(format!(
+                "the upgrade needs {} MiB on {what} ({}), which has {} MiB free: free some space{}",
+                mib(need),
+                path.display(),
+                mib(free),
+                if what == "the scratch space" {
+                    " or pass --scratch DIR on a bigger disk"
+                } else {
+                    " (`kairos-agent upgrade` removes old layers once a deployment is blessed)"
+                }
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Unpacks a layer blob (checking it against `diff_id`), makes its image and moves it into
-/// the store under its final name only when complete.
+/// the store under its final name only when complete. Unpacking stops at the free space of
+/// the scratch filesystem (less a reserve): a compression bomb fails, it does not fill it.
 pub fn import_layer(
     store: &Store,
     blob: &Path,
@@ -193,7 +229,16 @@ pub fn import_layer(
     let hex = diff_id.hex();
     let tree = scratch.join(format!("tree-{hex}"));
     let _ = fs::remove_dir_all(&tree);
-    let got = kairos_oci::layer::unpack(blob, &tree)?;
+    let limit = kairos_sys::fs::free_bytes(scratch)
+        .map_err(io_err(scratch))?
+        .saturating_sub(SPACE_RESERVE);
+    let got = match kairos_oci::layer::unpack_limited(blob, &tree, limit) {
+        Ok(got) => got,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tree);
+            return Err(e.into());
+        }
+    };
     if *diff_id != got {
         let _ = fs::remove_dir_all(&tree);
         return Err(kairos_oci::Error::Digest {

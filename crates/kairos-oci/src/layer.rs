@@ -68,6 +68,15 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 /// in the layer (`esc -> /some/dir`) is followed only inside `dest`, never out of it, and
 /// whiteouts that name no file (`.wh.`, `.wh..`, `.wh...`) are refused.
 pub fn unpack(layer: &Path, dest: &Path) -> Result<String, Error> {
+    unpack_limited(layer, dest, u64::MAX)
+}
+
+/// What an entry costs besides its data (inode, directory entry), for [`unpack_limited`].
+const ENTRY_OVERHEAD: u64 = 512;
+
+/// Like [`unpack`], but refuses ([`Error::TooBig`]) before writing past `max_bytes` of file
+/// data (plus a small cost per entry): a 1 MB gzip bomb cannot fill the scratch space.
+pub fn unpack_limited(layer: &Path, dest: &Path, max_bytes: u64) -> Result<String, Error> {
     let reader = open_layer(layer)?;
     let mut hashing = HashingReader {
         inner: reader,
@@ -87,6 +96,7 @@ pub fn unpack(layer: &Path, dest: &Path) -> Result<String, Error> {
     }
     let root = Dir::open(dest).map_err(io_dest)?;
     let mut dir_times = Vec::new();
+    let mut used = 0u64;
     {
         let mut ar = tar::Archive::new(&mut hashing);
         let entries = ar
@@ -106,6 +116,15 @@ pub fn unpack(layer: &Path, dest: &Path) -> Result<String, Error> {
                     path.display()
                 )));
             };
+            used = used
+                .saturating_add(entry.header().entry_size().unwrap_or(0))
+                .saturating_add(ENTRY_OVERHEAD);
+            if used > max_bytes {
+                return Err(Error::TooBig {
+                    layer: layer.to_path_buf(),
+                    limit: max_bytes,
+                });
+            }
             unpack_entry(&root, &mut entry, &rel, &mut dir_times).map_err(|e| {
                 Error::Format(format!(
                     "{}: entry {}: {e}",

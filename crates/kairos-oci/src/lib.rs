@@ -31,6 +31,12 @@ pub enum Error {
     NotFound(String),
     #[error("registry: {0}")]
     Registry(String),
+    #[error("{0}")]
+    NoSpace(String),
+    #[error(
+        "{layer}: unpacks to more than {limit} bytes, all the space there is for it; refused (a compression bomb, or give it room with --scratch DIR)"
+    )]
+    TooBig { layer: PathBuf, limit: u64 },
 }
 
 use std::path::Path;
@@ -67,10 +73,12 @@ pub fn fetch(r: &ImageRef, cache: &Path, progress: Progress) -> Result<LocalImag
 
 /// Like [`fetch`], but from a registry only the layers with `wanted(diff_id)` are downloaded
 /// (local sources are read in place whole): what an upgrade uses to pull only what changed.
+/// `room(bytes)` is asked first whether the wanted layers' compressed bytes fit.
 pub fn fetch_wanted(
     r: &ImageRef,
     cache: &Path,
     wanted: &dyn Fn(&str) -> bool,
+    room: &dyn Fn(u64) -> Result<(), Error>,
     progress: Progress,
 ) -> Result<LocalImage, Error> {
     match r {
@@ -82,6 +90,7 @@ pub fn fetch_wanted(
             reference,
             &cache.join("blobs"),
             wanted,
+            room,
             progress,
         ),
         other => fetch(other, cache, progress),

@@ -309,18 +309,22 @@ impl Registry {
         blobs: &Path,
         progress: &mut dyn FnMut(&str, u64, u64),
     ) -> Result<LocalImage, Error> {
-        self.pull_some(reference, blobs, &|_| true, progress)
+        self.pull_some(reference, blobs, &|_| true, &|_| Ok(()), progress)
     }
 
     /// Like [`Registry::pull`], but downloads only the layers for which `wanted(diff_id)` is
     /// true (the config says each layer's diff_id before any layer is fetched). The image
     /// returned then lacks the other layers' blobs: callers that skip a layer already have
     /// its content in another form (an upgrade's layer store).
+    ///
+    /// `room(bytes)` is asked, before any layer is downloaded, whether the wanted layers'
+    /// compressed bytes fit; its error stops the pull.
     pub fn pull_some(
         &mut self,
         reference: &str,
         blobs: &Path,
         wanted: &dyn Fn(&str) -> bool,
+        room: &dyn Fn(u64) -> Result<(), Error>,
         progress: &mut dyn FnMut(&str, u64, u64),
     ) -> Result<LocalImage, Error> {
         let (manifest, digest, body) = self.resolve(reference)?;
@@ -340,6 +344,14 @@ impl Registry {
                 diff_ids.len()
             )));
         }
+        let bytes: u64 = manifest
+            .layers
+            .iter()
+            .zip(&diff_ids)
+            .filter(|(_, id)| wanted(id.as_str()))
+            .map(|(d, _)| d.size)
+            .sum();
+        room(bytes)?;
         for (d, id) in manifest.layers.iter().zip(&diff_ids) {
             if wanted(id.as_str()) {
                 self.pull_blob(d, blobs, progress)?;

@@ -42,24 +42,30 @@ pub fn put_verified(
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(Error::Io {
-                    path: tmp,
-                    source: e,
-                });
-            }
-        };
-        h.update(&buf[..n]);
-        f.write_all(&buf[..n]).map_err(io_err(&tmp))?;
-        total += n as u64;
-        progress(total);
+    // Every failure below removes the partial file.
+    let copied = (|| -> io::Result<()> {
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            h.update(&buf[..n]);
+            f.write_all(&buf[..n])?;
+            total += n as u64;
+            progress(total);
+        }
+        f.sync_all()
+    })();
+    if let Err(e) = copied {
+        drop(f);
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::Io {
+            path: tmp,
+            source: e,
+        });
     }
-    f.sync_all().map_err(io_err(&tmp))?;
     let found = format!(
         "sha256:{}",
         h.finalize()
@@ -74,7 +80,13 @@ pub fn put_verified(
             found,
         });
     }
-    fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+    if let Err(e) = fs::rename(&tmp, &dest) {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::Io {
+            path: dest,
+            source: e,
+        });
+    }
     Ok(total)
 }
 

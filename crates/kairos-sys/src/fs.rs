@@ -115,6 +115,12 @@ pub fn make_opaque(dir: &Path) -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
+/// Bytes an unprivileged writer can still use on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// Flushes the whole filesystem holding `path` (`syncfs`): on FAT a directory fsync does not
 /// reach the directory entries and the FAT, so a rename is only durable after this.
 pub fn sync_filesystem(path: &Path) -> io::Result<()> {
