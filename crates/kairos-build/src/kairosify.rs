@@ -205,8 +205,10 @@ pub fn kairos_layer(
     version: &str,
     layer: &Path,
 ) -> Result<InitSystem> {
+    crate::lint::check_companion(&bins.agent, "kairos-agent")?;
+    crate::lint::check_companion(&bins.immucore, "kairos-immucore")?;
+    crate::lint::require_clean(rootfs)?;
     let init = detect_init(rootfs)?;
-    crate::initrd::find_kernel(rootfs)?;
     fs::create_dir_all(layer.join("usr/bin"))?;
     for (src, name) in [
         (&bins.agent, "kairos-agent"),
@@ -323,6 +325,8 @@ mod tests {
         fs::create_dir_all(r.join("boot")).unwrap();
         fs::create_dir_all(r.join("lib/modules/6.1.0-test")).unwrap();
         fs::write(r.join("boot/vmlinuz-6.1.0-test"), "k").unwrap();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        fs::write(r.join("etc/os-release"), "ID=test\n").unwrap();
         match init {
             "busybox" => {
                 fs::create_dir_all(r.join("etc")).unwrap();
@@ -343,9 +347,11 @@ mod tests {
         d
     }
 
+    /// Stand-ins for the companion binaries: busybox-static is a real static x86-64
+    /// executable, which is all kairosify checks.
     fn bins(d: &Path) -> Binaries {
-        fs::write(d.join("agent"), "a").unwrap();
-        fs::write(d.join("immucore"), "i").unwrap();
+        fs::copy("/bin/busybox", d.join("agent")).unwrap();
+        fs::copy("/bin/busybox", d.join("immucore")).unwrap();
         Binaries {
             agent: d.join("agent"),
             immucore: d.join("immucore"),

@@ -7,6 +7,7 @@ pub mod image;
 pub mod initrd;
 pub mod iso;
 pub mod kairosify;
+pub mod lint;
 pub mod netboot;
 pub mod os;
 pub mod workdir;

@@ -48,6 +48,16 @@ enum Cmd {
         #[arg(long, env = "KAIROS_AGENT")]
         agent: Option<PathBuf>,
     },
+    /// Check an image against the Kairos image contract: kernel and matching modules, an
+    /// init, /etc/os-release, x86-64 executables, static kairos binaries, the size budget.
+    /// Each finding says what to add. Exit 0 when clean, 1 when something is missing
+    Lint {
+        /// The image (REGISTRY/NAME:TAG, oci-layout:DIR[:TAG], ocifile:TAR, dir:PATH)
+        image: String,
+        /// One JSON object per finding, on stdout
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -263,6 +273,36 @@ fn image_import(src: &Path, dest: &str, split: &[String]) -> Result<()> {
     store(&img?, dest)
 }
 
+fn lint(image: &str, json: bool) -> Result<i32> {
+    let work = kairos_build::WorkDir::new(&cache(), "kairosctl")?;
+    let tree = if let Some(dir) = image.strip_prefix("dir:") {
+        PathBuf::from(dir)
+    } else {
+        let img = fetch(image)?;
+        kairos_build::image::unpack(&img, work.path())?.merged
+    };
+    let found = kairos_build::lint::lint(&tree)?;
+    for f in &found {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"level": if f.error { "error" } else { "warning" }, "message": f.what})
+            );
+        } else {
+            println!("{}: {}", if f.error { "error" } else { "warning" }, f.what);
+        }
+    }
+    let errors = found.iter().filter(|f| f.error).count();
+    if !json {
+        if errors == 0 {
+            eprintln!("kairosctl lint: {image} meets the Kairos image contract");
+        } else {
+            eprintln!("kairosctl lint: {image}: {errors} problem(s)");
+        }
+    }
+    Ok(if errors == 0 { 0 } else { 1 })
+}
+
 fn kairosify(
     src: &str,
     dest: &str,
@@ -330,7 +370,11 @@ fn os_spec<'a>(
         )?;
         eprintln!("kairosctl: added the Kairos layer ({init:?} init)");
         layers.push(layer);
+    } else {
+        // A kairosified image: its own binaries must be static x86-64, its kernel present.
+        kairos_build::lint::require_clean(&boot_tree)?;
     }
+    kairos_build::lint::check_companion(immucore, "kairos-immucore")?;
     Ok(kairos_build::os::OsSpec {
         layers,
         boot_tree,
@@ -475,6 +519,7 @@ fn run() -> Result<i32> {
             immucore,
             agent,
         } => kairosify(&src, &dest, immucore, agent).map(|_| 0),
+        Cmd::Lint { image, json } => lint(&image, json),
         Cmd::Vm {
             command:
                 VmCmd::Run {

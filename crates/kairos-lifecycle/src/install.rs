@@ -289,11 +289,12 @@ pub fn install(
             if p.label == "COS_PERSISTENT" {
                 continue;
             }
-            if fstype == "vfat" {
-                for m in ["vfat", "nls_cp437", "nls_iso8859-1"] {
-                    let _ = kairos_sys::host::modprobe(m, &[]);
-                }
-            }
+            // Loaded by kairos-sys itself: the image may have no modprobe.
+            let missing = if fstype == "vfat" {
+                kairos_sys::kmod::ensure(crate::FAT_MODULES)
+            } else {
+                Vec::new()
+            };
             let target = Path::new(TARGET).join(p.name);
             fs::create_dir_all(&target).map_err(io_err(&target))?;
             mount::mount(
@@ -303,7 +304,13 @@ pub fn install(
                 MountFlags::empty(),
                 "",
             )
-            .map_err(|e| Error::Node(format!("mounting {d} at {}: {e}", target.display())))?;
+            .map_err(|e| {
+                Error::Node(format!(
+                    "mounting {d} at {}: {e}{}",
+                    target.display(),
+                    crate::missing_modules_note(&missing)
+                ))
+            })?;
             mounted.push(Mounted(target.clone()));
             paths.insert(p.label, target);
         }

@@ -34,6 +34,30 @@ pub enum Error {
     Node(String),
 }
 
+/// What mounting the ESP (FAT) needs from a kernel that has FAT as modules.
+pub const FAT_MODULES: &[&str] = &[
+    "vfat",
+    "nls_cp437",
+    "nls_iso8859_1",
+    "nls_ascii",
+    "nls_utf8",
+];
+
+/// " (kernel modules not available: …)" for a mount error, or "" when all loaded.
+pub(crate) fn missing_modules_note(missing: &[(String, String)]) -> String {
+    if missing.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = missing
+        .iter()
+        .map(|(m, why)| format!("{m}: {why}"))
+        .collect();
+    format!(
+        " (kernel modules not available: {}; the image's kernel needs them as modules or built in)",
+        list.join("; ")
+    )
+}
+
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_path_buf(),

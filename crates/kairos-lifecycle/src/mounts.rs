@@ -70,18 +70,13 @@ pub fn mount_rw(label: &str, fstype: &str, fallback: &Path) -> Result<Mounted, E
             },
         });
     }
-    if fstype == "vfat" {
-        // The node's kernel has FAT as modules; the mount would fail without them.
-        for m in [
-            "vfat",
-            "nls_cp437",
-            "nls_iso8859-1",
-            "nls_ascii",
-            "nls_utf8",
-        ] {
-            let _ = kairos_sys::host::modprobe(m, &[]);
-        }
-    }
+    // The node's kernel has FAT as modules; the mount would fail without them. Loaded by
+    // kairos-sys itself: the image may have no modprobe.
+    let missing = if fstype == "vfat" {
+        kairos_sys::kmod::ensure(crate::FAT_MODULES)
+    } else {
+        Vec::new()
+    };
     fs::create_dir_all(fallback).map_err(io_err(fallback))?;
     mount::mount(
         &dev.to_string_lossy(),
@@ -91,9 +86,10 @@ pub fn mount_rw(label: &str, fstype: &str, fallback: &Path) -> Result<Mounted, E
         "",
     )
     .map_err(sys_err(format!(
-        "mounting {} ({label}) at {}",
+        "mounting {} ({label}) at {}{}",
         dev.display(),
-        fallback.display()
+        fallback.display(),
+        crate::missing_modules_note(&missing)
     )))?;
     Ok(Mounted {
         path: fallback.to_path_buf(),

@@ -41,6 +41,94 @@ pub fn load(path: &Path, params: &str) -> io::Result<()> {
     }
 }
 
+fn norm(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// `name` → file for every uncompressed `.ko` under `dir` (directories through symlinks are
+/// not entered).
+fn index(dir: &Path) -> std::collections::BTreeMap<String, std::path::PathBuf> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![(dir.to_path_buf(), 0)];
+    while let Some((d, depth)) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            let p = e.path();
+            if ft.is_dir() && depth < 16 {
+                stack.push((p, depth + 1));
+            } else if ft.is_file()
+                && let Some(n) = e.file_name().to_str().and_then(|n| n.strip_suffix(".ko"))
+            {
+                out.insert(norm(n), p);
+            }
+        }
+    }
+    out
+}
+
+/// True when the running kernel has `name` already (loaded or built in).
+fn present(name: &str) -> bool {
+    Path::new("/sys/module").join(norm(name)).exists()
+}
+
+/// Loads modules by name from the running kernel's module tree, dependencies first — what
+/// `modprobe` does, without needing it (a busybox image may have no `/sbin/modprobe`). Modules
+/// the kernel already has are skipped. Returns, for each name that could not be made
+/// available, why (the caller decides whether that matters, and names it in its error).
+pub fn ensure(names: &[&str]) -> Vec<(String, String)> {
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let dirs = [
+        Path::new("/lib/modules").join(&release),
+        Path::new("/usr/lib/modules").join(&release),
+    ];
+    let mut missing = Vec::new();
+    let mut idx = None;
+    for name in names {
+        if present(name) {
+            continue;
+        }
+        let idx = idx.get_or_insert_with(|| {
+            dirs.iter()
+                .flat_map(|d| index(d))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        });
+        if let Err(why) = load_with_deps(name, idx, 0) {
+            missing.push((name.to_string(), why));
+        }
+    }
+    missing
+}
+
+fn load_with_deps(
+    name: &str,
+    idx: &std::collections::BTreeMap<String, std::path::PathBuf>,
+    depth: usize,
+) -> Result<(), String> {
+    if present(name) {
+        return Ok(());
+    }
+    let path = idx.get(&norm(name)).ok_or_else(|| {
+        format!(
+            "no {name}.ko under /lib/modules/{}",
+            rustix::system::uname().release().to_string_lossy()
+        )
+    })?;
+    if depth > 32 {
+        return Err(format!("dependency chain too deep at {name}"));
+    }
+    let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    for dep in depends(&data) {
+        load_with_deps(&dep, idx, depth + 1)?;
+    }
+    load(path, "").map_err(|e| format!("loading {}: {e}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
