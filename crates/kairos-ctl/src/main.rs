@@ -331,6 +331,8 @@ fn os_spec<'a>(
     immucore: &'a Path,
     work: &Path,
 ) -> Result<kairos_build::os::OsSpec<'a>> {
+    // Checked first: it costs nothing, unpacking the image does.
+    kairos_build::lint::check_companion(immucore, "kairos-immucore")?;
     let (mut layers, boot_tree, manifest_digest, diff_ids) =
         if let Some(dir) = a.image.strip_prefix("dir:") {
             let rootfs = PathBuf::from(dir);
@@ -374,7 +376,6 @@ fn os_spec<'a>(
         // A kairosified image: its own binaries must be static x86-64, its kernel present.
         kairos_build::lint::require_clean(&boot_tree)?;
     }
-    kairos_build::lint::check_companion(immucore, "kairos-immucore")?;
     Ok(kairos_build::os::OsSpec {
         layers,
         boot_tree,

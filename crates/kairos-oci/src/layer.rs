@@ -116,8 +116,9 @@ pub fn unpack_limited(layer: &Path, dest: &Path, max_bytes: u64) -> Result<Strin
                     path.display()
                 )));
             };
+            // The logical size (a sparse entry's holes count: they are written out).
             used = used
-                .saturating_add(entry.header().entry_size().unwrap_or(0))
+                .saturating_add(entry.size())
                 .saturating_add(ENTRY_OVERHEAD);
             if used > max_bytes {
                 return Err(Error::TooBig {
@@ -224,7 +225,8 @@ fn unpack_entry<R: Read>(
             }
             dir_times.push((rel.to_path_buf(), mtime));
         }
-        tar::EntryType::Regular | tar::EntryType::Continuous => {
+        // A GNU sparse entry reads back as its whole content (holes as zeros).
+        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
             root.create_dir_all(parent, 0o755)?;
             let mut f = root.create_file(rel, 0o600)?;
             io::copy(entry, &mut f)?;
@@ -276,7 +278,7 @@ fn unpack_entry<R: Read>(
         tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
         other => {
             return Err(invalid(format!(
-                "unsupported tar entry type {other:?} (sparse and other exotic entries are refused)"
+                "unsupported tar entry type {other:?} (only files, directories, links, devices and FIFOs are unpacked)"
             )));
         }
     }
