@@ -42,7 +42,8 @@ pub fn build_store(spec: &OsSpec, store_dir: &Path, work: &Path) -> Result<Os> {
         anyhow::bail!("an image needs at least one layer");
     }
     let kernel = crate::initrd::find_kernel(base)?;
-    let kernel_path = work.join("vmlinuz");
+    // Not `vmlinuz`: the netboot builder puts its own output of that name in the same dir.
+    let kernel_path = work.join("kernel-of-image");
     kernel.copy_vmlinuz(&kernel_path)?;
     let initrd_path = work.join("initrd");
     // Files of the image tree are read beneath it: a symlink in the image cannot pull a
