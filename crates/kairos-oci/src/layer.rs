@@ -59,7 +59,7 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.into())
 }
 
-/// Unpacks a layer into `dest` (which should be empty; it is made 0700 if missing, so device
+/// Unpacks a layer into `dest` (which should be empty; missing parents are made 0700, so device
 /// nodes from the layer cannot be opened by other local users while it exists), converting
 /// OCI whiteouts to overlayfs form. Returns the sha256 of the uncompressed tar (the diff_id),
 /// so the caller can verify it.
@@ -87,12 +87,24 @@ pub fn unpack_limited(layer: &Path, dest: &Path, max_bytes: u64) -> Result<Strin
         source: e,
     };
     {
+        // Missing parents are made root-only (device nodes below); the tree's own root gets
+        // the usual mode unless the layer says otherwise (its `./` entry).
         use std::os::unix::fs::DirBuilderExt;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dest)
-            .map_err(io_dest)?;
+        if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io_dest)?;
+        }
+        match fs::DirBuilder::new().mode(0o755).create(dest) {
+            Ok(()) => {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(dest, fs::Permissions::from_mode(0o755)).map_err(io_dest)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_dest(e)),
+        }
     }
     let root = Dir::open(dest).map_err(io_dest)?;
     let mut dir_times = Vec::new();
