@@ -188,17 +188,27 @@ impl Global {
     /// elsewhere in the config does not stop an upgrade (it is reported as a warning).
     fn lifecycle_config(&self, fetcher: &dyn Fetcher) -> kairos_config::types::Config {
         let mut cfg = kairos_config::types::Config::default();
+        // Never silently: whatever could not be read is named, with what applies instead.
         let json = match self.collect(fetcher) {
-            Ok(c) => c.config.to_json(),
+            Ok(c) => {
+                for w in &c.warnings {
+                    eprintln!("warning: {w}");
+                }
+                c.config.to_json()
+            }
             Err(e) => {
-                eprintln!("warning: {e:#}");
+                eprintln!(
+                    "warning: the node's config could not be read ({e:#}): upgrade, boot_assessment and reset use their defaults"
+                );
                 return cfg;
             }
         };
         fn section<T: serde::de::DeserializeOwned>(j: &serde_json::Value, key: &str) -> Option<T> {
             let v = j.get(key)?;
             serde_json::from_value(v.clone())
-                .map_err(|e| eprintln!("warning: config key {key}: {e}"))
+                .map_err(|e| {
+                    eprintln!("warning: config key {key}: {e}; the defaults of `{key}` apply")
+                })
                 .ok()
         }
         cfg.upgrade = section(&json, "upgrade");
