@@ -6,10 +6,10 @@
 //! the disk at their offsets, so no loop device or root is needed. The disk appears at its
 //! final path only when complete.
 
+use kairos_sys::exec::Cmd;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use kairos_layers::Deployment;
@@ -49,16 +49,8 @@ pub fn check_tools(tools: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.output().with_context(|| format!("running {shown}"))?;
-    if !out.status.success() {
-        bail!(
-            "{shown} failed: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
+fn run(cmd: Cmd) -> Result<()> {
+    cmd.run()?;
     Ok(())
 }
 
@@ -100,13 +92,11 @@ pub struct RawReport {
 fn mkfs_ext4(img: &Path, label: &str, size_mib: u64, content: Option<&Path>) -> Result<()> {
     let f = fs::File::create(img).with_context(|| format!("creating {}", img.display()))?;
     f.set_len(size_mib * MIB)?;
-    let mut cmd = Command::new("mkfs.ext4");
-    cmd.args(["-q", "-F", "-L", label, "-E", "root_owner=0:0"]);
+    let mut cmd = Cmd::new("mkfs.ext4").args(["-q", "-F", "-L", label, "-E", "root_owner=0:0"]);
     if let Some(d) = content {
-        cmd.arg("-d").arg(d);
+        cmd = cmd.arg("-d").arg(d);
     }
-    cmd.arg(img);
-    run(&mut cmd)
+    run(cmd.arg(img))
 }
 
 /// Builds the layer image of a root tree.
@@ -211,23 +201,10 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
         let f = fs::File::create(&disk_tmp)?;
         f.set_len(total_mib * MIB)?;
     }
-    let mut child = Command::new("sfdisk")
+    run(Cmd::new("sfdisk")
         .args(["--quiet", "--no-reread", "--no-tell-kernel"])
         .arg(&disk_tmp)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("running sfdisk")?;
-    child
-        .stdin
-        .take()
-        .context("sfdisk stdin")?
-        .write_all(sfdisk_script(&parts).as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("sfdisk failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
+        .stdin(sfdisk_script(&parts)))?;
     {
         let mut disk = fs::OpenOptions::new().write(true).open(&disk_tmp)?;
         for (p, img) in parts.iter().zip(&imgs) {
@@ -256,18 +233,17 @@ pub fn fat_image(dir: &Path, img: &Path, size_mib: u64, label: Option<&str>) -> 
     let f = fs::File::create(img).with_context(|| format!("creating {}", img.display()))?;
     f.set_len(size_mib * MIB)?;
     drop(f);
-    let mut mkfs = Command::new("mkfs.vfat");
+    let mut mkfs = Cmd::new("mkfs.vfat");
     if size_mib >= 64 {
-        mkfs.args(["-F", "32"]);
+        mkfs = mkfs.args(["-F", "32"]);
     }
     if let Some(l) = label {
-        mkfs.args(["-n", l]);
+        mkfs = mkfs.args(["-n", l]);
     }
     run(mkfs.arg(img))?;
-    let mut mcopy = Command::new("mcopy");
-    mcopy.arg("-s").arg("-i").arg(img);
+    let mut mcopy = Cmd::new("mcopy").arg("-s").arg("-i").arg(img);
     for e in fs::read_dir(dir)? {
-        mcopy.arg(e?.path());
+        mcopy = mcopy.arg(e?.path());
     }
     run(mcopy.arg("::/"))
 }
@@ -289,7 +265,7 @@ pub fn dir_size(d: &Path) -> u64 {
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    run(Command::new("cp").arg("-a").arg(from).arg(to))
+    run(Cmd::new("cp").arg("-a").arg(from).arg(to))
 }
 
 #[cfg(test)]

@@ -3,7 +3,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use kairos_oci::LocalImage;
@@ -46,15 +45,12 @@ pub fn unpack(img: &LocalImage, work: &Path) -> Result<Unpacked> {
     fs::create_dir_all(&merged)?;
     for l in &layers {
         // Hard-link copies: cheap, and later layers replace earlier files.
-        let st = Command::new("cp")
+        kairos_sys::exec::Cmd::new("cp")
             .args(["-a", "--link", "--remove-destination"])
             .arg(format!("{}/.", l.display()))
             .arg(&merged)
-            .status()
-            .context("running cp")?;
-        if !st.success() {
-            bail!("merging layer {} failed", l.display());
-        }
+            .run()
+            .with_context(|| format!("merging layer {}", l.display()))?;
     }
     Ok(Unpacked { layers, merged })
 }

@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use kairos_lifecycle::entries::Role;
@@ -56,7 +55,7 @@ pub fn build_iso(spec: &IsoSpec) -> Result<Os> {
         fs::copy(cc, tree.join("cloud-config.yaml"))?;
     }
     let tmp = work.join("out.iso");
-    let out = Command::new("xorriso")
+    kairos_sys::exec::Cmd::new("xorriso")
         .args(["-as", "mkisofs", "-quiet", "-r", "-J", "-joliet-long"])
         .args(["-iso-level", "3", "-V", "COS_LIVE"])
         .args([
@@ -68,11 +67,7 @@ pub fn build_iso(spec: &IsoSpec) -> Result<Os> {
         .arg("-o")
         .arg(&tmp)
         .arg(&tree)
-        .output()
-        .context("running xorriso (Debian package xorriso)")?;
-    if !out.status.success() {
-        bail!("xorriso failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
+        .run()?;
     fs::rename(&tmp, spec.output)
         .with_context(|| format!("moving the ISO to {}", spec.output.display()))?;
     Ok(os)

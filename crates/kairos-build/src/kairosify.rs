@@ -280,13 +280,7 @@ fn bundle_tools(dir: &Path) -> Result<()> {
             .map(|d| d.join(name))
             .find(|p| p.is_file())
             .with_context(|| format!("{name} not found: install the Debian package {package}"))?;
-        let out = std::process::Command::new("ldd")
-            .arg(&tool)
-            .output()
-            .context("running ldd (Debian package libc-bin)")?;
-        if !out.status.success() {
-            bail!("ldd {} failed", tool.display());
-        }
+        let out = kairos_sys::exec::Cmd::new("ldd").arg(&tool).run()?;
         copy(&tool, name)?;
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             // `libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`

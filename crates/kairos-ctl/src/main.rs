@@ -256,17 +256,14 @@ fn image_import(src: &Path, dest: &str, split: &[String]) -> Result<()> {
     } else {
         let t = work.path().join("rootfs");
         std::fs::create_dir_all(&t)?;
-        let st = Command::new("tar")
+        kairos_sys::exec::Cmd::new("tar")
             .args(["-xpf"])
             .arg(src)
             .arg("-C")
             .arg(&t)
             .arg("--numeric-owner")
-            .status()
-            .context("running tar")?;
-        if !st.success() {
-            bail!("{}: not a readable rootfs tar", src.display());
-        }
+            .run()
+            .with_context(|| format!("{}: not a readable rootfs tar", src.display()))?;
         t
     };
     let img = kairos_oci::import_dir(&tree, &blobs, split);

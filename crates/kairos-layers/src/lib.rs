@@ -212,31 +212,15 @@ pub fn mkfs_erofs_argv(root: &Path) -> Vec<String> {
 
 /// Makes the read-only image of a layer tree (EROFS, lz4) at `out`, synced to disk.
 pub fn make_erofs(argv: &[String], tree: &Path, out: &Path) -> Result<(), Error> {
-    let (prog, args) = argv.split_first().ok_or_else(|| Error::Tool {
-        tool: "mkfs.erofs".into(),
-        msg: "no command".into(),
-    })?;
-    let o = std::process::Command::new(prog)
-        .args(args)
+    kairos_sys::exec::Cmd::argv(argv)
         .args(["-zlz4", "-T0", "--quiet"])
         .arg(out)
         .arg(tree)
-        .output()
+        .run()
         .map_err(|e| Error::Tool {
-            tool: prog.clone(),
-            msg: format!("{e} (install the Debian package erofs-utils)"),
-        })?;
-    if !o.status.success() {
-        return Err(Error::Tool {
             tool: "mkfs.erofs".into(),
-            msg: format!(
-                "making {} from {}: {}",
-                out.display(),
-                tree.display(),
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-        });
-    }
+            msg: format!("making {} from {}: {e}", out.display(), tree.display()),
+        })?;
     fs::File::open(out)
         .and_then(|f| f.sync_all())
         .map_err(io_err(out))

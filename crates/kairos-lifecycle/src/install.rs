@@ -181,20 +181,10 @@ impl Drop for Mounted {
 }
 
 fn run_tool(argv: Vec<String>, args: &[&str], what: &str) -> Result<(), Error> {
-    let (prog, pre) = argv
-        .split_first()
-        .ok_or_else(|| Error::Node(format!("{what}: no tool")))?;
-    let out = std::process::Command::new(prog)
-        .args(pre)
+    kairos_sys::exec::Cmd::argv(&argv)
         .args(args)
-        .output()
-        .map_err(|e| Error::Node(format!("{what}: running {prog}: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::Node(format!(
-            "{what}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
+        .run()
+        .map_err(|e| Error::Node(format!("{what}: {e}")))?;
     Ok(())
 }
 

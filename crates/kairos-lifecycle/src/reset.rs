@@ -21,21 +21,10 @@ pub struct ResetOptions {
 fn mkfs_ext4(tools_root: &Path, label: &str) -> Result<String, Error> {
     let dev = crate::mounts::device_for(label)?;
     let d = dev.to_string_lossy().into_owned();
-    let argv = kairos_sys::tools::argv(tools_root, "mke2fs");
-    let (prog, pre) = argv
-        .split_first()
-        .ok_or_else(|| Error::Node("mke2fs".into()))?;
-    let out = std::process::Command::new(prog)
-        .args(pre)
+    kairos_sys::exec::Cmd::argv(&kairos_sys::tools::argv(tools_root, "mke2fs"))
         .args(["-t", "ext4", "-q", "-F", "-L", label, &d])
-        .output()
-        .map_err(|e| Error::Node(format!("running mke2fs: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::Node(format!(
-            "formatting {d} ({label}): {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
+        .run()
+        .map_err(|e| Error::Node(format!("formatting {d} ({label}): {e}")))?;
     Ok(d)
 }
 

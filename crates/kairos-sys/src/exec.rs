@@ -1,8 +1,13 @@
-//! Running shell commands, on the host or chrooted into a target root.
+//! Running external programs: [`Cmd`], the one runner every crate uses (argv, exit status and
+//! stderr in the error, the Debian package named when a tool is missing), and the `sh -c`
+//! shell of stage commands, on the host or chrooted into a target root.
 
-use std::io::Read;
+use std::ffi::{OsStr, OsString};
+use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+
+use std::path::Path;
 
 use crate::root::Root;
 
@@ -31,6 +36,213 @@ pub enum ExecError {
         "cannot run {cmd:?} inside {root}: it has no /bin/sh; add a shell to the target tree or run against /"
     )]
     NoShell { cmd: String, root: String },
+    #[error("missing tools: {0}; install them with apt-get install")]
+    Missing(String),
+}
+
+/// The programs Kairos runs, with the Debian package that ships each: named in the error
+/// when one is missing, and checked up front by [`require`].
+pub const TOOLS: &[(&str, &str)] = &[
+    ("sfdisk", "fdisk"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("mke2fs", "e2fsprogs"),
+    ("e2fsck", "e2fsprogs"),
+    ("mkfs.erofs", "erofs-utils"),
+    ("mkfs.vfat", "dosfstools"),
+    ("mkfs.fat", "dosfstools"),
+    ("mcopy", "mtools"),
+    ("xorriso", "xorriso"),
+    ("cpio", "cpio"),
+    ("cp", "coreutils"),
+    ("tar", "tar"),
+    ("ldd", "libc-bin"),
+    ("qemu-img", "qemu-utils"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("modprobe", "kmod"),
+    ("systemctl", "systemd"),
+    ("systemd-firstboot", "systemd"),
+    ("docker-registry", "docker-registry"),
+];
+
+/// The Debian package of a tool, when Kairos knows it.
+pub fn package_of(tool: &str) -> Option<&'static str> {
+    let name = Path::new(tool).file_name()?.to_str()?;
+    TOOLS.iter().find(|(t, _)| *t == name).map(|(_, p)| *p)
+}
+
+fn on_path(tool: &str) -> bool {
+    if tool.contains('/') {
+        return Path::new(tool).is_file();
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/sbin", "/usr/sbin"])
+        .any(|d| Path::new(d).join(tool).is_file())
+}
+
+/// Checks at a command's start that every tool it will run is there; the error lists the
+/// missing ones with their Debian packages.
+pub fn require(tools: &[&str]) -> Result<(), ExecError> {
+    let missing: Vec<String> = tools
+        .iter()
+        .filter(|t| !on_path(t))
+        .map(|t| match package_of(t) {
+            Some(p) => format!("{t} (Debian package {p})"),
+            None => t.to_string(),
+        })
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(ExecError::Missing(missing.join(", ")))
+    }
+}
+
+/// What a finished program wrote.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+/// One external program, run to completion. Build it like `std::process::Command`; `run`
+/// fails with the argv, the exit status and stderr when the program fails, and with the
+/// Debian package to install when it is missing.
+#[derive(Debug, Clone)]
+pub struct Cmd {
+    program: OsString,
+    args: Vec<OsString>,
+    stdin: Option<Vec<u8>>,
+}
+
+impl Cmd {
+    pub fn new(program: impl AsRef<OsStr>) -> Cmd {
+        Cmd {
+            program: program.as_ref().to_os_string(),
+            args: Vec::new(),
+            stdin: None,
+        }
+    }
+
+    /// From an argv (`[program, args…]`), e.g. [`crate::tools::argv`]'s.
+    pub fn argv<S: AsRef<OsStr>>(argv: &[S]) -> Cmd {
+        let mut it = argv.iter();
+        let mut c = Cmd::new(it.next().map(|s| s.as_ref()).unwrap_or(OsStr::new("")));
+        c.args = it.map(|a| a.as_ref().to_os_string()).collect();
+        c
+    }
+
+    pub fn arg(mut self, a: impl AsRef<OsStr>) -> Cmd {
+        self.args.push(a.as_ref().to_os_string());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Cmd
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
+        self
+    }
+
+    /// Bytes fed to the program's stdin (otherwise stdin is /dev/null).
+    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Cmd {
+        self.stdin = Some(data.into());
+        self
+    }
+
+    /// The command line as a person would type it (for messages).
+    pub fn shown(&self) -> String {
+        std::iter::once(&self.program)
+            .chain(&self.args)
+            .map(|a| {
+                let a = a.to_string_lossy();
+                if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'') {
+                    format!("'{}'", a.replace('\'', "'\\''"))
+                } else {
+                    a.into_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Runs it; a non-zero exit is a result here, not an error.
+    pub fn run_status(&self) -> Result<Output, ExecError> {
+        let shown = self.shown();
+        let spawn_err = |source: std::io::Error| {
+            let prog = self.program.to_string_lossy();
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ExecError::Missing(match package_of(&prog) {
+                    Some(p) => format!("{prog} (Debian package {p})"),
+                    None => prog.into_owned(),
+                })
+            } else {
+                ExecError::Spawn {
+                    cmd: shown.clone(),
+                    source,
+                }
+            }
+        };
+        let mut c = Command::new(&self.program);
+        c.args(&self.args)
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().map_err(spawn_err)?;
+        let feeder = match (self.stdin.clone(), child.stdin.take()) {
+            (Some(data), Some(mut pipe)) => Some(std::thread::spawn(move || {
+                // A program that exits without reading all of it is not our error.
+                let _ = pipe.write_all(&data);
+            })),
+            _ => None,
+        };
+        let out = child
+            .wait_with_output()
+            .map_err(|source| ExecError::Spawn {
+                cmd: shown.clone(),
+                source,
+            })?;
+        if let Some(f) = feeder {
+            let _ = f.join();
+        }
+        Ok(Output {
+            status: out.status.code().unwrap_or(128),
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Runs it; a non-zero exit is an error with the argv, the status and stderr.
+    pub fn run(&self) -> Result<Output, ExecError> {
+        let out = self.run_status()?;
+        if out.status != 0 {
+            let text = if out.stderr.trim().is_empty() {
+                String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+            } else {
+                out.stderr.trim_end().to_string()
+            };
+            return Err(ExecError::Failed {
+                cmd: self.shown(),
+                status: out.status,
+                output: text,
+            });
+        }
+        Ok(out)
+    }
 }
 
 /// Runs `sh -c` commands the way yip's console does: stdout and stderr combined.
@@ -122,21 +334,13 @@ pub fn default_sigpipe() {
 
 /// Runs a program (not through a shell) on the host, e.g. `modprobe`, `systemctl`.
 pub fn run_program(program: &str, args: &[String]) -> Result<CommandOutput, ExecError> {
-    let mut c = Command::new(program);
-    c.args(args);
-    let shown = std::iter::once(program.to_string())
-        .chain(args.iter().cloned())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let out = run_combined(c, &shown)?;
-    if out.status != 0 {
-        return Err(ExecError::Failed {
-            cmd: shown,
-            status: out.status,
-            output: out.output.trim_end().to_string(),
-        });
-    }
-    Ok(out)
+    let out = Cmd::new(program).args(args).run()?;
+    let mut output = out.stdout_text();
+    output.push_str(&out.stderr);
+    Ok(CommandOutput {
+        status: out.status,
+        output,
+    })
 }
 
 fn run_combined(mut c: Command, shown: &str) -> Result<CommandOutput, ExecError> {
@@ -161,6 +365,31 @@ fn run_combined(mut c: Command, shown: &str) -> Result<CommandOutput, ExecError>
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_runner_reports_argv_status_stderr_and_packages() {
+        let out = Cmd::new("cat").stdin(b"hello".to_vec()).run().unwrap();
+        assert_eq!(out.stdout, b"hello");
+        let e = Cmd::new("sh")
+            .args(["-c", "echo oops >&2; exit 3"])
+            .run()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sh -c 'echo oops >&2; exit 3'"), "{e}");
+        assert!(e.contains("exit status 3") && e.contains("oops"), "{e}");
+        assert_eq!(Cmd::new("false").run_status().unwrap().status, 1);
+        let e = Cmd::new("/nonexistent/mkfs.erofs")
+            .run()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("erofs-utils"), "{e}");
+        let e = require(&["sh", "no-such-tool-xyz", "mcopy-not-there"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no-such-tool-xyz") && !e.contains("sh,"), "{e}");
+        assert!(require(&["sh"]).is_ok());
+    }
+
     use super::*;
 
     #[test]
