@@ -5,6 +5,8 @@
 //!
 //! Ownership checks need root (CI runs as root); without it they only check what they can.
 
+mod common;
+use common::text;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
@@ -107,15 +109,6 @@ impl Scene {
     fn assert_canary(&self) {
         assert_eq!(snapshot(&self.canary), self.before, "the canary changed");
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 const IDENTITY: &str = "#cloud-config

@@ -3,6 +3,8 @@
 //!
 //! Ignored by default; `scripts/test` runs them as root with `-- --ignored`.
 
+mod common;
+use common::text;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -27,15 +29,6 @@ fn run_boot(root: &Path, extra: &[&str]) -> Output {
     ];
     args.extend_from_slice(extra);
     agent(&args)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// A target root with busybox as its shell, like the `tiny` image flavour.
