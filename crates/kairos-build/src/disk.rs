@@ -17,32 +17,14 @@ use kairos_lifecycle::entries::Role;
 
 const MIB: u64 = 1 << 20;
 
-/// An external tool and the Debian package that has it.
-pub const TOOLS: &[(&str, &str)] = &[
-    ("sfdisk", "fdisk"),
-    ("mkfs.ext4", "e2fsprogs"),
-    ("mkfs.vfat", "dosfstools"),
-    ("mcopy", "mtools"),
-    ("mkfs.erofs", "erofs-utils"),
-];
+/// The external tools `build raw` runs (their Debian packages: [`kairos_sys::exec::TOOLS`]).
+pub const TOOLS: &[&str] = &["sfdisk", "mkfs.ext4", "mkfs.vfat", "mcopy", "mkfs.erofs"];
 
 pub const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 
-/// Fails with the package to install when a tool is missing.
-pub fn check_tools(tools: &[(&str, &str)]) -> Result<()> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let dirs: Vec<&str> = path.split(':').chain(["/sbin", "/usr/sbin"]).collect();
-    let missing: Vec<String> = tools
-        .iter()
-        .filter(|(t, _)| !dirs.iter().any(|d| Path::new(d).join(t).exists()))
-        .map(|(t, p)| format!("{t} (Debian package {p})"))
-        .collect();
-    if !missing.is_empty() {
-        bail!(
-            "missing tools: {}; install them with apt-get install",
-            missing.join(", ")
-        );
-    }
+/// Checked at a command's start: fails with the packages to install when a tool is missing.
+pub fn check_tools(tools: &[&str]) -> Result<()> {
+    kairos_sys::exec::require(tools)?;
     if !Path::new(SYSTEMD_BOOT).exists() {
         bail!("missing {SYSTEMD_BOOT}; install it with apt-get install systemd-boot-efi");
     }
@@ -287,12 +269,8 @@ mod tests {
 
     #[test]
     fn missing_tool_names_the_package() {
-        let e = check_tools(&[("no-such-tool-xyz", "some-package")])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("no-such-tool-xyz (Debian package some-package)"),
-            "{e}"
-        );
+        let e = check_tools(&["no-such-tool-xyz"]).unwrap_err().to_string();
+        assert!(e.contains("missing tools: no-such-tool-xyz"), "{e}");
+        assert_eq!(kairos_sys::exec::package_of("mcopy"), Some("mtools"));
     }
 }

@@ -10,12 +10,8 @@ use kairos_lifecycle::entries::Role;
 
 use crate::os::{Os, OsSpec};
 
-pub const TOOLS: &[(&str, &str)] = &[
-    ("mkfs.vfat", "dosfstools"),
-    ("mcopy", "mtools"),
-    ("mkfs.erofs", "erofs-utils"),
-    ("xorriso", "xorriso"),
-];
+/// The external tools `build iso` runs.
+pub const TOOLS: &[&str] = &["mkfs.vfat", "mcopy", "mkfs.erofs", "xorriso"];
 
 pub struct IsoSpec<'a> {
     pub os: OsSpec<'a>,

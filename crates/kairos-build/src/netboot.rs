@@ -32,7 +32,7 @@ pub fn cmdline(os: &Os, extra: &str) -> String {
 }
 
 pub fn build_netboot(spec: &NetbootSpec) -> Result<Os> {
-    crate::disk::check_tools(&[("mkfs.erofs", "erofs-utils")])?;
+    crate::disk::check_tools(&["mkfs.erofs"])?;
     fs::create_dir_all(spec.output)
         .with_context(|| format!("creating {}", spec.output.display()))?;
     let work = crate::WorkDir::new(spec.output, "kairos-netboot")?;
