@@ -31,6 +31,8 @@ pub struct Registry {
     basic: Option<String>,
     /// The token scope asked for: `pull` until a push needs `pull,push`.
     scope: &'static str,
+    /// Time for an answer's headers and a small body ([`RESPONSE_TIMEOUT`] unless changed).
+    response_timeout: Duration,
 }
 
 /// Time to get the answer's headers, and to read a small (JSON) body.
@@ -135,7 +137,13 @@ impl Registry {
             token: None,
             basic: docker_auth(host),
             scope: "pull",
+            response_timeout: RESPONSE_TIMEOUT,
         }
+    }
+
+    /// Waits at most `t` for an answer (instead of [`RESPONSE_TIMEOUT`]).
+    pub fn set_response_timeout(&mut self, t: Duration) {
+        self.response_timeout = t;
     }
 
     /// Uses `basic` (`base64(user:password)`) instead of what docker's config.json holds.
@@ -227,7 +235,7 @@ impl Registry {
         accept: Option<&str>,
         body: Option<(&str, &[u8])>,
     ) -> Result<ureq::http::Response<ureq::Body>, Error> {
-        self.send_with(method, url, accept, body, RESPONSE_TIMEOUT)
+        self.send_with(method, url, accept, body, self.response_timeout)
     }
 
     fn send_with(
@@ -262,6 +270,7 @@ impl Registry {
                     let req = self
                         .agent
                         .configure_request(req)
+                        .timeout_recv_response(Some(self.response_timeout))
                         .timeout_recv_body(Some(body_timeout))
                         .build();
                     self.agent.run(req).map_err(net)?
@@ -271,6 +280,7 @@ impl Registry {
                     let req = self
                         .agent
                         .configure_request(req)
+                        .timeout_recv_response(Some(self.response_timeout))
                         .timeout_recv_body(Some(body_timeout))
                         .build();
                     self.agent.run(req).map_err(net)?

@@ -429,3 +429,27 @@ fn a_docker_save_layer_outside_the_archive_is_refused() {
         "the host file became a blob"
     );
 }
+
+#[test]
+fn a_registry_that_stops_answering_times_out_with_a_clear_error() {
+    // Accepts the connection, reads the request, never answers.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let mut reg = Registry::new(&format!("127.0.0.1:{port}"), "x");
+    reg.set_response_timeout(std::time::Duration::from_millis(500));
+    let e = reg
+        .pull("v1", Path::new("/nonexistent-blobs"), &mut |_, _, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("127.0.0.1:{port}")),
+        "names the registry: {e}"
+    );
+    assert!(e.contains("stopped answering in time"), "{e}");
+}
