@@ -238,6 +238,19 @@ impl Registry {
         self.send_with(method, url, accept, body, self.response_timeout)
     }
 
+    /// The per-request time limits: the answer's headers, then its body.
+    fn with_timeouts<B: ureq::AsSendBody>(
+        &self,
+        req: ureq::http::Request<B>,
+        body_timeout: Duration,
+    ) -> ureq::http::Request<B> {
+        self.agent
+            .configure_request(req)
+            .timeout_recv_response(Some(self.response_timeout))
+            .timeout_recv_body(Some(body_timeout))
+            .build()
+    }
+
     fn send_with(
         &mut self,
         method: &str,
@@ -267,23 +280,15 @@ impl Registry {
                         .header("Content-Type", ct)
                         .body(data.to_vec())
                         .map_err(|e| Error::Registry(e.to_string()))?;
-                    let req = self
-                        .agent
-                        .configure_request(req)
-                        .timeout_recv_response(Some(self.response_timeout))
-                        .timeout_recv_body(Some(body_timeout))
-                        .build();
-                    self.agent.run(req).map_err(net)?
+                    self.agent
+                        .run(self.with_timeouts(req, body_timeout))
+                        .map_err(net)?
                 }
                 None => {
                     let req = req.body(()).map_err(|e| Error::Registry(e.to_string()))?;
-                    let req = self
-                        .agent
-                        .configure_request(req)
-                        .timeout_recv_response(Some(self.response_timeout))
-                        .timeout_recv_body(Some(body_timeout))
-                        .build();
-                    self.agent.run(req).map_err(net)?
+                    self.agent
+                        .run(self.with_timeouts(req, body_timeout))
+                        .map_err(net)?
                 }
             };
             if resp.status() == 401 && attempt == 0 {
