@@ -38,10 +38,29 @@ pub struct NodeArgs {
 pub struct Opened {
     pub node: Node,
     _mounts: Vec<Mounted>,
+    /// Held while the node is open: one agent action at a time (boot-assessment at boot and
+    /// a `state` typed right then both mount the ESP at the same place).
+    _lock: Option<std::fs::File>,
 }
+
+/// Set for the health checks an action runs: a check that calls `kairos-agent state` runs
+/// while its parent holds the node lock, and must not wait for it.
+pub const LOCK_HELD_ENV: &str = "KAIROS_NODE_LOCK_HELD";
+
+/// The lock file that serialises agent actions on a node.
+pub const NODE_LOCK: &str = "run/kairos/agent.lock";
 
 impl NodeArgs {
     pub fn open(&self, root: &Path, recovery: bool) -> Result<Opened> {
+        let lock_path = root.join(NODE_LOCK);
+        let lock = if std::env::var_os(LOCK_HELD_ENV).is_some() {
+            None
+        } else {
+            Some(
+                kairos_sys::fs::lock_exclusive(&lock_path)
+                    .with_context(|| format!("locking {}", lock_path.display()))?,
+            )
+        };
         // A user's --scratch DIR is theirs: we work in a subdirectory of our own, made fresh
         // when needed and removed alone.
         let scratch = match &self.scratch {
@@ -85,6 +104,7 @@ impl NodeArgs {
                 tools_root: root.to_path_buf(),
             },
             _mounts: held,
+            _lock: lock,
         })
     }
 }
@@ -394,6 +414,7 @@ pub fn run_health_checks(checks: &[String], timeout: Duration) -> Result<(), Str
         let mut child = std::process::Command::new("/bin/sh")
             .arg("-c")
             .arg(c)
+            .env(LOCK_HELD_ENV, "1")
             .stdin(std::process::Stdio::null())
             .spawn()
             .map_err(|e| format!("`{c}`: {e}"))?;

@@ -124,6 +124,11 @@ pub fn build_raw(spec: &RawSpec) -> Result<RawReport> {
 fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
     let state_dir = work.join("state");
     let os = crate::os::build_store(&spec.os, &state_dir, work)?;
+    let boot_bytes = [&os.kernel, &os.initrd]
+        .iter()
+        .map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum::<u64>();
+    check_room(work, boot_bytes + MIB, dir_size(&state_dir))?;
     // RECOVERY: the same content, its own store (independent of STATE).
     let rec_dir = work.join("recovery");
     copy_dir(&state_dir, &rec_dir)?;
@@ -202,6 +207,24 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
         layer_bytes,
         deployment: dep,
     })
+}
+
+/// Once the OS store is made, before anything else is written: the RECOVERY copy, the ESP,
+/// the filesystem images and the assembled disk (STATE and RECOVERY each carry the OS, the
+/// images and the disk each hold everything once), all in the work directory beside the
+/// output.
+fn check_room(work: &Path, esp_payload: u64, os_payload: u64) -> Result<()> {
+    let needed = os_payload + esp_payload + 2 * (esp_payload + 2 * os_payload) + (16 << 20);
+    let free = kairos_sys::fs::free_bytes(work)?;
+    if free < needed {
+        bail!(
+            "the disk needs about {} MiB of space in {} to be built, which has {} MiB free: free some space or write the output elsewhere",
+            needed.div_ceil(MIB),
+            work.parent().unwrap_or(work).display(),
+            free / MIB
+        );
+    }
+    Ok(())
 }
 
 fn fs_img(work: &Path, name: &str, p: &Part, content: Option<&Path>) -> Result<PathBuf> {

@@ -130,6 +130,33 @@ fn qcow2_output_and_clear_errors() {
     );
     assert!(!small.exists(), "no partial disk presented as built");
 
+    // Too little space where the disk is written: refused before the images are made, with
+    // the numbers, and nothing left behind.
+    let cramped = work.path().join("cramped");
+    std::fs::create_dir_all(&cramped).unwrap();
+    assert!(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=160m", "tmpfs"])
+            .arg(&cramped)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let o = Command::new(kairos_e2e::bin("kairosctl"))
+        .args(["build", "raw", "--image", &image, "--output"])
+        .arg(cramped.join("disk.raw"))
+        .output()
+        .unwrap();
+    let left: Vec<_> = std::fs::read_dir(&cramped).unwrap().collect();
+    let _ = Command::new("umount").arg(&cramped).status();
+    assert_eq!(o.status.code(), Some(3));
+    check(
+        &String::from_utf8_lossy(&o.stderr),
+        "MiB free",
+        "space error with the numbers",
+    );
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
+
     // An image without a kernel is refused with what to add.
     let nokernel = work.path().join("nokernel");
     std::fs::create_dir_all(nokernel.join("etc")).unwrap();

@@ -115,6 +115,22 @@ pub fn make_opaque(dir: &Path) -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
+/// Takes an exclusive lock on `path` (created if missing, parents too), waiting for another
+/// holder to let go; released when the returned file is dropped or the process ends.
+pub fn lock_exclusive(path: &Path) -> io::Result<fs::File> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)?;
+    Ok(f)
+}
+
 /// Bytes an unprivileged writer can still use on the filesystem holding `path`.
 pub fn free_bytes(path: &Path) -> io::Result<u64> {
     let st = rustix::fs::statvfs(path)?;
@@ -131,6 +147,20 @@ pub fn sync_filesystem(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lock_is_exclusive_until_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("run/kairos/agent.lock");
+        let held = lock_exclusive(&p).unwrap();
+        let other = fs::OpenOptions::new().write(true).open(&p).unwrap();
+        let try_lock = |f: &fs::File| {
+            rustix::fs::flock(f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        };
+        assert!(try_lock(&other).is_err(), "a second holder must wait");
+        drop(held);
+        assert!(try_lock(&other).is_ok());
+    }
 
     #[test]
     fn write_is_idempotent_and_sets_mode() {
