@@ -61,19 +61,20 @@ impl NodeArgs {
                     .with_context(|| format!("locking {}", lock_path.display()))?,
             )
         };
-        // A user's --scratch DIR is theirs: we work in a subdirectory of our own, made fresh
-        // when needed and removed alone.
-        let scratch = match &self.scratch {
-            Some(dir) => dir.join(format!(
-                "kairos-scratch-{}-{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.subsec_nanos())
-                    .unwrap_or(0)
-            )),
-            None => root.join("run/kairos/upgrade"),
-        };
+        // Scratch is always a fresh subdirectory of our own (in the user's --scratch DIR, else
+        // the tmpfs under /run/kairos), made when needed and removed alone.
+        let base = self
+            .scratch
+            .clone()
+            .unwrap_or_else(|| root.join("run/kairos"));
+        let scratch = base.join(format!(
+            "kairos-scratch-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+        ));
         let oem = self
             .oem
             .clone()
@@ -110,26 +111,17 @@ impl NodeArgs {
 }
 
 /// Creates the scratch directory, root-only (0700): device nodes from layers are made in it.
-/// An existing directory there is refused rather than reused.
+/// Its name is new for each run; an existing directory there is refused, not reused.
 fn make_scratch(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if let Some(parent) = dir.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => Ok(()),
-        // The default scratch under /run is ours: a leftover of a killed run is cleared.
-        Err(e)
-            if e.kind() == std::io::ErrorKind::AlreadyExists
-                && dir.ends_with("run/kairos/upgrade") =>
-        {
-            std::fs::remove_dir_all(dir)?;
-            std::fs::DirBuilder::new().mode(0o700).create(dir)?;
-            Ok(())
-        }
-        Err(e) => Err(e).with_context(|| format!("creating scratch directory {}", dir.display())),
-    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating scratch directory {}", dir.display()))
 }
 
 /// Prints upgrade events: JSON lines, or progress for people (bars on a terminal).

@@ -340,7 +340,8 @@ pub fn install(
         for role in [Role::Recovery, Role::Autoreset, Role::Active] {
             entries::set(&esp, role, &upgrade::entry_for(role, &m.dep)?, None)?;
         }
-        kairos_sys::fs::write_file(&oem.join("90_custom.yaml"), oem_config.as_bytes(), 0o600)
+        kairos_sys::beneath::Dir::open(&oem)
+            .and_then(|d| d.write_file(Path::new("90_custom.yaml"), oem_config.as_bytes(), 0o600))
             .map_err(io_err(&oem))?;
         history::append(
             &state,

@@ -14,18 +14,13 @@ use crate::store::{self, put_bytes, put_verified};
 
 /// Reads an archive into the blob store `blobs` (verifying every blob) and returns the image.
 pub fn read_archive(tar_path: &Path, blobs: &Path, scratch: &Path) -> Result<LocalImage, Error> {
-    let f = fs::File::open(tar_path).map_err(|e| Error::Io {
-        path: tar_path.to_path_buf(),
-        source: e,
+    // The archive is unpacked by the layer unpacker: beneath `scratch`, by descriptor.
+    crate::layer::unpack(tar_path, scratch).map_err(|e| match e {
+        Error::Format(m) => {
+            Error::Format(format!("{}: not a readable tar: {m}", tar_path.display()))
+        }
+        other => other,
     })?;
-    fs::create_dir_all(scratch).map_err(|e| Error::Io {
-        path: scratch.to_path_buf(),
-        source: e,
-    })?;
-    let mut ar = tar::Archive::new(io::BufReader::new(f));
-    ar.set_preserve_permissions(false);
-    ar.unpack(scratch)
-        .map_err(|e| Error::Format(format!("{}: not a readable tar: {e}", tar_path.display())))?;
     if scratch.join("index.json").exists() {
         let img = store::read_layout(scratch, None)?;
         return copy_into(&img, blobs);

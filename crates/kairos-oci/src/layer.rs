@@ -207,9 +207,10 @@ fn unpack_entry<R: Read>(
     let xattrs = xattrs(entry)?;
     let h = entry.header();
     let mode = h.mode()? & 0o7777;
-    let uid = u32::try_from(h.uid()?).map_err(|_| invalid("uid out of range"))?;
-    let gid = u32::try_from(h.gid()?).map_err(|_| invalid("gid out of range"))?;
-    let mtime = i64::try_from(h.mtime()?).unwrap_or(0);
+    // A blank numeric field (some tar writers leave them empty) means 0, as tar reads it.
+    let uid = u32::try_from(h.uid().unwrap_or(0)).map_err(|_| invalid("uid out of range"))?;
+    let gid = u32::try_from(h.gid().unwrap_or(0)).map_err(|_| invalid("gid out of range"))?;
+    let mtime = i64::try_from(h.mtime().unwrap_or(0)).unwrap_or(0);
     let num = |v: io::Result<Option<u32>>| v.ok().flatten().unwrap_or(0);
     let node = |t| match t {
         tar::EntryType::Char => Some(NodeKind::Char),

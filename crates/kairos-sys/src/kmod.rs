@@ -45,28 +45,34 @@ fn norm(name: &str) -> String {
     name.replace('-', "_")
 }
 
-/// `name` → file for every uncompressed `.ko` under `dir` (directories through symlinks are
-/// not entered).
+/// `name` → file for the uncompressed `.ko` modules of a module tree, from its `modules.dep`
+/// (one small read: this runs on every boot, from boot-assessment mounting the ESP).
 fn index(dir: &Path) -> std::collections::BTreeMap<String, std::path::PathBuf> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut stack = vec![(dir.to_path_buf(), 0)];
-    while let Some((d, depth)) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let Ok(ft) = e.file_type() else { continue };
-            let p = e.path();
-            if ft.is_dir() && depth < 16 {
-                stack.push((p, depth + 1));
-            } else if ft.is_file()
-                && let Some(n) = e.file_name().to_str().and_then(|n| n.strip_suffix(".ko"))
-            {
-                out.insert(norm(n), p);
-            }
-        }
-    }
-    out
+    let Ok(dep) = std::fs::read_to_string(dir.join("modules.dep")) else {
+        return Default::default();
+    };
+    dep.lines()
+        .filter_map(|l| l.split_once(':').map(|(file, _)| file.trim()))
+        .filter_map(|file| {
+            let name = Path::new(file).file_name()?.to_str()?.strip_suffix(".ko")?;
+            Some((norm(name), dir.join(file)))
+        })
+        .collect()
+}
+
+/// Modules built into the kernel (`modules.builtin`), by normalised name.
+fn builtin(dir: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_to_string(dir.join("modules.builtin"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            Path::new(l.trim())
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".ko")
+                .map(norm)
+        })
+        .collect()
 }
 
 /// True when the running kernel has `name` already (loaded or built in).
@@ -89,8 +95,10 @@ pub fn ensure(names: &[&str]) -> Vec<(String, String)> {
     ];
     let mut missing = Vec::new();
     let mut idx = None;
+    let built_in: std::collections::BTreeSet<String> =
+        dirs.iter().flat_map(|d| builtin(d)).collect();
     for name in names {
-        if present(name) {
+        if present(name) || built_in.contains(&norm(name)) {
             continue;
         }
         let idx = idx.get_or_insert_with(|| {
@@ -115,7 +123,7 @@ fn load_with_deps(
     }
     let path = idx.get(&norm(name)).ok_or_else(|| {
         format!(
-            "no {name}.ko under /lib/modules/{}",
+            "no {name}.ko in /lib/modules/{}/modules.dep (compressed modules are not loaded)",
             rustix::system::uname().release().to_string_lossy()
         )
     })?;
@@ -132,6 +140,29 @@ fn load_with_deps(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modules_dep_and_builtin_are_read() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("modules.dep"),
+            "kernel/fs/fat/vfat.ko: kernel/fs/fat/fat.ko\nkernel/fs/nls/nls-ascii.ko:\nkernel/x/zst.ko.zst:\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("modules.builtin"),
+            "kernel/fs/nls/nls_utf8.ko\n",
+        )
+        .unwrap();
+        let idx = index(d.path());
+        assert_eq!(idx["vfat"], d.path().join("kernel/fs/fat/vfat.ko"));
+        assert!(idx.contains_key("nls_ascii"), "{idx:?}");
+        assert!(
+            !idx.contains_key("zst"),
+            "compressed modules are not listed"
+        );
+        assert!(builtin(d.path()).contains("nls_utf8"));
+    }
 
     #[test]
     fn modinfo_depends() {
