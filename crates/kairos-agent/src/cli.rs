@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use kairos_config::validate::{self, Problem};
+use kairos_config::validate::{self, Level, Problem};
 use kairos_config::{Collected, Collector, Fetcher, HttpFetcher};
 use kairos_stages::runner::StageRun;
 use kairos_sys::Root;
@@ -189,12 +189,12 @@ impl Global {
     fn lifecycle_config(&self, fetcher: &dyn Fetcher) -> kairos_config::types::Config {
         let mut cfg = kairos_config::types::Config::default();
         // Never silently: whatever could not be read is named, with what applies instead.
-        let json = match self.collect(fetcher) {
+        let node = match self.collect(fetcher) {
             Ok(c) => {
                 for w in &c.warnings {
                     eprintln!("warning: {w}");
                 }
-                c.config.to_json()
+                c.config
             }
             Err(e) => {
                 eprintln!(
@@ -203,17 +203,9 @@ impl Global {
                 return cfg;
             }
         };
-        fn section<T: serde::de::DeserializeOwned>(j: &serde_json::Value, key: &str) -> Option<T> {
-            let v = j.get(key)?;
-            serde_json::from_value(v.clone())
-                .map_err(|e| {
-                    eprintln!("warning: config key {key}: {e}; the defaults of `{key}` apply")
-                })
-                .ok()
-        }
-        cfg.upgrade = section(&json, "upgrade");
-        cfg.boot_assessment = section(&json, "boot_assessment");
-        cfg.reset = section(&json, "reset");
+        cfg.upgrade = section(&node, "upgrade", "Upgrade");
+        cfg.boot_assessment = section(&node, "boot_assessment", "BootAssessment");
+        cfg.reset = section(&node, "reset", "Reset");
         // Health checks shipped with the image (/system/oem) count too: an image author knows
         // what "healthy" means for it; the node's own checks are added to them.
         let image_checks: Vec<String> =
@@ -222,8 +214,12 @@ impl Global {
                 .filter_map(|p| {
                     let text = kairos_config::collect::read_config(&self.root(), p).ok()?;
                     let src: std::sync::Arc<str> = p.to_string_lossy().into();
-                    let j = kairos_config::yaml::parse(&text, &src).ok()?.to_json();
-                    section::<kairos_config::types::BootAssessment>(&j, "boot_assessment")
+                    let n = kairos_config::yaml::parse(&text, &src).ok()?;
+                    section::<kairos_config::types::BootAssessment>(
+                        &n,
+                        "boot_assessment",
+                        "BootAssessment",
+                    )
                 })
                 .flat_map(|b| b.health_checks)
                 .collect();
@@ -241,6 +237,40 @@ impl Global {
             .collect()
             .with_context(|| format!("collecting the config under {}", self.root.display()))
     }
+}
+
+/// A typed section of the config, read as Kairos reads it: unknown keys are warned about and
+/// the keys that are known apply; a section that cannot be read says so and its defaults apply.
+fn section<T: serde::de::DeserializeOwned>(
+    node: &kairos_config::Node,
+    key: &str,
+    def: &str,
+) -> Option<T> {
+    let n = node.get(key)?;
+    let (v, warnings) = kairos_config::decode::section::<T>(n, def, key);
+    for w in &warnings {
+        eprintln!("warning: {w}; `{key}` applies without it");
+    }
+    v.map_err(|e| eprintln!("error: {e}; the defaults of `{key}` apply"))
+        .ok()
+}
+
+/// `install:` of a config, for the install commands: unknown keys are warned about; a value
+/// that cannot be read stops the install (it would lay out the wrong disk).
+fn install_section(
+    node: &kairos_config::Node,
+    name: &str,
+) -> Result<kairos_config::types::Install> {
+    let Some(n) = node.get("install") else {
+        return Ok(Default::default());
+    };
+    let (v, warnings) = kairos_config::decode::section(n, "Install", "install");
+    for w in &warnings {
+        eprintln!("warning: {w}; the install goes on without it");
+    }
+    v.map_err(|e| {
+        anyhow::anyhow!("{name}: {e}; fix it (see `kairos-agent validate`) and try again")
+    })
 }
 
 pub fn run(cli: Cli) -> Result<Code> {
@@ -267,13 +297,13 @@ pub fn run(cli: Cli) -> Result<Code> {
             if json {
                 let out = json!({
                     "sources": c.sources, "config": c.config.to_json(), "warnings": c.warnings,
-                    "problems": problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                    "problems": problems.iter().map(|p| json!({"level": p.level, "problem": p.to_string()})).collect::<Vec<_>>(),
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 print!("{}", c.render());
             }
-            Ok(if strict && !problems.is_empty() {
+            Ok(if strict && !validate::passes(&problems) {
                 exit::INVALID
             } else {
                 0
@@ -338,13 +368,7 @@ pub fn run(cli: Cli) -> Result<Code> {
         Command::Install { auto, opts } => {
             let booted = cli.global.booted();
             let c = cli.global.collect(&fetcher)?;
-            let json = c.config.to_json();
-            let install: kairos_config::types::Install = json
-                .get("install")
-                .map(|v| serde_json::from_value(v.clone()))
-                .transpose()
-                .context("config key install")?
-                .unwrap_or_default();
+            let install = install_section(&c.config, "config")?;
             if auto && !(booted.mode == "live" && install.auto.0) {
                 return Ok(0);
             }
@@ -378,13 +402,7 @@ pub fn run(cli: Cli) -> Result<Code> {
             let src: std::sync::Arc<str> = config.to_string_lossy().into();
             let node = kairos_config::yaml::parse(&text, &src)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
-            let install: kairos_config::types::Install = node
-                .to_json()
-                .get("install")
-                .map(|v| serde_json::from_value(v.clone()))
-                .transpose()
-                .with_context(|| format!("{}: install", config.display()))?
-                .unwrap_or_default();
+            let install = install_section(&node, &config.display().to_string())?;
             let g = &cli.global;
             crate::lifecycle::install_cmd(&opts, &device, &install, &text, &g.root, &mut |s, r| {
                 run_install_stage(g, s, Some(&config), r, &fetcher)
@@ -485,8 +503,11 @@ fn report_warnings(c: &Collected, problems: &[Problem], strict: bool) {
     for w in &c.warnings {
         eprintln!("warning: {w}");
     }
-    let level = if strict { "error" } else { "warning" };
     for p in problems {
+        let level = match p.level {
+            Level::Warning if strict => "error",
+            l => l.as_str(),
+        };
         eprintln!("{level}: {p}");
     }
 }
@@ -527,21 +548,29 @@ fn validate_cmd(source: &str, json_out: bool, fetcher: &dyn Fetcher) -> Result<C
     if json_out {
         let list: Vec<_> = problems
             .iter()
-            .map(|p| json!({"file": p.origin.source.as_ref(), "line": p.origin.line, "column": p.origin.col, "path": p.path, "message": p.message}))
+            .map(|p| json!({"file": p.origin.source.as_ref(), "line": p.origin.line, "column": p.origin.col, "path": p.path, "level": p.level, "message": p.message}))
             .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"valid": problems.is_empty(), "problems": list}))?
+            serde_json::to_string_pretty(
+                &json!({"valid": validate::passes(&problems), "problems": list})
+            )?
         );
-    } else if problems.is_empty() {
-        println!("{name}: valid");
     } else {
         for p in &problems {
-            println!("{p}");
+            match p.level {
+                Level::Info => println!("{p} (info)"),
+                _ => println!("{p}"),
+            }
         }
-        eprintln!("{name}: {} problem(s)", problems.len());
+        let counted = problems.iter().filter(|p| p.level != Level::Info).count();
+        if counted == 0 {
+            println!("{name}: valid");
+        } else {
+            eprintln!("{name}: {counted} problem(s)");
+        }
     }
-    Ok(if problems.is_empty() {
+    Ok(if validate::passes(&problems) {
         0
     } else {
         exit::INVALID
@@ -568,9 +597,21 @@ fn run_stage(
     };
     let strict = strict || collected.as_ref().is_some_and(is_strict);
     let mut extra_paths = Vec::new();
+    let mut config_ok = true;
     if let Some(c) = &collected {
-        let problems = validate::validate_node(&c.config);
-        report_warnings(c, &problems, strict);
+        // The stage loader reports problems of stages and of the cloud-init keys it turns
+        // into steps, when the stage they affect runs; the rest is reported here.
+        let problems: Vec<Problem> = validate::validate_node(&c.config)
+            .into_iter()
+            .filter(|p| {
+                let top = p.path.split('.').next().unwrap_or("");
+                top != "stages" && !kairos_stages::loader::TRANSPILED_KEYS.contains(&top)
+            })
+            .collect();
+        config_ok = validate::passes(&problems);
+        if !analyze {
+            report_warnings(c, &problems, strict);
+        }
         if let Some(p) = c.config.get("cloud-init-paths") {
             extra_paths = p
                 .to_json()
@@ -592,7 +633,12 @@ fn run_stage(
         if json_out {
             let v: Vec<_> = plans
                 .iter()
-                .map(|p| json!({"stage": p.stage, "source": p.source, "layers": p.layers}))
+                .map(|p| json!({
+                    "stage": p.stage, "source": p.source, "layers": p.layers,
+                    "skipped": p.skipped.iter().map(|(o, r)| json!({"step": o, "reason": r})).collect::<Vec<_>>(),
+                    "conditional": p.conditional.iter().map(|(o, c)| json!({"step": o, "if": c})).collect::<Vec<_>>(),
+                    "problems": p.problems,
+                }))
                 .collect();
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
@@ -601,6 +647,15 @@ fn run_stage(
                 for (i, layer) in p.layers.iter().enumerate() {
                     println!("  {i}: {}", layer.join(", "));
                 }
+                for (op, why) in &p.skipped {
+                    println!("  will skip {op}: {why}");
+                }
+                for (op, cond) in &p.conditional {
+                    println!("  runs only if `{cond}` succeeds: {op}");
+                }
+                for problem in &p.problems {
+                    println!("  problem {problem}");
+                }
             }
         }
         return Ok(0);
@@ -608,31 +663,33 @@ fn run_stage(
     let mut err = std::io::stderr();
     let report = run.run(stage, &mut err);
     let summary = format!(
-        "{stage}: {} step(s) ran, {} skipped, {} failed, {} problem(s)",
+        "{stage}: {} step(s) ran, {} skipped, {} failed, {} problem(s), {} warning(s)",
         report.ran.len(),
         report.skipped.len(),
         report.failed.len(),
-        report.problems.len()
+        report.problems.len(),
+        report.warnings.len()
     );
     if json_out {
         let v = json!({
             "stage": stage, "ok": report.ok(), "ran": report.ran,
             "skipped": report.skipped.iter().map(|(n, r)| json!({"step": n, "reason": r})).collect::<Vec<_>>(),
             "failed": report.failed.iter().map(|(n, e)| json!({"step": n, "errors": e})).collect::<Vec<_>>(),
-            "problems": report.problems,
+            "problems": report.problems, "warnings": report.warnings,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     }
+    let clean = report.clean() && config_ok;
     let _ = writeln!(
         err,
         "{summary}{}",
-        if !report.ok() && !strict {
+        if !clean && !strict {
             " (not fatal: pass --strict to fail)"
         } else {
             ""
         }
     );
-    Ok(if strict && !report.ok() {
+    Ok(if strict && !clean {
         exit::INVALID
     } else {
         0

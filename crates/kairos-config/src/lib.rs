@@ -6,6 +6,8 @@
 
 pub mod cmdline;
 pub mod collect;
+pub mod decode;
+pub mod keys;
 pub mod merge;
 pub mod names;
 pub mod node;

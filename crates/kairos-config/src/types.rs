@@ -1,8 +1,9 @@
 //! The typed Kairos config: every key we act on, with the spellings Kairos accepts.
 //!
-//! Unknown keys are rejected (`deny_unknown_fields`) so a typo such as `k3s: {enable: true}`
-//! is reported instead of silently doing nothing. The JSON Schema that `kairos-agent schema`
-//! prints and `validate` checks against is generated from these types.
+//! Decoding is lenient as Go's is (unknown keys ignored, null is the zero value, see
+//! [`crate::decode`]); the JSON Schema generated from these types is strict (unknown keys
+//! are listed), so `validate` reports a typo such as `k3s: {enable: true}` with a did-you-mean
+//! while a stage still applies the keys it knows.
 
 use std::collections::BTreeMap;
 
@@ -195,12 +196,26 @@ impl JsonSchema for StringList {
 
 type Map<T> = BTreeMap<String, T>;
 
+/// A key written with no value (`ssh_authorized_keys:` followed only by a comment) is YAML
+/// null, and Go's decoder leaves the field at its zero value: an empty list, an empty map,
+/// false, unset. Every config field reads null that way.
+fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 macro_rules! config_struct {
     ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $ty:ty),* $(,)? }) => {
         $(#[$m])*
         #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-        #[serde(default, deny_unknown_fields)]
-        pub struct $name { $($(#[$fm])* pub $field: $ty),* }
+        #[serde(default)]
+        #[schemars(deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fm])* #[serde(deserialize_with = "nullable")] pub $field: $ty),*
+        }
     };
 }
 
@@ -271,6 +286,8 @@ config_struct!(
         #[serde(rename = "k0s-worker")]
         k0s_worker: Option<K8sDistro>,
         kubevip: Option<KubeVip>,
+        /// The cluster-plugin block (kairos-sdk `clusterplugin`, e.g. the kubeadm provider).
+        cluster: Option<Cluster>,
         fullcloudconfig: GoBool,
         platform: Option<Map<Json>>,
     }
@@ -617,13 +634,25 @@ config_struct!(KcryptChallenger {
     tpm_device: Option<String>,
 });
 
-/// `p2p.role`.
+/// `p2p.role`: a role forced by hand. `""` is the same as leaving it out (as in
+/// provider-kairos); `none` is refused, as provider-kairos refuses it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum P2pRole {
+    #[serde(rename = "")]
+    Unset,
+    Auto,
     Master,
     Worker,
-    None,
+}
+
+impl P2p {
+    /// The role set by hand, if any (`""` and `auto` force nothing).
+    pub fn forced_role(&self) -> Option<&P2pRole> {
+        self.role
+            .as_ref()
+            .filter(|r| matches!(r, P2pRole::Master | P2pRole::Worker))
+    }
 }
 
 config_struct!(
@@ -658,6 +687,37 @@ config_struct!(
     }
 );
 
+/// `cluster.role` of the cluster-plugin providers: `init` (the one node that initialises the
+/// cluster and its etcd), `controlplane`, `worker`, or `none` (not part of a cluster).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterRole {
+    Init,
+    #[serde(rename = "controlplane")]
+    ControlPlane,
+    Worker,
+    None,
+}
+
+config_struct!(
+    /// `cluster:` — read by cluster-plugin providers (kubeadm, k3s, rke2 plugins); Kairos only
+    /// checks its shape.
+    Cluster {
+        /// Shared by every member; tells clusters on one network apart.
+        cluster_token: Option<String>,
+        /// A host every node can resolve, used to register with the control plane.
+        control_plane_host: Option<String>,
+        role: Option<ClusterRole>,
+        /// Free-form configuration passed to the provider as text.
+        config: Option<String>,
+        env: Map<Text>,
+        ca_certs: Vec<String>,
+        provider_options: Map<Json>,
+        import_local_images: GoBool,
+        local_images_path: Option<String>,
+    }
+);
+
 config_struct!(KubeVip {
     eip: Option<String>,
     manifest_url: Option<String>,
@@ -683,6 +743,8 @@ pub fn schema() -> Json {
     if let Some(o) = s.as_object_mut() {
         o.insert("title".into(), Json::String("Kairos cloud-config".into()));
     }
+    // Every key may be written with no value (null), which reads as its zero value.
+    nullable_properties(&mut s);
     // schemars leaves serde aliases out; the schema must accept what the parser accepts.
     for (ty, alias, canonical) in ALIASES {
         if let Some(props) = s
@@ -700,4 +762,48 @@ pub fn schema() -> Json {
         }
     }
     s
+}
+
+/// Lets every property of every object definition be null (see [`nullable`]).
+fn nullable_properties(s: &mut Json) {
+    fn fix(prop: &mut Json) {
+        let Some(o) = prop.as_object_mut() else {
+            return;
+        };
+        match o.get_mut("type") {
+            Some(Json::String(t)) if t != "null" => {
+                let t = t.clone();
+                o.insert("type".into(), serde_json::json!([t, "null"]));
+            }
+            Some(Json::Array(ts)) => {
+                if !ts.iter().any(|t| t == "null") {
+                    ts.push(Json::String("null".into()));
+                }
+            }
+            Some(_) => {}
+            None => {
+                let has_null = o
+                    .get("anyOf")
+                    .and_then(Json::as_array)
+                    .is_some_and(|a| a.iter().any(|b| b.get("type").is_some_and(|t| t == "null")));
+                if !has_null {
+                    let inner = Json::Object(std::mem::take(o));
+                    o.insert("anyOf".into(), serde_json::json!([inner, {"type": "null"}]));
+                }
+            }
+        }
+    }
+    fn walk(def: &mut Json) {
+        if let Some(props) = def.get_mut("properties").and_then(Json::as_object_mut) {
+            for p in props.values_mut() {
+                fix(p);
+            }
+        }
+    }
+    walk(s);
+    if let Some(defs) = s.get_mut("$defs").and_then(Json::as_object_mut) {
+        for d in defs.values_mut() {
+            walk(d);
+        }
+    }
 }

@@ -8,8 +8,32 @@ use jsonschema::error::ValidationErrorKind;
 use serde_json::Value as Json;
 
 use crate::collect::HEADERS;
+use crate::keys;
 use crate::node::{Node, Origin};
 use crate::yaml;
+
+/// How much a problem matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// Nothing is lost: a top-level block passed to bundles and providers.
+    Info,
+    /// Applied without it: an unknown key inside a known block (`validate` fails on it, a
+    /// stage warns and applies the rest; `strict` fails).
+    Warning,
+    /// Not applied: a value of the wrong type or shape, a name that would corrupt a file.
+    Error,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Info => "info",
+            Level::Warning => "warning",
+            Level::Error => "error",
+        }
+    }
+}
 
 /// One thing wrong with a config.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +42,50 @@ pub struct Problem {
     /// Dot path of the key (`k3s.enable`, `users.0.passwd`); empty for the document.
     pub path: String,
     pub message: String,
+    pub level: Level,
+}
+
+impl Problem {
+    pub fn error(origin: Origin, path: impl Into<String>, message: impl Into<String>) -> Self {
+        Problem {
+            origin,
+            path: path.into(),
+            message: message.into(),
+            level: Level::Error,
+        }
+    }
+}
+
+/// Top-level blocks that Kairos bundles and providers read (`docs/advanced/bundles.md`),
+/// listed so they are reported as such even without a schema of their own.
+pub const BUNDLE_BLOCKS: &[&str] = &[
+    "metallb",
+    "flux",
+    "argocd",
+    "longhorn",
+    "kubevirt",
+    "calico",
+    "certManager",
+    "kyverno",
+    "nginx",
+    "suc",
+    "amt",
+    "localai",
+    "edgevpn",
+    "kairos",
+    "multus",
+    "spinkube",
+    "kubeadm",
+    "nohang",
+    "coco",
+    "system-upgrade-controller",
+    "rke2",
+    "kairos-operator",
+];
+
+/// True when no problem would make `validate` fail (only information).
+pub fn passes(problems: &[Problem]) -> bool {
+    problems.iter().all(|p| p.level == Level::Info)
 }
 
 impl fmt::Display for Problem {
@@ -49,20 +117,15 @@ pub fn validate_text(text: &str, source: &str) -> Vec<Problem> {
     let src: Arc<str> = Arc::from(source);
     let mut problems = Vec::new();
     if !starts_with_header(text) {
-        problems.push(Problem {
-            origin: Origin::new(&src, 1, 1),
-            path: String::new(),
-            message: "missing header: the first line must be #cloud-config (or #kairos-config, #node-config)"
-                .into(),
-        });
+        problems.push(Problem::error(
+            Origin::new(&src, 1, 1),
+            "",
+            "missing header: the first line must be #cloud-config (or #kairos-config, #node-config)",
+        ));
     }
     match yaml::parse(text, &src) {
         Ok(node) => problems.extend(validate_node(&node)),
-        Err(e) => problems.push(Problem {
-            origin: e.origin,
-            path: String::new(),
-            message: e.message,
-        }),
+        Err(e) => problems.push(Problem::error(e.origin, "", e.message)),
     }
     problems
 }
@@ -100,11 +163,7 @@ fn plain_str<'a>(node: &'a Node, key: &str) -> Option<(&'a Node, &'a str)> {
 
 fn report(out: &mut Vec<Problem>, n: &Node, path: String, r: Result<(), String>) {
     if let Err(message) = r {
-        out.push(Problem {
-            origin: n.origin.clone(),
-            path,
-            message,
-        });
+        out.push(Problem::error(n.origin.clone(), path, message));
     }
 }
 
@@ -226,11 +285,11 @@ fn semantic(node: &Node) -> Vec<Problem> {
                     .is_some_and(|k| !k.is_empty())
             });
         if !has_key {
-            out.push(Problem {
-                origin: h.origin.clone(),
-                path: "install.ssh_hardening".into(),
-                message: "ssh_hardening disables password logins, but no user has ssh_authorized_keys: you would be locked out".into(),
-            });
+            out.push(Problem::error(
+                h.origin.clone(),
+                "install.ssh_hardening",
+                "ssh_hardening disables password logins, but no user has ssh_authorized_keys: you would be locked out",
+            ));
         }
     }
     out
@@ -248,28 +307,60 @@ fn collect(root: &Node, schema: &Json, err: &jsonschema::ValidationError, out: &
     let ptr = err.instance_path().as_str().to_string();
     let path = pointer_to_path(&ptr);
     let at = root.at_pointer(&ptr).unwrap_or(root);
+    if path == "p2p.role" && at.to_json() == "none" {
+        out.push(Problem::error(
+            at.origin.clone(),
+            path,
+            "`none` is not a role (provider-kairos refuses it too): leave p2p.role unset or \"\" for an automatic role, or write master or worker",
+        ));
+        return;
+    }
     match err.kind() {
         ValidationErrorKind::AdditionalProperties { unexpected } => {
-            let known = properties_at(schema, schema, &ptr);
+            let known = keys::properties_at(schema, schema, &ptr);
             for key in unexpected {
                 let origin = at
                     .key_of(key)
                     .map(|k| k.origin.clone())
                     .unwrap_or_else(|| at.origin.clone());
+                let key_path = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                // Top level: bundles and providers read their own blocks; only a key one
+                // typo away from a known one is a mistake.
+                if ptr.is_empty() {
+                    let near = (!BUNDLE_BLOCKS.contains(&key.as_str()))
+                        .then(|| keys::near_top_level(key, &known))
+                        .flatten();
+                    out.push(match near {
+                        Some(s) => Problem {
+                            origin,
+                            path: key_path,
+                            message: format!("unknown key `{key}`: did you mean `{s}`? (if it is a bundle's or provider's block, ignore this)"),
+                            level: Level::Warning,
+                        },
+                        None => Problem {
+                            origin,
+                            path: key_path,
+                            message: format!("`{key}` is not a Kairos key: passed to bundles/providers"),
+                            level: Level::Info,
+                        },
+                    });
+                    continue;
+                }
                 let mut message = format!("unknown key `{key}`");
-                if let Some(s) = did_you_mean(key, &known) {
-                    message.push_str(&format!(": did you mean `{s}`?"));
+                if let Some(h) = keys::hint(key, &known) {
+                    message.push_str(&format!(": {h}"));
                 } else if !known.is_empty() && known.len() <= 12 {
                     message.push_str(&format!(" (expected one of: {})", known.join(", ")));
                 }
                 out.push(Problem {
                     origin,
-                    path: if path.is_empty() {
-                        key.clone()
-                    } else {
-                        format!("{path}.{key}")
-                    },
+                    path: key_path,
                     message,
+                    level: Level::Warning,
                 });
             }
         }
@@ -295,53 +386,59 @@ fn collect(root: &Node, schema: &Json, err: &jsonschema::ValidationError, out: &
                     collect(root, schema, e, out);
                 }
             } else {
-                out.push(Problem {
-                    origin: at.origin.clone(),
+                out.push(Problem::error(
+                    at.origin.clone(),
                     path,
-                    message: format!(
+                    format!(
                         "{} is not valid here: expected {}",
                         show(&at.to_json()),
                         expected_of(context)
                     ),
-                });
+                ));
             }
         }
-        ValidationErrorKind::Type { kind } => out.push(Problem {
-            origin: at.origin.clone(),
+        ValidationErrorKind::Type { kind } => out.push(Problem::error(
+            at.origin.clone(),
             path,
-            message: format!(
-                "expected {}, found {} {}",
-                type_name(kind),
-                at.value.kind(),
-                show(&at.to_json())
-            ),
-        }),
-        ValidationErrorKind::Enum { options } => out.push(Problem {
-            origin: at.origin.clone(),
+            format!("expected {}, found {}", type_name(kind), found(at)),
+        )),
+        ValidationErrorKind::Enum { options } => out.push(Problem::error(
+            at.origin.clone(),
             path,
-            message: format!("{} is not one of {}", show(&at.to_json()), options),
-        }),
-        ValidationErrorKind::Pattern { pattern } => out.push(Problem {
-            origin: at.origin.clone(),
+            format!("{} is not one of {}", show(&at.to_json()), options),
+        )),
+        ValidationErrorKind::Pattern { pattern } => out.push(Problem::error(
+            at.origin.clone(),
             path,
-            message: format!(
+            format!(
                 "{} does not match the pattern {pattern}",
                 show(&at.to_json())
             ),
-        }),
-        _ => out.push(Problem {
-            origin: at.origin.clone(),
-            path,
-            message: err.to_string(),
-        }),
+        )),
+        _ => out.push(Problem::error(at.origin.clone(), path, err.to_string())),
     }
 }
 
+/// What was written, for a message: `a string "x"`, `nothing (null)`, `true`.
+fn found(n: &Node) -> String {
+    match &n.value {
+        crate::Value::Null => "nothing (null)".into(),
+        crate::Value::Bool(b) => format!("the boolean {b}"),
+        v => format!("{} {}", article(v.kind()), show(&n.to_json())),
+    }
+}
+
+/// The expected types; null is left out (every key may be empty).
 fn type_name(kind: &jsonschema::error::TypeKind) -> String {
     match kind {
         jsonschema::error::TypeKind::Single(t) => article(&t.to_string()),
         jsonschema::error::TypeKind::Multiple(ts) => {
-            let names: Vec<String> = ts.iter().map(|t| t.to_string()).collect();
+            let names: Vec<String> = ts
+                .iter()
+                .map(|t| t.to_string())
+                .filter(|t| t != "null")
+                .map(|t| article(&t))
+                .collect();
             names.join(" or ")
         }
     }
@@ -352,6 +449,8 @@ fn article(t: &str) -> String {
         "object" => "a map".into(),
         "array" => "a list".into(),
         "integer" => "an integer".into(),
+        "list" => "a list".into(),
+        "map" => "a map".into(),
         "null" => "nothing (null)".into(),
         other => format!("a {other}"),
     }
@@ -362,6 +461,9 @@ fn expected_of(context: &[Vec<jsonschema::ValidationError<'static>>]) -> String 
     for branch in context {
         for e in branch {
             let s = match e.kind() {
+                ValidationErrorKind::Type {
+                    kind: jsonschema::error::TypeKind::Single(t),
+                } if t.to_string() == "null" => continue,
                 ValidationErrorKind::Type { kind } => type_name(kind),
                 ValidationErrorKind::Enum { options } => format!("one of {options}"),
                 ValidationErrorKind::Pattern { pattern } => format!("text matching {pattern}"),
@@ -386,76 +488,6 @@ fn show(v: &Json) -> String {
     } else {
         s
     }
-}
-
-fn resolve<'a>(root: &'a Json, s: &'a Json) -> &'a Json {
-    let mut cur = s;
-    for _ in 0..16 {
-        match cur.get("$ref").and_then(Json::as_str) {
-            Some(r) => match root.pointer(r.trim_start_matches('#')) {
-                Some(t) => cur = t,
-                None => break,
-            },
-            None => break,
-        }
-    }
-    cur
-}
-
-/// The property names the schema allows at a JSON pointer of the instance.
-fn properties_at(root: &Json, s: &Json, ptr: &str) -> Vec<String> {
-    let s = resolve(root, s);
-    let mut segs = ptr.split('/').skip(1).peekable();
-    let Some(seg) = segs.next() else {
-        let mut names: Vec<String> = s
-            .get("properties")
-            .and_then(Json::as_object)
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default();
-        for key in ["anyOf", "oneOf", "allOf"] {
-            for b in s.get(key).and_then(Json::as_array).into_iter().flatten() {
-                names.extend(properties_at(root, b, ""));
-            }
-        }
-        names.sort();
-        names.dedup();
-        return names;
-    };
-    let rest: String = segs.map(|x| format!("/{x}")).collect();
-    let mut found = Vec::new();
-    if let Some(p) = s.get("properties").and_then(|p| p.get(seg)) {
-        found.extend(properties_at(root, p, &rest));
-    } else if let Some(a) = s.get("additionalProperties").filter(|a| a.is_object()) {
-        found.extend(properties_at(root, a, &rest));
-    }
-    if let Some(items) = s.get("items").filter(|_| seg.parse::<usize>().is_ok()) {
-        found.extend(properties_at(root, items, &rest));
-    }
-    for key in ["anyOf", "oneOf", "allOf"] {
-        for b in s.get(key).and_then(Json::as_array).into_iter().flatten() {
-            found.extend(properties_at(root, b, &format!("/{seg}{rest}")));
-        }
-    }
-    found.sort();
-    found.dedup();
-    found
-}
-
-/// The closest known key to a misspelt one, if it is close enough to be a typo.
-pub fn did_you_mean(key: &str, known: &[String]) -> Option<String> {
-    let norm = |s: &str| s.to_lowercase().replace(['-', '_'], "");
-    known
-        .iter()
-        .map(|k| {
-            let mut score = strsim::jaro_winkler(&norm(key), &norm(k));
-            if norm(key) == norm(k) {
-                score = 1.0;
-            }
-            (score, k)
-        })
-        .filter(|(score, _)| *score >= 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, k)| k.clone())
 }
 
 #[cfg(test)]
@@ -537,12 +569,5 @@ mod tests {
                 "c.yaml:4:5: stages.boot.0.comands: unknown key `comands`: did you mean `commands`?"
             ]
         );
-    }
-
-    #[test]
-    fn did_you_mean_needs_closeness() {
-        let known = vec!["enabled".to_string(), "args".to_string()];
-        assert_eq!(did_you_mean("enable", &known).as_deref(), Some("enabled"));
-        assert_eq!(did_you_mean("zzzz", &known), None);
     }
 }

@@ -8,6 +8,8 @@ use std::collections::HashMap;
 
 use kairos_config::types::Step;
 
+use kairos_config::validate::Level;
+
 use crate::loader::YipConfig;
 
 #[derive(Debug, Clone)]
@@ -20,7 +22,10 @@ pub struct Op {
 #[derive(Debug, Clone, Default)]
 pub struct Graph {
     pub ops: Vec<Op>,
+    /// What was not applied: steps that could not be read, `after` targets that do not exist.
     pub problems: Vec<String>,
+    /// What was applied without something: unknown keys.
+    pub warnings: Vec<String>,
 }
 
 impl Graph {
@@ -30,7 +35,16 @@ impl Graph {
         let mut seen: HashMap<String, usize> = HashMap::new();
         let mut prev_file: Vec<String> = Vec::new();
         for cfg in configs {
-            g.problems.extend(cfg.problems.iter().cloned());
+            for p in cfg
+                .problems
+                .iter()
+                .filter(|p| p.stage.as_deref() == Some(stage))
+            {
+                match p.level {
+                    Level::Error => g.problems.push(p.text.clone()),
+                    _ => g.warnings.push(p.text.clone()),
+                }
+            }
             let Some(steps) = cfg.stages.get(stage) else {
                 continue;
             };

@@ -20,6 +20,8 @@ pub struct Report {
     pub failed: Vec<(String, Vec<String>)>,
     /// Problems found while loading (unreadable steps, unknown `after` targets).
     pub problems: Vec<String>,
+    /// Keys ignored while loading (unknown keys); what was known was applied.
+    pub warnings: Vec<String>,
 }
 
 impl Report {
@@ -28,10 +30,16 @@ impl Report {
         self.skipped.extend(other.skipped);
         self.failed.extend(other.failed);
         self.problems.extend(other.problems);
+        self.warnings.extend(other.warnings);
     }
 
     pub fn ok(&self) -> bool {
         self.failed.is_empty() && self.problems.is_empty()
+    }
+
+    /// `ok`, and nothing was ignored either (what `strict` asks for).
+    pub fn clean(&self) -> bool {
+        self.ok() && self.warnings.is_empty()
     }
 }
 
@@ -116,13 +124,17 @@ impl<'a> Executor<'a> {
     pub fn run(&mut self, graph: &Graph) -> Report {
         let mut report = Report {
             problems: graph.problems.clone(),
+            warnings: graph.warnings.clone(),
             ..Default::default()
         };
         for p in &graph.problems {
             let _ = writeln!(self.out, "  problem  {p}");
         }
+        for w in &graph.warnings {
+            let _ = writeln!(self.out, "  warn  {w}");
+        }
         for op in graph.ordered() {
-            if let Err(reason) = self.check(&op.step) {
+            if let Err(reason) = self.check(&op.step, true) {
                 let _ = writeln!(self.out, "  skip  {} ({reason})", op.name);
                 report.skipped.push((op.name.clone(), reason));
                 continue;
@@ -167,8 +179,9 @@ impl<'a> Executor<'a> {
         errors
     }
 
-    /// The conditionals, in yip's order; `Err` says why the step is skipped.
-    pub fn check(&self, step: &Step) -> Result<(), String> {
+    /// The conditionals, in yip's order; `Err` says why the step is skipped. Without
+    /// `run_if` the `if:` command is not run (an analysis must not change the system).
+    pub fn check(&self, step: &Step, run_if: bool) -> Result<(), String> {
         let ctx = self.ctx();
         let re = |pat: &str, what: &str| {
             Regex::new(pat).map_err(|e| format!("{what}: bad regex {pat:?}: {e}"))
@@ -179,7 +192,7 @@ impl<'a> Executor<'a> {
                 return Err(format!("node: hostname {host:?} does not match {n:?}"));
             }
         }
-        if let Some(cond) = step.if_.as_deref().filter(|c| !c.is_empty()) {
+        if let Some(cond) = step.if_.as_deref().filter(|c| !c.is_empty() && run_if) {
             let cmd = ctx.render(cond);
             match self.shell.run_status(&cmd) {
                 Ok(o) if o.status == 0 => {}

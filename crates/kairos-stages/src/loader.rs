@@ -4,19 +4,65 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use kairos_config::decode;
 use kairos_config::node::{Node, Value};
 use kairos_config::types::{
-    Config, ExpandPartition, FileMode, Layout, LayoutDevice, Step, StepFile, StepUser,
+    CloudUser, ExpandPartition, FileMode, Growpart, Layout, LayoutDevice, Step, StepFile, StepUser,
+    WriteFile,
 };
+use kairos_config::validate::{Level, Problem};
+
+/// A problem found while loading, tied to the stage where what it loses would have applied
+/// (`None`: the whole document), so it is reported once, when that stage runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadProblem {
+    pub stage: Option<String>,
+    pub level: Level,
+    pub text: String,
+}
 
 /// One loaded document: its name (config `name` or source path) and its stages.
 #[derive(Debug, Clone, Default)]
 pub struct YipConfig {
     pub name: String,
     pub stages: BTreeMap<String, Vec<Step>>,
-    /// Steps that could not be read, with the reason (reported as step errors).
-    pub problems: Vec<String>,
+    /// What could not be read (errors: not applied) or was ignored (warnings: unknown keys).
+    pub problems: Vec<LoadProblem>,
 }
+
+impl YipConfig {
+    /// A document none of which could be used.
+    pub fn unusable(name: &str, text: String) -> YipConfig {
+        YipConfig {
+            name: name.to_string(),
+            problems: vec![LoadProblem {
+                stage: None,
+                level: Level::Error,
+                text,
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn problem(&mut self, stage: &str, p: &Problem, lost: &str) {
+        self.problems.push(LoadProblem {
+            stage: Some(stage.to_string()),
+            level: p.level,
+            text: format!("{p}; {lost}"),
+        });
+    }
+}
+
+/// The cloud-init keys turned into stage steps here (and reported here, not by `validate`).
+pub const TRANSPILED_KEYS: &[&str] = &[
+    "users",
+    "ssh_authorized_keys",
+    "write_files",
+    "milpa_files",
+    "runcmd",
+    "hostname",
+    "growpart",
+];
 
 /// yip's cloud-config detection: `#cloud-config` with only blank or `#` lines before it.
 pub fn is_cloud_config(text: &str) -> bool {
@@ -32,10 +78,72 @@ pub fn is_cloud_config(text: &str) -> bool {
     false
 }
 
+/// What a document that cannot be parsed would have done, read from its lines: the users
+/// it names, its hostname and its stages ("users kairos, ops; hostname; stages boot").
+pub fn effects_of_text(text: &str) -> String {
+    let mut users = Vec::new();
+    let mut stages = Vec::new();
+    let mut others = Vec::new();
+    let mut section = String::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        if !line.starts_with([' ', '-', '\t']) {
+            section = line.split(':').next().unwrap_or("").trim().to_string();
+            if !matches!(section.as_str(), "users" | "stages" | "name" | "") {
+                others.push(section.clone());
+            }
+            continue;
+        }
+        let t = line.trim_start().trim_start_matches("- ").trim();
+        match section.as_str() {
+            "users" => {
+                if let Some(n) = t.strip_prefix("name:") {
+                    users.push(n.trim().trim_matches(['"', '\'']).to_string());
+                }
+            }
+            "stages" if line.len() - line.trim_start().len() <= 2 && t.ends_with(':') => {
+                stages.push(t.trim_end_matches(':').to_string());
+            }
+            _ => {}
+        }
+    }
+    let mut parts = Vec::new();
+    if !users.is_empty() {
+        parts.push(format!("users {}", users.join(", ")));
+    }
+    parts.extend(others);
+    if !stages.is_empty() {
+        parts.push(format!("stages {}", stages.join(", ")));
+    }
+    if parts.is_empty() {
+        "nothing in it was applied".into()
+    } else {
+        format!("not applied: {}", parts.join("; "))
+    }
+}
+
 /// Loads a document; `source` names it in op names and messages.
 pub fn load_text(text: &str, source: &str) -> Result<YipConfig, String> {
-    let node = kairos_config::yaml::parse(text, &Arc::from(source)).map_err(|e| e.to_string())?;
+    let node = kairos_config::yaml::parse(text, &Arc::from(source))
+        .map_err(|e| format!("{e}; {}", effects_of_text(text)))?;
     Ok(load_node(node, source, is_cloud_config(text)))
+}
+
+/// The modules a step uses, for "what was lost" messages.
+fn step_keys(item: &Node) -> String {
+    match &item.value {
+        Value::Map(m) => {
+            let keys: Vec<&str> = m
+                .iter()
+                .map(|(k, _)| k.name.as_str())
+                .filter(|k| *k != "name")
+                .collect();
+            keys.join(", ")
+        }
+        _ => String::new(),
+    }
 }
 
 /// Loads an already-parsed document (the cmdline dot notation arrives this way).
@@ -52,64 +160,206 @@ pub fn load_node(mut node: Node, source: &str, cloud_config: bool) -> YipConfig 
     if cloud_config {
         transpile(&node, &mut cfg);
     }
-    if let Some(stages) = node.get("stages") {
-        let Value::Map(entries) = &stages.value else {
-            cfg.problems.push(format!(
-                "{}: `stages` must be a map of stage name to steps",
-                stages.origin
-            ));
+    let Some(stages) = node.get("stages") else {
+        return cfg;
+    };
+    let entries = match &stages.value {
+        Value::Map(entries) => entries,
+        Value::Null => return cfg,
+        _ => {
+            cfg.problems.push(LoadProblem {
+                stage: None,
+                level: Level::Error,
+                text: format!(
+                    "{}: stages: expected a map of stage name to steps, found a {}; no stage of this file ran",
+                    stages.origin,
+                    stages.value.kind()
+                ),
+            });
             return cfg;
-        };
-        for (k, steps) in entries {
-            let Value::Seq(items) = &steps.value else {
-                cfg.problems.push(format!(
-                    "{}: stage `{}` must be a list of steps",
-                    steps.origin, k.name
-                ));
+        }
+    };
+    for (k, steps) in entries {
+        let stage = k.name.as_str();
+        let items: &[Node] = match &steps.value {
+            Value::Seq(items) => items,
+            Value::Null => &[],
+            other => {
+                let p = Problem::error(
+                    steps.origin.clone(),
+                    format!("stages.{stage}"),
+                    format!("expected a list of steps, found a {}", other.kind()),
+                );
+                cfg.problem(stage, &p, &format!("no step of stage `{stage}` ran"));
                 continue;
-            };
-            let list = cfg.stages.entry(k.name.clone()).or_default();
-            for item in items {
-                match serde_json::from_value::<Step>(item.to_json()) {
-                    Ok(step) => list.push(step),
-                    Err(e) => cfg.problems.push(format!(
-                        "{}: step of stage `{}` skipped: {e}; run `kairos-agent validate` on this file",
-                        item.origin, k.name
-                    )),
-                }
             }
+        };
+        let list = cfg.stages.entry(stage.to_string()).or_default();
+        let mut problems = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let at = format!("stages.{stage}.{i}");
+            let (step, warnings) = decode::section::<Step>(item, "Step", &at);
+            for w in &warnings {
+                problems.push((w.clone(), "the step runs without it".to_string()));
+            }
+            match step {
+                Ok(step) => list.push(step),
+                Err(e) => problems.push((
+                    e,
+                    format!(
+                        "step {} of stage `{stage}` not applied (it has: {})",
+                        item.get("name")
+                            .and_then(Node::scalar_text)
+                            .unwrap_or_else(|| i.to_string()),
+                        step_keys(item)
+                    ),
+                )),
+            }
+        }
+        for (p, lost) in problems {
+            cfg.problem(stage, &p, &lost);
         }
     }
     cfg
 }
 
-fn transpile(node: &Node, cfg: &mut YipConfig) {
-    // Only the cloud-init keys matter here; read them leniently through the typed config
-    // by dropping everything else first.
-    const KEYS: &[&str] = &[
-        "users",
-        "ssh_authorized_keys",
-        "write_files",
-        "milpa_files",
-        "runcmd",
-        "hostname",
-        "growpart",
-    ];
-    let mut compat = node.clone();
-    if let Value::Map(entries) = &mut compat.value {
-        entries.retain(|(k, _)| KEYS.contains(&k.name.as_str()));
+/// Decodes `node` as `T`; problems go to `stage`, saying what is lost when it fails.
+fn piece<T: serde::de::DeserializeOwned + Default>(
+    cfg: &mut YipConfig,
+    node: &Node,
+    (def, at): (&str, &str),
+    stage: &str,
+    lost: &str,
+    without: &str,
+) -> Option<T> {
+    let (v, warnings) = decode::section::<T>(node, def, at);
+    for w in &warnings {
+        cfg.problem(stage, w, without);
     }
-    let c: Config = match serde_json::from_value(compat.to_json()) {
-        Ok(c) => c,
+    match v {
+        Ok(v) => Some(v),
         Err(e) => {
-            cfg.problems
-                .push(format!("{}: cloud-config keys skipped: {e}", node.origin));
-            return;
+            cfg.problem(stage, &e, lost);
+            None
         }
+    }
+}
+
+fn transpile(node: &Node, cfg: &mut YipConfig) {
+    // Each cloud-init key (and each user, each file) is read on its own, so one bad value
+    // loses only what it describes.
+    let mut users: Vec<CloudUser> = Vec::new();
+    match node.get("users") {
+        Some(Node {
+            value: Value::Seq(items),
+            ..
+        }) => {
+            for (i, item) in items.iter().enumerate() {
+                let name = item
+                    .get("name")
+                    .and_then(Node::scalar_text)
+                    .unwrap_or_else(|| format!("number {}", i + 1));
+                let lost = format!("user {name} not created");
+                let without = format!("user {name} is created without it");
+                let at = format!("users.{i}");
+                if let Some(u) =
+                    piece::<CloudUser>(cfg, item, ("CloudUser", &at), "boot", &lost, &without)
+                {
+                    users.push(u);
+                }
+            }
+        }
+        Some(n) if n.value != Value::Null => {
+            let p = Problem::error(
+                n.origin.clone(),
+                "users",
+                format!("expected a list of users, found a {}", n.value.kind()),
+            );
+            cfg.problem("boot", &p, "no user of this file was created");
+        }
+        _ => {}
+    }
+    let global_keys: Vec<String> = node
+        .get("ssh_authorized_keys")
+        .and_then(|n| {
+            piece(
+                cfg,
+                n,
+                ("", "ssh_authorized_keys"),
+                "boot",
+                "these keys were not added",
+                "",
+            )
+        })
+        .unwrap_or_default();
+    let mut files: Vec<WriteFile> = Vec::new();
+    for key in ["write_files", "milpa_files"] {
+        match node.get(key) {
+            Some(Node {
+                value: Value::Seq(items),
+                ..
+            }) => {
+                for (i, item) in items.iter().enumerate() {
+                    let path = item
+                        .get("path")
+                        .and_then(Node::scalar_text)
+                        .unwrap_or_default();
+                    let lost = format!("file {path} not written");
+                    let without = format!("file {path} is written without it");
+                    let at = format!("{key}.{i}");
+                    files.extend(piece::<WriteFile>(
+                        cfg,
+                        item,
+                        ("WriteFile", &at),
+                        "boot",
+                        &lost,
+                        &without,
+                    ));
+                }
+            }
+            Some(n) if n.value != Value::Null => {
+                let p = Problem::error(
+                    n.origin.clone(),
+                    key,
+                    format!("expected a list of files, found a {}", n.value.kind()),
+                );
+                cfg.problem("boot", &p, "no file of this list was written");
+            }
+            _ => {}
+        }
+    }
+    let runcmd: Vec<String> = node
+        .get("runcmd")
+        .and_then(|n| piece(cfg, n, ("", "runcmd"), "boot", "runcmd did not run", ""))
+        .unwrap_or_default();
+    let growpart: Option<Growpart> = node.get("growpart").and_then(|n| {
+        piece(
+            cfg,
+            n,
+            ("Growpart", "growpart"),
+            "boot",
+            "no partition was grown",
+            "partitions are grown without it",
+        )
+    });
+    // Go reads any scalar as a string (`hostname: 1234`).
+    let hostname = match node.get("hostname") {
+        Some(n) if n.value.is_scalar() => n.scalar_text().filter(|h| !h.is_empty()),
+        Some(n) => {
+            let p = Problem::error(
+                n.origin.clone(),
+                "hostname",
+                format!("expected a name, found a {}", n.value.kind()),
+            );
+            cfg.problem("initramfs", &p, "hostname not set");
+            None
+        }
+        None => None,
     };
+
     let mut boot = Step::default();
     let mut network = Step::default();
-    let mut key_targets: Vec<String> = c.users.iter().map(|u| u.name.clone()).collect();
+    let mut key_targets: Vec<String> = users.iter().map(|u| u.name.clone()).collect();
     if key_targets.is_empty() {
         key_targets.push("root".into());
     }
@@ -124,17 +374,17 @@ fn transpile(node: &Node, cfg: &mut YipConfig) {
             keys.push(key.to_string());
         }
     };
-    for u in &c.users {
+    for u in &users {
         for k in &u.ssh_authorized_keys {
             add_key(&u.name, k);
         }
     }
-    for k in &c.ssh_authorized_keys {
+    for k in &global_keys {
         for user in &key_targets {
             add_key(user, k);
         }
     }
-    for u in &c.users {
+    for u in &users {
         boot.users.insert(
             u.name.clone(),
             StepUser {
@@ -155,7 +405,7 @@ fn transpile(node: &Node, cfg: &mut YipConfig) {
             },
         );
     }
-    for f in c.write_files.iter().chain(&c.milpa_files) {
+    for f in &files {
         boot.files.push(StepFile {
             path: f.path.clone(),
             permissions: FileMode(f.permissions.map(|p| p.0).unwrap_or(0o644)),
@@ -166,12 +416,12 @@ fn transpile(node: &Node, cfg: &mut YipConfig) {
             ownerstring: f.owner.clone(),
         });
     }
-    boot.commands = c.runcmd.clone();
+    boot.commands = runcmd;
     let is_empty = |s: &Step| *s == Step::default();
     if !is_empty(&boot) {
         cfg.stages.entry("boot".into()).or_default().push(boot);
     }
-    if let Some(g) = &c.growpart {
+    if let Some(g) = &growpart {
         for d in &g.devices {
             cfg.stages.entry("boot".into()).or_default().push(Step {
                 layout: Some(Layout {
@@ -192,7 +442,7 @@ fn transpile(node: &Node, cfg: &mut YipConfig) {
             .or_default()
             .push(network);
     }
-    if let Some(h) = c.hostname.filter(|h| !h.is_empty()) {
+    if let Some(h) = hostname {
         cfg.stages
             .entry("initramfs".into())
             .or_default()
@@ -261,8 +511,18 @@ mod tests {
             "s.yaml",
         )
         .unwrap();
-        assert_eq!(c.stages["boot"].len(), 1);
-        assert!(c.problems[0].contains("s.yaml:3:5"), "{:?}", c.problems);
-        assert!(c.problems[0].contains("comands"), "{:?}", c.problems);
+        // An unknown key is ignored: the step runs with what it knows (here, nothing).
+        assert_eq!(c.stages["boot"].len(), 2);
+        assert_eq!(c.problems[0].level, Level::Warning);
+        assert!(
+            c.problems[0].text.contains("s.yaml:3:5"),
+            "{:?}",
+            c.problems
+        );
+        assert!(
+            c.problems[0].text.contains("did you mean `commands`"),
+            "{:?}",
+            c.problems
+        );
     }
 }

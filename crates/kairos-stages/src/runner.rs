@@ -41,20 +41,36 @@ pub struct Plan {
     pub stage: String,
     pub source: String,
     pub layers: Vec<Vec<String>>,
+    /// Steps that will not run, and why (a conditional that fails here and now, or a step
+    /// that could not be read).
+    pub skipped: Vec<(String, String)>,
+    /// Steps whose `if:` decides when the stage runs.
+    pub conditional: Vec<(String, String)>,
+    /// Problems and warnings of the documents for this sub-stage.
+    pub problems: Vec<String>,
 }
 
 fn read_file(root: &Root, path: &std::path::Path) -> YipConfig {
     let shown = path.display().to_string();
     let loaded = read_config(root, path).and_then(|t| loader::load_text(&t, &shown));
-    loaded.unwrap_or_else(|e| YipConfig {
-        name: shown.clone(),
-        problems: vec![if e.starts_with(&shown) {
+    loaded.unwrap_or_else(|e| {
+        let text = if e.starts_with(&shown) {
             e
         } else {
             format!("{shown}: {e}")
-        }],
-        ..Default::default()
+        };
+        YipConfig::unusable(&shown, text)
     })
+}
+
+/// Problems of whole documents (unreadable files, broken YAML), reported once per run.
+fn document_problems(s: &Source) -> Vec<String> {
+    s.configs
+        .iter()
+        .flat_map(|c| &c.problems)
+        .filter(|p| p.stage.is_none())
+        .map(|p| p.text.clone())
+        .collect()
 }
 
 impl StageRun<'_> {
@@ -97,16 +113,11 @@ impl StageRun<'_> {
         if let Some(url) = self.cmdline_url() {
             let cfg = match self.fetcher.fetch(&url) {
                 Ok(body) => loader::load_text(&String::from_utf8_lossy(&body), &url)
-                    .unwrap_or_else(|e| YipConfig {
-                        name: url.clone(),
-                        problems: vec![format!("{url}: {e}")],
-                        ..Default::default()
-                    }),
-                Err(e) => YipConfig {
-                    name: url.clone(),
-                    problems: vec![format!("{url}: unreachable, its stages were not run: {e}")],
-                    ..Default::default()
-                },
+                    .unwrap_or_else(|e| YipConfig::unusable(&url, format!("{url}: {e}"))),
+                Err(e) => YipConfig::unusable(
+                    &url,
+                    format!("{url}: unreachable, its stages were not run: {e}"),
+                ),
             };
             out.push(Source {
                 name: url,
@@ -140,17 +151,38 @@ impl StageRun<'_> {
     /// The DAG layers that `run` would execute, without running anything.
     pub fn analyze(&self, stage: &str) -> Vec<Plan> {
         let sources = self.sources();
+        let exec = Executor::new(self.root.clone(), self.fetcher, Box::new(std::io::sink()));
         let mut plans = Vec::new();
-        for sub in Self::sub_stages(stage) {
+        for (n, sub) in Self::sub_stages(stage).into_iter().enumerate() {
             for s in &sources {
                 let g = Graph::build(&s.configs, &sub);
-                if !g.ops.is_empty() {
-                    plans.push(Plan {
-                        stage: sub.clone(),
-                        source: s.name.clone(),
-                        layers: g.layers(),
-                    });
+                let mut problems = if n == 0 {
+                    document_problems(s)
+                } else {
+                    Vec::new()
+                };
+                problems.extend(g.problems.iter().cloned());
+                problems.extend(g.warnings.iter().cloned());
+                if g.ops.is_empty() && problems.is_empty() {
+                    continue;
                 }
+                let mut skipped = Vec::new();
+                let mut conditional = Vec::new();
+                for op in &g.ops {
+                    if let Err(reason) = exec.check(&op.step, false) {
+                        skipped.push((op.name.clone(), reason));
+                    } else if let Some(c) = op.step.if_.as_deref().filter(|c| !c.is_empty()) {
+                        conditional.push((op.name.clone(), c.to_string()));
+                    }
+                }
+                plans.push(Plan {
+                    stage: sub.clone(),
+                    source: s.name.clone(),
+                    layers: g.layers(),
+                    skipped,
+                    conditional,
+                    problems,
+                });
             }
         }
         plans
@@ -160,21 +192,19 @@ impl StageRun<'_> {
         let sources = self.sources();
         let mut report = Report::default();
         let mut exec = Executor::new(self.root.clone(), self.fetcher, Box::new(&mut *out));
-        let mut reported_problems = false;
-        for sub in Self::sub_stages(stage) {
+        for (n, sub) in Self::sub_stages(stage).into_iter().enumerate() {
             for s in &sources {
                 let mut g = Graph::build(&s.configs, &sub);
-                // Load problems belong to the documents, not to a sub-stage: report them once.
-                if reported_problems {
-                    g.problems.retain(|p| p.contains("`after`"));
+                // A step's problems come with its stage; a whole document's come once.
+                if n == 0 {
+                    g.problems.splice(0..0, document_problems(s));
                 }
-                if g.ops.is_empty() && g.problems.is_empty() {
+                if g.ops.is_empty() && g.problems.is_empty() && g.warnings.is_empty() {
                     continue;
                 }
                 let _ = writeln!(exec.out, "{sub} from {}", s.name);
                 report.merge(exec.run(&g));
             }
-            reported_problems = true;
         }
         report
     }
