@@ -6,7 +6,7 @@ set -euo pipefail
 source "$(dirname "$0")/../env.sh"
 OUT="$KAIROS_CACHE/images/tiny"
 ROOTFS="$OUT/rootfs"
-STAMP="$OUT/.built-v2"
+STAMP="$OUT/.built-v3"
 if [[ -f "$STAMP" ]]; then echo "$ROOTFS"; exit 0; fi
 
 DEBS="$KAIROS_CACHE/debs"
@@ -41,10 +41,10 @@ tty1::respawn:/sbin/getty 38400 tty1
 ::ctrlaltdel:/sbin/reboot
 ::shutdown:/bin/umount -a -r
 TAB
+# No `hostname -F /etc/hostname`: the kernel hostname must come from Kairos (immucore sets it).
 cat > "$R/etc/init.d/rcS" <<'RC'
 #!/bin/sh
 mount -t devpts devpts /dev/pts 2>/dev/null
-hostname -F /etc/hostname 2>/dev/null
 for s in /etc/init.d/S*; do [ -x "$s" ] && "$s" start; done
 RC
 chmod 755 "$R/etc/init.d/rcS"

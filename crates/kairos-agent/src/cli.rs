@@ -450,6 +450,7 @@ fn run_install_stage(
             .into_iter()
             .collect(),
         fetcher,
+        booting: false,
     };
     // Steps print their own progress and errors; an install stage never stops the install.
     run.run(stage, &mut std::io::stderr());
@@ -627,6 +628,7 @@ fn run_stage(
         cmdline: g.cmdline(),
         extra_paths,
         fetcher,
+        booting: false,
     };
     if analyze {
         let plans = run.analyze(stage);
@@ -689,11 +691,7 @@ fn run_stage(
             ""
         }
     );
-    Ok(if strict && !clean {
-        exit::INVALID
-    } else {
-        0
-    })
+    Ok(if strict && !clean { exit::INVALID } else { 0 })
 }
 
 #[cfg(test)]

@@ -10,10 +10,15 @@ use kairos_e2e::{
     start_registry, tiny_in_registry, write_persistence_probes,
 };
 
+// Forms real Kairos configs use: a list key left empty (null), a cloud-init key Kairos does
+// not act on (`sudo`), a bundle's block. None may cost the users or the hostname.
 const CLOUD_CONFIG: &str = "#cloud-config
 users:
 - name: kairos
   passwd: kairos
+  sudo: ALL=(ALL) NOPASSWD:ALL
+  ssh_authorized_keys:
+  # - github:me
 - name: root
   passwd: rootpw
 hostname: tiny-node
@@ -23,6 +28,9 @@ write_files:
   permissions: \"0640\"
 runcmd:
 - touch /run/boot-stage-ran
+- hostname > /run/hostname-at-boot
+metallb:
+  version: 0.13.7
 ";
 
 #[test]
@@ -56,6 +64,12 @@ fn tiny_boots_applies_oem_config_keeps_persistent_and_boots_recovery() {
         &vm.sh("stat -c '%a %s' /etc/motd").unwrap(),
         "640 15\n[exit 0]",
         "write_files mode and size",
+    );
+    // busybox init never reads /etc/hostname: the kernel's name was set in the initramfs.
+    check(
+        &vm.sh("cat /run/hostname-at-boot").unwrap(),
+        "tiny-node\n[exit 0]",
+        "kernel hostname seen by a boot-stage command",
     );
     check(
         &vm.sh("ls /run/boot-stage-ran").unwrap(),

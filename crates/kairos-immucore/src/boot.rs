@@ -517,6 +517,7 @@ fn run_stage_with(root: Root, stage: &str, cmdline: &str) {
         cmdline: Some(cmdline.to_string()),
         extra_paths: Vec::new(),
         fetcher: &fetcher,
+        booting: true,
     };
     let mut out = std::io::stderr();
     let report = run.run(stage, &mut out);

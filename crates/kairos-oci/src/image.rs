@@ -130,11 +130,67 @@ pub fn blob_path(blobs: &Path, digest: &Digest) -> PathBuf {
     blobs.join(digest.algorithm()).join(digest.hex())
 }
 
+impl Platform {
+    /// `linux/amd64`, the platform every Kairos node here runs.
+    pub fn native() -> Platform {
+        Platform {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: None,
+        }
+    }
+
+    /// `os/arch[/variant]` as configs write it (`linux/arm64`, `linux/arm/v7`).
+    pub fn parse(s: &str) -> Result<Platform, Error> {
+        let word = |w: &str| {
+            !w.is_empty()
+                && w.len() <= 32
+                && w.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        };
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts.as_slice() {
+            [os, arch] if word(os) && word(arch) => Ok(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: None,
+            }),
+            [os, arch, v] if word(os) && word(arch) && word(v) => Ok(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: Some(v.to_string()),
+            }),
+            _ => Err(Error::Format(format!(
+                "platform {s:?}: write os/architecture[/variant], e.g. linux/arm64"
+            ))),
+        }
+    }
+
+    fn matches(&self, p: &Platform) -> bool {
+        p.os == self.os
+            && p.architecture == self.architecture
+            && (self.variant.is_none() || p.variant == self.variant)
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
 /// `linux/amd64` from an index, the platform every Kairos node here runs.
 pub fn pick_platform(index: &Index) -> Option<&Descriptor> {
-    index.manifests.iter().find(|d| {
-        d.platform
-            .as_ref()
-            .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
-    })
+    pick_platform_for(index, &Platform::native())
+}
+
+/// The manifest for `want` from an index.
+pub fn pick_platform_for<'a>(index: &'a Index, want: &Platform) -> Option<&'a Descriptor> {
+    index
+        .manifests
+        .iter()
+        .find(|d| d.platform.as_ref().is_some_and(|p| want.matches(p)))
 }

@@ -77,11 +77,6 @@ const ENTRY_OVERHEAD: u64 = 512;
 /// Like [`unpack`], but refuses ([`Error::TooBig`]) before writing past `max_bytes` of file
 /// data (plus a small cost per entry): a 1 MB gzip bomb cannot fill the scratch space.
 pub fn unpack_limited(layer: &Path, dest: &Path, max_bytes: u64) -> Result<String, Error> {
-    let reader = open_layer(layer)?;
-    let mut hashing = HashingReader {
-        inner: reader,
-        hash: sha2::Sha256::new(),
-    };
     let io_dest = |e: io::Error| Error::Io {
         path: dest.to_path_buf(),
         source: e,
@@ -107,6 +102,38 @@ pub fn unpack_limited(layer: &Path, dest: &Path, max_bytes: u64) -> Result<Strin
         }
     }
     let root = Dir::open(dest).map_err(io_dest)?;
+    unpack_into(layer, &root, max_bytes, Whiteouts::Overlay).map_err(|e| match e {
+        Error::Io { source, .. } => io_dest(source),
+        e => e,
+    })
+}
+
+/// What OCI whiteouts become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whiteouts {
+    /// overlayfs whiteouts and opaque directories (a layer of the layer store).
+    Overlay,
+    /// Applied: the hidden files are removed (extracting layers one over another into one
+    /// tree, as `unpack_images` does).
+    Apply,
+}
+
+/// Unpacks a layer into an open directory (see [`unpack_limited`]).
+pub fn unpack_into(
+    layer: &Path,
+    root: &Dir,
+    max_bytes: u64,
+    whiteouts: Whiteouts,
+) -> Result<String, Error> {
+    let reader = open_layer(layer)?;
+    let mut hashing = HashingReader {
+        inner: reader,
+        hash: sha2::Sha256::new(),
+    };
+    let io_dest = |e: io::Error| Error::Io {
+        path: layer.to_path_buf(),
+        source: e,
+    };
     let mut dir_times = Vec::new();
     let mut used = 0u64;
     {
@@ -138,7 +165,7 @@ pub fn unpack_limited(layer: &Path, dest: &Path, max_bytes: u64) -> Result<Strin
                     limit: max_bytes,
                 });
             }
-            unpack_entry(&root, &mut entry, &rel, &mut dir_times).map_err(|e| {
+            unpack_entry(root, &mut entry, &rel, &mut dir_times, whiteouts).map_err(|e| {
                 Error::Format(format!(
                     "{}: entry {}: {e}",
                     layer.display(),
@@ -187,22 +214,39 @@ fn unpack_entry<R: Read>(
     entry: &mut tar::Entry<R>,
     rel: &Path,
     dir_times: &mut Vec<(PathBuf, i64)>,
+    whiteouts: Whiteouts,
 ) -> io::Result<()> {
     let name = rel
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let parent = rel.parent().unwrap_or(Path::new(""));
+    let gone = |r: io::Result<()>| match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    };
     if name == WH_OPAQUE {
         root.create_dir_all(parent, 0o755)?;
-        return root.make_opaque(parent);
+        return match whiteouts {
+            Whiteouts::Overlay => root.make_opaque(parent),
+            // An opaque directory hides what lower layers put in it: empty it.
+            Whiteouts::Apply => {
+                for (name, _) in root.read_dir(parent)? {
+                    gone(root.remove_all(&parent.join(name)))?;
+                }
+                Ok(())
+            }
+        };
     }
     if let Some(hidden) = name.strip_prefix(WH_PREFIX) {
         if hidden.is_empty() || hidden == "." || hidden == ".." {
             return Err(invalid(format!("whiteout `{name}` names no file")));
         }
         root.create_dir_all(parent, 0o755)?;
-        return root.make_whiteout(&parent.join(hidden));
+        return match whiteouts {
+            Whiteouts::Overlay => root.make_whiteout(&parent.join(hidden)),
+            Whiteouts::Apply => gone(root.remove_all(&parent.join(hidden))),
+        };
     }
     let xattrs = xattrs(entry)?;
     let h = entry.header();

@@ -16,7 +16,7 @@ use base64::Engine;
 use crate::Error;
 use crate::image::{
     Descriptor, Digest, LocalImage, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX,
-    MT_OCI_MANIFEST, Manifest, pick_platform,
+    MT_OCI_MANIFEST, Manifest,
 };
 use crate::store::{self, put_verified};
 
@@ -33,6 +33,8 @@ pub struct Registry {
     scope: &'static str,
     /// Time for an answer's headers and a small body ([`RESPONSE_TIMEOUT`] unless changed).
     response_timeout: Duration,
+    /// The platform an index is resolved to.
+    platform: crate::image::Platform,
 }
 
 /// Time to get the answer's headers, and to read a small (JSON) body.
@@ -138,7 +140,13 @@ impl Registry {
             basic: docker_auth(host),
             scope: "pull",
             response_timeout: RESPONSE_TIMEOUT,
+            platform: crate::image::Platform::native(),
         }
+    }
+
+    /// Resolves indexes to `p` instead of linux/amd64.
+    pub fn set_platform(&mut self, p: crate::image::Platform) {
+        self.platform = p;
     }
 
     /// Waits at most `t` for an answer (instead of [`RESPONSE_TIMEOUT`]).
@@ -437,9 +445,9 @@ impl Registry {
         if v.get("manifests").is_some() {
             let idx: crate::image::Index =
                 serde_json::from_value(v).map_err(|e| Error::Format(e.to_string()))?;
-            let d = pick_platform(&idx)
+            let d = crate::image::pick_platform_for(&idx, &self.platform)
                 .ok_or_else(|| {
-                    Error::NotFound(format!("{url}: no linux/amd64 image in the index"))
+                    Error::NotFound(format!("{url}: no {} image in the index", self.platform))
                 })?
                 .digest
                 .clone();

@@ -50,6 +50,9 @@ pub struct Ctx<'a> {
     pub template: &'a Json,
     pub fetcher: &'a dyn Fetcher,
     pub warnings: std::cell::RefCell<Vec<String>>,
+    /// The root is the system being booted (or the running host): kernel-wide settings
+    /// (hostname, sysctl) go to this kernel too, not only to files in the root.
+    pub booting: bool,
 }
 
 impl Ctx<'_> {
@@ -60,8 +63,34 @@ impl Ctx<'_> {
             self.warnings
                 .borrow_mut()
                 .push(format!("template kept as written ({e}): {text}"));
+        } else if text.contains("{{") {
+            for empty in empty_values(self.template) {
+                if text.contains(&format!(".{empty}")) {
+                    self.warnings.borrow_mut().push(format!(
+                        "`.{empty}` is empty on this system, so it rendered as nothing in: {text}"
+                    ));
+                }
+            }
         }
         out
+    }
+}
+
+/// Top-level template values that are empty here (`.MachineID` before a machine id exists).
+fn empty_values(template: &Json) -> Vec<&str> {
+    template
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| v.as_str().is_some_and(str::is_empty))
+        .map(|(k, _)| k.as_str())
+        .collect()
+}
+
+impl Ctx<'_> {
+    /// Whether kernel-wide settings apply to the running kernel.
+    pub fn kernel(&self) -> bool {
+        self.booting || self.root.is_host()
     }
 }
 
@@ -72,6 +101,8 @@ pub struct Executor<'a> {
     pub template: Json,
     pub fetcher: &'a dyn Fetcher,
     pub out: Box<dyn Write + 'a>,
+    /// See [`Ctx::booting`].
+    pub booting: bool,
 }
 
 /// The template context yip gives: `.Values` (system information) plus `.Random`,
@@ -118,6 +149,7 @@ impl<'a> Executor<'a> {
             root,
             fetcher,
             out,
+            booting: false,
         }
     }
 
@@ -160,6 +192,7 @@ impl<'a> Executor<'a> {
             template: &self.template,
             fetcher: self.fetcher,
             warnings: Default::default(),
+            booting: self.booting,
         }
     }
 

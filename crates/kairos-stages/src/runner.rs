@@ -26,6 +26,9 @@ pub struct StageRun<'a> {
     /// `cloud-init-paths` from the config, scanned after the standard paths.
     pub extra_paths: Vec<String>,
     pub fetcher: &'a dyn Fetcher,
+    /// The root is the system now booting (immucore's `/sysroot`): the kernel hostname and
+    /// sysctls are set, as they are when the root is `/`.
+    pub booting: bool,
 }
 
 /// The documents of one source (a directory, a URL, the cmdline).
@@ -192,6 +195,7 @@ impl StageRun<'_> {
         let sources = self.sources();
         let mut report = Report::default();
         let mut exec = Executor::new(self.root.clone(), self.fetcher, Box::new(&mut *out));
+        exec.booting = self.booting;
         for (n, sub) in Self::sub_stages(stage).into_iter().enumerate() {
             for s in &sources {
                 let mut g = Graph::build(&s.configs, &sub);

@@ -120,6 +120,14 @@ fn split(rel: &Path) -> io::Result<(PathBuf, OsString)> {
 }
 
 impl Dir {
+    /// A path naming this very directory, for a child process's working directory
+    /// (`/proc/self/fd/N`: the child inherits the descriptor until it execs, and changes
+    /// into it before). Whatever replaced the path since it was opened does not matter.
+    pub fn cwd_for_child(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+
     /// Opens `path` (which the caller chose; it is not resolved beneath anything).
     pub fn open(path: &Path) -> io::Result<Dir> {
         let fd = rustix::fs::open(

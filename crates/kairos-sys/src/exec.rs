@@ -62,6 +62,13 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("systemctl", "systemd"),
     ("systemd-firstboot", "systemd"),
     ("docker-registry", "docker-registry"),
+    ("git", "git"),
+    ("resize2fs", "e2fsprogs"),
+    ("mkswap", "util-linux"),
+    ("xfs_growfs", "xfsprogs"),
+    ("mkfs.xfs", "xfsprogs"),
+    ("mkfs.btrfs", "btrfs-progs"),
+    ("btrfs", "btrfs-progs"),
 ];
 
 /// The Debian package of a tool, when Kairos knows it.
@@ -120,6 +127,8 @@ pub struct Cmd {
     program: OsString,
     args: Vec<OsString>,
     stdin: Option<Vec<u8>>,
+    env: Vec<(OsString, OsString)>,
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Cmd {
@@ -128,7 +137,22 @@ impl Cmd {
             program: program.as_ref().to_os_string(),
             args: Vec::new(),
             stdin: None,
+            env: Vec::new(),
+            dir: None,
         }
+    }
+
+    /// An environment variable for the program (not shown in messages: it may be a secret).
+    pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Cmd {
+        self.env
+            .push((k.as_ref().to_os_string(), v.as_ref().to_os_string()));
+        self
+    }
+
+    /// The program's working directory.
+    pub fn current_dir(mut self, d: impl Into<std::path::PathBuf>) -> Cmd {
+        self.dir = Some(d.into());
+        self
     }
 
     /// From an argv (`[program, args…]`), e.g. [`crate::tools::argv`]'s.
@@ -194,6 +218,10 @@ impl Cmd {
             }
         };
         let mut c = Command::new(&self.program);
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(d) = &self.dir {
+            c.current_dir(d);
+        }
         c.args(&self.args)
             .stdin(if self.stdin.is_some() {
                 Stdio::piped()

@@ -1,6 +1,8 @@
 //! yip's modules. Each takes the step's own section and applies it under the target root.
 
 mod files;
+mod git;
+mod images;
 mod packages;
 mod system;
 mod systemctl;
@@ -41,9 +43,7 @@ pub fn run(name: &str, ctx: &Ctx, s: &Step) -> Result<(), String> {
     match name {
         "dns" => s.dns.as_ref().map_or(Ok(()), |d| system::dns(ctx, d)),
         "downloads" => each(&s.downloads, |d| files::download(ctx, d)),
-        "git" => s.git.as_ref().map_or(Ok(()), |_| {
-            unsupported("git", "clone the repository in a `commands` step")
-        }),
+        "git" => s.git.as_ref().map_or(Ok(()), |g| git::git(ctx, g)),
         "ensure_entities" => each(&s.ensure_entities, |e| users::entity(ctx, e, true)),
         "directories" => each(&s.directories, |d| files::directory(ctx, d)),
         "files" => each(&s.files, |f| files::file(ctx, f)),
@@ -135,13 +135,7 @@ pub fn run(name: &str, ctx: &Ctx, s: &Step) -> Result<(), String> {
             .packages
             .as_ref()
             .map_or(Ok(()), |p| packages::packages(ctx, p)),
-        "unpack_images" => {
-            if s.unpack_images.is_empty() {
-                Ok(())
-            } else {
-                unsupported("unpack_images", "extract the image in a `commands` step")
-            }
-        }
+        "unpack_images" => each(&s.unpack_images, |u| images::unpack(ctx, u)),
         other => Err(format!("unknown module {other}")),
     }
 }

@@ -57,7 +57,9 @@ pub fn hostname(ctx: &Ctx, h: &str) -> Result<(), String> {
         return Err("hostname is empty after templating".into());
     }
     kairos_config::names::hostname(&name)?;
-    if ctx.root.is_host() {
+    // The UTS namespace survives switch_root: set in the initramfs, it is the booted
+    // system's hostname whatever its init does (busybox and OpenRC do not read /etc/hostname).
+    if ctx.kernel() {
         kairos_sys::host::set_hostname(&name).map_err(|e| format!("sethostname {name}: {e}"))?;
     }
     write(ctx, "/etc/hostname", &format!("{name}\n"), 0o644)?;
@@ -106,7 +108,7 @@ fn merge_kv_file(
 }
 
 pub fn sysctl(ctx: &Ctx, kv: &BTreeMap<String, Text>) -> Result<(), String> {
-    if ctx.root.is_host() {
+    if ctx.kernel() {
         let mut errs = Vec::new();
         for (k, v) in kv {
             // A validated key is relative, with no `..`: it stays under /proc/sys.

@@ -1,0 +1,95 @@
+//! `unpack_images`: an OCI image (registry, `oci-layout:` or `docker-archive:` reference) is
+//! fetched through kairos-oci and its layers extracted one over another into a directory
+//! of the target root, whiteouts applied — yip's "pull and extract into target".
+
+use std::path::Path;
+
+use kairos_config::types::UnpackImage;
+use kairos_oci::ImageRef;
+use kairos_oci::image::Platform;
+use kairos_oci::layer::{Whiteouts, unpack_into};
+
+use crate::executor::Ctx;
+
+/// Work space for the download, removed when dropped.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn unpack(ctx: &Ctx, u: &UnpackImage) -> Result<(), String> {
+    let source = ctx.render(&u.source);
+    let target = ctx.render(&u.target);
+    if source.is_empty() {
+        return Err("unpack_images: `source` is empty: name an image (registry/repo:tag)".into());
+    }
+    if !target.starts_with('/') {
+        return Err(format!(
+            "unpack_images {source}: target {target:?} must be an absolute path in the system"
+        ));
+    }
+    let r = ImageRef::parse(&source).map_err(|e| format!("unpack_images {source}: {e}"))?;
+    if matches!(r, ImageRef::Dir { .. }) {
+        return Err(format!(
+            "unpack_images {source}: a dir: source is a tree, not an image; copy it with a `commands` step"
+        ));
+    }
+    let platform = match u.platform.as_deref().filter(|p| !p.is_empty()) {
+        Some(p) => Platform::parse(p).map_err(|e| format!("unpack_images {source}: {e}"))?,
+        None => Platform::native(),
+    };
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let scratch = Scratch(std::env::temp_dir().join(format!(
+        "kairos-unpack-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )));
+    std::fs::create_dir_all(&scratch.0)
+        .map_err(|e| format!("unpack_images: {}: {e}", scratch.0.display()))?;
+    let img = match &r {
+        ImageRef::Registry {
+            registry,
+            repository,
+            reference,
+        } => {
+            let mut reg = kairos_oci::registry::Registry::new(registry, repository);
+            reg.set_platform(platform);
+            reg.pull(reference, &scratch.0.join("blobs"), &mut |_, _, _| {})
+        }
+        other => kairos_oci::fetch(other, &scratch.0, &mut |_, _, _| {}),
+    }
+    .map_err(|e| format!("unpack_images {source}: {e}"))?;
+    let rel = Path::new(target.trim_start_matches('/'));
+    ctx.root
+        .create_dir_all(&target, 0o755)
+        .map_err(|e| format!("unpack_images: creating {target}: {e}"))?;
+    let dir = ctx
+        .root
+        .dir()
+        .and_then(|d| {
+            if rel.as_os_str().is_empty() {
+                Ok(d)
+            } else {
+                d.open_dir(rel)
+            }
+        })
+        .map_err(|e| format!("unpack_images: opening {target}: {e}"))?;
+    let diff_ids = img
+        .diff_ids()
+        .map_err(|e| format!("unpack_images {source}: {e}"))?;
+    for (layer, want) in img.manifest.layers.iter().zip(&diff_ids) {
+        let blob = img.blob_path(&layer.digest);
+        let got = unpack_into(&blob, &dir, u64::MAX, Whiteouts::Apply)
+            .map_err(|e| format!("unpack_images {source} into {target}: {e}"))?;
+        if got != want.as_str() {
+            return Err(format!(
+                "unpack_images {source}: layer {} unpacks to {got}, but the image says {want}; the target may hold part of it",
+                layer.digest
+            ));
+        }
+    }
+    Ok(())
+}
