@@ -34,7 +34,7 @@ pub fn guid_bytes(s: &str) -> Option<[u8; 16]> {
     Some(b)
 }
 
-fn random_guid() -> io::Result<[u8; 16]> {
+pub(crate) fn random_guid() -> io::Result<[u8; 16]> {
     let mut b = [0u8; 16];
     File::open("/dev/urandom")?.read_exact(&mut b)?;
     b[7] = (b[7] & 0x0f) | 0x40; // version 4 (field 3 is little-endian on disk)

@@ -1,8 +1,10 @@
 //! yip's modules. Each takes the step's own section and applies it under the target root.
 
+mod datasource;
 mod files;
 mod git;
 mod images;
+mod layout;
 mod packages;
 mod system;
 mod systemctl;
@@ -112,18 +114,11 @@ pub fn run(name: &str, ctx: &Ctx, s: &Step) -> Result<(), String> {
                 system::systemd_firstboot(ctx, &s.systemd_firstboot)
             }
         }
-        "datasource" => s.datasource.as_ref().map_or(Ok(()), |_| {
-            unsupported(
-                "datasource",
-                "put the user-data in /oem, or fetch it with `config_url`",
-            )
-        }),
-        "layout" => s.layout.as_ref().map_or(Ok(()), |_| {
-            unsupported(
-                "layout",
-                "size partitions with `install.partitions` (persistent grows on first boot)",
-            )
-        }),
+        "datasource" => s
+            .datasource
+            .as_ref()
+            .map_or(Ok(()), |d| datasource::datasource(ctx, d)),
+        "layout" => s.layout.as_ref().map_or(Ok(()), |l| layout::layout(ctx, l)),
         "package_pins" => {
             if s.package_pins.is_empty() {
                 Ok(())
@@ -138,12 +133,6 @@ pub fn run(name: &str, ctx: &Ctx, s: &Step) -> Result<(), String> {
         "unpack_images" => each(&s.unpack_images, |u| images::unpack(ctx, u)),
         other => Err(format!("unknown module {other}")),
     }
-}
-
-fn unsupported(module: &str, instead: &str) -> Result<(), String> {
-    Err(format!(
-        "the `{module}` module is not supported yet by this Kairos; the step was not applied. For now: {instead}"
-    ))
 }
 
 fn each<T>(items: &[T], mut f: impl FnMut(&T) -> Result<(), String>) -> Result<(), String> {

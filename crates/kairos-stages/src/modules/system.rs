@@ -9,7 +9,7 @@ use kairos_config::types::{Dns, Text};
 
 use crate::executor::Ctx;
 
-fn write(ctx: &Ctx, path: &str, text: &str, mode: u32) -> Result<(), String> {
+pub(super) fn write(ctx: &Ctx, path: &str, text: &str, mode: u32) -> Result<(), String> {
     write_with_parents(ctx, path, text, mode, 0o755)
 }
 
