@@ -153,6 +153,8 @@ pub fn git(ctx: &Ctx, g: &Git) -> Result<(), String> {
             .current_dir(dir.cwd_for_child())
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_CONFIG_NOSYSTEM", "1")
+            // Like go-git in yip: the node's own git settings do not change what is fetched.
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_CONFIG_COUNT", config.len().to_string());
         for (i, (k, v)) in config.iter().enumerate() {
             c = c
@@ -178,7 +180,7 @@ pub fn git(ctx: &Ctx, g: &Git) -> Result<(), String> {
     git(&["remote", "set-url", "origin", "--", &url])?;
     git(&["fetch", "--quiet", "origin", branch.unwrap_or("HEAD")])?;
     match branch {
-        Some(b) => git(&["checkout", "--quiet", "-B", b, "FETCH_HEAD"]),
+        Some(b) => git(&["checkout", "--quiet", "--force", "-B", b, "FETCH_HEAD"]),
         None => git(&["reset", "--quiet", "--hard", "FETCH_HEAD"]),
     }
 }
