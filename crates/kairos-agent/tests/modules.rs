@@ -489,7 +489,10 @@ fn git_over_http_sends_credentials_from_the_config() {
     let root = root_with(&cfg(""));
     let (code, _, err) = run_boot(root.path(), &[]);
     assert_eq!(code, 1, "without credentials the server refuses: {err}");
-    assert!(err.contains("terminal prompts disabled"), "never a prompt: {err}");
+    assert!(
+        err.contains("terminal prompts disabled"),
+        "never a prompt: {err}"
+    );
 }
 
 // ---------------------------------------------------------------- unpack_images

@@ -233,3 +233,178 @@ fn boot_stage_on_a_real_ext4_filesystem() {
         "second run rehashed a password"
     );
 }
+
+/// A loop device over an image file (with partition scanning), detached when dropped.
+struct LoopDisk(String);
+
+impl LoopDisk {
+    fn attach(image: &Path, extra: &[&str]) -> LoopDisk {
+        let o = Command::new("losetup")
+            .args(extra)
+            .args(["--show", "-f"])
+            .arg(image)
+            .output()
+            .expect("losetup (util-linux)");
+        assert!(o.status.success(), "losetup: {}", text(&o));
+        LoopDisk(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+fn sh(cmd: &str) -> String {
+    let o = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(o.status.success(), "{cmd}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+#[ignore = "needs root: run by scripts/test tier 2"]
+fn layout_adds_partitions_by_label_and_grows_the_last_with_its_filesystem() {
+    let work = tempfile::tempdir().unwrap();
+    let img = work.path().join("disk.img");
+    fs::File::create(&img).unwrap().set_len(300 << 20).unwrap();
+    sh(&format!(
+        "echo 'label: gpt\nstart=2048, size=64MiB, name=\"lt-oem\"' | sfdisk --quiet {}",
+        img.display()
+    ));
+    let disk = LoopDisk::attach(&img, &["-P"]);
+    let d = &disk.0;
+    // This host's kernel has no GPT parser: partitions reach it by BLKPG, as layout does.
+    sh(&format!("partx -a {d} 2>/dev/null || true; test -b {d}p1"));
+    sh(&format!("mkfs.ext4 -q -F -L LAYOUT_T1 {d}p1"));
+    let root = shell_root();
+    let stage = |body: &str| {
+        write(
+            root.path(),
+            "/oem/00_layout.yaml",
+            &format!("stages:\n  boot:\n  - layout:\n      device: {{label: LAYOUT_T1}}\n{body}"),
+        )
+    };
+    stage(
+        "      add_partitions:\n      - {fsLabel: LAYOUT_RAW, size: 40, pLabel: raw, filesystem: none}\n      - {fsLabel: LAYOUT_D1, size: 64, pLabel: data, filesystem: ext4}\n      expand_partition: {size: 0}\n",
+    );
+    for run in 0..2 {
+        let o = run_boot(root.path(), &["--strict"]);
+        assert_eq!(o.status.code(), Some(0), "run {run}: {}", text(&o));
+        let dump = sh(&format!("sfdisk --dump {d}"));
+        assert_eq!(
+            dump.matches("name=").count(),
+            3,
+            "run {run} (idempotent): {dump}"
+        );
+        assert!(
+            dump.contains("name=\"raw\"") && dump.contains("name=\"data\""),
+            "{dump}"
+        );
+        assert_eq!(
+            sh(&format!("blkid -o value -s LABEL {d}p3")).trim(),
+            "LAYOUT_D1"
+        );
+        assert_eq!(
+            sh(&format!("blkid -o value -s LABEL {d}p2")).trim(),
+            "",
+            "none: not formatted"
+        );
+        // The last partition reaches the end of the disk, and ext4 fills it.
+        let part = sh(&format!("blockdev --getsize64 {d}p3"))
+            .trim()
+            .parse::<u64>()
+            .unwrap();
+        assert!(part > 180 << 20, "grown to the end: {part}");
+        let fs_bytes = sh(&format!(
+            "dumpe2fs -h {d}p3 2>/dev/null | awk -F: '/^Block count/ {{c=$2}} /^Block size/ {{s=$2}} END {{print c*s}}'"
+        ))
+        .trim()
+        .parse::<u64>()
+        .unwrap();
+        assert_eq!(
+            fs_bytes, part,
+            "the filesystem was grown with its partition"
+        );
+    }
+    // Too big for the free space, and a shrink: refused, each named.
+    stage(
+        "      add_partitions:\n      - {fsLabel: LAYOUT_BIG, size: 1025}\n      expand_partition: {size: 10}\n",
+    );
+    let o = run_boot(root.path(), &[]);
+    let t = text(&o);
+    assert!(
+        t.contains("only 0 MiB free") || t.contains("MiB asked for"),
+        "{t}"
+    );
+    assert!(t.contains("shrinking it to 10 MiB is refused"), "{t}");
+    assert_eq!(
+        sh(&format!("sfdisk --dump {d}")).matches("name=").count(),
+        3
+    );
+}
+
+#[test]
+#[ignore = "needs root: run by scripts/test tier 2"]
+fn datasource_reads_cidata_and_config_drive_media() {
+    let work = tempfile::tempdir().unwrap();
+    let make = |label: &str, files: &[(&str, &str)]| {
+        let src = work.path().join(label);
+        for (p, c) in files {
+            write(&src, p, c);
+        }
+        let iso = work.path().join(format!("{label}.iso"));
+        sh(&format!(
+            "xorriso -as mkisofs -quiet -V {label} -J -r -o {} {} 2>/dev/null",
+            iso.display(),
+            src.display()
+        ));
+        iso
+    };
+    let cidata = make(
+        "cidata",
+        &[
+            ("user-data", "#cloud-config\nhostname: from-cidata\n"),
+            (
+                "meta-data",
+                "instance-id: i-1\nlocal-hostname: meta-cidata\n",
+            ),
+        ],
+    );
+    let drive = make(
+        "config-2",
+        &[
+            (
+                "openstack/latest/user_data",
+                "#cloud-config\nhostname: from-config-drive\n",
+            ),
+            (
+                "openstack/latest/meta_data.json",
+                "{\"hostname\": \"meta-cd\", \"public_keys\": {\"k\": \"ssh-ed25519 AAAAcd k\"}}",
+            ),
+        ],
+    );
+    let _a = LoopDisk::attach(&cidata, &["-r"]);
+    let _b = LoopDisk::attach(&drive, &["-r"]);
+    for (provider, ud, host) in [
+        ("cdrom", "from-cidata", "meta-cidata"),
+        ("config-drive", "from-config-drive", "meta-cd"),
+    ] {
+        let root = shell_root();
+        write(
+            root.path(),
+            "/oem/00_datasource.yaml",
+            &format!(
+                "stages:\n  boot:\n  - datasource:\n      providers: [{provider}, aws]\n      path: /oem/95_userdata\n"
+            ),
+        );
+        let o = run_boot(root.path(), &["--strict"]);
+        assert_eq!(o.status.code(), Some(0), "{provider}: {}", text(&o));
+        let got = fs::read_to_string(root.path().join("oem/95_userdata/userdata.yaml")).unwrap();
+        assert_eq!(got, format!("#cloud-config\nhostname: {ud}\n"));
+        assert_eq!(
+            fs::read_to_string(root.path().join("etc/hostname")).unwrap(),
+            format!("{host}\n")
+        );
+    }
+}

@@ -10,6 +10,7 @@ pub mod fs;
 pub mod gpt;
 pub mod grow;
 pub mod host;
+pub mod iso9660;
 pub mod kmod;
 pub mod loopdev;
 pub mod mount;

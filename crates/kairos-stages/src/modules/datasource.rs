@@ -309,25 +309,38 @@ fn medium(labels: &[&str], files: &[&str], meta: Option<&str>) -> Probe {
         return Err(format!("no device labelled {}", labels.join(" or ")));
     };
     let fstype = probed.fstype;
-    let module = if fstype == "iso9660" { "isofs" } else { fstype };
-    let _ = kairos_sys::kmod::ensure(&[module]);
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let mnt = std::env::temp_dir().join(format!(
-        "kairos-datasource-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&mnt).map_err(|e| format!("{}: {e}", mnt.display()))?;
-    let (src, target) = (dev.to_string_lossy(), mnt.to_string_lossy());
-    use kairos_sys::mount::MountFlags;
-    let flags = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-    if let Err(e) = kairos_sys::mount::mount(&src, &target, fstype, flags, "") {
-        let _ = std::fs::remove_dir(&mnt);
-        return Err(format!("mounting {src} ({fstype}): {e}"));
+    // ISO 9660 is read in userspace (no isofs module needed, nothing mounted); a vfat
+    // config drive is mounted read-only for the time of it.
+    let mut mounted: Option<std::path::PathBuf> = None;
+    if fstype != "iso9660" {
+        let _ = kairos_sys::kmod::ensure(&[fstype]);
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let mnt = std::env::temp_dir().join(format!(
+            "kairos-datasource-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&mnt).map_err(|e| format!("{}: {e}", mnt.display()))?;
+        let (src, target) = (dev.to_string_lossy(), mnt.to_string_lossy());
+        use kairos_sys::mount::MountFlags;
+        let flags =
+            MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+        if let Err(e) = kairos_sys::mount::mount(&src, &target, fstype, flags, "") {
+            let _ = std::fs::remove_dir(&mnt);
+            return Err(format!("mounting {src} ({fstype}): {e}"));
+        }
+        mounted = Some(mnt);
     }
     let read = |rel: &str| -> Option<Vec<u8>> {
-        let d = kairos_sys::beneath::Dir::open(&mnt).ok()?;
-        d.read_limited(Path::new(rel), MAX_DATA).ok()
+        match &mounted {
+            None => kairos_sys::iso9660::read_file(&dev, rel, MAX_DATA)
+                .ok()
+                .flatten(),
+            Some(mnt) => kairos_sys::beneath::Dir::open(mnt)
+                .ok()?
+                .read_limited(Path::new(rel), MAX_DATA)
+                .ok(),
+        }
     };
     let mut found = Found {
         userdata: files.iter().find_map(|f| read(f)),
@@ -344,8 +357,10 @@ fn medium(labels: &[&str], files: &[&str], meta: Option<&str>) -> Probe {
             });
         }
     }
-    let _ = kairos_sys::mount::unmount(&target, true);
-    let _ = std::fs::remove_dir(&mnt);
+    if let Some(mnt) = mounted {
+        let _ = kairos_sys::mount::unmount(&mnt.to_string_lossy(), true);
+        let _ = std::fs::remove_dir(&mnt);
+    }
     Ok(found)
 }
 
@@ -467,7 +482,7 @@ fn is_config(data: &[u8]) -> bool {
 pub fn datasource(ctx: &Ctx, d: &Datasource) -> Result<(), String> {
     if d.providers.is_empty() {
         return Err(format!(
-            "datasource: no `providers` listed (known: {})",
+            "no `providers` listed (known: {})",
             PROVIDERS.join(", ")
         ));
     }

@@ -25,7 +25,7 @@ fn check_branch(b: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("git: branch {b:?} is not a valid branch name"))
+        Err(format!("branch {b:?} is not a valid branch name"))
     }
 }
 
@@ -44,10 +44,10 @@ pub fn git(ctx: &Ctx, g: &Git) -> Result<(), String> {
     let url = ctx.render(&g.url);
     let path = ctx.render(&g.path);
     if url.is_empty() || url.starts_with('-') {
-        return Err(format!("git: url {url:?} is not a repository URL"));
+        return Err(format!("url {url:?} is not a repository URL"));
     }
     if !path.starts_with('/') {
-        return Err(format!("git {url}: path {path:?} must be an absolute path"));
+        return Err(format!("{url}: path {path:?} must be an absolute path"));
     }
     let branch = g.branch.as_deref().filter(|b| !b.is_empty());
     if let Some(b) = branch {
@@ -55,7 +55,7 @@ pub fn git(ctx: &Ctx, g: &Git) -> Result<(), String> {
     }
     ctx.root
         .create_dir_all(&path, 0o755)
-        .map_err(|e| format!("git {url}: creating {path}: {e}"))?;
+        .map_err(|e| format!("{url}: creating {path}: {e}"))?;
     let rel = Path::new(path.trim_start_matches('/'));
     let dir = ctx
         .root
@@ -67,14 +67,14 @@ pub fn git(ctx: &Ctx, g: &Git) -> Result<(), String> {
                 d.open_dir(rel)
             }
         })
-        .map_err(|e| format!("git {url}: opening {path}: {e}"))?;
+        .map_err(|e| format!("{url}: opening {path}: {e}"))?;
     let entries = dir
         .read_dir(Path::new(""))
-        .map_err(|e| format!("git {url}: reading {path}: {e}"))?;
+        .map_err(|e| format!("{url}: reading {path}: {e}"))?;
     let checkout = entries.iter().any(|(n, _)| n == ".git");
     if !checkout && !entries.is_empty() {
         return Err(format!(
-            "git {url}: {path} exists, is not empty and is not a git checkout; remove it or choose another path"
+            "{url}: {path} exists, is not empty and is not a git checkout; remove it or choose another path"
         ));
     }
 
@@ -110,7 +110,7 @@ pub fn git(ctx: &Ctx, g: &Git) -> Result<(), String> {
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&d)
-            .map_err(|e| format!("git: {}: {e}", d.display()))?;
+            .map_err(|e| format!("{}: {e}", d.display()))?;
         secrets.0 = Some(d.clone());
         let write = |name: &str, text: &str| -> Result<std::path::PathBuf, String> {
             let p = d.join(name);
@@ -119,14 +119,14 @@ pub fn git(ctx: &Ctx, g: &Git) -> Result<(), String> {
                 .create_new(true)
                 .mode(0o600)
                 .open(&p)
-                .map_err(|e| format!("git: {}: {e}", p.display()))?;
+                .map_err(|e| format!("{}: {e}", p.display()))?;
             let text = if text.ends_with('\n') {
                 text.to_string()
             } else {
                 format!("{text}\n")
             };
             std::io::Write::write_all(&mut f, text.as_bytes())
-                .map_err(|e| format!("git: {}: {e}", p.display()))?;
+                .map_err(|e| format!("{}: {e}", p.display()))?;
             Ok(p)
         };
         let key_file = write("key", key)?;

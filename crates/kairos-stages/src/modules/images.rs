@@ -24,21 +24,21 @@ pub fn unpack(ctx: &Ctx, u: &UnpackImage) -> Result<(), String> {
     let source = ctx.render(&u.source);
     let target = ctx.render(&u.target);
     if source.is_empty() {
-        return Err("unpack_images: `source` is empty: name an image (registry/repo:tag)".into());
+        return Err("`source` is empty: name an image (registry/repo:tag)".into());
     }
     if !target.starts_with('/') {
         return Err(format!(
-            "unpack_images {source}: target {target:?} must be an absolute path in the system"
+            "{source}: target {target:?} must be an absolute path in the system"
         ));
     }
-    let r = ImageRef::parse(&source).map_err(|e| format!("unpack_images {source}: {e}"))?;
+    let r = ImageRef::parse(&source).map_err(|e| format!("{source}: {e}"))?;
     if matches!(r, ImageRef::Dir { .. }) {
         return Err(format!(
-            "unpack_images {source}: a dir: source is a tree, not an image; copy it with a `commands` step"
+            "{source}: a dir: source is a tree, not an image; copy it with a `commands` step"
         ));
     }
     let platform = match u.platform.as_deref().filter(|p| !p.is_empty()) {
-        Some(p) => Platform::parse(p).map_err(|e| format!("unpack_images {source}: {e}"))?,
+        Some(p) => Platform::parse(p).map_err(|e| format!("{source}: {e}"))?,
         None => Platform::native(),
     };
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -47,8 +47,7 @@ pub fn unpack(ctx: &Ctx, u: &UnpackImage) -> Result<(), String> {
         std::process::id(),
         N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     )));
-    std::fs::create_dir_all(&scratch.0)
-        .map_err(|e| format!("unpack_images: {}: {e}", scratch.0.display()))?;
+    std::fs::create_dir_all(&scratch.0).map_err(|e| format!("{}: {e}", scratch.0.display()))?;
     let img = match &r {
         ImageRef::Registry {
             registry,
@@ -61,11 +60,11 @@ pub fn unpack(ctx: &Ctx, u: &UnpackImage) -> Result<(), String> {
         }
         other => kairos_oci::fetch(other, &scratch.0, &mut |_, _, _| {}),
     }
-    .map_err(|e| format!("unpack_images {source}: {e}"))?;
+    .map_err(|e| format!("{source}: {e}"))?;
     let rel = Path::new(target.trim_start_matches('/'));
     ctx.root
         .create_dir_all(&target, 0o755)
-        .map_err(|e| format!("unpack_images: creating {target}: {e}"))?;
+        .map_err(|e| format!("creating {target}: {e}"))?;
     let dir = ctx
         .root
         .dir()
@@ -76,17 +75,15 @@ pub fn unpack(ctx: &Ctx, u: &UnpackImage) -> Result<(), String> {
                 d.open_dir(rel)
             }
         })
-        .map_err(|e| format!("unpack_images: opening {target}: {e}"))?;
-    let diff_ids = img
-        .diff_ids()
-        .map_err(|e| format!("unpack_images {source}: {e}"))?;
+        .map_err(|e| format!("opening {target}: {e}"))?;
+    let diff_ids = img.diff_ids().map_err(|e| format!("{source}: {e}"))?;
     for (layer, want) in img.manifest.layers.iter().zip(&diff_ids) {
         let blob = img.blob_path(&layer.digest);
         let got = unpack_into(&blob, &dir, u64::MAX, Whiteouts::Apply)
-            .map_err(|e| format!("unpack_images {source} into {target}: {e}"))?;
+            .map_err(|e| format!("{source} into {target}: {e}"))?;
         if got != want.as_str() {
             return Err(format!(
-                "unpack_images {source}: layer {} unpacks to {got}, but the image says {want}; the target may hold part of it",
+                "{source}: layer {} unpacks to {got}, but the image says {want}; the target may hold part of it",
                 layer.digest
             ));
         }

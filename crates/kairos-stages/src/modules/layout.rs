@@ -49,12 +49,10 @@ fn disk_of(ctx: &Ctx, l: &Layout) -> Result<PathBuf, String> {
             let out = ctx
                 .shell
                 .run(script)
-                .map_err(|e| format!("layout: device script {script:?}: {e}"))?;
+                .map_err(|e| format!("device script {script:?}: {e}"))?;
             let dev = out.output.trim().to_string();
             if dev.is_empty() {
-                return Err(format!(
-                    "layout: device script {script:?} printed no device"
-                ));
+                return Err(format!("device script {script:?} printed no device"));
             }
             return Ok(PathBuf::from(dev));
         }
@@ -63,13 +61,13 @@ fn disk_of(ctx: &Ctx, l: &Layout) -> Result<PathBuf, String> {
         return Ok(grow::parent_disk(&path).map(|(d, _)| d).unwrap_or(path));
     }
     if let Some(label) = dev.label.as_deref().filter(|l| !l.is_empty()) {
-        let part = partition_by_label(label)
-            .ok_or_else(|| format!("layout: no partition is labelled {label}"))?;
+        let part =
+            partition_by_label(label).ok_or_else(|| format!("no partition is labelled {label}"))?;
         return grow::parent_disk(&part)
             .map(|(d, _)| d)
-            .ok_or_else(|| format!("layout: the disk of {} is unknown", part.display()));
+            .ok_or_else(|| format!("the disk of {} is unknown", part.display()));
     }
-    Err("layout: name the disk with `device.path` or `device.label`".into())
+    Err("name the disk with `device.path` or `device.label`".into())
 }
 
 /// The partition device node, once devtmpfs made it.
@@ -81,7 +79,7 @@ fn wait_node(disk: &Path, number: u32) -> Result<PathBuf, String> {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    Err(format!("layout: {} did not appear", node.display()))
+    Err(format!("{} did not appear", node.display()))
 }
 
 fn mkfs(dev: &Path, fs: &str, label: Option<&str>) -> Result<(), String> {
@@ -94,15 +92,13 @@ fn mkfs(dev: &Path, fs: &str, label: Option<&str>) -> Result<(), String> {
         "swap" => ("mkswap".into(), vec![], "-L"),
         other => {
             return Err(format!(
-                "layout: filesystem {other:?} is not one of ext2, ext3, ext4, xfs, btrfs, vfat, swap, none"
+                "filesystem {other:?} is not one of ext2, ext3, ext4, xfs, btrfs, vfat, swap, none"
             ));
         }
     };
     if let Some(l) = label {
         if fs == "xfs" && l.len() > 12 {
-            return Err(format!(
-                "layout: xfs labels are at most 12 characters: {l:?}"
-            ));
+            return Err(format!("xfs labels are at most 12 characters: {l:?}"));
         }
         args.extend([label_flag, l]);
     }
@@ -111,15 +107,14 @@ fn mkfs(dev: &Path, fs: &str, label: Option<&str>) -> Result<(), String> {
         .arg(dev)
         .run()
         .map(|_| ())
-        .map_err(|e| format!("layout: {e}"))
+        .map_err(|e| format!("{e}"))
 }
 
 fn add(disk: &Path, p: &LayoutPartition) -> Result<(), String> {
     let fs_label = p.fs_label.as_deref().filter(|l| !l.is_empty());
     let p_label = p.p_label.as_deref().filter(|l| !l.is_empty());
     // Idempotent: a partition with this label on this disk already exists.
-    let (parts, _) =
-        grow::partitions(disk).map_err(|e| format!("layout: {}: {e}", disk.display()))?;
+    let (parts, _) = grow::partitions(disk).map_err(|e| format!("{}: {e}", disk.display()))?;
     for existing in &parts {
         let node = kairos_sys::gpt::partition_path(disk, existing.number);
         if p_label.is_some_and(|l| l == existing.name)
@@ -135,7 +130,7 @@ fn add(disk: &Path, p: &LayoutPartition) -> Result<(), String> {
         .unwrap_or("ext2");
     if fs == "xfs" && fs_label.is_some_and(|l| l.len() > 12) {
         return Err(format!(
-            "layout: xfs labels are at most 12 characters: {}",
+            "xfs labels are at most 12 characters: {}",
             fs_label.unwrap_or_default()
         ));
     }
@@ -147,13 +142,13 @@ fn add(disk: &Path, p: &LayoutPartition) -> Result<(), String> {
     };
     let (number, ext) = grow::add_partition(disk, name, p.size * MIB, type_guid).map_err(|e| {
         format!(
-            "layout: adding {}: {e}",
+            "adding {}: {e}",
             fs_label.or(p_label).unwrap_or("a partition")
         )
     })?;
     grow::kernel_add_partition(disk, number, ext).map_err(|e| {
         format!(
-            "layout: telling the kernel about partition {number} of {}: {e}",
+            "telling the kernel about partition {number} of {}: {e}",
             disk.display()
         )
     })?;
@@ -161,15 +156,17 @@ fn add(disk: &Path, p: &LayoutPartition) -> Result<(), String> {
     mkfs(&node, fs, fs_label)
 }
 
-/// Grows the filesystem on `node` (partition now `ext`), mounting it on a temporary
-/// directory when it is not mounted, as yip does.
+/// Grows the filesystem on `node` (partition now `ext`). An unmounted ext2/3/4 is grown
+/// offline by `resize2fs` (after the `e2fsck -f` it insists on); otherwise the filesystem is
+/// grown mounted — where it is, or on a temporary directory, as yip does — by the kernel
+/// (EXT4_IOC_RESIZE_FS, which needs CAP_SYS_RESOURCE), `xfs_growfs` or `btrfs`.
 fn grow_fs(node: &Path, ext: Extent) -> Result<(), String> {
     let probed = kairos_sys::blockdev::probe(node)
-        .ok_or_else(|| format!("layout: {}: no filesystem to grow", node.display()))?;
+        .ok_or_else(|| format!("{}: no filesystem to grow", node.display()))?;
     let fstype = probed.fstype;
     if matches!(fstype, "vfat" | "swap") {
         return Err(format!(
-            "layout: {} is {fstype}, which cannot be expanded",
+            "{} is {fstype}, which cannot be expanded",
             node.display()
         ));
     }
@@ -178,12 +175,32 @@ fn grow_fs(node: &Path, ext: Extent) -> Result<(), String> {
         .into_iter()
         .find(|(src, ..)| *src == shown)
         .map(|(_, mnt, ..)| PathBuf::from(mnt));
+    let ext_fs = matches!(fstype, "ext2" | "ext3" | "ext4");
+    if ext_fs && mounted.is_none() && kairos_sys::exec::require(&["resize2fs", "e2fsck"]).is_ok() {
+        // e2fsck exits 1 when it fixed something: that is fine before a resize.
+        let fsck = Cmd::new("e2fsck")
+            .args(["-f", "-p"])
+            .arg(node)
+            .run_status()
+            .map_err(|e| format!("{e}"))?;
+        if fsck.status > 1 {
+            return Err(format!(
+                "e2fsck -f -p {shown} exited {}: {}; repair the filesystem before it can grow",
+                fsck.status,
+                fsck.stderr.trim()
+            ));
+        }
+        return Cmd::new("resize2fs")
+            .arg(node)
+            .run()
+            .map(|_| ())
+            .map_err(|e| format!("{e}"));
+    }
     let temp = std::env::temp_dir().join(format!("kairos-layout-{}", std::process::id()));
     let mnt = match &mounted {
         Some(m) => m.clone(),
         None => {
-            std::fs::create_dir_all(&temp)
-                .map_err(|e| format!("layout: {}: {e}", temp.display()))?;
+            std::fs::create_dir_all(&temp).map_err(|e| format!("{}: {e}", temp.display()))?;
             kairos_sys::mount::mount(
                 &shown,
                 &temp.to_string_lossy(),
@@ -191,27 +208,27 @@ fn grow_fs(node: &Path, ext: Extent) -> Result<(), String> {
                 kairos_sys::mount::MountFlags::empty(),
                 "",
             )
-            .map_err(|e| format!("layout: mounting {shown} ({fstype}) to grow it: {e}"))?;
+            .map_err(|e| format!("mounting {shown} ({fstype}) to grow it: {e}"))?;
             temp.clone()
         }
     };
     let r = match fstype {
-        "ext2" | "ext3" | "ext4" => {
-            grow::grow_ext4(&mnt, ext.size).map_err(|e| format!("layout: growing {shown}: {e}"))
+        _ if ext_fs => {
+            grow::grow_ext4(&mnt, ext.size).map_err(|e| format!("growing {shown} online: {e}"))
         }
         "xfs" => Cmd::new("xfs_growfs")
             .arg(&mnt)
             .run()
             .map(|_| ())
-            .map_err(|e| format!("layout: {e}")),
+            .map_err(|e| format!("{e}")),
         "btrfs" => Cmd::new("btrfs")
             .args(["filesystem", "resize", "max"])
             .arg(&mnt)
             .run()
             .map(|_| ())
-            .map_err(|e| format!("layout: {e}")),
+            .map_err(|e| format!("{e}")),
         other => Err(format!(
-            "layout: {shown}: growing {other} is not supported (ext2/3/4, xfs, btrfs)"
+            "{shown}: growing {other} is not supported (ext2/3/4, xfs, btrfs)"
         )),
     };
     if mounted.is_none() {
@@ -222,33 +239,27 @@ fn grow_fs(node: &Path, ext: Extent) -> Result<(), String> {
 }
 
 fn expand(disk: &Path, size_mib: u64) -> Result<(), String> {
-    let (parts, _) =
-        grow::partitions(disk).map_err(|e| format!("layout: {}: {e}", disk.display()))?;
+    let (parts, _) = grow::partitions(disk).map_err(|e| format!("{}: {e}", disk.display()))?;
     let last = parts
         .last()
-        .ok_or_else(|| format!("layout: {} has no partition to expand", disk.display()))?;
+        .ok_or_else(|| format!("{} has no partition to expand", disk.display()))?;
     let node = kairos_sys::gpt::partition_path(disk, last.number);
     if let Some(p) = kairos_sys::blockdev::probe(&node)
         && matches!(p.fstype, "vfat" | "swap")
     {
         return Err(format!(
-            "layout: {} is {}, which cannot be expanded",
+            "{} is {}, which cannot be expanded",
             node.display(),
             p.fstype
         ));
     }
     let want = (size_mib > 0).then_some(size_mib * MIB);
-    let Some(ext) =
-        grow::grow_partition(disk, last.number, want).map_err(|e| format!("layout: {e}"))?
+    let Some(ext) = grow::grow_partition(disk, last.number, want).map_err(|e| format!("{e}"))?
     else {
         return Ok(());
     };
-    grow::kernel_resize_partition(disk, last.number, ext).map_err(|e| {
-        format!(
-            "layout: telling the kernel the new size of {}: {e}",
-            node.display()
-        )
-    })?;
+    grow::kernel_resize_partition(disk, last.number, ext)
+        .map_err(|e| format!("telling the kernel the new size of {}: {e}", node.display()))?;
     grow_fs(&node, ext)
 }
 
@@ -256,7 +267,7 @@ pub fn layout(ctx: &Ctx, l: &Layout) -> Result<(), String> {
     let disk = disk_of(ctx, l)?;
     if l.device.as_ref().is_some_and(|d| d.init_disk.0) {
         kairos_sys::gpt::write_gpt(&disk, &[])
-            .map_err(|e| format!("layout: a new GPT on {}: {e}", disk.display()))?;
+            .map_err(|e| format!("a new GPT on {}: {e}", disk.display()))?;
         let _ = kairos_sys::gpt::reread_partitions(&disk);
     }
     let mut errs = Vec::new();
