@@ -53,7 +53,8 @@ pub fn git(ctx: &Ctx, g: &Git) -> Result<(), String> {
     if let Some(b) = branch {
         check_branch(b)?;
     }
-    ctx.root
+    let created = ctx
+        .root
         .create_dir_all(&path, 0o755)
         .map_err(|e| format!("{url}: creating {path}: {e}"))?;
     let rel = Path::new(path.trim_start_matches('/'));
@@ -175,7 +176,19 @@ pub fn git(ctx: &Ctx, g: &Git) -> Result<(), String> {
             }
         }
         args.extend(["--", &url, "."]);
-        return git(&args);
+        let r = git(&args);
+        if r.is_err() {
+            // Nothing half-written: what this step made goes, what was there stays.
+            match created.first() {
+                Some(top) => {
+                    let _ = ctx.root.dir().and_then(|d| d.remove_all(top));
+                }
+                None => {
+                    let _ = dir.remove_all(Path::new(".git"));
+                }
+            }
+        }
+        return r;
     }
     git(&["remote", "set-url", "origin", "--", &url])?;
     git(&["fetch", "--quiet", "origin", branch.unwrap_or("HEAD")])?;

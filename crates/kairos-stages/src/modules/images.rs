@@ -62,9 +62,27 @@ pub fn unpack(ctx: &Ctx, u: &UnpackImage) -> Result<(), String> {
     }
     .map_err(|e| format!("{source}: {e}"))?;
     let rel = Path::new(target.trim_start_matches('/'));
-    ctx.root
+    let created = ctx
+        .root
         .create_dir_all(&target, 0o755)
         .map_err(|e| format!("creating {target}: {e}"))?;
+    let r = extract(ctx, &img, rel, &source, &target);
+    if r.is_err()
+        && let Some(top) = created.first()
+    {
+        // A target this step made is not left half-filled.
+        let _ = ctx.root.dir().and_then(|d| d.remove_all(top));
+    }
+    r
+}
+
+fn extract(
+    ctx: &Ctx,
+    img: &kairos_oci::LocalImage,
+    rel: &Path,
+    source: &str,
+    target: &str,
+) -> Result<(), String> {
     let dir = ctx
         .root
         .dir()
