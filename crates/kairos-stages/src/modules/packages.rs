@@ -109,8 +109,39 @@ pub fn pins(ctx: &Ctx, pins: &BTreeMap<String, Text>) -> Result<(), String> {
                 .map(|_| ())
                 .map_err(|e| format!("writing /{p}: {e}"))
         }
+        "apk" => {
+            // /etc/apk/world: one constraint per line; a pinned package's line is `pkg=version`.
+            let p = "etc/apk/world";
+            let old = ctx.root.read_to_string(p).unwrap_or_default();
+            let name_of = |l: &str| {
+                l.split(['=', '<', '>', '~'])
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let mut lines: Vec<String> = old
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !pins.contains_key(&name_of(l.trim())))
+                .map(str::to_string)
+                .collect();
+            lines.extend(pins.iter().map(|(pkg, v)| format!("{pkg}={}", v.0)));
+            lines.sort();
+            ctx.root
+                .create_parents(p, 0o755)
+                .and_then(|_| {
+                    ctx.root
+                        .write_file(p, (lines.join("\n") + "\n").as_bytes(), 0o644)
+                })
+                .map(|_| ())
+                .map_err(|e| format!("writing /{p}: {e}"))
+        }
         other => Err(format!(
-            "package_pins is not supported yet for {other}-based distributions"
+            "Kairos writes package pins for apt and apk; for {other} pin in a `commands` step ({})",
+            match other {
+                "dnf" => "`dnf versionlock add NAME-VERSION`",
+                "zypper" => "`zypper addlock NAME`",
+                _ => "`IgnorePkg = NAME` in /etc/pacman.conf",
+            }
         )),
     }
 }
