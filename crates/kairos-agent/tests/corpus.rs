@@ -1,7 +1,8 @@
 //! The compatibility corpus: every `tests/corpus/*.case` file is a Kairos behaviour, run
 //! through the real `kairos-agent` binary against a fresh temp root.
 //!
-//! A case file is a header (`cmd: …`, optional `cmdline: …`, `requires: root`), then
+//! A case file is a header (`cmd: …`, optional `before: …` commands run first in order (as a
+//! boot runs `initramfs` before `boot`), `cmdline: …`, `requires: root`), then
 //! `--- file PATH [MODE]` sections laid into the root, then `--- expect` lines:
 //! `exit N`, `stdout has T`, `stdout lacks T`, `stderr has T`, `content PATH T`,
 //! `contains PATH T`, `lacks PATH T`, `match PATH REGEX`, `mode PATH OCTAL`, `owner PATH U:G`,
@@ -16,6 +17,7 @@ use std::process::{Command, Stdio};
 struct Case {
     name: String,
     cmd: String,
+    before: Vec<String>,
     cmdline: Option<String>,
     stdin: Option<String>,
     needs_root: bool,
@@ -27,6 +29,7 @@ fn parse_case(name: &str, text: &str) -> Case {
     let mut case = Case {
         name: name.into(),
         cmd: String::new(),
+        before: Vec::new(),
         cmdline: None,
         stdin: None,
         needs_root: false,
@@ -66,6 +69,8 @@ fn parse_case(name: &str, text: &str) -> Case {
             }
         } else if let Some((_, _, lines)) = &mut section {
             lines.push(line.to_string());
+        } else if let Some(c) = line.strip_prefix("before:") {
+            case.before.push(c.trim().to_string());
         } else if let Some(c) = line.strip_prefix("cmd:") {
             case.cmd = c.trim().to_string();
         } else if let Some(c) = line.strip_prefix("cmdline:") {
@@ -93,7 +98,15 @@ struct Output {
 }
 
 fn run(case: &Case, root: &Path) -> Output {
-    let cmd = case.cmd.replace("{root}", &root.display().to_string());
+    for b in &case.before {
+        let out = run_one(case, b, root);
+        assert_eq!(out.code, 0, "{}: `{b}` failed: {}", case.name, out.stderr);
+    }
+    run_one(case, &case.cmd, root)
+}
+
+fn run_one(case: &Case, cmd: &str, root: &Path) -> Output {
+    let cmd = cmd.replace("{root}", &root.display().to_string());
     let mut args = shlex::split(&cmd).expect("cmd quoting");
     if !args.iter().any(|a| a == "--root") {
         args.extend(["--root".to_string(), root.display().to_string()]);
