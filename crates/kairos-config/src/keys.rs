@@ -159,22 +159,7 @@ mod tests {
         assert_eq!(s("hsotname").as_deref(), Some("hostname"));
         assert_eq!(s("boot-assessment").as_deref(), Some("boot_assessment"));
         assert_eq!(s("boot_assesment").as_deref(), Some("boot_assessment"));
-        for bundle in [
-            "argocd",
-            "kubevirt",
-            "metallb",
-            "flux",
-            "longhorn",
-            "calico",
-            "certManager",
-            "kyverno",
-            "nginx",
-            "suc",
-            "amt",
-            "localai",
-            "edgevpn",
-            "kairos",
-        ] {
+        for bundle in crate::validate::BUNDLE_BLOCKS {
             assert_eq!(s(bundle), None, "{bundle}");
         }
     }

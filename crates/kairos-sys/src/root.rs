@@ -65,6 +65,18 @@ impl Root {
         Dir::open(&self.path)
     }
 
+    /// The directory at `p` (absolute inside the root; `/` is the root itself), opened
+    /// beneath the root: what a module works in by descriptor.
+    pub fn open_dir(&self, p: impl AsRef<Path>) -> io::Result<Dir> {
+        let rel = crate::beneath::normalize(p.as_ref());
+        let d = self.dir()?;
+        if rel.as_os_str().is_empty() {
+            Ok(d)
+        } else {
+            d.open_dir(&rel)
+        }
+    }
+
     pub fn read_to_string(&self, p: impl AsRef<Path>) -> io::Result<String> {
         self.dir()?.read_to_string(p.as_ref())
     }

@@ -590,11 +590,7 @@ pub fn datasource(ctx: &Ctx, d: &Datasource) -> Result<(), String> {
                 .map_err(|e| format!("writing {p}: {e}"))?;
         }
     }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("; "))
-    }
+    super::join(errs)
 }
 
 #[cfg(test)]

@@ -57,17 +57,9 @@ pub fn git(ctx: &Ctx, g: &Git) -> Result<(), String> {
         .root
         .create_dir_all(&path, 0o755)
         .map_err(|e| format!("{url}: creating {path}: {e}"))?;
-    let rel = Path::new(path.trim_start_matches('/'));
     let dir = ctx
         .root
-        .dir()
-        .and_then(|d| {
-            if rel.as_os_str().is_empty() {
-                Ok(d)
-            } else {
-                d.open_dir(rel)
-            }
-        })
+        .open_dir(&path)
         .map_err(|e| format!("{url}: opening {path}: {e}"))?;
     let entries = dir
         .read_dir(Path::new(""))

@@ -2,8 +2,6 @@
 //! fetched through kairos-oci and its layers extracted one over another into a directory
 //! of the target root, whiteouts applied — yip's "pull and extract into target".
 
-use std::path::Path;
-
 use kairos_config::types::UnpackImage;
 use kairos_oci::ImageRef;
 use kairos_oci::image::Platform;
@@ -61,12 +59,11 @@ pub fn unpack(ctx: &Ctx, u: &UnpackImage) -> Result<(), String> {
         other => kairos_oci::fetch(other, &scratch.0, &mut |_, _, _| {}),
     }
     .map_err(|e| format!("{source}: {e}"))?;
-    let rel = Path::new(target.trim_start_matches('/'));
     let created = ctx
         .root
         .create_dir_all(&target, 0o755)
         .map_err(|e| format!("creating {target}: {e}"))?;
-    let r = extract(ctx, &img, rel, &source, &target);
+    let r = extract(ctx, &img, &source, &target);
     if r.is_err()
         && let Some(top) = created.first()
     {
@@ -79,20 +76,12 @@ pub fn unpack(ctx: &Ctx, u: &UnpackImage) -> Result<(), String> {
 fn extract(
     ctx: &Ctx,
     img: &kairos_oci::LocalImage,
-    rel: &Path,
     source: &str,
     target: &str,
 ) -> Result<(), String> {
     let dir = ctx
         .root
-        .dir()
-        .and_then(|d| {
-            if rel.as_os_str().is_empty() {
-                Ok(d)
-            } else {
-                d.open_dir(rel)
-            }
-        })
+        .open_dir(target)
         .map_err(|e| format!("opening {target}: {e}"))?;
     let diff_ids = img.diff_ids().map_err(|e| format!("{source}: {e}"))?;
     for (layer, want) in img.manifest.layers.iter().zip(&diff_ids) {

@@ -281,9 +281,5 @@ pub fn layout(ctx: &Ctx, l: &Layout) -> Result<(), String> {
     {
         errs.push(e);
     }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("; "))
-    }
+    super::join(errs)
 }
