@@ -3,6 +3,7 @@
 mod datasource;
 mod files;
 mod git;
+#[cfg(feature = "oci")]
 mod images;
 mod layout;
 mod packages;
@@ -130,7 +131,15 @@ pub fn run(name: &str, ctx: &Ctx, s: &Step) -> Result<(), String> {
             .packages
             .as_ref()
             .map_or(Ok(()), |p| packages::packages(ctx, p)),
+        #[cfg(feature = "oci")]
         "unpack_images" => each(&s.unpack_images, |u| images::unpack(ctx, u)),
+        #[cfg(not(feature = "oci"))]
+        "unpack_images" => each(&s.unpack_images, |u| {
+            Err(format!(
+                "{}: images are not unpacked in the initramfs; run this step in the boot or network stage",
+                u.source
+            ))
+        }),
         other => Err(format!("unknown module {other}")),
     }
 }
