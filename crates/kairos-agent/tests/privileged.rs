@@ -342,6 +342,33 @@ fn layout_adds_partitions_by_label_and_grows_the_last_with_its_filesystem() {
         sh(&format!("sfdisk --dump {d}")).matches("name=").count(),
         3
     );
+
+    // A blank disk by path: init_disk writes a GPT, then a partition takes the rest.
+    let blank = work.path().join("blank.img");
+    fs::File::create(&blank)
+        .unwrap()
+        .set_len(100 << 20)
+        .unwrap();
+    let disk = LoopDisk::attach(&blank, &["-P"]);
+    let b = &disk.0;
+    write(
+        root.path(),
+        "/oem/00_layout.yaml",
+        &format!(
+            "stages:\n  boot:\n  - layout:\n      device: {{path: {b}, init_disk: true}}\n      add_partitions:\n      - {{fsLabel: LAYOUT_N1, size: 0, filesystem: ext4}}\n"
+        ),
+    );
+    let o = run_boot(root.path(), &["--strict"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let dump = sh(&format!("sfdisk --dump {b}"));
+    assert!(
+        dump.contains("label: gpt") && dump.matches("name=").count() == 1,
+        "{dump}"
+    );
+    assert_eq!(
+        sh(&format!("blkid -o value -s LABEL {b}p1")).trim(),
+        "LAYOUT_N1"
+    );
 }
 
 #[test]
