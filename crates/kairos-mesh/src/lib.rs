@@ -1,0 +1,15 @@
+//! The P2P mesh of Kairos (EdgeVPN-compatible).
+//!
+//! - [`token`]: the network token — EdgeVPN's base64 of a YAML document — read, checked and
+//!   written exactly, and generated;
+//! - [`otp`]: the secrets derived from it that rotate with time (seal key, gossip topic, DHT
+//!   rendezvous and its provider key, DHCP lease name);
+//! - [`seal`]: sealing ledger messages with the rotating key (AES-256-GCM, hex on the wire).
+//!
+//! Everything here is synchronous and pure; the libp2p host and the VPN come on top.
+
+pub mod otp;
+pub mod seal;
+pub mod token;
+
+pub use token::{Otp, Token, TokenError};
