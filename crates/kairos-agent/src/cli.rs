@@ -63,6 +63,11 @@ pub enum Command {
     },
     /// Print the JSON Schema of the cloud-config
     Schema,
+    /// The P2P mesh: network tokens
+    P2p {
+        #[command(subcommand)]
+        command: P2pCommand,
+    },
     /// Run a stage (e.g. boot, initramfs, network) from the node's stage paths and cmdline
     RunStage {
         /// Stage name; its `.before` and `.after` run around it
@@ -146,6 +151,22 @@ pub enum Command {
 pub enum StateCommand {
     /// Print one value by dot path (`booted`, `next_boot`, `deployments.0.image`)
     Get { path: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum P2pCommand {
+    /// Print a new network token for `p2p.network_token` (EdgeVPN format)
+    GenerateToken {
+        /// Seconds between rotations of the derived keys and topics
+        #[arg(long, default_value_t = kairos_mesh::token::DEFAULT_INTERVAL)]
+        interval: u64,
+    },
+    /// Check the node's `p2p.network_token` and show what it derives now (never its keys)
+    Token {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -277,6 +298,38 @@ pub fn run(cli: Cli) -> Result<Code> {
     let fetcher = HttpFetcher::default();
     match cli.command {
         Command::Validate { source, json } => validate_cmd(&source, json, &fetcher),
+        Command::P2p {
+            command: P2pCommand::GenerateToken { interval },
+        } => {
+            println!("{}", kairos_mesh::Token::generate(interval).encode());
+            Ok(0)
+        }
+        Command::P2p {
+            command: P2pCommand::Token { json },
+        } => {
+            let c = cli.global.collect(&fetcher)?;
+            let Some(t) = c
+                .config
+                .at_path("p2p.network_token")
+                .and_then(|n| n.scalar_text())
+                .filter(|t| !t.is_empty())
+            else {
+                eprintln!(
+                    "kairos-agent: no p2p.network_token in the config (make one with `kairos-agent p2p generate-token`)"
+                );
+                return Ok(exit::INVALID);
+            };
+            match kairos_mesh::Token::parse(&t) {
+                Ok(tok) => {
+                    println!("{}", kairos_mesh::token::report(&tok, None, json));
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("kairos-agent: p2p.network_token: {e}");
+                    Ok(exit::INVALID)
+                }
+            }
+        }
         Command::Schema => {
             println!(
                 "{}",
@@ -545,7 +598,10 @@ fn read_source(source: &str, fetcher: &dyn Fetcher) -> Result<(String, String)> 
 
 fn validate_cmd(source: &str, json_out: bool, fetcher: &dyn Fetcher) -> Result<Code> {
     let (text, name) = read_source(source, fetcher)?;
-    let problems = validate::validate_text(&text, &name);
+    let mut problems = validate::validate_text(&text, &name);
+    if let Ok(node) = kairos_config::yaml::parse(&text, &std::sync::Arc::from(name.as_str())) {
+        problems.extend(kairos_mesh::token::check_config(&node));
+    }
     if json_out {
         let list: Vec<_> = problems
             .iter()
@@ -604,6 +660,7 @@ fn run_stage(
         // into steps, when the stage they affect runs; the rest is reported here.
         let problems: Vec<Problem> = validate::validate_node(&c.config)
             .into_iter()
+            .chain(kairos_mesh::token::check_config(&c.config))
             .filter(|p| {
                 let top = p.path.split('.').next().unwrap_or("");
                 top != "stages" && !kairos_stages::loader::TRANSPILED_KEYS.contains(&top)

@@ -48,6 +48,25 @@ enum Cmd {
         #[arg(long, env = "KAIROS_AGENT")]
         agent: Option<PathBuf>,
     },
+    /// Print a new P2P network token for `p2p.network_token` (EdgeVPN's format: base64 of a
+    /// YAML document with the keys of the rotating secrets, room, rendezvous and mDNS name)
+    GenerateToken {
+        /// Seconds between rotations of the derived keys and topics
+        #[arg(long, default_value_t = kairos_mesh::token::DEFAULT_INTERVAL)]
+        interval: u64,
+    },
+    /// Check a network token and show what it derives now or at `--at` (never its keys).
+    /// Exit 0 for a valid token, 1 for a malformed one
+    Token {
+        /// The token, or `-` to read it from stdin
+        token: String,
+        /// Unix time to derive at (default: now)
+        #[arg(long)]
+        at: Option<u64>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Check an image against the Kairos image contract: kernel and matching modules, an
     /// init, /etc/os-release, x86-64 executables, static kairos binaries, the size budget.
     /// Each finding says what to add. Exit 0 when clean, 1 when something is missing
@@ -518,6 +537,11 @@ fn run() -> Result<i32> {
             agent,
         } => kairosify(&src, &dest, immucore, agent).map(|_| 0),
         Cmd::Lint { image, json } => lint(&image, json),
+        Cmd::GenerateToken { interval } => {
+            println!("{}", kairos_mesh::Token::generate(interval).encode());
+            Ok(0)
+        }
+        Cmd::Token { token, at, json } => token_show(&token, at, json),
         Cmd::Vm {
             command:
                 VmCmd::Run {
@@ -563,6 +587,26 @@ fn run() -> Result<i32> {
             Err(anyhow::anyhow!("running qemu-system-x86_64: {err}"))
         }
     }
+}
+
+fn token_show(token: &str, at: Option<u64>, json: bool) -> Result<i32> {
+    let text = if token == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("reading the token from stdin")?;
+        s
+    } else {
+        token.to_string()
+    };
+    let t = match kairos_mesh::Token::parse(&text) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("kairosctl: {e}");
+            return Ok(1);
+        }
+    };
+    println!("{}", kairos_mesh::token::report(&t, at, json));
+    Ok(0)
 }
 
 fn main() {

@@ -259,6 +259,87 @@ impl Token {
     }
 }
 
+/// The problems of a config's `p2p.network_token` (none when unset or templated).
+pub fn check_config(config: &Node) -> Vec<kairos_config::validate::Problem> {
+    let Some(t) = config.at_path("p2p.network_token") else {
+        return Vec::new();
+    };
+    match &t.value {
+        Value::Null => Vec::new(),
+        Value::Str(s) if s.is_empty() || s.contains("{{") => Vec::new(),
+        Value::Str(s) => match Token::parse(s) {
+            Ok(_) => Vec::new(),
+            Err(e) => vec![kairos_config::validate::Problem::error(
+                t.origin.clone(),
+                "p2p.network_token",
+                e.to_string(),
+            )],
+        },
+        other => vec![kairos_config::validate::Problem::error(
+            t.origin.clone(),
+            "p2p.network_token",
+            format!("expected a token (text), found a {}", other.kind()),
+        )],
+    }
+}
+
+/// What `token show` prints: the token's settings and what it derives at `unix` — never its
+/// keys.
+pub fn describe(t: &Token, unix: u64) -> Vec<(String, String)> {
+    let d = t.derive(unix);
+    let rot = |o: &Otp| {
+        if o.key.is_empty() {
+            "unset".to_string()
+        } else if o.interval >= i64::MAX as u64 {
+            format!("never rotates, length {}", o.length)
+        } else {
+            format!("every {} s, length {}", o.interval, o.length)
+        }
+    };
+    vec![
+        ("crypto otp".into(), rot(&t.otp.crypto)),
+        ("dht otp".into(), rot(&t.otp.dht)),
+        ("mdns service".into(), format!("{}.local", d.mdns)),
+        (
+            "max message size".into(),
+            format!("{} bytes", t.max_message_size),
+        ),
+        ("ledger topic now".into(), d.topic.clone()),
+        ("dht rendezvous now".into(), d.rendezvous.clone()),
+        ("dht provider key".into(), d.dht_provider_key.clone()),
+        (
+            "next rotation".into(),
+            d.next_rotation
+                .map(|n| format!("unix {n} (in {} s)", n.saturating_sub(unix)))
+                .unwrap_or_else(|| "never".into()),
+        ),
+    ]
+}
+
+/// [`describe`] as text (aligned lines) or a JSON object, at `unix` (`None`: now).
+pub fn report(t: &Token, unix: Option<u64>, json: bool) -> String {
+    let now = unix.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    });
+    let lines = describe(t, now);
+    if json {
+        let m: serde_json::Map<String, serde_json::Value> = lines
+            .into_iter()
+            .map(|(k, v)| (k.replace(' ', "_"), serde_json::Value::String(v)))
+            .collect();
+        serde_json::to_string_pretty(&m).expect("strings serialise")
+    } else {
+        lines
+            .iter()
+            .map(|(k, v)| format!("{k:<20} {v}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
 /// A string as a YAML scalar: plain when it reads back as the same string, else quoted.
 fn yaml_str(s: &str) -> String {
     let plain = !s.is_empty()
