@@ -4,10 +4,14 @@
 //!   written exactly, and generated;
 //! - [`otp`]: the secrets derived from it that rotate with time (seal key, gossip topic, DHT
 //!   rendezvous and its provider key, DHCP lease name);
-//! - [`seal`]: sealing ledger messages with the rotating key (AES-256-GCM, hex on the wire).
+//! - [`seal`]: sealing ledger messages with the rotating key (AES-256-GCM, hex on the wire);
+//! - [`ledger`]: the shared key/value ledger — EdgeVPN's block, its JSON and hash, the merge
+//!   rules, the wire format; [`leader`]: the leader function every node computes alike.
 //!
 //! Everything here is synchronous and pure; the libp2p host and the VPN come on top.
 
+pub mod leader;
+pub mod ledger;
 pub mod otp;
 pub mod seal;
 pub mod token;
