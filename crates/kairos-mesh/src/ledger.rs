@@ -10,9 +10,9 @@
 //! - the wire: `gzip(JSON(block))`, sealed ([`crate::seal`]), in the pubsub envelope
 //!   `{"Message", "SenderID", "Annotations"}`, bounded by the token's `max_message_size`.
 //!
-//! Signed entries of owned buckets (`machines`, `services`, `files`, `users`, `egress`,
-//! `healthcheck`, `dns`) are carried and kept as received; verifying their Ed25519 signatures
-//! comes with the libp2p identity.
+//! Entries of owned buckets (`machines`, `services`, `files`, `users`, `egress`,
+//! `healthcheck`, `dns`) are signed by their owner's Ed25519 PeerID and merged by
+//! [`merge_owned`] under EdgeVPN's `enforce` rules.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -359,6 +359,11 @@ pub fn go_utc_string(unix_nanos: i128) -> String {
     format!("{base}{frac} +0000 UTC")
 }
 
+/// `YYYY-MM-DDTHH:MM:SSZ` of unix seconds: the `healthcheck` value EdgeVPN writes.
+pub fn go_utc_rfc3339(secs: i64) -> String {
+    format!("{}Z", civil_utc(secs).replacen(' ', "T", 1))
+}
+
 /// `YYYY-MM-DD HH:MM:SS` of unix seconds (UTC), by the civil-from-days algorithm.
 fn civil_utc(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
@@ -414,6 +419,226 @@ pub const OWNED_BUCKETS: &[&str] = &[
     "healthcheck",
     "dns",
 ];
+
+/// The bytes an owned entry's signature covers: `len|bucket ‖ len|key ‖ len|owner ‖
+/// version ‖ updatedAt ‖ deleted ‖ len|value`, lengths and numbers 8-byte big-endian.
+pub fn signing_bytes(bucket: &str, key: &str, e: &Entry) -> Vec<u8> {
+    let mut out = Vec::new();
+    for s in [bucket, key, &e.owner] {
+        out.extend_from_slice(&(s.len() as u64).to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    out.extend_from_slice(&e.version.to_be_bytes());
+    out.extend_from_slice(&(e.updated_at as u64).to_be_bytes());
+    out.push(e.deleted as u8);
+    out.extend_from_slice(&(e.value.len() as u64).to_be_bytes());
+    out.extend_from_slice(e.value.as_bytes());
+    out
+}
+
+impl Entry {
+    /// An entry written and signed by `id` (version = max(previous + 1, now in nanoseconds),
+    /// as EdgeVPN writes them).
+    pub fn signed(
+        bucket: &str,
+        key: &str,
+        value_json: &str,
+        id: &crate::identity::Identity,
+        previous: Option<&Entry>,
+        now_nanos: u64,
+        deleted: bool,
+    ) -> Entry {
+        let mut e = Entry {
+            value: value_json.to_string(),
+            owner: id.peer_id(),
+            version: previous
+                .map(|p| p.version.saturating_add(1))
+                .unwrap_or(0)
+                .max(now_nanos),
+            updated_at: (now_nanos / 1_000_000_000) as i64,
+            deleted,
+            sig: Vec::new(),
+        };
+        e.sig = id.sign(&signing_bytes(bucket, key, &e));
+        e
+    }
+
+    /// Whether its owner signed it.
+    pub fn verifies(&self, bucket: &str, key: &str) -> bool {
+        !self.owner.is_empty()
+            && crate::identity::verify(&self.owner, &signing_bytes(bucket, key, self), &self.sig)
+    }
+}
+
+/// Who a value says owns it (EdgeVPN's policy registry): the value's `PeerID` for
+/// `machines`, `services`, `files`; the key for `users`, `egress`, `healthcheck`; nobody for
+/// `dns` (the first claimer owns it).
+pub fn declared_owner(bucket: &str, key: &str, value_json: &str) -> Option<String> {
+    match bucket {
+        "machines" | "services" | "files" => serde_json::from_str::<Json>(value_json)
+            .ok()?
+            .get("PeerID")?
+            .as_str()
+            .map(str::to_string),
+        "users" | "egress" | "healthcheck" => Some(key.to_string()),
+        _ => None,
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (a `healthcheck` value) as unix seconds.
+pub fn parse_rfc3339_utc(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || !s.ends_with('Z') {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    let (hh, mm, ss) = (n(11..13)?, n(14..16)?, n(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // days from civil (inverse of `civil_utc`)
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+/// EdgeVPN's default ownership TTL: 4 × the 120 s health-check interval.
+pub const OWNERSHIP_TTL: i64 = 480;
+
+fn expired(storage: &Storage, bucket: &str, key: &str, e: &Entry, now: i64, ttl: i64) -> bool {
+    if bucket == "healthcheck" {
+        return e.updated_at + ttl <= now;
+    }
+    let owner = if e.owner.is_empty() {
+        declared_owner(bucket, key, &e.value).unwrap_or_default()
+    } else {
+        e.owner.clone()
+    };
+    // Liveness: the owner's last heartbeat is older than the TTL.
+    let beat = storage
+        .get("healthcheck")
+        .and_then(|h| h.get(&owner))
+        .filter(|h| !h.deleted)
+        .and_then(|h| serde_json::from_str::<String>(&h.value).ok())
+        .and_then(|t| parse_rfc3339_utc(&t));
+    beat.is_none_or(|t| t + ttl <= now)
+}
+
+/// Why an incoming owned entry was refused (for logs and `p2p status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub bucket: String,
+    pub key: String,
+    pub why: &'static str,
+}
+
+/// Merges the owned buckets of `incoming` into `storage` under EdgeVPN's `enforce` rules;
+/// returns whether anything changed and what was refused.
+pub fn merge_owned(
+    storage: &mut Storage,
+    incoming: &Storage,
+    now: i64,
+    ttl: i64,
+) -> (bool, Vec<Refused>) {
+    let mut changed = false;
+    let mut refused = Vec::new();
+    for (bucket, keys) in incoming
+        .iter()
+        .filter(|(b, _)| OWNED_BUCKETS.contains(&b.as_str()))
+    {
+        for (key, inc) in keys {
+            let ex = storage.get(bucket).and_then(|b| b.get(key)).cloned();
+            if ex.as_ref() == Some(inc) {
+                continue;
+            }
+            let verdict = judge(storage, bucket, key, inc, ex.as_ref(), now, ttl);
+            match verdict {
+                Ok(()) => {
+                    storage
+                        .entry(bucket.clone())
+                        .or_default()
+                        .insert(key.clone(), inc.clone());
+                    changed = true;
+                }
+                Err(why) => refused.push(Refused {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                    why,
+                }),
+            }
+        }
+    }
+    (changed, refused)
+}
+
+fn judge(
+    storage: &Storage,
+    bucket: &str,
+    key: &str,
+    inc: &Entry,
+    ex: Option<&Entry>,
+    now: i64,
+    ttl: i64,
+) -> Result<(), &'static str> {
+    if !inc.verifies(bucket, key) {
+        return Err("not signed by its owner");
+    }
+    let ex_owner = ex.map(|e| {
+        if e.owner.is_empty() {
+            declared_owner(bucket, key, &e.value).unwrap_or_default()
+        } else {
+            e.owner.clone()
+        }
+    });
+    let ex_expired = ex.is_some_and(|e| expired(storage, bucket, key, e, now, ttl));
+    if inc.deleted {
+        let Some(e) = ex else {
+            return Err("a deletion of a key that does not exist");
+        };
+        if ex_owner.as_deref() != Some(inc.owner.as_str()) && !ex_expired {
+            return Err("deleted by someone who does not own it");
+        }
+        return if inc.version > e.version {
+            Ok(())
+        } else {
+            Err("an old deletion")
+        };
+    }
+    if let Some(d) = declared_owner(bucket, key, &inc.value)
+        && d != inc.owner
+    {
+        return Err("the value names another owner than its signer");
+    }
+    let Some(e) = ex else {
+        return Ok(());
+    };
+    if e.deleted {
+        return if inc.version > e.version {
+            Ok(())
+        } else {
+            Err("older than its deletion")
+        };
+    }
+    if ex_owner.as_deref() != Some(inc.owner.as_str()) {
+        return if ex_expired {
+            Ok(())
+        } else {
+            Err("owned by a live peer")
+        };
+    }
+    match inc.version.cmp(&e.version) {
+        std::cmp::Ordering::Greater => Ok(()),
+        std::cmp::Ordering::Less => Err("an older version"),
+        std::cmp::Ordering::Equal if (&inc.owner, &inc.sig) > (&e.owner, &e.sig) => Ok(()),
+        std::cmp::Ordering::Equal => Err("the same version, losing the tie-break"),
+    }
+}
 
 /// The pubsub payload for a block: the envelope with `gzip(JSON(block))` sealed in it.
 pub fn to_wire(block: &Block, seal_key: &[u8; 32]) -> Vec<u8> {
@@ -541,6 +766,195 @@ mod tests {
             !merge_open(&mut mine, &inc, &open),
             "a second merge changes nothing"
         );
+    }
+
+    #[test]
+    fn owned_entries_follow_the_enforce_rules() {
+        use crate::identity::Identity;
+        let a = Identity::from_seed(&[1; 32]);
+        let b = Identity::from_seed(&[2; 32]);
+        let now = 1_796_205_600i64;
+        let nanos = now as u64 * 1_000_000_000;
+        let machine = |id: &Identity| format!(r#"{{"PeerID":"{}"}}"#, id.peer_id());
+        let beat = |id: &Identity, t: i64| {
+            Entry::signed(
+                "healthcheck",
+                &id.peer_id(),
+                &format!("\"{}\"", crate::ledger::go_utc_rfc3339(t)),
+                id,
+                None,
+                t as u64 * 1_000_000_000,
+                false,
+            )
+        };
+        let mut mine = Storage::new();
+        let mut inc = Storage::new();
+        let put = |s: &mut Storage, bk: &str, k: &str, e: Entry| {
+            s.entry(bk.into()).or_default().insert(k.into(), e);
+        };
+        // a claims 10.1.0.2 and is alive.
+        put(&mut inc, "healthcheck", &a.peer_id(), beat(&a, now));
+        put(
+            &mut inc,
+            "machines",
+            "10.1.0.2",
+            Entry::signed("machines", "10.1.0.2", &machine(&a), &a, None, nanos, false),
+        );
+        let (changed, refused) = merge_owned(&mut mine, &inc, now, OWNERSHIP_TTL);
+        assert!(changed && refused.is_empty(), "{refused:?}");
+        let judge1 = |mine: &mut Storage, bk: &str, k: &str, e: Entry| {
+            let mut one = Storage::new();
+            one.entry(bk.into()).or_default().insert(k.into(), e);
+            merge_owned(mine, &one, now, OWNERSHIP_TTL)
+                .1
+                .first()
+                .map(|r| r.why)
+        };
+        // b cannot take a's address while a is alive, nor claim it in a's name.
+        assert_eq!(
+            judge1(
+                &mut mine,
+                "machines",
+                "10.1.0.2",
+                Entry::signed(
+                    "machines",
+                    "10.1.0.2",
+                    &machine(&b),
+                    &b,
+                    None,
+                    nanos + 5,
+                    false
+                )
+            ),
+            Some("owned by a live peer")
+        );
+        assert_eq!(
+            judge1(
+                &mut mine,
+                "machines",
+                "10.1.0.2",
+                Entry::signed(
+                    "machines",
+                    "10.1.0.2",
+                    &machine(&a),
+                    &b,
+                    None,
+                    nanos + 5,
+                    false
+                )
+            ),
+            Some("the value names another owner than its signer")
+        );
+        // A tampered value does not verify; an older version of a's own is refused.
+        let mut t = Entry::signed(
+            "machines",
+            "10.1.0.2",
+            &machine(&a),
+            &a,
+            None,
+            nanos + 9,
+            false,
+        );
+        t.value = machine(&b);
+        assert_eq!(
+            judge1(&mut mine, "machines", "10.1.0.2", t),
+            Some("not signed by its owner")
+        );
+        assert_eq!(
+            judge1(
+                &mut mine,
+                "machines",
+                "10.1.0.2",
+                Entry::signed(
+                    "machines",
+                    "10.1.0.2",
+                    &machine(&a),
+                    &a,
+                    None,
+                    nanos - 1,
+                    false
+                )
+            ),
+            Some("an older version")
+        );
+        // b cannot delete it; a can.
+        assert_eq!(
+            judge1(
+                &mut mine,
+                "machines",
+                "10.1.0.2",
+                Entry::signed(
+                    "machines",
+                    "10.1.0.2",
+                    &machine(&a),
+                    &b,
+                    None,
+                    nanos + 7,
+                    true
+                )
+            ),
+            Some("deleted by someone who does not own it")
+        );
+        assert_eq!(
+            judge1(
+                &mut mine,
+                "machines",
+                "10.1.0.2",
+                Entry::signed(
+                    "machines",
+                    "10.1.0.2",
+                    &machine(&a),
+                    &a,
+                    None,
+                    nanos + 7,
+                    true
+                )
+            ),
+            None
+        );
+        assert!(mine["machines"]["10.1.0.2"].deleted);
+        // After a's heartbeat is older than the TTL, b may take a dead peer's key.
+        put(
+            &mut mine,
+            "machines",
+            "10.1.0.3",
+            Entry::signed("machines", "10.1.0.3", &machine(&a), &a, None, nanos, false),
+        );
+        mine.get_mut("healthcheck")
+            .unwrap()
+            .insert(a.peer_id(), beat(&a, now - 600));
+        assert_eq!(
+            judge1(
+                &mut mine,
+                "machines",
+                "10.1.0.3",
+                Entry::signed(
+                    "machines",
+                    "10.1.0.3",
+                    &machine(&b),
+                    &b,
+                    None,
+                    nanos + 5,
+                    false
+                )
+            ),
+            None
+        );
+        assert_eq!(mine["machines"]["10.1.0.3"].owner, b.peer_id());
+        // Unsigned entries never enter an owned bucket.
+        assert_eq!(
+            judge1(&mut mine, "dns", "x.", Entry::legacy("{}")),
+            Some("not signed by its owner")
+        );
+    }
+
+    #[test]
+    fn rfc3339_round_trip() {
+        for t in [0i64, 951_782_400, 1_796_205_600, 4_102_444_800] {
+            assert_eq!(parse_rfc3339_utc(&go_utc_rfc3339(t)), Some(t));
+        }
+        assert_eq!(parse_rfc3339_utc("2026-13-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339_utc("garbage"), None);
     }
 
     #[test]

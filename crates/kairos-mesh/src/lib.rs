@@ -10,6 +10,7 @@
 //!
 //! Everything here is synchronous and pure; the libp2p host and the VPN come on top.
 
+pub mod identity;
 pub mod leader;
 pub mod ledger;
 pub mod otp;
