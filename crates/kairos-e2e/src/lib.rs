@@ -407,36 +407,6 @@ pub fn check_recovery_boot(disk: &Path, log: &Path, root_password: &str) -> Resu
     Ok(())
 }
 
-/// Removes kernel log lines (`[    4.590418] EXT4-fs …`) that the console mixes into a
-/// command's output, wherever they start.
-pub fn strip_kernel_lines(text: &str) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(i) = rest.find('[') {
-        let after = &rest[i + 1..];
-        let stamp = after.find(']').filter(|&j| {
-            let t = after[..j].trim_start();
-            !t.is_empty() && t.contains('.') && t.chars().all(|c| c.is_ascii_digit() || c == '.')
-        });
-        match stamp {
-            Some(j) => {
-                out.push_str(&rest[..i]);
-                let line_end = after[j..]
-                    .find('\n')
-                    .map(|k| j + k + 1)
-                    .unwrap_or(after.len());
-                rest = &after[line_end..];
-            }
-            None => {
-                out.push_str(&rest[..=i]);
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 /// The last 3000 characters of console output, for failure messages.
 fn tail(s: &str) -> String {
     let chars: Vec<char> = s.chars().collect();
@@ -679,10 +649,17 @@ impl Vm {
         bail!("could not log in as {user}: the password was refused 4 times")
     }
 
-    /// Runs a shell command and returns its output, `…[exit N]`. As root, the output goes to
-    /// the second serial port (nothing else writes there); otherwise it is framed on the
-    /// console and kernel lines are stripped from it.
+    /// Runs a shell command in a root session and returns its output, `…[exit N]`. The
+    /// output goes to the second serial port, which nothing else writes: the console carries
+    /// kernel and service messages that can land inside any output, so it is never parsed.
+    /// A non-root session cannot write that port: give it commands with [`Vm::send`] and read
+    /// what they leave as root.
     pub fn sh(&mut self, cmd: &str) -> Result<String> {
+        if !self.use_chan {
+            bail!(
+                "Vm::sh needs a root session (the harness channel is root's); log in as root, or `send` the command and read its result as root"
+            );
+        }
         self.commands += 1;
         // A nonce per command: a marker can only match this command's own echo.
         let tag = format!(
@@ -693,27 +670,15 @@ impl Vm {
                 .map(|d| d.subsec_nanos())
                 .unwrap_or(0)
         );
-        if self.use_chan {
-            self.send(&format!(
-                "{{ echo {tag}-B; {cmd}; echo {tag}-E$?; }} >/dev/ttyS1 2>&1"
-            ))?;
-            self.wait_chan(&format!("{tag}-B"), Duration::from_secs(60))?;
-            let text = self.wait_chan(&format!("{tag}-E"), Duration::from_secs(120))?;
-            let status = self.wait_chan("\n", Duration::from_secs(10))?;
-            let body = text.trim_end_matches(&format!("{tag}-E")).replace('\r', "");
-            let body = body.strip_prefix('\n').unwrap_or(&body);
-            return Ok(format!("{body}[exit {}]", status.trim()));
-        }
-        self.send(&format!("echo {tag}-B; {cmd}; echo {tag}-E$?"))?;
-        self.wait_for(&format!("{tag}-B\r\n"), Duration::from_secs(60))?;
-        let text = self.wait_for(&format!("{tag}-E"), Duration::from_secs(120))?;
-        let status = self.wait_for("\n", Duration::from_secs(10))?;
+        self.send(&format!(
+            "{{ echo {tag}-B; {cmd}; echo {tag}-E$?; }} >/dev/ttyS1 2>&1"
+        ))?;
+        self.wait_chan(&format!("{tag}-B"), Duration::from_secs(60))?;
+        let text = self.wait_chan(&format!("{tag}-E"), Duration::from_secs(120))?;
+        let status = self.wait_chan("\n", Duration::from_secs(10))?;
         let body = text.trim_end_matches(&format!("{tag}-E")).replace('\r', "");
-        Ok(format!(
-            "{}[exit {}]",
-            strip_kernel_lines(&body),
-            status.trim()
-        ))
+        let body = body.strip_prefix('\n').unwrap_or(&body);
+        Ok(format!("{body}[exit {}]", status.trim()))
     }
 
     /// Waits for the VM to stop by itself (reboot with -no-reboot, poweroff).
@@ -738,18 +703,5 @@ impl Drop for Vm {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn kernel_lines_are_stripped_from_output() {
-        assert_eq!(
-            super::strip_kernel_lines("tiny-node[    4.590418] EXT4-fs (vda4): re-mounted.\n\n"),
-            "tiny-node\n"
-        );
-        assert_eq!(super::strip_kernel_lines("a\n[exit 0]"), "a\n[exit 0]");
-        assert_eq!(super::strip_kernel_lines("[1] x [12.5] y\nz"), "[1] x z");
     }
 }
