@@ -1,0 +1,112 @@
+//! Nodes on loopback TCP: one token's nodes share the ledger through gossipsub; a node of
+//! another network is connected to them and still reads nothing, and its blocks are dropped.
+
+use std::time::Duration;
+
+use kairos_mesh::Token;
+use kairos_mesh_net::{Node, Options};
+
+fn opts(peers: Vec<String>) -> Options {
+    Options {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        peers: peers.iter().map(|p| p.parse().unwrap()).collect(),
+        sync_interval: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+/// Waits (up to a minute) for `node` to hold `want` at bucket/key.
+async fn eventually(node: &Node, bucket: &str, key: &str, want: Option<&str>) -> bool {
+    for _ in 0..600 {
+        if node.get(bucket, key).await.unwrap().as_deref() == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+async fn addr_of(n: &Node) -> String {
+    let s = n.status().await.unwrap();
+    format!("{}/p2p/{}", s.listen[0], s.peer_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_shares_the_ledger_and_outsiders_read_nothing() {
+    let token = Token::generate(9000);
+    let a = Node::start(token.clone(), [1; 32], opts(vec![]))
+        .await
+        .unwrap();
+    // The libp2p PeerID is the one kairos-mesh computes from the same seed.
+    assert_eq!(
+        a.peer_id,
+        kairos_mesh::identity::Identity::from_seed(&[1; 32]).peer_id()
+    );
+    let a_addr = addr_of(&a).await;
+    let b = Node::start(token.clone(), [2; 32], opts(vec![a_addr.clone()]))
+        .await
+        .unwrap();
+    let c = Node::start(token.clone(), [3; 32], opts(vec![a_addr.clone()]))
+        .await
+        .unwrap();
+    let outsider = Node::start(Token::generate(9000), [4; 32], opts(vec![a_addr]))
+        .await
+        .unwrap();
+
+    a.put("kairos", "a-uuid", "{\"Time\":\"1\"}").await.unwrap();
+    assert!(
+        eventually(&b, "kairos", "a-uuid", Some("{\"Time\":\"1\"}")).await,
+        "b got a's key"
+    );
+    assert!(
+        eventually(&c, "kairos", "a-uuid", Some("{\"Time\":\"1\"}")).await,
+        "c got a's key"
+    );
+    // c and b are connected only through a: what c writes reaches b through a.
+    c.put("kairos", "c-uuid", "\"x\"").await.unwrap();
+    assert!(
+        eventually(&b, "kairos", "c-uuid", Some("\"x\"")).await,
+        "b got c's key via a"
+    );
+
+    // The outsider is connected to a, and sees nothing of the network.
+    let s = outsider.status().await.unwrap();
+    assert!(!s.peers.is_empty(), "the outsider is connected: {s:?}");
+    assert_eq!(outsider.get("kairos", "a-uuid").await.unwrap(), None);
+    assert_ne!(s.topic, a.status().await.unwrap().topic);
+    // Its own writes never land in the network's ledger.
+    outsider.put("kairos", "evil", "\"1\"").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(a.get("kairos", "evil").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_keep_flowing_across_topic_and_key_rotations() {
+    // A 2 s interval: the topic and the seal key turn several times during the test.
+    let token = Token::generate(2);
+    let a = Node::start(token.clone(), [5; 32], opts(vec![]))
+        .await
+        .unwrap();
+    let b = Node::start(token.clone(), [6; 32], opts(vec![addr_of(&a).await]))
+        .await
+        .unwrap();
+    let first_topic = a.status().await.unwrap().topic;
+    for i in 0..4 {
+        let v = format!("\"{i}\"");
+        a.put("kairos", &format!("k{i}"), &v).await.unwrap();
+        assert!(
+            eventually(&b, "kairos", &format!("k{i}"), Some(&v)).await,
+            "k{i} crossed"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    assert_ne!(
+        a.status().await.unwrap().topic,
+        first_topic,
+        "the topic rotated meanwhile"
+    );
+    assert_eq!(
+        a.status().await.unwrap().topic,
+        b.status().await.unwrap().topic
+    );
+}
