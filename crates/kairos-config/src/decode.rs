@@ -49,7 +49,8 @@ pub fn section<T: DeserializeOwned>(
     at: &str,
 ) -> (Result<T, Problem>, Vec<Problem>) {
     let mut unknown: Vec<Vec<String>> = Vec::new();
-    let json = node.to_json();
+    let mut json = node.to_json();
+    keys::zero_null_map_values(def, &mut json);
     let mut note = |p: serde_ignored::Path<'_>| {
         let mut segs = Vec::new();
         ignored_path(&p, &mut segs);
@@ -135,6 +136,20 @@ mod tests {
         assert!(u.ssh_authorized_keys.is_empty());
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].path == "users.0.sudo", "{problems:?}");
+    }
+
+    #[test]
+    fn a_map_value_with_nothing_is_its_zero_value() {
+        let n = parse(
+            "users:\n  kairos:\n  ops: {passwd: x}\nauthorized_keys:\n  root:\nsysctl:\n  a.b:\n",
+        );
+        let (s, p) = section::<Step>(&n, "Step", "stages.boot.0");
+        let s = s.unwrap();
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(s.users["kairos"], crate::types::StepUser::default());
+        assert_eq!(s.users["ops"].passwd.as_deref(), Some("x"));
+        assert!(s.authorized_keys["root"].is_empty());
+        assert_eq!(s.sysctl["a.b"].0, "");
     }
 
     #[test]

@@ -66,6 +66,94 @@ pub fn properties_at(root: &Json, s: &Json, ptr: &str) -> Vec<String> {
     found
 }
 
+fn is_null_schema(s: &Json) -> bool {
+    s.get("type").is_some_and(|t| t == "null")
+}
+
+/// The zero value of what schema `s` describes, when serde cannot read null as it:
+/// `{}` for a struct or map, `[]` for a list.
+fn zero_of(root: &Json, s: &Json) -> Option<Json> {
+    let s = resolve(root, s);
+    if let Some(bs) = s.get("anyOf").and_then(Json::as_array) {
+        return bs
+            .iter()
+            .filter(|b| !is_null_schema(b))
+            .find_map(|b| zero_of(root, b));
+    }
+    let has = |t: &str| match s.get("type") {
+        Some(Json::String(x)) => x == t,
+        Some(Json::Array(xs)) => xs.iter().any(|x| x == t),
+        _ => false,
+    };
+    if s.get("properties").is_some() || has("object") {
+        Some(Json::Object(Default::default()))
+    } else if has("array") {
+        Some(Json::Array(Vec::new()))
+    } else {
+        None
+    }
+}
+
+fn fill(root: &Json, s: &Json, v: &mut Json, depth: usize) {
+    if depth > 64 {
+        return;
+    }
+    let s = resolve(root, s);
+    for key in ["anyOf", "oneOf", "allOf"] {
+        for b in s.get(key).and_then(Json::as_array).into_iter().flatten() {
+            if !is_null_schema(b) {
+                fill(root, b, v, depth + 1);
+            }
+        }
+    }
+    match v {
+        Json::Object(m) => {
+            if let Some(props) = s.get("properties").and_then(Json::as_object) {
+                for (k, x) in m.iter_mut() {
+                    if let Some(ps) = props.get(k) {
+                        fill(root, ps, x, depth + 1);
+                    }
+                }
+            } else if let Some(a) = s.get("additionalProperties").filter(|a| a.is_object()) {
+                let zero = zero_of(root, a);
+                for x in m.values_mut() {
+                    if x.is_null()
+                        && let Some(z) = &zero
+                    {
+                        *x = z.clone();
+                    }
+                    fill(root, a, x, depth + 1);
+                }
+            }
+        }
+        Json::Array(items) => {
+            if let Some(it) = s.get("items") {
+                for x in items {
+                    fill(root, it, x, depth + 1);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Go gives a map entry written with no value the zero value of the map's element type
+/// (`users: {kairos: }` is a user with every default, `authorized_keys: {root: }` no keys);
+/// serde refuses null for a struct or a list. This writes `{}` or `[]` there, where the
+/// schema of `def` says the map's values are structs or lists.
+pub fn zero_null_map_values(def: &str, json: &mut Json) {
+    let root = schema();
+    let base = if def.is_empty() {
+        root
+    } else {
+        match root.pointer(&format!("/$defs/{def}")) {
+            Some(s) => s,
+            None => return,
+        }
+    };
+    fill(root, base, json, 0);
+}
+
 /// The keys the definition `def` (`Step`, `CloudUser`; `""` for the whole config) allows at
 /// a dot path below it.
 pub fn known_keys(def: &str, path: &[String]) -> Vec<String> {

@@ -797,6 +797,20 @@ fn nullable_properties(s: &mut Json) {
         if let Some(props) = def.get_mut("properties").and_then(Json::as_object_mut) {
             for p in props.values_mut() {
                 fix(p);
+                // A map's values may be empty too (`users: {kairos: }`).
+                if let Some(a) = p.get_mut("additionalProperties").filter(|a| a.is_object()) {
+                    fix(a);
+                }
+                for b in p
+                    .get_mut("anyOf")
+                    .and_then(Json::as_array_mut)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(a) = b.get_mut("additionalProperties").filter(|a| a.is_object()) {
+                        fix(a);
+                    }
+                }
             }
         }
     }
