@@ -1,50 +1,26 @@
 //! `config_url` chains and `kairos.config_url` stages over real HTTP on loopback.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-/// A tiny HTTP/1.1 server for fixed paths; records every path requested.
+/// Fixed pages on loopback; records every path requested.
 struct Server {
     base: String,
     hits: Arc<Mutex<Vec<String>>>,
 }
 
 fn serve(pages: HashMap<&'static str, String>) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
     let hits = Arc::new(Mutex::new(Vec::new()));
     let h = hits.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                continue;
-            }
-            loop {
-                let mut l = String::new();
-                if reader.read_line(&mut l).map(|n| n == 0).unwrap_or(true) || l == "\r\n" {
-                    break;
-                }
-            }
-            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-            h.lock().unwrap().push(path.clone());
-            let mut s = stream;
-            let _ = match pages.get(path.as_str()) {
-                Some(body) => write!(
-                    s,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                ),
-                None => write!(
-                    s,
-                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                ),
-            };
+    let base = common::serve(move |r| {
+        h.lock().unwrap().push(r.path.clone());
+        match pages.get(r.path.as_str()) {
+            Some(body) => (200, body.clone().into_bytes()),
+            None => (404, Vec::new()),
         }
     });
     Server { base, hits }

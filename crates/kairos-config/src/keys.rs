@@ -142,30 +142,28 @@ fn fill(root: &Json, s: &Json, v: &mut Json, depth: usize) {
 /// serde refuses null for a struct or a list. This writes `{}` or `[]` there, where the
 /// schema of `def` says the map's values are structs or lists.
 pub fn zero_null_map_values(def: &str, json: &mut Json) {
+    if let Some(base) = definition(def) {
+        fill(schema(), base, json, 0);
+    }
+}
+
+/// The schema of definition `def` (`""`: the whole config).
+fn definition(def: &str) -> Option<&'static Json> {
     let root = schema();
-    let base = if def.is_empty() {
-        root
+    if def.is_empty() {
+        Some(root)
     } else {
-        match root.pointer(&format!("/$defs/{def}")) {
-            Some(s) => s,
-            None => return,
-        }
-    };
-    fill(root, base, json, 0);
+        root.pointer(&format!("/$defs/{def}"))
+    }
 }
 
 /// The keys the definition `def` (`Step`, `CloudUser`; `""` for the whole config) allows at
 /// a dot path below it.
 pub fn known_keys(def: &str, path: &[String]) -> Vec<String> {
-    let root = schema();
-    let base = if def.is_empty() {
-        root
-    } else {
-        match root.pointer(&format!("/$defs/{def}")) {
-            Some(s) => s,
-            None => return Vec::new(),
-        }
+    let Some(base) = definition(def) else {
+        return Vec::new();
     };
+    let root = schema();
     let ptr: String = path
         .iter()
         .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))

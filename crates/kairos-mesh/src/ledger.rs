@@ -350,40 +350,14 @@ pub fn checksum(index: u64, timestamp: &str, storage: &Storage, prev_hash: &str)
 pub fn go_utc_string(unix_nanos: i128) -> String {
     let secs = unix_nanos.div_euclid(1_000_000_000) as i64;
     let nanos = unix_nanos.rem_euclid(1_000_000_000) as u32;
-    let base = civil_utc(secs);
+    let (y, m, d, hh, mm, ss) = kairos_sys::time::civil(secs);
+    let base = format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02}:{ss:02}");
     let frac = if nanos == 0 {
         String::new()
     } else {
         format!(".{nanos:09}").trim_end_matches('0').to_string()
     };
     format!("{base}{frac} +0000 UTC")
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` of unix seconds: the `healthcheck` value EdgeVPN writes.
-pub fn go_utc_rfc3339(secs: i64) -> String {
-    format!("{}Z", civil_utc(secs).replacen(' ', "T", 1))
-}
-
-/// `YYYY-MM-DD HH:MM:SS` of unix seconds (UTC), by the civil-from-days algorithm.
-fn civil_utc(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// Merges an incoming block's open-bucket entries into `storage` (ownership `enforce` for
@@ -485,29 +459,6 @@ pub fn declared_owner(bucket: &str, key: &str, value_json: &str) -> Option<Strin
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` (a `healthcheck` value) as unix seconds.
-pub fn parse_rfc3339_utc(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || !s.ends_with('Z') {
-        return None;
-    }
-    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
-    let (hh, mm, ss) = (n(11..13)?, n(14..16)?, n(17..19)?);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
-        return None;
-    }
-    // days from civil (inverse of `civil_utc`)
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
-}
-
 /// EdgeVPN's default ownership TTL: 4 × the 120 s health-check interval.
 pub const OWNERSHIP_TTL: i64 = 480;
 
@@ -526,7 +477,7 @@ fn expired(storage: &Storage, bucket: &str, key: &str, e: &Entry, now: i64, ttl:
         .and_then(|h| h.get(&owner))
         .filter(|h| !h.deleted)
         .and_then(|h| serde_json::from_str::<String>(&h.value).ok())
-        .and_then(|t| parse_rfc3339_utc(&t));
+        .and_then(|t| kairos_sys::time::parse_rfc3339(&t));
     beat.is_none_or(|t| t + ttl <= now)
 }
 
@@ -775,186 +726,122 @@ mod tests {
         let b = Identity::from_seed(&[2; 32]);
         let now = 1_796_205_600i64;
         let nanos = now as u64 * 1_000_000_000;
-        let machine = |id: &Identity| format!(r#"{{"PeerID":"{}"}}"#, id.peer_id());
         let beat = |id: &Identity, t: i64| {
+            let v = format!("\"{}\"", kairos_sys::time::rfc3339(t));
             Entry::signed(
                 "healthcheck",
                 &id.peer_id(),
-                &format!("\"{}\"", crate::ledger::go_utc_rfc3339(t)),
+                &v,
                 id,
                 None,
                 t as u64 * 1_000_000_000,
                 false,
             )
         };
-        let mut mine = Storage::new();
-        let mut inc = Storage::new();
-        let put = |s: &mut Storage, bk: &str, k: &str, e: Entry| {
-            s.entry(bk.into()).or_default().insert(k.into(), e);
+        // `machines[ip]` naming `owner`, signed by `signer`.
+        let claim = |ip: &str, owner: &Identity, signer: &Identity, version: u64, deleted: bool| {
+            let v = format!(r#"{{"PeerID":"{}"}}"#, owner.peer_id());
+            Entry::signed("machines", ip, &v, signer, None, version, deleted)
         };
-        // a claims 10.1.0.2 and is alive.
-        put(&mut inc, "healthcheck", &a.peer_id(), beat(&a, now));
-        put(
-            &mut inc,
-            "machines",
-            "10.1.0.2",
-            Entry::signed("machines", "10.1.0.2", &machine(&a), &a, None, nanos, false),
-        );
-        let (changed, refused) = merge_owned(&mut mine, &inc, now, OWNERSHIP_TTL);
-        assert!(changed && refused.is_empty(), "{refused:?}");
-        let judge1 = |mine: &mut Storage, bk: &str, k: &str, e: Entry| {
+        // Merges one entry; the reason it was refused, if it was.
+        let offer = |mine: &mut Storage, bucket: &str, key: &str, e: Entry| {
             let mut one = Storage::new();
-            one.entry(bk.into()).or_default().insert(k.into(), e);
+            one.entry(bucket.into()).or_default().insert(key.into(), e);
             merge_owned(mine, &one, now, OWNERSHIP_TTL)
                 .1
                 .first()
                 .map(|r| r.why)
         };
+        let ip = "10.1.0.2";
+        // a is alive and claims the address.
+        let mut mine = Storage::new();
+        assert_eq!(
+            offer(&mut mine, "healthcheck", &a.peer_id(), beat(&a, now)),
+            None
+        );
+        assert_eq!(
+            offer(&mut mine, "machines", ip, claim(ip, &a, &a, nanos, false)),
+            None
+        );
         // b cannot take a's address while a is alive, nor claim it in a's name.
         assert_eq!(
-            judge1(
+            offer(
                 &mut mine,
                 "machines",
-                "10.1.0.2",
-                Entry::signed(
-                    "machines",
-                    "10.1.0.2",
-                    &machine(&b),
-                    &b,
-                    None,
-                    nanos + 5,
-                    false
-                )
+                ip,
+                claim(ip, &b, &b, nanos + 5, false)
             ),
             Some("owned by a live peer")
         );
         assert_eq!(
-            judge1(
+            offer(
                 &mut mine,
                 "machines",
-                "10.1.0.2",
-                Entry::signed(
-                    "machines",
-                    "10.1.0.2",
-                    &machine(&a),
-                    &b,
-                    None,
-                    nanos + 5,
-                    false
-                )
+                ip,
+                claim(ip, &a, &b, nanos + 5, false)
             ),
             Some("the value names another owner than its signer")
         );
         // A tampered value does not verify; an older version of a's own is refused.
-        let mut t = Entry::signed(
-            "machines",
-            "10.1.0.2",
-            &machine(&a),
-            &a,
-            None,
-            nanos + 9,
-            false,
-        );
-        t.value = machine(&b);
+        let mut t = claim(ip, &a, &a, nanos + 9, false);
+        t.value = format!(r#"{{"PeerID":"{}"}}"#, b.peer_id());
         assert_eq!(
-            judge1(&mut mine, "machines", "10.1.0.2", t),
+            offer(&mut mine, "machines", ip, t),
             Some("not signed by its owner")
         );
         assert_eq!(
-            judge1(
+            offer(
                 &mut mine,
                 "machines",
-                "10.1.0.2",
-                Entry::signed(
-                    "machines",
-                    "10.1.0.2",
-                    &machine(&a),
-                    &a,
-                    None,
-                    nanos - 1,
-                    false
-                )
+                ip,
+                claim(ip, &a, &a, nanos - 1, false)
             ),
             Some("an older version")
         );
         // b cannot delete it; a can.
         assert_eq!(
-            judge1(
+            offer(
                 &mut mine,
                 "machines",
-                "10.1.0.2",
-                Entry::signed(
-                    "machines",
-                    "10.1.0.2",
-                    &machine(&a),
-                    &b,
-                    None,
-                    nanos + 7,
-                    true
-                )
+                ip,
+                claim(ip, &a, &b, nanos + 7, true)
             ),
             Some("deleted by someone who does not own it")
         );
         assert_eq!(
-            judge1(
+            offer(
                 &mut mine,
                 "machines",
-                "10.1.0.2",
-                Entry::signed(
-                    "machines",
-                    "10.1.0.2",
-                    &machine(&a),
-                    &a,
-                    None,
-                    nanos + 7,
-                    true
-                )
+                ip,
+                claim(ip, &a, &a, nanos + 7, true)
             ),
             None
         );
-        assert!(mine["machines"]["10.1.0.2"].deleted);
+        assert!(mine["machines"][ip].deleted);
         // After a's heartbeat is older than the TTL, b may take a dead peer's key.
-        put(
-            &mut mine,
-            "machines",
-            "10.1.0.3",
-            Entry::signed("machines", "10.1.0.3", &machine(&a), &a, None, nanos, false),
+        let ip3 = "10.1.0.3";
+        assert_eq!(
+            offer(&mut mine, "machines", ip3, claim(ip3, &a, &a, nanos, false)),
+            None
         );
         mine.get_mut("healthcheck")
             .unwrap()
             .insert(a.peer_id(), beat(&a, now - 600));
         assert_eq!(
-            judge1(
+            offer(
                 &mut mine,
                 "machines",
-                "10.1.0.3",
-                Entry::signed(
-                    "machines",
-                    "10.1.0.3",
-                    &machine(&b),
-                    &b,
-                    None,
-                    nanos + 5,
-                    false
-                )
+                ip3,
+                claim(ip3, &b, &b, nanos + 5, false)
             ),
             None
         );
-        assert_eq!(mine["machines"]["10.1.0.3"].owner, b.peer_id());
+        assert_eq!(mine["machines"][ip3].owner, b.peer_id());
         // Unsigned entries never enter an owned bucket.
         assert_eq!(
-            judge1(&mut mine, "dns", "x.", Entry::legacy("{}")),
+            offer(&mut mine, "dns", "x.", Entry::legacy("{}")),
             Some("not signed by its owner")
         );
-    }
-
-    #[test]
-    fn rfc3339_round_trip() {
-        for t in [0i64, 951_782_400, 1_796_205_600, 4_102_444_800] {
-            assert_eq!(parse_rfc3339_utc(&go_utc_rfc3339(t)), Some(t));
-        }
-        assert_eq!(parse_rfc3339_utc("2026-13-01T00:00:00Z"), None);
-        assert_eq!(parse_rfc3339_utc("garbage"), None);
     }
 
     #[test]

@@ -178,7 +178,7 @@ impl Ledger {
             .filter(|(_, e)| {
                 serde_json::from_str::<String>(&e.value)
                     .ok()
-                    .and_then(|t| ledger::parse_rfc3339_utc(&t))
+                    .and_then(|t| kairos_sys::time::parse_rfc3339(&t))
                     .is_some_and(|t| t + maxtime > now)
             })
             .map(|(k, _)| k.to_string())
@@ -261,7 +261,12 @@ mod tests {
         let b = Identity::from_seed(&[2; 32]);
         let mut la = Ledger::new(Ownership::Enforce, "g");
         let mut lb = Ledger::new(Ownership::Enforce, "g");
-        let hc = |t: u64| format!("\"{}\"", ledger::go_utc_rfc3339((t / 1_000_000_000) as i64));
+        let hc = |t: u64| {
+            format!(
+                "\"{}\"",
+                kairos_sys::time::rfc3339((t / 1_000_000_000) as i64)
+            )
+        };
         la.put("healthcheck", &a.peer_id(), &hc(T), Some(&a), T);
         la.put(
             "machines",

@@ -245,40 +245,54 @@ fn piece<T: serde::de::DeserializeOwned + Default>(
     }
 }
 
-fn transpile(node: &Node, cfg: &mut YipConfig) {
-    // Each cloud-init key (and each user, each file) is read on its own, so one bad value
-    // loses only what it describes.
-    let mut users: Vec<CloudUser> = Vec::new();
-    match node.get("users") {
+/// The items of the boot-stage list `key` (users, files), each decoded on its own as `def`;
+/// a bad one is named by its `label` field (`user ops not created`, `file /x not written`).
+fn list<T: serde::de::DeserializeOwned + Default>(
+    cfg: &mut YipConfig,
+    node: &Node,
+    key: &str,
+    (def, noun, label): (&str, &str, &str),
+) -> Vec<T> {
+    let effect = |name: &str, ok: bool| match (noun, ok) {
+        ("user", false) => format!("user {name} not created"),
+        ("user", true) => format!("user {name} is created without it"),
+        (_, false) => format!("{noun} {name} not written"),
+        (_, true) => format!("{noun} {name} is written without it"),
+    };
+    match node.get(key) {
         Some(Node {
             value: Value::Seq(items),
             ..
-        }) => {
-            for (i, item) in items.iter().enumerate() {
+        }) => items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| {
                 let name = item
-                    .get("name")
+                    .get(label)
                     .and_then(Node::scalar_text)
                     .unwrap_or_else(|| format!("number {}", i + 1));
-                let lost = format!("user {name} not created");
-                let without = format!("user {name} is created without it");
-                let at = format!("users.{i}");
-                if let Some(u) =
-                    piece::<CloudUser>(cfg, item, ("CloudUser", &at), "boot", &lost, &without)
-                {
-                    users.push(u);
-                }
-            }
-        }
+                let at = format!("{key}.{i}");
+                let (lost, without) = (effect(&name, false), effect(&name, true));
+                piece::<T>(cfg, item, (def, &at), "boot", &lost, &without)
+            })
+            .collect(),
         Some(n) if n.value != Value::Null => {
             let p = Problem::error(
                 n.origin.clone(),
-                "users",
-                format!("expected a list of users, found a {}", n.value.kind()),
+                key,
+                format!("expected a list of {noun}s, found a {}", n.value.kind()),
             );
-            cfg.problem("boot", &p, "no user of this file was created");
+            cfg.problem("boot", &p, &format!("no {noun} of this list was applied"));
+            Vec::new()
         }
-        _ => {}
+        _ => Vec::new(),
     }
+}
+
+fn transpile(node: &Node, cfg: &mut YipConfig) {
+    // Each cloud-init key (and each user, each file) is read on its own, so one bad value
+    // loses only what it describes.
+    let users: Vec<CloudUser> = list(cfg, node, "users", ("CloudUser", "user", "name"));
     let global_keys: Vec<String> = node
         .get("ssh_authorized_keys")
         .and_then(|n| {
@@ -292,42 +306,13 @@ fn transpile(node: &Node, cfg: &mut YipConfig) {
             )
         })
         .unwrap_or_default();
-    let mut files: Vec<WriteFile> = Vec::new();
-    for key in ["write_files", "milpa_files"] {
-        match node.get(key) {
-            Some(Node {
-                value: Value::Seq(items),
-                ..
-            }) => {
-                for (i, item) in items.iter().enumerate() {
-                    let path = item
-                        .get("path")
-                        .and_then(Node::scalar_text)
-                        .unwrap_or_default();
-                    let lost = format!("file {path} not written");
-                    let without = format!("file {path} is written without it");
-                    let at = format!("{key}.{i}");
-                    files.extend(piece::<WriteFile>(
-                        cfg,
-                        item,
-                        ("WriteFile", &at),
-                        "boot",
-                        &lost,
-                        &without,
-                    ));
-                }
-            }
-            Some(n) if n.value != Value::Null => {
-                let p = Problem::error(
-                    n.origin.clone(),
-                    key,
-                    format!("expected a list of files, found a {}", n.value.kind()),
-                );
-                cfg.problem("boot", &p, "no file of this list was written");
-            }
-            _ => {}
-        }
-    }
+    let mut files: Vec<WriteFile> = list(cfg, node, "write_files", ("WriteFile", "file", "path"));
+    files.extend(list::<WriteFile>(
+        cfg,
+        node,
+        "milpa_files",
+        ("WriteFile", "file", "path"),
+    ));
     let runcmd: Vec<String> = node
         .get("runcmd")
         .and_then(|n| piece(cfg, n, ("", "runcmd"), "boot", "runcmd did not run", ""))
