@@ -210,6 +210,16 @@ fn datasource_first_listed_wins_and_nothing_found_names_each_provider() {
         "{err}"
     );
 
+    let root = root_with(
+        "stages:\n  boot:\n  - datasource:\n      providers: [file]\n      path: /etc/passwd\n      userdata_name: ../../etc/shadow\n",
+    );
+    let (code, _, err) = run_boot(root.path(), &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("userdata_name \"../../etc/shadow\" must be a file name"),
+        "{err}"
+    );
+
     let root = root_with("stages:\n  boot:\n  - datasource:\n      providers: [nocloud-typo]\n");
     let (_, _, err) = run_boot(root.path(), &[("KAIROS_DATASOURCE_URL", &empty)]);
     assert!(

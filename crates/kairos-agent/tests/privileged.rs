@@ -435,3 +435,54 @@ fn datasource_reads_cidata_and_config_drive_media() {
         );
     }
 }
+
+#[test]
+#[ignore = "needs root: run by scripts/test tier 2"]
+fn unpack_images_stops_a_compression_bomb_at_the_target_space() {
+    let work = tempfile::tempdir().unwrap();
+    // A layer of 96 MiB of zeros: a few hundred KiB compressed.
+    let tree = work.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("zeros"), vec![0u8; 96 << 20]).unwrap();
+    let blobs = work.path().join("blobs");
+    let img = kairos_oci::import_dir(&tree, &blobs, &[]).unwrap();
+    let layout = work.path().join("layout");
+    kairos_oci::store::write_layout(&img, &layout, "bomb").unwrap();
+    let root = shell_root();
+    let small = root.path().join("opt/small");
+    fs::create_dir_all(&small).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size=48m tmpfs {}",
+        small.display()
+    ));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(small.clone());
+    write(
+        root.path(),
+        "/oem/00_unpack.yaml",
+        &format!(
+            "stages:\n  boot:\n  - unpack_images:\n    - source: oci-layout:{}:bomb\n      target: /opt/small/pkg\n",
+            layout.display()
+        ),
+    );
+    let o = run_boot(root.path(), &[]);
+    let t = text(&o);
+    assert!(t.contains("unpacks to more than"), "{t}");
+    assert!(
+        !small.join("pkg").exists(),
+        "the target it made is removed: {t}"
+    );
+    let used = sh(&format!(
+        "df --output=used -B1M {} | tail -1",
+        small.display()
+    ));
+    assert!(
+        used.trim().parse::<u64>().unwrap() < 2,
+        "tmpfs left empty: {used}"
+    );
+}

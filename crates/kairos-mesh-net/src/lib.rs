@@ -94,6 +94,8 @@ pub struct Status {
     pub topic: String,
     /// Blocks received that did not open with the network's key (outsiders, stale rotations).
     pub unsealable: u64,
+    /// Ledger blocks this node has sent (or tried to: nobody may listen yet).
+    pub published: u64,
     pub ledger_index: u64,
 }
 
@@ -170,6 +172,7 @@ impl Node {
             opts,
             listen,
             unsealable: 0,
+            published: 0,
         };
         tokio::spawn(task.run(rx));
         Ok(Node { tx, peer_id })
@@ -220,6 +223,7 @@ struct Task {
     opts: Options,
     listen: Vec<String>,
     unsealable: u64,
+    published: u64,
 }
 
 impl Task {
@@ -266,6 +270,7 @@ impl Task {
         let topic = IdentTopic::new(self.token.topic(now));
         // Nobody to send to yet is not an error: the next sync sends it again.
         let _ = self.swarm.behaviour_mut().gossipsub.publish(topic, payload);
+        self.published += 1;
     }
 
     fn receive(&mut self, data: &[u8]) {
@@ -318,6 +323,7 @@ impl Task {
                             peers,
                             topic: self.token.topic(self.now_unix()),
                             unsealable: self.unsealable,
+                            published: self.published,
                             ledger_index: self.ledger.last().index,
                         });
                     }

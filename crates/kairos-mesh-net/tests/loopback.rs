@@ -74,9 +74,19 @@ async fn one_token_shares_the_ledger_and_outsiders_read_nothing() {
     assert!(!s.peers.is_empty(), "the outsider is connected: {s:?}");
     assert_eq!(outsider.get("kairos", "a-uuid").await.unwrap(), None);
     assert_ne!(s.topic, a.status().await.unwrap().topic);
-    // Its own writes never land in the network's ledger.
+    // Its own writes never land in the network's ledger: after it has sent its ledger
+    // twice more, while a still hears its own network (c's next write arrives), a lacks it.
     outsider.put("kairos", "evil", "\"1\"").await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sent = outsider.status().await.unwrap().published;
+    for _ in 0..600 {
+        if outsider.status().await.unwrap().published >= sent + 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(outsider.status().await.unwrap().published >= sent + 2);
+    c.put("kairos", "after", "\"y\"").await.unwrap();
+    assert!(eventually(&a, "kairos", "after", Some("\"y\"")).await);
     assert_eq!(a.get("kairos", "evil").await.unwrap(), None);
 }
 

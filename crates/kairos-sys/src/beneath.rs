@@ -128,6 +128,12 @@ impl Dir {
         PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
     }
 
+    /// Bytes an unprivileged writer may still use on this directory's filesystem.
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        let st = rustix::fs::fstatvfs(&self.fd)?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
     /// Opens `path` (which the caller chose; it is not resolved beneath anything).
     pub fn open(path: &Path) -> io::Result<Dir> {
         let fd = rustix::fs::open(

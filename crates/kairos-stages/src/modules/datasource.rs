@@ -486,6 +486,15 @@ pub fn datasource(ctx: &Ctx, d: &Datasource) -> Result<(), String> {
             PROVIDERS.join(", ")
         ));
     }
+    let name = match d.userdata_name.as_deref().filter(|n| !n.is_empty()) {
+        None => "userdata.yaml",
+        Some(n) if n.contains('/') || n == "." || n == ".." => {
+            return Err(format!(
+                "userdata_name {n:?} must be a file name (no `/`, not `.` or `..`): the user-data is written into `path`"
+            ));
+        }
+        Some(n) => n,
+    };
     let media: Vec<&String> = d
         .providers
         .iter()
@@ -579,11 +588,6 @@ pub fn datasource(ctx: &Ctx, d: &Datasource) -> Result<(), String> {
                 errs.push(format!("user-data script from {provider}: {e}"));
             }
         } else if is_config(&data) {
-            let name = d
-                .userdata_name
-                .as_deref()
-                .filter(|n| !n.is_empty() && !n.contains('/'))
-                .unwrap_or("userdata.yaml");
             let p = format!("{dir}/{name}");
             ctx.root
                 .write_file(&p, &data, 0o644)

@@ -9,6 +9,9 @@ use kairos_oci::layer::{Whiteouts, unpack_into};
 
 use crate::executor::Ctx;
 
+/// Space left free on the filesystems an image is downloaded to and unpacked into.
+const MARGIN: u64 = 16 << 20;
+
 /// Work space for the download, removed when dropped.
 struct Scratch(std::path::PathBuf);
 
@@ -54,7 +57,22 @@ pub fn unpack(ctx: &Ctx, u: &UnpackImage) -> Result<(), String> {
         } => {
             let mut reg = kairos_oci::registry::Registry::new(registry, repository);
             reg.set_platform(platform);
-            reg.pull(reference, &scratch.0.join("blobs"), &mut |_, _, _| {})
+            // The image's layers (as the manifest states their sizes) must fit where they
+            // are downloaded, before any is fetched.
+            let room = |bytes: u64| {
+                let free = kairos_sys::fs::free_bytes(&scratch.0).unwrap_or(u64::MAX);
+                if bytes.saturating_add(MARGIN) > free {
+                    return Err(kairos_oci::Error::NoSpace(format!(
+                        "the image's layers need {} MiB in {}, which has {} MiB free; set TMPDIR to a bigger filesystem",
+                        bytes.saturating_add(MARGIN) >> 20,
+                        scratch.0.display(),
+                        free >> 20
+                    )));
+                }
+                Ok(())
+            };
+            let blobs = scratch.0.join("blobs");
+            reg.pull_some(reference, &blobs, &|_| true, &room, &mut |_, _, _| {})
         }
         other => kairos_oci::fetch(other, &scratch.0, &mut |_, _, _| {}),
     }
@@ -86,7 +104,13 @@ fn extract(
     let diff_ids = img.diff_ids().map_err(|e| format!("{source}: {e}"))?;
     for (layer, want) in img.manifest.layers.iter().zip(&diff_ids) {
         let blob = img.blob_path(&layer.digest);
-        let got = unpack_into(&blob, &dir, u64::MAX, Whiteouts::Apply)
+        // What a layer may write: the target filesystem's free space (a compression bomb
+        // stops there instead of filling the node).
+        let room = dir
+            .free_bytes()
+            .map_err(|e| format!("{target}: {e}"))?
+            .saturating_sub(MARGIN);
+        let got = unpack_into(&blob, &dir, room, Whiteouts::Apply)
             .map_err(|e| format!("{source} into {target}: {e}"))?;
         if got != want.as_str() {
             return Err(format!(
