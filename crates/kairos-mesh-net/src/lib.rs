@@ -9,6 +9,13 @@
 //!
 //! Gossipsub is set up as EdgeVPN's go-libp2p is: message id = source ‖ seqno (G1), strict
 //! signing, flood publish, peer exchange, the token's `max_message_size`.
+//!
+//! Peers are found by [`mdns`] on the LAN (the token's service name) and dialled from
+//! [`Options::peers`]; [`Node::control`] opens and accepts streams (the VPN's packet path).
+
+pub mod mdns;
+
+use std::sync::{Arc, Mutex};
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -44,6 +51,12 @@ pub struct Options {
     /// How long the previous topic and seal key stay in use after a rotation.
     pub overlap: Duration,
     pub ownership: Ownership,
+    /// Find peers on the LAN by mDNS under the token's service name.
+    pub mdns: bool,
+    /// Interfaces mDNS leaves alone (the VPN's own).
+    pub skip_interfaces: Vec<String>,
+    /// Most connections at once; more are refused (default 64).
+    pub max_connections: u32,
 }
 
 impl Default for Options {
@@ -54,6 +67,9 @@ impl Default for Options {
             sync_interval: Duration::from_secs(10),
             overlap: Duration::from_secs(30),
             ownership: Ownership::Enforce,
+            mdns: true,
+            skip_interfaces: Vec::new(),
+            max_connections: 64,
         }
     }
 }
@@ -62,6 +78,8 @@ impl Default for Options {
 struct Behaviour {
     gossipsub: gossipsub::Behaviour,
     identify: identify::Behaviour,
+    stream: libp2p_stream::Behaviour,
+    limits: libp2p::connection_limits::Behaviour,
 }
 
 /// go-libp2p-pubsub's default message id: the source's PeerID bytes followed by the sequence
@@ -83,6 +101,8 @@ enum Command {
     Put(String, String, String, oneshot::Sender<()>),
     Get(String, String, oneshot::Sender<Option<String>>),
     Status(oneshot::Sender<Status>),
+    Dial(PeerId, Vec<Multiaddr>),
+    Block(Vec<(std::net::Ipv4Addr, u8)>),
 }
 
 /// What a node sees.
@@ -104,6 +124,9 @@ pub struct Status {
 pub struct Node {
     tx: mpsc::Sender<Command>,
     pub peer_id: String,
+    ledger: Arc<Mutex<Ledger>>,
+    control: libp2p_stream::Control,
+    listen: Arc<Mutex<Vec<Multiaddr>>>,
 }
 
 impl Node {
@@ -113,6 +136,7 @@ impl Node {
         let key = identity::Keypair::ed25519_from_bytes(&mut seed_bytes)
             .map_err(|e| NetError::Host(e.to_string()))?;
         let max = token.max_message_size as usize;
+        let max_conns = opts.max_connections.max(1);
         let gs_config = gossipsub::ConfigBuilder::default()
             .message_id_fn(message_id)
             .validation_mode(gossipsub::ValidationMode::Strict)
@@ -136,10 +160,17 @@ impl Node {
                         gossipsub::MessageAuthenticity::Signed(key.clone()),
                         gs_config,
                     )?,
-                    identify: identify::Behaviour::new(identify::Config::new(
-                        "/ipfs/id/1.0.0".into(),
-                        key.public(),
-                    )),
+                    identify: identify::Behaviour::new(
+                        identify::Config::new("/ipfs/id/1.0.0".into(), key.public())
+                            .with_agent_version(format!("kairos-rs/{}", env!("CARGO_PKG_VERSION"))),
+                    ),
+                    stream: libp2p_stream::Behaviour::new(),
+                    limits: libp2p::connection_limits::Behaviour::new(
+                        libp2p::connection_limits::ConnectionLimits::default()
+                            .with_max_established(Some(max_conns))
+                            .with_max_established_per_peer(Some(2))
+                            .with_max_pending_incoming(Some(max_conns / 2 + 1)),
+                    ),
                 })
             })
             .map_err(|e| NetError::Host(e.to_string()))?
@@ -153,29 +184,91 @@ impl Node {
             })?;
         }
         // Wait for the first address, so callers can hand it to other nodes.
-        let mut listen = Vec::new();
-        while listen.is_empty() {
+        let listen = Arc::new(Mutex::new(Vec::new()));
+        loop {
             if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
-                listen.push(address.to_string());
+                lock(&listen).push(address);
+                break;
             }
         }
         for p in &opts.peers {
             let _ = swarm.dial(p.clone());
         }
         let (tx, rx) = mpsc::channel(64);
+        let ledger = Arc::new(Mutex::new(Ledger::new(
+            opts.ownership,
+            &ledger::go_utc_string(unix_nanos() as i128),
+        )));
+        let control = swarm.behaviour().stream.new_control();
+        if opts.mdns {
+            let (found_tx, mut found_rx) = mpsc::channel(16);
+            let ctx = mdns::Context {
+                mdns: token.mdns.clone(),
+                local: *swarm.local_peer_id(),
+                listen: listen.clone(),
+                skip_interfaces: opts.skip_interfaces.clone(),
+            };
+            tokio::spawn(async move {
+                if let Err(e) = mdns::run(ctx, found_tx).await {
+                    eprintln!("mesh: mDNS discovery is off: {e}");
+                }
+            });
+            let dial = tx.clone();
+            tokio::spawn(async move {
+                while let Some((peer, addrs)) = found_rx.recv().await {
+                    if dial.send(Command::Dial(peer, addrs)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         let task = Task {
             swarm,
             token,
-            ledger: Ledger::new(opts.ownership, &ledger::go_utc_string(unix_nanos() as i128)),
+            ledger: ledger.clone(),
             identity: kairos_mesh::identity::Identity::from_seed(&seed),
             topics: BTreeMap::new(),
             opts,
-            listen,
+            listen: listen.clone(),
+            blocked: Vec::new(),
             unsealable: 0,
             published: 0,
         };
         tokio::spawn(task.run(rx));
-        Ok(Node { tx, peer_id })
+        Ok(Node {
+            tx,
+            peer_id,
+            ledger,
+            control,
+            listen,
+        })
+    }
+
+    /// Reads the ledger as it is now.
+    pub fn read<T>(&self, f: impl FnOnce(&Ledger) -> T) -> T {
+        f(&lock(&self.ledger))
+    }
+
+    /// Opens and accepts streams of other protocols on this host's connections.
+    pub fn control(&self) -> libp2p_stream::Control {
+        self.control.clone()
+    }
+
+    /// The addresses this node listens on now.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        lock(&self.listen).clone()
+    }
+
+    /// Never dial addresses in these networks (the VPN's own, so the mesh is not carried
+    /// over itself).
+    pub async fn block_networks(
+        &self,
+        nets: Vec<(std::net::Ipv4Addr, u8)>,
+    ) -> Result<(), NetError> {
+        self.tx
+            .send(Command::Block(nets))
+            .await
+            .map_err(|_| NetError::Stopped)
     }
 
     /// Writes a value (JSON text) into the ledger and gossips it.
@@ -213,15 +306,29 @@ impl Node {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn in_net(ip: std::net::Ipv4Addr, (net, prefix): (std::net::Ipv4Addr, u8)) -> bool {
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix.min(32)))
+    };
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
 struct Task {
     swarm: Swarm<Behaviour>,
     token: Token,
-    ledger: Ledger,
+    ledger: Arc<Mutex<Ledger>>,
     identity: kairos_mesh::identity::Identity,
     /// Topic name → until when it is kept (None: the current one).
     topics: BTreeMap<String, Option<std::time::Instant>>,
     opts: Options,
-    listen: Vec<String>,
+    listen: Arc<Mutex<Vec<Multiaddr>>>,
+    blocked: Vec<(std::net::Ipv4Addr, u8)>,
     unsealable: u64,
     published: u64,
 }
@@ -266,7 +373,7 @@ impl Task {
 
     fn publish(&mut self) {
         let now = self.now_unix();
-        let payload = ledger::to_wire(self.ledger.last(), &self.token.seal_key(now));
+        let payload = ledger::to_wire(lock(&self.ledger).last(), &self.token.seal_key(now));
         let topic = IdentTopic::new(self.token.topic(now));
         // Nobody to send to yet is not an error: the next sync sends it again.
         let _ = self.swarm.behaviour_mut().gossipsub.publish(topic, payload);
@@ -284,10 +391,36 @@ impl Task {
         });
         match block {
             Some(b) => {
-                self.ledger.receive(&b, unix_nanos());
+                lock(&self.ledger).receive(&b, unix_nanos());
             }
             None => self.unsealable += 1,
         }
+    }
+
+    /// Dials a found peer unless already connected; addresses in blocked networks are left out.
+    fn dial(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        let addrs: Vec<Multiaddr> = addrs
+            .into_iter()
+            .filter(|a| {
+                !a.iter().any(|p| match p {
+                    libp2p::multiaddr::Protocol::Ip4(ip) => {
+                        self.blocked.iter().any(|n| in_net(ip, *n))
+                    }
+                    _ => false,
+                })
+            })
+            .collect();
+        if addrs.is_empty() {
+            return;
+        }
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        let _ = self.swarm.dial(opts);
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -296,35 +429,48 @@ impl Task {
         let mut sync = tokio::time::interval(self.opts.sync_interval);
         loop {
             tokio::select! {
-                ev = self.swarm.select_next_some() => {
-                    if let SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) = ev {
+                ev = self.swarm.select_next_some() => match ev {
+                    SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
                         self.receive(&message.data);
                     }
-                }
+                    SwarmEvent::NewListenAddr { address, .. } => {
+                        let mut l = lock(&self.listen);
+                        if !l.contains(&address) {
+                            l.push(address);
+                        }
+                    }
+                    SwarmEvent::ExpiredListenAddr { address, .. } => {
+                        lock(&self.listen).retain(|a| a != &address);
+                    }
+                    _ => {}
+                },
                 _ = tick.tick() => self.rotate(),
                 _ = sync.tick() => self.publish(),
                 cmd = rx.recv() => match cmd {
                     None => return,
                     Some(Command::Put(b, k, v, done)) => {
                         let signer = Some(&self.identity);
-                        if self.ledger.put(&b, &k, &v, signer, unix_nanos()).is_some() {
+                        let changed = lock(&self.ledger).put(&b, &k, &v, signer, unix_nanos()).is_some();
+                        if changed {
                             self.publish();
                         }
                         let _ = done.send(());
                     }
                     Some(Command::Get(b, k, reply)) => {
-                        let _ = reply.send(self.ledger.get(&b, &k).map(|e| e.value.clone()));
+                        let _ = reply.send(lock(&self.ledger).get(&b, &k).map(|e| e.value.clone()));
                     }
+                    Some(Command::Dial(peer, addrs)) => self.dial(peer, addrs),
+                    Some(Command::Block(nets)) => self.blocked = nets,
                     Some(Command::Status(reply)) => {
                         let peers: Vec<String> = self.swarm.connected_peers().map(PeerId::to_string).collect();
                         let _ = reply.send(Status {
                             peer_id: self.swarm.local_peer_id().to_string(),
-                            listen: self.listen.clone(),
+                            listen: lock(&self.listen).iter().map(|a| a.to_string()).collect(),
                             peers,
                             topic: self.token.topic(self.now_unix()),
                             unsealable: self.unsealable,
                             published: self.published,
-                            ledger_index: self.ledger.last().index,
+                            ledger_index: lock(&self.ledger).last().index,
                         });
                     }
                 },

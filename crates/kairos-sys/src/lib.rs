@@ -14,6 +14,7 @@ pub mod iso9660;
 pub mod kmod;
 pub mod loopdev;
 pub mod mount;
+pub mod net;
 pub mod root;
 pub mod sysinfo;
 pub mod time;
