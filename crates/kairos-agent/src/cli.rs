@@ -167,6 +167,26 @@ pub enum P2pCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run the mesh daemon: join the network of `p2p.network_token`, bring up the VPN device,
+    /// serve `p2p status` (runs until SIGTERM; the node's p2p service runs this)
+    Run {
+        /// Directory of the mesh identity (under --root)
+        #[arg(long, value_name = "DIR", default_value = kairos_vpn::settings::STATE_DIR)]
+        state_dir: PathBuf,
+        /// The status socket (under --root)
+        #[arg(long, value_name = "PATH", default_value = kairos_vpn::settings::STATUS_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Show what the running mesh daemon sees: peers, addresses, routes, ledger keys,
+    /// rotation, DHCP (exit 3 when no daemon answers)
+    Status {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+        /// The status socket (under --root)
+        #[arg(long, value_name = "PATH", default_value = kairos_vpn::settings::STATUS_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -276,6 +296,49 @@ fn section<T: serde::de::DeserializeOwned>(
         .ok()
 }
 
+/// `p2p run`: the daemon's settings from the merged config, then the daemon.
+fn p2p_run(
+    g: &Global,
+    fetcher: &dyn Fetcher,
+    state_dir: &std::path::Path,
+    socket: &std::path::Path,
+) -> Result<Code> {
+    let c = g.collect(fetcher)?;
+    let p2p: kairos_config::types::P2p = section(&c.config, "p2p", "P2p").unwrap_or_default();
+    let (mut settings, warnings) = match kairos_vpn::settings::from_config(&p2p) {
+        Ok(s) => s,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("kairos-agent: {e}");
+            }
+            return Ok(exit::INVALID);
+        }
+    };
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let under = |p: &std::path::Path| g.root.join(p.strip_prefix("/").unwrap_or(p));
+    if let Some(kairos_vpn::settings::VpnSettings {
+        addressing: kairos_vpn::settings::Addressing::Dhcp { lease_dir, .. },
+        ..
+    }) = settings.vpn.as_mut()
+    {
+        *lease_dir = under(lease_dir);
+    }
+    let hostname = std::fs::read_to_string(under(std::path::Path::new("/etc/hostname")))
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(kairos_sys::host::hostname);
+    let paths = kairos_vpn::daemon::Paths {
+        state_dir: under(state_dir),
+        socket: under(socket),
+        resolv_conf: under(std::path::Path::new("/etc/resolv.conf")),
+    };
+    kairos_vpn::daemon::run(settings, hostname, paths).map_err(|e| anyhow::anyhow!("p2p: {e}"))?;
+    Ok(0)
+}
+
 /// `install:` of a config, for the install commands: unknown keys are warned about; a value
 /// that cannot be read stops the install (it would lay out the wrong disk).
 fn install_section(
@@ -327,6 +390,34 @@ pub fn run(cli: Cli) -> Result<Code> {
                 Err(e) => {
                     eprintln!("kairos-agent: p2p.network_token: {e}");
                     Ok(exit::INVALID)
+                }
+            }
+        }
+        Command::P2p {
+            command: P2pCommand::Run { state_dir, socket },
+        } => p2p_run(&cli.global, &fetcher, &state_dir, &socket),
+        Command::P2p {
+            command: P2pCommand::Status { json, socket },
+        } => {
+            let path = cli
+                .global
+                .root
+                .join(socket.strip_prefix("/").unwrap_or(&socket));
+            match kairos_vpn::daemon::read_status(&path) {
+                Ok(v) if json => {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    Ok(0)
+                }
+                Ok(v) => {
+                    print!("{}", crate::p2p::render_status(&v));
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!(
+                        "kairos-agent: no mesh daemon answers on {}: {e} (is the p2p service running? `kairos-agent p2p run` starts it by hand)",
+                        path.display()
+                    );
+                    Ok(exit::FAILURE)
                 }
             }
         }

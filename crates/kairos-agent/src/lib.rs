@@ -3,3 +3,4 @@
 
 pub mod cli;
 pub mod lifecycle;
+pub mod p2p;

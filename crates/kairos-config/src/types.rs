@@ -658,19 +658,51 @@ impl P2p {
 config_struct!(
     /// `p2p:` — mesh networking and automatic cluster formation.
     P2p {
+        /// The network token (`kairos-agent p2p generate-token`); setting it starts the mesh.
         network_token: Option<String>,
+        /// Ledger bucket of cluster coordination (default `kairos`).
         network_id: Option<String>,
         role: Option<P2pRole>,
+        /// Serve mesh names (`<hostname>.<dns_domain>`) on 127.0.0.1:53 and forward the rest.
         dns: GoBool,
+        /// The DNS domain of mesh names (kairos-rs; default `mesh`).
+        dns_domain: Option<String>,
         loglevel: Option<String>,
         vpn: Option<P2pVpn>,
         minimum_nodes: Option<u32>,
+        /// No DHT at all (discovery by mDNS and `bootstrap_peers` only).
         disable_dht: GoBool,
         auto: Option<P2pAuto>,
         dynamic_roles: GoBool,
+        /// Peers always dialled, as multiaddrs `/ip4/…/tcp/…/p2p/<peer id>` (kairos-rs).
+        bootstrap_peers: Vec<String>,
+        /// Where the mesh host listens (kairos-rs; default `/ip4/0.0.0.0/tcp/0`).
+        listen_addresses: Vec<String>,
+        /// Find peers on the LAN by mDNS (kairos-rs; default true).
+        mdns: Option<GoBool>,
+        /// Most mesh connections at once (kairos-rs; default 64).
+        max_connections: Option<u32>,
     }
 );
-config_struct!(P2pVpn { create: Option<GoBool>, #[serde(rename = "use")] use_: Option<GoBool>, env: Map<Text> });
+config_struct!(
+    /// `p2p.vpn:` — the mesh VPN device.
+    P2pVpn {
+        /// Create the VPN device (default true); false runs the mesh without it.
+        create: Option<GoBool>,
+        /// Let Kubernetes use the VPN (default true).
+        #[serde(rename = "use")]
+        use_: Option<GoBool>,
+        /// EdgeVPN environment (`ADDRESS`, `IFACE`, `EDGEVPNMTU`, `DHCP`, …); the typed keys
+        /// below win over it.
+        env: Map<Text>,
+        /// A fixed address with its prefix (`10.1.0.5/24`); without it, DHCP over the ledger.
+        address: Option<String>,
+        /// Interface MTU (default 1200, as EdgeVPN).
+        mtu: Option<u32>,
+        /// Interface name (default `edgevpn0`).
+        interface: Option<String>,
+    }
+);
 config_struct!(P2pAuto { enable: Option<GoBool>, ha: Option<P2pHa> });
 config_struct!(P2pHa { enable: GoBool, external_db: Option<String>, master_nodes: Option<u32> });
 

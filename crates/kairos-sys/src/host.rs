@@ -4,6 +4,14 @@ use std::path::Path;
 
 use crate::exec::{ExecError, run_program};
 
+/// The kernel's hostname.
+pub fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
 pub fn set_hostname(name: &str) -> std::io::Result<()> {
     rustix::system::sethostname(name.as_bytes()).map_err(std::io::Error::from)
 }

@@ -1,0 +1,555 @@
+//! The `p2p run` daemon: the mesh host, the VPN, addressing, heartbeats, DNS and the status
+//! socket, on one tokio runtime.
+//!
+//! Each second the daemon re-reads the ledger: routes (live `machines` owners), the DNS
+//! zone, and — until it has an address — the DHCP rule. It writes its heartbeat into
+//! `healthcheck` every `HEALTHCHECKINTERVAL` and its `machines` entry every
+//! `EDGEVPNLEDGERINTERVAL` (only a change makes a new block).
+//!
+//! The identity seed and the DHCP lease live under the state and lease directories, so a
+//! restarted node comes back with the same PeerID and address — its old `machines` entry is
+//! still its own, where a new PeerID would have to wait for the old one to expire.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kairos_mesh::state::{self, Ownership};
+use kairos_mesh_net::{Node, Options};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use crate::dns::{self, Zone};
+use crate::settings::{Addressing, Settings};
+use crate::tun::Tun;
+use crate::vpn::{Routes, Vpn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("starting the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("mesh identity {path}: {why}")]
+    Identity { path: PathBuf, why: std::io::Error },
+    #[error(transparent)]
+    Net(#[from] kairos_mesh_net::NetError),
+    #[error("VPN device: {0}")]
+    Device(#[from] kairos_sys::net::NetError),
+    #[error("status socket {path}: {why}")]
+    Socket { path: PathBuf, why: std::io::Error },
+    #[error("DNS on {addr}: {why}")]
+    Dns { addr: String, why: std::io::Error },
+}
+
+/// Where the daemon keeps things (all under the agent's `--root`).
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub resolv_conf: PathBuf,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The identity seed, made once (0600).
+pub fn identity_seed(state_dir: &Path) -> Result<[u8; 32], DaemonError> {
+    let path = state_dir.join("identity");
+    let err = |why| DaemonError::Identity {
+        path: path.clone(),
+        why,
+    };
+    match std::fs::read(&path) {
+        Ok(b) if b.len() == 32 => {
+            let mut s = [0u8; 32];
+            s.copy_from_slice(&b);
+            Ok(s)
+        }
+        Ok(_) => Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a 32-byte seed; remove it to make a new identity (the node gets a new PeerID)",
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let seed = kairos_mesh::identity::Identity::generate().seed();
+            kairos_sys::fs::write_private(&path, &seed).map_err(err)?;
+            Ok(seed)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// EdgeVPN's `machines` value for this node (Go field order).
+pub fn machine_json(peer_id: &str, hostname: &str, ip: Ipv4Addr) -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    };
+    // A Go struct: fields in declaration order, not sorted as a map's keys would be.
+    let fields = [
+        ("PeerID", peer_id.to_string()),
+        ("Hostname", hostname.to_string()),
+        ("OS", "linux".to_string()),
+        ("Arch", arch.to_string()),
+        ("Address", ip.to_string()),
+        (
+            "Version",
+            format!("kairos-rs {}", env!("CARGO_PKG_VERSION")),
+        ),
+    ];
+    let mut out = String::from("{");
+    for (i, (k, v)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        kairos_mesh::ledger::go_json_string(k, &mut out);
+        out.push(':');
+        kairos_mesh::ledger::go_json_string(v, &mut out);
+    }
+    out.push('}');
+    out
+}
+
+/// What the DHCP rule says this node should do now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DhcpStep {
+    /// Claim leadership (write `dhcp/leader = me`).
+    Claim,
+    /// I am the recorded leader: take this address.
+    Take(Ipv4Addr),
+    /// Wait, with the reason for `p2p status`.
+    Wait(String),
+}
+
+/// EdgeVPN's DHCP-over-ledger rule for one node at one moment.
+pub fn dhcp_step(
+    me: &str,
+    alive: &[String],
+    machines: &std::collections::BTreeMap<Ipv4Addr, String>,
+    recorded_leader: Option<&str>,
+    first: Ipv4Addr,
+) -> DhcpStep {
+    if alive.len() < 2 {
+        return DhcpStep::Wait(format!(
+            "waiting for another node: DHCP needs 2 alive nodes, {} seen",
+            alive.len()
+        ));
+    }
+    match state::dhcp_leader(alive, machines) {
+        Some(l) if l == me => {
+            if recorded_leader == Some(me) {
+                let used: Vec<Ipv4Addr> = machines.keys().copied().collect();
+                match state::next_ip(first, &used) {
+                    Some(ip) => DhcpStep::Take(ip),
+                    None => DhcpStep::Wait("the address range is full".into()),
+                }
+            } else {
+                DhcpStep::Claim
+            }
+        }
+        Some(l) => DhcpStep::Wait(format!("waiting for {l} to take its address first")),
+        None => DhcpStep::Wait("waiting: every alive node has an address".into()),
+    }
+}
+
+struct Addr {
+    ip: Option<(Ipv4Addr, u8)>,
+    how: String,
+    dhcp: String,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(settings: Settings, hostname: String, paths: Paths) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    rt.block_on(main(settings, hostname, paths))
+}
+
+async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonError> {
+    let seed = identity_seed(&paths.state_dir)?;
+    let skip = s.vpn.iter().map(|v| v.interface.clone()).collect();
+    let opts = Options {
+        listen: s.listen.iter().filter_map(|a| a.parse().ok()).collect(),
+        peers: s.peers.iter().filter_map(|a| a.parse().ok()).collect(),
+        sync_interval: s.intervals.sync,
+        overlap: Duration::from_secs(30),
+        ownership: Ownership::Enforce,
+        mdns: s.mdns,
+        skip_interfaces: skip,
+        max_connections: s.max_connections,
+    };
+    let node = Node::start(s.token.clone(), seed, opts).await?;
+    let me = node.peer_id.clone();
+    let me_id: libp2p::PeerId = me
+        .parse()
+        .map_err(|_| kairos_mesh_net::NetError::Host("the host's PeerID does not parse".into()))?;
+
+    let mut addr = Addr {
+        ip: None,
+        how: String::new(),
+        dhcp: String::new(),
+    };
+    let mut vpn: Option<(Vpn, Tun)> = None;
+    let mut lease: Option<PathBuf> = None;
+    let mut first = Ipv4Addr::new(10, 1, 0, 1);
+    let mut prefix = 24;
+    if let Some(v) = &s.vpn {
+        let tun = Tun::open(&v.interface)?;
+        vpn = Some((Vpn::start(tun.clone(), node.control()), tun));
+        match &v.addressing {
+            Addressing::Static(ip, p) => {
+                kairos_sys::net::configure(&v.interface, *ip, *p, v.mtu)?;
+                node.block_networks(vec![(*ip, *p)]).await?;
+                let a = &mut addr;
+                a.ip = Some((*ip, *p));
+                a.how = "static".into();
+            }
+            Addressing::Dhcp {
+                first: f,
+                prefix: p,
+                lease_dir,
+            } => {
+                (first, prefix) = (*f, *p);
+                let path = lease_dir.join(&s.token.derive(0).dhcp_lease);
+                let leased = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<Ipv4Addr>().ok());
+                if let Some(ip) = leased {
+                    kairos_sys::net::configure(&v.interface, ip, *p, v.mtu)?;
+                    node.block_networks(vec![(ip, *p)]).await?;
+                    let a = &mut addr;
+                    a.ip = Some((ip, *p));
+                    a.how = format!("dhcp (lease {})", path.display());
+                }
+                lease = Some(path);
+            }
+        }
+    }
+
+    let zone = Arc::new(RwLock::new(Zone {
+        domain: s.dns.as_ref().map(|d| d.domain.clone()).unwrap_or_default(),
+        ..Zone::default()
+    }));
+    if let Some(d) = &s.dns {
+        let forward = match &d.forward {
+            Some(f) => f.clone(),
+            None => {
+                let rc = std::fs::read_to_string(&paths.resolv_conf).unwrap_or_default();
+                let mut f = dns::nameservers(&rc, &d.listen);
+                if f.is_empty() {
+                    f = crate::settings::DEFAULT_FORWARDERS
+                        .iter()
+                        .filter_map(|a| a.parse().ok())
+                        .collect();
+                }
+                f
+            }
+        };
+        let sock = tokio::net::UdpSocket::bind(d.listen)
+            .await
+            .map_err(|why| DaemonError::Dns {
+                addr: d.listen.to_string(),
+                why,
+            })?;
+        drop(sock);
+        let (listen, zone) = (d.listen, zone.clone());
+        tokio::spawn(async move {
+            if let Err(e) = dns::serve(listen, zone, forward).await {
+                eprintln!("p2p: DNS on {listen} stopped: {e}");
+            }
+        });
+    }
+
+    let started = Instant::now();
+    let status = Arc::new(Mutex::new(json!({})));
+    serve_status(&paths.socket, status.clone())?;
+
+    let ttl = kairos_mesh::ledger::OWNERSHIP_TTL;
+    let maxtime = s.intervals.maxtime.as_secs() as i64;
+    let mut next_heartbeat = Instant::now();
+    let mut next_announce = Instant::now();
+    let mut next_dhcp = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(DaemonError::Runtime)?;
+    eprintln!("p2p: running as {me}");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {}
+        }
+        let now = unix_now();
+        if Instant::now() >= next_heartbeat {
+            let stamp = serde_json::Value::String(kairos_sys::time::rfc3339(now));
+            let _ = node
+                .put("healthcheck", &me, &kairos_mesh::ledger::go_json(&stamp))
+                .await;
+            next_heartbeat = Instant::now() + s.intervals.healthcheck;
+        }
+        let (machines, live, alive, leader, hosts, records) = node.read(|l| {
+            let machines = l.machines();
+            let live = l.alive(now, ttl);
+            let alive = l.alive(now, maxtime);
+            let leader = l
+                .get("dhcp", "leader")
+                .and_then(|e| serde_json::from_str::<String>(&e.value).ok());
+            let mut hosts = std::collections::BTreeMap::new();
+            for (ip, e) in l.bucket("machines") {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.value) else {
+                    continue;
+                };
+                let (Some(h), Some(p)) = (v["Hostname"].as_str(), v["PeerID"].as_str()) else {
+                    continue;
+                };
+                if let (Ok(ip), true) = (ip.parse::<Ipv4Addr>(), live.iter().any(|x| x == p)) {
+                    hosts.insert(h.to_ascii_lowercase(), ip);
+                }
+            }
+            let records: Vec<(String, std::collections::BTreeMap<String, String>)> = l
+                .bucket("dns")
+                .into_iter()
+                .filter_map(|(k, e)| Some((k.to_string(), serde_json::from_str(&e.value).ok()?)))
+                .collect();
+            (machines, live, alive, leader, hosts, records)
+        });
+        if let Some(mut r) = vpn.as_ref().and_then(|(v, _)| v.routes.write().ok()) {
+            *r = Routes::from_machines(&machines, &live, &me_id);
+        }
+        if let Ok(mut z) = zone.write() {
+            z.hosts = hosts;
+            z.records = records;
+        }
+        // Addressing.
+        let have_ip = addr.ip;
+        if let (Some(v), None, Some(path), true) =
+            (&s.vpn, have_ip, &lease, Instant::now() >= next_dhcp)
+        {
+            next_dhcp = Instant::now() + Duration::from_secs(5);
+            match dhcp_step(&me, &alive, &machines, leader.as_deref(), first) {
+                DhcpStep::Claim => {
+                    let _ = node
+                        .put("dhcp", "leader", &kairos_mesh::ledger::go_json(&json!(me)))
+                        .await;
+                    addr.dhcp = "claiming the DHCP leadership".into();
+                    next_dhcp = Instant::now() + Duration::from_secs(1);
+                }
+                DhcpStep::Take(ip) => {
+                    kairos_sys::net::configure(&v.interface, ip, prefix, v.mtu)?;
+                    node.block_networks(vec![(ip, prefix)]).await?;
+                    if let Err(e) = kairos_sys::fs::write_private(path, ip.to_string().as_bytes()) {
+                        eprintln!("p2p: could not keep the lease in {}: {e}", path.display());
+                    }
+                    let _ = node
+                        .put(
+                            "machines",
+                            &ip.to_string(),
+                            &machine_json(&me, &hostname, ip),
+                        )
+                        .await;
+                    let a = &mut addr;
+                    a.ip = Some((ip, prefix));
+                    a.how = format!("dhcp (lease {})", path.display());
+                    a.dhcp.clear();
+                    eprintln!("p2p: took {ip}/{prefix} by DHCP");
+                }
+                DhcpStep::Wait(why) => addr.dhcp = why,
+            }
+        }
+        if Instant::now() >= next_announce {
+            if let Some((ip, _)) = addr.ip {
+                let v = machine_json(&me, &hostname, ip);
+                let _ = node.put("machines", &ip.to_string(), &v).await;
+            }
+            next_announce = Instant::now() + s.intervals.announce;
+        }
+        // Status.
+        let st = node.status().await.unwrap_or_default();
+        let (keys, index) = node.read(|l| {
+            let mut keys = serde_json::Map::new();
+            for (b, entries) in &l.last().storage {
+                let live: Vec<&String> = entries
+                    .iter()
+                    .filter(|(_, e)| !e.deleted)
+                    .map(|(k, _)| k)
+                    .collect();
+                keys.insert(b.clone(), json!(live));
+            }
+            (keys, l.last().index)
+        });
+        let interval = s.token.otp.crypto.interval.max(1) as i64;
+        let next_rotation = (now / interval + 1) * interval;
+        let a = &addr;
+        let machines_json: Vec<serde_json::Value> = machines
+            .iter()
+            .map(|(ip, p)| json!({"address": ip.to_string(), "peer": p, "live": live.contains(p), "me": p == &me}))
+            .collect();
+        let doc = json!({
+            "peer_id": me,
+            "hostname": hostname,
+            "uptime_s": started.elapsed().as_secs(),
+            "listen": st.listen,
+            "peers": st.peers,
+            "topic": st.topic,
+            "next_rotation": next_rotation,
+            "rotation_in_s": next_rotation - now,
+            "ledger": {"index": index, "keys": keys},
+            "unsealable": st.unsealable,
+            "published": st.published,
+            "vpn": s.vpn.as_ref().map(|v| json!({
+                "interface": v.interface,
+                "mtu": v.mtu,
+                "address": a.ip.map(|(ip, p)| format!("{ip}/{p}")),
+                "addressing": a.how,
+                "waiting": (!a.dhcp.is_empty()).then(|| a.dhcp.clone()),
+                "route": a.ip.map(|(ip, p)| format!("{}/{p} dev {}", network(ip, p), v.interface)),
+            })),
+            "traffic": vpn.as_ref().map(|(v, _)| v.counters.json()),
+            "machines": machines_json,
+            "alive": alive,
+            "discovery": {"mdns": s.mdns, "bootstrap_peers": s.peers, "dht": "not available (mDNS and bootstrap peers only)"},
+            "nat": "not probed: no AutoNAT/relay yet, peers must reach each other directly",
+            "dns": s.dns.as_ref().map(|d| json!({"listen": d.listen.to_string(), "domain": d.domain})),
+        });
+        *lock(&status) = doc;
+    }
+    let _ = std::fs::remove_file(&paths.socket);
+    Ok(())
+}
+
+fn network(ip: Ipv4Addr, prefix: u8) -> Ipv4Addr {
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix.min(32)))
+    };
+    Ipv4Addr::from(u32::from(ip) & mask)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serves the status document on a unix socket (0600): each connection gets the JSON and
+/// is closed.
+fn serve_status(path: &Path, status: Arc<Mutex<serde_json::Value>>) -> Result<(), DaemonError> {
+    let err = |why| DaemonError::Socket {
+        path: path.to_path_buf(),
+        why,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    // A socket left by a daemon that died is replaced; a live one is not.
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another p2p daemon answers there; stop it first",
+        )));
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let text = lock(&status).to_string();
+            tokio::spawn(async move {
+                let _ = conn.write_all(text.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Reads the status of the daemon answering on `socket`.
+pub fn read_status(socket: &Path) -> std::io::Result<serde_json::Value> {
+    use std::io::Read;
+    let s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut text = String::new();
+    s.take(16 << 20).read_to_string(&mut text)?;
+    serde_json::from_str(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn dhcp_rule() {
+        let first = Ipv4Addr::new(10, 1, 0, 1);
+        let none = BTreeMap::new();
+        let one = vec!["a".to_string()];
+        assert!(
+            matches!(dhcp_step("a", &one, &none, None, first), DhcpStep::Wait(w) if w.contains("2 alive"))
+        );
+        let two = vec!["a".to_string(), "b".to_string()];
+        // FNV-1a: of [a, b], b leads.
+        assert_eq!(
+            kairos_mesh::leader::leader(&two).map(|s| s.to_string()),
+            Some("b".to_string())
+        );
+        assert_eq!(dhcp_step("b", &two, &none, None, first), DhcpStep::Claim);
+        assert_eq!(
+            dhcp_step("b", &two, &none, Some("b"), first),
+            DhcpStep::Take(first)
+        );
+        assert!(
+            matches!(dhcp_step("a", &two, &none, Some("b"), first), DhcpStep::Wait(w) if w.contains("b"))
+        );
+        // Once b has .1, a leads and takes .2.
+        let mut m = BTreeMap::new();
+        m.insert(first, "b".to_string());
+        assert_eq!(dhcp_step("a", &two, &m, Some("b"), first), DhcpStep::Claim);
+        assert_eq!(
+            dhcp_step("a", &two, &m, Some("a"), first),
+            DhcpStep::Take(Ipv4Addr::new(10, 1, 0, 2))
+        );
+    }
+
+    #[test]
+    fn machine_value_is_go_json_in_field_order() {
+        let v = machine_json("12D3KooWx", "node<1>", Ipv4Addr::new(10, 1, 0, 3));
+        assert!(
+            v.starts_with(
+                r#"{"PeerID":"12D3KooWx","Hostname":"node\u003c1\u003e","OS":"linux","Arch":""#
+            ),
+            "{v}"
+        );
+        assert!(
+            v.contains(r#""Address":"10.1.0.3","Version":"kairos-rs "#),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn identity_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let a = identity_seed(d.path()).unwrap();
+        assert_eq!(identity_seed(d.path()).unwrap(), a);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(d.path().join("identity"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(d.path().join("identity"), b"short").unwrap();
+        assert!(
+            identity_seed(d.path())
+                .unwrap_err()
+                .to_string()
+                .contains("remove it")
+        );
+    }
+}
