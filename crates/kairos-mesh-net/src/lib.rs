@@ -57,6 +57,9 @@ pub struct Options {
     pub skip_interfaces: Vec<String>,
     /// Most connections at once; more are refused (default 64).
     pub max_connections: u32,
+    /// A connected peer that has not joined our topic by then is disconnected (a node of
+    /// another network, or not a mesh node at all).
+    pub stranger_grace: Duration,
 }
 
 impl Default for Options {
@@ -70,6 +73,7 @@ impl Default for Options {
             mdns: true,
             skip_interfaces: Vec::new(),
             max_connections: 64,
+            stranger_grace: Duration::from_secs(30),
         }
     }
 }
@@ -231,6 +235,8 @@ impl Node {
             opts,
             listen: listen.clone(),
             blocked: Vec::new(),
+            strangers: Default::default(),
+            members: Default::default(),
             unsealable: 0,
             published: 0,
         };
@@ -329,6 +335,9 @@ struct Task {
     opts: Options,
     listen: Arc<Mutex<Vec<Multiaddr>>>,
     blocked: Vec<(std::net::Ipv4Addr, u8)>,
+    /// Connected peers not (yet) seen on our topic, since when.
+    strangers: std::collections::HashMap<PeerId, std::time::Instant>,
+    members: std::collections::HashSet<PeerId>,
     unsealable: u64,
     published: u64,
 }
@@ -397,6 +406,21 @@ impl Task {
         }
     }
 
+    /// Disconnects peers that have not joined our topic within the grace time.
+    fn drop_strangers(&mut self) {
+        let grace = self.opts.stranger_grace;
+        let late: Vec<PeerId> = self
+            .strangers
+            .iter()
+            .filter(|(_, since)| since.elapsed() > grace)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in late {
+            self.strangers.remove(&p);
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+    }
+
     /// Dials a found peer unless already connected; addresses in blocked networks are left out.
     fn dial(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
         if self.swarm.is_connected(&peer) {
@@ -442,9 +466,30 @@ impl Task {
                     SwarmEvent::ExpiredListenAddr { address, .. } => {
                         lock(&self.listen).retain(|a| a != &address);
                     }
+                    SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                        if !self.members.contains(&peer_id) {
+                            self.strangers.entry(peer_id).or_insert_with(std::time::Instant::now);
+                        }
+                    }
+                    SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                        self.strangers.remove(&peer_id);
+                        self.members.remove(&peer_id);
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })) => {
+                        if self.topics.contains_key(topic.as_str()) {
+                            self.strangers.remove(&peer_id);
+                            // A new member gets our ledger now, not at the next sync.
+                            if self.members.insert(peer_id) {
+                                self.publish();
+                            }
+                        }
+                    }
                     _ => {}
                 },
-                _ = tick.tick() => self.rotate(),
+                _ = tick.tick() => {
+                    self.rotate();
+                    self.drop_strangers();
+                }
                 _ = sync.tick() => self.publish(),
                 cmd = rx.recv() => match cmd {
                     None => return,
