@@ -466,22 +466,20 @@ impl Task {
                     SwarmEvent::ExpiredListenAddr { address, .. } => {
                         lock(&self.listen).retain(|a| a != &address);
                     }
-                    SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                        if !self.members.contains(&peer_id) {
-                            self.strangers.entry(peer_id).or_insert_with(std::time::Instant::now);
-                        }
+                    SwarmEvent::ConnectionEstablished { peer_id, .. } if !self.members.contains(&peer_id) => {
+                        self.strangers.entry(peer_id).or_insert_with(std::time::Instant::now);
                     }
                     SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                         self.strangers.remove(&peer_id);
                         self.members.remove(&peer_id);
                     }
-                    SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })) => {
-                        if self.topics.contains_key(topic.as_str()) {
-                            self.strangers.remove(&peer_id);
-                            // A new member gets our ledger now, not at the next sync.
-                            if self.members.insert(peer_id) {
-                                self.publish();
-                            }
+                    SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }))
+                        if self.topics.contains_key(topic.as_str()) =>
+                    {
+                        self.strangers.remove(&peer_id);
+                        // A new member gets our ledger now, not at the next sync.
+                        if self.members.insert(peer_id) {
+                            self.publish();
                         }
                     }
                     _ => {}
