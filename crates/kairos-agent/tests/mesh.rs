@@ -38,6 +38,7 @@ struct Lan {
     tag: String,
     dir: tempfile::TempDir,
     nodes: Vec<Node>,
+    routers: std::sync::Mutex<Vec<String>>,
 }
 
 struct Node {
@@ -47,12 +48,14 @@ struct Node {
 }
 
 impl Lan {
-    fn new() -> Lan {
-        let tag = format!("km{}", std::process::id() % 100_000);
+    /// `name`: two letters, unique per test (tests run in parallel).
+    fn new(name: &str) -> Lan {
+        let tag = format!("{name}{}", std::process::id() % 100_000);
         let lan = Lan {
             tag,
             dir: tempfile::tempdir().unwrap(),
             nodes: Vec::new(),
+            routers: Default::default(),
         };
         let br = lan.bridge_ns();
         must(&["ip", "netns", "add", &br]);
@@ -65,31 +68,89 @@ impl Lan {
         format!("{}-lan", self.tag)
     }
 
-    /// Adds node `i` (192.168.77.i on the LAN) with `p2p:` set to `p2p_yaml`.
-    fn add(&mut self, i: usize, hostname: &str, p2p_yaml: &str) -> usize {
-        let ns = format!("{}-n{i}", self.tag);
+    /// Namespace `ns` with a veth to the bridge, at 192.168.77.i.
+    fn plug(&self, ns: &str, i: usize) {
         let br = self.bridge_ns();
         let (inner, outer) = (format!("{}v{i}", self.tag), format!("{}p{i}", self.tag));
-        must(&["ip", "netns", "add", &ns]);
+        must(&["ip", "netns", "add", ns]);
         must(&[
-            "ip", "link", "add", &inner, "netns", &ns, "type", "veth", "peer", "name", &outer,
+            "ip", "link", "add", &inner, "netns", ns, "type", "veth", "peer", "name", &outer,
             "netns", &br,
         ]);
         must(&[
             "ip", "-n", &br, "link", "set", &outer, "master", "br0", "up",
         ]);
+        let addr = format!("192.168.77.{i}/24");
+        must(&["ip", "-n", ns, "addr", "add", &addr, "dev", &inner]);
+        must(&["ip", "-n", ns, "link", "set", &inner, "up"]);
+        must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+
+    /// A NAT router on the LAN at 192.168.77.i, masquerading 10.99.0.0/24, and node `ns`
+    /// behind it at 10.99.0.2 (the LAN cannot reach it; it can reach the LAN).
+    fn plug_behind_nat(&self, ns: &str, i: usize) {
+        let r = format!("{}-r{i}", self.tag);
+        self.routers.lock().unwrap().push(r.clone());
+        self.plug(&r, i);
+        must(&["ip", "netns", "add", ns]);
+        let (inner, outer) = (format!("{}n{i}", self.tag), format!("{}g{i}", self.tag));
+        must(&[
+            "ip", "link", "add", &inner, "netns", ns, "type", "veth", "peer", "name", &outer,
+            "netns", &r,
+        ]);
+        must(&["ip", "-n", &r, "addr", "add", "10.99.0.1/24", "dev", &outer]);
+        must(&["ip", "-n", &r, "link", "set", &outer, "up"]);
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            &r,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        let rules = format!(
+            "table ip nat {{\n chain post {{\n  type nat hook postrouting priority 100;\n  ip saddr 10.99.0.0/24 oifname \"{}v{i}\" masquerade\n }}\n}}\n",
+            self.tag
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", &r, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(rules.as_bytes())?;
+                c.wait()
+            })
+            .unwrap();
+        assert!(out.success(), "nft rules in {r}");
+        must(&["ip", "-n", ns, "addr", "add", "10.99.0.2/24", "dev", &inner]);
+        must(&["ip", "-n", ns, "link", "set", &inner, "up"]);
+        must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         must(&[
             "ip",
             "-n",
-            &ns,
-            "addr",
+            ns,
+            "route",
             "add",
-            &format!("192.168.77.{i}/24"),
-            "dev",
-            &inner,
+            "default",
+            "via",
+            "10.99.0.1",
         ]);
-        must(&["ip", "-n", &ns, "link", "set", &inner, "up"]);
-        must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+    }
+
+    /// Adds node `i` (192.168.77.i on the LAN) with `p2p:` set to `p2p_yaml`.
+    fn add(&mut self, i: usize, hostname: &str, p2p_yaml: &str) -> usize {
+        self.add_node(i, hostname, p2p_yaml, false)
+    }
+
+    fn add_node(&mut self, i: usize, hostname: &str, p2p_yaml: &str, nat: bool) -> usize {
+        let ns = format!("{}-n{i}", self.tag);
+        if nat {
+            self.plug_behind_nat(&ns, i);
+        } else {
+            self.plug(&ns, i);
+        }
         // `ip netns exec` mounts these over /etc: names resolve through the mesh DNS.
         let etc = PathBuf::from("/etc/netns").join(&ns);
         fs::create_dir_all(&etc).unwrap();
@@ -197,6 +258,9 @@ impl Drop for Lan {
             let _ = sh(&["ip", "netns", "del", &n.ns]);
             let _ = fs::remove_dir_all(PathBuf::from("/etc/netns").join(&n.ns));
         }
+        for r in self.routers.lock().unwrap().iter() {
+            let _ = sh(&["ip", "netns", "del", r]);
+        }
         let _ = sh(&["ip", "netns", "del", &self.bridge_ns()]);
     }
 }
@@ -239,7 +303,7 @@ fn three_nodes_on_a_lan() {
         return;
     }
     let tok = token(20);
-    let mut lan = Lan::new();
+    let mut lan = Lan::new("km");
     let cfg = format!("  network_token: {tok}\n  disable_dht: true\n  dns: true\n");
     for i in 1..=3 {
         lan.add(i, &format!("node{i}"), &cfg);
@@ -375,4 +439,65 @@ fn three_nodes_on_a_lan() {
         text.contains("connected peers") && text.contains(&addrs[0]),
         "{text}"
     );
+}
+
+fn lan_address_of(v: &Value) -> String {
+    let listen = v["listen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|a| a.starts_with("/ip4/192.168.77."))
+        .unwrap()
+        .to_string();
+    format!("{listen}/p2p/{}", v["peer_id"].as_str().unwrap())
+}
+
+/// A node behind NAT (nftables masquerade; nobody on the LAN can open a connection to it)
+/// told one LAN node's address joins: it takes an address by DHCP, learns where the other
+/// LAN node listens from the network's DHT, connects out to it, and both LAN nodes and it
+/// ping each other over the VPN.
+#[test]
+#[ignore = "needs root: network namespaces, nftables and TUN devices"]
+fn a_node_behind_nat_joins() {
+    if !root_only() {
+        return;
+    }
+    let tok = token(9000);
+    let mut lan = Lan::new("kn");
+    let cfg = format!("  network_token: {tok}\n  disable_dht: true\n");
+    lan.add(1, "lan1", &cfg);
+    lan.add(2, "lan2", &cfg);
+    let v = lan.wait(0, "the LAN nodes joined", 120, |v| {
+        address(v).is_some() && live_machines(v) == 2
+    });
+    let boot = lan_address_of(&v);
+    let natted = lan.add_node(
+        3,
+        "natted",
+        &format!("{cfg}  bootstrap_peers: [{boot}]\n"),
+        true,
+    );
+    let mut addrs = Vec::new();
+    for n in 0..3 {
+        let v = lan.wait(n, "three live machines", 120, |v| {
+            address(v).is_some() && live_machines(v) == 3
+        });
+        addrs.push(address(&v).unwrap());
+    }
+    // The LAN cannot open a connection to the NAT'ed node: check the premise.
+    assert!(
+        !lan.exec(0, &["busybox", "ping", "-c", "1", "-W", "1", "10.99.0.2"])
+            .status
+            .success(),
+        "the NAT'ed node is reachable from the LAN: the test proves nothing"
+    );
+    for (from, to) in [(natted, 0), (natted, 1), (0, natted), (1, natted)] {
+        assert!(
+            lan.ping(from, &addrs[to]),
+            "node {from} → {}\n{}",
+            addrs[to],
+            lan.logs()
+        );
+    }
 }

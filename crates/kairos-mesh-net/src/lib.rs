@@ -84,6 +84,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     stream: libp2p_stream::Behaviour,
     limits: libp2p::connection_limits::Behaviour,
+    kad: libp2p::kad::Behaviour<libp2p::kad::store::MemoryStore>,
 }
 
 /// go-libp2p-pubsub's default message id: the source's PeerID bytes followed by the sequence
@@ -106,6 +107,7 @@ enum Command {
     Get(String, String, oneshot::Sender<Option<String>>),
     Status(oneshot::Sender<Status>),
     Dial(PeerId, Vec<Multiaddr>),
+    Connect(PeerId),
     Block(Vec<(std::net::Ipv4Addr, u8)>),
 }
 
@@ -169,6 +171,20 @@ impl Node {
                             .with_agent_version(format!("kairos-rs/{}", env!("CARGO_PKG_VERSION"))),
                     ),
                     stream: libp2p_stream::Behaviour::new(),
+                    kad: {
+                        let mut cfg = libp2p::kad::Config::new(libp2p::kad::PROTOCOL_NAME);
+                        cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
+                        let id = key.public().to_peer_id();
+                        let mut k = libp2p::kad::Behaviour::with_config(
+                            id,
+                            libp2p::kad::store::MemoryStore::new(id),
+                            cfg,
+                        );
+                        // Answer our peers' lookups even without a confirmed public address:
+                        // the DHT here is the network's own (its peers only), for addresses.
+                        k.set_mode(Some(libp2p::kad::Mode::Server));
+                        k
+                    },
                     limits: libp2p::connection_limits::Behaviour::new(
                         libp2p::connection_limits::ConnectionLimits::default()
                             .with_max_established(Some(max_conns))
@@ -237,6 +253,7 @@ impl Node {
             blocked: Vec::new(),
             strangers: Default::default(),
             members: Default::default(),
+            kad_bootstrapped: false,
             unsealable: 0,
             published: 0,
         };
@@ -248,6 +265,15 @@ impl Node {
             control,
             listen,
         })
+    }
+
+    /// Connects to a peer by its id, at the addresses the network knows for it (a no-op when
+    /// connected).
+    pub async fn connect(&self, peer: PeerId) -> Result<(), NetError> {
+        self.tx
+            .send(Command::Connect(peer))
+            .await
+            .map_err(|_| NetError::Stopped)
     }
 
     /// Reads the ledger as it is now.
@@ -338,6 +364,7 @@ struct Task {
     /// Connected peers not (yet) seen on our topic, since when.
     strangers: std::collections::HashMap<PeerId, std::time::Instant>,
     members: std::collections::HashSet<PeerId>,
+    kad_bootstrapped: bool,
     unsealable: u64,
     published: u64,
 }
@@ -406,6 +433,16 @@ impl Task {
         }
     }
 
+    /// Not loopback and not in a blocked network (the VPN's own).
+    fn dialable(&self, a: &Multiaddr) -> bool {
+        !a.iter().any(|p| match p {
+            libp2p::multiaddr::Protocol::Ip4(ip) => {
+                ip.is_loopback() || self.blocked.iter().any(|n| in_net(ip, *n))
+            }
+            _ => false,
+        })
+    }
+
     /// Disconnects peers that have not joined our topic within the grace time.
     fn drop_strangers(&mut self) {
         let grace = self.opts.stranger_grace;
@@ -426,17 +463,7 @@ impl Task {
         if self.swarm.is_connected(&peer) {
             return;
         }
-        let addrs: Vec<Multiaddr> = addrs
-            .into_iter()
-            .filter(|a| {
-                !a.iter().any(|p| match p {
-                    libp2p::multiaddr::Protocol::Ip4(ip) => {
-                        self.blocked.iter().any(|n| in_net(ip, *n))
-                    }
-                    _ => false,
-                })
-            })
-            .collect();
+        let addrs: Vec<Multiaddr> = addrs.into_iter().filter(|a| self.dialable(a)).collect();
         if addrs.is_empty() {
             return;
         }
@@ -465,6 +492,18 @@ impl Task {
                     }
                     SwarmEvent::ExpiredListenAddr { address, .. } => {
                         lock(&self.listen).retain(|a| a != &address);
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                        // Where a peer listens, for peers that look it up (a node behind NAT
+                        // connected to one of us learns where the others are).
+                        for a in info.listen_addrs {
+                            if self.dialable(&a) {
+                                self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                            }
+                        }
+                        if !self.kad_bootstrapped {
+                            self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                        }
                     }
                     SwarmEvent::ConnectionEstablished { peer_id, .. } if !self.members.contains(&peer_id) => {
                         self.strangers.entry(peer_id).or_insert_with(std::time::Instant::now);
@@ -503,6 +542,14 @@ impl Task {
                         let _ = reply.send(lock(&self.ledger).get(&b, &k).map(|e| e.value.clone()));
                     }
                     Some(Command::Dial(peer, addrs)) => self.dial(peer, addrs),
+                    Some(Command::Connect(peer)) => {
+                        if !self.swarm.is_connected(&peer) {
+                            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                                .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+                                .build();
+                            let _ = self.swarm.dial(opts);
+                        }
+                    }
                     Some(Command::Block(nets)) => self.blocked = nets,
                     Some(Command::Status(reply)) => {
                         let peers: Vec<String> = self.swarm.connected_peers().map(PeerId::to_string).collect();

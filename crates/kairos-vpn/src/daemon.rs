@@ -278,6 +278,7 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
     let mut next_heartbeat = Instant::now();
     let mut next_announce = Instant::now();
     let mut next_dhcp = Instant::now();
+    let mut next_connect = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(DaemonError::Runtime)?;
@@ -324,6 +325,16 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
         });
         if let Some(mut r) = vpn.as_ref().and_then(|(v, _)| v.routes.write().ok()) {
             *r = Routes::from_machines(&machines, &live, &me_id);
+        }
+        // A full mesh: connect to every live machine's owner (its addresses come from the
+        // network's DHT when mDNS cannot see it, e.g. behind NAT).
+        if Instant::now() >= next_connect {
+            next_connect = Instant::now() + Duration::from_secs(5);
+            for p in machines.values().filter(|p| **p != me && live.contains(p)) {
+                if let Ok(id) = p.parse() {
+                    let _ = node.connect(id).await;
+                }
+            }
         }
         if let Ok(mut z) = zone.write() {
             z.hosts = hosts;
