@@ -428,8 +428,8 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
             "traffic": vpn.as_ref().map(|(v, _)| v.counters.json()),
             "machines": machines_json,
             "alive": alive,
-            "discovery": {"mdns": s.mdns, "bootstrap_peers": s.peers, "dht": "not available (mDNS and bootstrap peers only)"},
-            "nat": "not probed: no AutoNAT/relay yet, peers must reach each other directly",
+            "discovery": {"mdns": s.mdns, "bootstrap_peers": s.peers, "dht": "the network's own (addresses of its peers); no public DHT"},
+            "nat": "not probed (no AutoNAT or relay yet): a node behind NAT joins by connecting out to a peer it can reach",
             "dns": s.dns.as_ref().map(|d| json!({"listen": d.listen.to_string(), "domain": d.domain})),
         });
         *lock(&status) = doc;

@@ -253,7 +253,7 @@ pub fn from_config(p: &P2p) -> Result<(Settings, Vec<String>), Vec<String>> {
     };
     let dht = flag("EDGEVPNDHT", !p.disable_dht.0, &mut errors);
     if dht {
-        warnings.push("p2p: this mesh has no DHT yet; peers are found by mDNS on the LAN and p2p.bootstrap_peers (set p2p.disable_dht: true to silence this)".into());
+        warnings.push("p2p: this mesh does not use the public DHT; peers are found by mDNS on the LAN and p2p.bootstrap_peers, then by the network's own DHT (set p2p.disable_dht: true to silence this)".into());
     }
 
     let mut listen: Vec<String> = p.listen_addresses.clone();
@@ -402,7 +402,7 @@ mod tests {
         assert!(s.mdns && s.dht && s.dns.is_none());
         assert_eq!(s.network_id, "kairos");
         assert_eq!(s.intervals.announce, Duration::from_secs(10));
-        assert!(w.iter().any(|w| w.contains("no DHT yet")), "{w:?}");
+        assert!(w.iter().any(|w| w.contains("public DHT")), "{w:?}");
     }
 
     #[test]
