@@ -176,7 +176,13 @@ pub enum P2pCommand {
         /// The status socket (under --root)
         #[arg(long, value_name = "PATH", default_value = kairos_vpn::settings::STATUS_SOCKET)]
         socket: PathBuf,
+        /// Exit 0 at once when the config has no `p2p.network_token` (the node's p2p service
+        /// runs with this, so it is on exactly when a token is set)
+        #[arg(long)]
+        if_enabled: bool,
     },
+    /// Exit 0 when the config sets `p2p.network_token` (the mesh is on), 1 when not
+    Enabled,
     /// Show what the running mesh daemon sees: peers, addresses, routes, ledger keys,
     /// rotation, DHCP (exit 3 when no daemon answers)
     Status {
@@ -296,6 +302,15 @@ fn section<T: serde::de::DeserializeOwned>(
         .ok()
 }
 
+/// Whether the merged config sets a (non-empty) `p2p.network_token`.
+fn p2p_enabled(g: &Global, fetcher: &dyn Fetcher) -> Result<bool> {
+    let c = g.collect(fetcher)?;
+    Ok(c.config
+        .at_path("p2p.network_token")
+        .and_then(|n| n.scalar_text())
+        .is_some_and(|t| !t.trim().is_empty()))
+}
+
 /// `p2p run`: the daemon's settings from the merged config, then the daemon.
 fn p2p_run(
     g: &Global,
@@ -394,8 +409,26 @@ pub fn run(cli: Cli) -> Result<Code> {
             }
         }
         Command::P2p {
-            command: P2pCommand::Run { state_dir, socket },
-        } => p2p_run(&cli.global, &fetcher, &state_dir, &socket),
+            command:
+                P2pCommand::Run {
+                    state_dir,
+                    socket,
+                    if_enabled,
+                },
+        } => {
+            if if_enabled && !p2p_enabled(&cli.global, &fetcher)? {
+                eprintln!("kairos-agent: no p2p.network_token in the config: the mesh is off");
+                return Ok(0);
+            }
+            p2p_run(&cli.global, &fetcher, &state_dir, &socket)
+        }
+        Command::P2p {
+            command: P2pCommand::Enabled,
+        } => Ok(if p2p_enabled(&cli.global, &fetcher)? {
+            0
+        } else {
+            exit::INVALID
+        }),
         Command::P2p {
             command: P2pCommand::Status { json, socket },
         } => {

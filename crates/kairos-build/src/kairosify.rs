@@ -133,6 +133,10 @@ fn systemd_units(layer: &Path) -> Result<()> {
             "multi-user.target",
         ),
     ];
+    let units =
+        units
+            .into_iter()
+            .chain([("kairos-p2p.service", P2P_SYSTEMD_UNIT, "multi-user.target")]);
     for (name, text, target) in units {
         write(
             &layer.join("usr/lib/systemd/system").join(name),
@@ -162,8 +166,29 @@ fn openrc_services(layer: &Path) -> Result<()> {
         let _ = fs::remove_file(&link);
         std::os::unix::fs::symlink(format!("/etc/init.d/{name}"), link)?;
     }
+    write(
+        &layer.join(format!("etc/init.d/{P2P_SERVICE}")),
+        P2P_OPENRC,
+        0o755,
+    )?;
+    let link = layer.join(format!("etc/runlevels/default/{P2P_SERVICE}"));
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink(format!("/etc/init.d/{P2P_SERVICE}"), link)?;
     Ok(())
 }
+
+/// The mesh daemon's service name on every init system (Go Kairos: `edgevpn@kairos`).
+pub const P2P_SERVICE: &str = "kairos-p2p";
+
+/// systemd: started after the network stage, skipped (not failed) without a token, restarted
+/// on failure, memory capped by the cgroup (docs/mesh.md).
+const P2P_SYSTEMD_UNIT: &str = "[Unit]\nDescription=Kairos P2P mesh (p2p.network_token)\nWants=network-online.target\nAfter=network-online.target cos-setup-network.service\n\n[Service]\nExecCondition=/usr/bin/kairos-agent p2p enabled\nExecStart=/usr/bin/kairos-agent p2p run\nRestart=on-failure\nRestartSec=5\nLimitNOFILE=49152\nMemoryHigh=96M\nMemoryMax=128M\n\n[Install]\nWantedBy=multi-user.target\n";
+
+/// OpenRC: supervised; without a token `start_pre` says so and the service does not start.
+const P2P_OPENRC: &str = "#!/sbin/openrc-run\ndescription=\"Kairos P2P mesh (p2p.network_token)\"\nsupervisor=supervise-daemon\ncommand=/usr/bin/kairos-agent\ncommand_args=\"p2p run\"\nrespawn_delay=5\ndepend() {\n    need net\n    after cos-setup-network\n}\nstart_pre() {\n    /usr/bin/kairos-agent p2p enabled || { eerror \"no p2p.network_token in the config: the mesh is off\"; return 1; }\n}\n";
+
+/// busybox init: once, after the sysinit stages; exits at once without a token.
+const P2P_INITTAB: &str = "::once:/usr/bin/kairos-agent p2p run --if-enabled\n";
 
 /// busybox init: the stages as inittab entries after the image's own.
 fn busybox_inittab(rootfs: &Path, layer: &Path) -> Result<()> {
@@ -188,6 +213,7 @@ fn busybox_inittab(rootfs: &Path, layer: &Path) -> Result<()> {
             h.inittab, h.args
         ));
     }
+    text.push_str(P2P_INITTAB);
     text.push_str(&rest);
     write(&layer.join("etc/inittab"), &text, 0o644)
 }
@@ -381,7 +407,7 @@ mod tests {
         let tab = fs::read_to_string(l.path().join("etc/inittab")).unwrap();
         assert_eq!(
             tab,
-            "::sysinit:/etc/init.d/rcS\n::sysinit:/usr/bin/kairos-agent run-stage fs\n::sysinit:/usr/bin/kairos-agent run-stage boot\n::once:/usr/bin/kairos-agent run-stage network\n::once:/usr/bin/kairos-agent boot-assessment\n::once:/usr/bin/kairos-agent reset --auto\n::once:/usr/bin/kairos-agent install --auto\nttyS0::respawn:/sbin/getty -L 115200 ttyS0\n"
+            "::sysinit:/etc/init.d/rcS\n::sysinit:/usr/bin/kairos-agent run-stage fs\n::sysinit:/usr/bin/kairos-agent run-stage boot\n::once:/usr/bin/kairos-agent run-stage network\n::once:/usr/bin/kairos-agent boot-assessment\n::once:/usr/bin/kairos-agent reset --auto\n::once:/usr/bin/kairos-agent install --auto\n::once:/usr/bin/kairos-agent p2p run --if-enabled\nttyS0::respawn:/sbin/getty -L 115200 ttyS0\n"
         );
         assert!(
             fs::read_to_string(l.path().join("etc/kairos-release"))
@@ -405,6 +431,41 @@ mod tests {
         assert_eq!(
             link,
             Path::new("/usr/lib/systemd/system/cos-setup-boot.service")
+        );
+        // The mesh unit is installed and wanted; its ExecCondition keeps it off without a
+        // token.
+        let p2p =
+            fs::read_to_string(l.path().join("usr/lib/systemd/system/kairos-p2p.service")).unwrap();
+        assert!(
+            p2p.contains("ExecCondition=/usr/bin/kairos-agent p2p enabled"),
+            "{p2p}"
+        );
+        assert!(p2p.contains("MemoryMax=128M"), "{p2p}");
+        assert!(
+            l.path()
+                .join("etc/systemd/system/multi-user.target.wants/kairos-p2p.service")
+                .is_symlink()
+        );
+    }
+
+    #[test]
+    fn openrc_services_include_the_mesh() {
+        let r = base("none");
+        fs::create_dir_all(r.path().join("sbin")).unwrap();
+        fs::write(r.path().join("sbin/openrc"), "").unwrap();
+        let l = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        assert_eq!(
+            kairos_layer(r.path(), &bins(b.path()), "1", l.path()).unwrap(),
+            InitSystem::OpenRc
+        );
+        let svc = fs::read_to_string(l.path().join("etc/init.d/kairos-p2p")).unwrap();
+        assert!(svc.contains("supervisor=supervise-daemon"), "{svc}");
+        assert!(svc.contains("kairos-agent p2p enabled"), "{svc}");
+        assert!(
+            l.path()
+                .join("etc/runlevels/default/kairos-p2p")
+                .is_symlink()
         );
     }
 

@@ -190,7 +190,24 @@ enum VmCmd {
         /// Accelerator: auto (KVM if a probe boot under KVM succeeds, else TCG), tcg or kvm
         #[arg(long, default_value = "auto", value_parser = ["auto", "tcg", "kvm"])]
         accel: String,
+        /// A second NIC linked to another VM (Ethernet over UDP on 127.0.0.1): this VM's port
+        /// and the other's, `MINE:THEIRS` (the other VM runs with `THEIRS:MINE`)
+        #[arg(long, value_name = "MINE:THEIRS", value_parser = parse_link)]
+        link: Option<(u16, u16)>,
     },
+}
+
+fn parse_link(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected MINE:THEIRS, two UDP ports"))?;
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{p:?} is not a UDP port"))
+    };
+    Ok((port(a)?, port(b)?))
 }
 
 /// A companion binary: the flag's path, else the file next to kairosctl.
@@ -555,6 +572,7 @@ fn run() -> Result<i32> {
                     kernel,
                     initrd,
                     append,
+                    link,
                 },
         } => {
             // The UEFI variables live next to the disk, like a machine's NVRAM.
@@ -578,6 +596,7 @@ fn run() -> Result<i32> {
                 accel,
                 serial_stdio: true,
                 kernel: kernel.zip(initrd).map(|(k, i)| (k, i, append)),
+                link,
             };
             // exec: QEMU takes over this process (and its stdio), so stopping kairosctl stops the VM.
             use std::os::unix::process::CommandExt;

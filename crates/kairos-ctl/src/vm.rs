@@ -24,6 +24,9 @@ pub struct VmSpec {
     pub serial_stdio: bool,
     /// Direct kernel boot: (kernel, initrd, cmdline), as netboot would load them.
     pub kernel: Option<(PathBuf, PathBuf, String)>,
+    /// A second NIC: an Ethernet link to another VM over UDP on 127.0.0.1, as (this VM's
+    /// port, the other's port); its MAC ends in the low byte of this VM's port.
+    pub link: Option<(u16, u16)>,
 }
 
 /// The QEMU command line (argv after the program name).
@@ -69,6 +72,18 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
         "none".into(),
         "-no-reboot".into(),
     ];
+    if let Some((mine, theirs)) = s.link {
+        a.extend([
+            "-netdev".into(),
+            format!("socket,id=n1,udp=127.0.0.1:{theirs},localaddr=127.0.0.1:{mine}"),
+            "-device".into(),
+            format!(
+                "virtio-net-pci,netdev=n1,mac=52:54:00:4b:{:02x}:{:02x}",
+                mine >> 8,
+                mine & 0xff
+            ),
+        ]);
+    }
     if let Some(iso) = &s.iso {
         // virtio-scsi: distribution cloud kernels often lack AHCI, never virtio.
         a.extend([
@@ -233,6 +248,7 @@ mod tests {
             accel: "tcg".into(),
             serial_stdio: false,
             kernel: Some(("/d/vmlinuz".into(), "/d/initrd".into(), "a=b".into())),
+            link: Some((0x1f0a, 0x1f0b)),
         };
         let a = qemu_args(&s).join(" ");
         assert!(a.contains("-accel tcg -cpu max"), "{a}");
@@ -256,6 +272,10 @@ mod tests {
             "the second serial port comes after the console: {a}"
         );
         assert!(a.contains("unit=1,file=/d/vars.fd"), "{a}");
+        assert!(
+            a.contains("-netdev socket,id=n1,udp=127.0.0.1:7947,localaddr=127.0.0.1:7946 -device virtio-net-pci,netdev=n1,mac=52:54:00:4b:1f:0a"),
+            "{a}"
+        );
         assert!(
             a.contains("-kernel /d/vmlinuz -initrd /d/initrd -append a=b"),
             "{a}"

@@ -453,6 +453,13 @@ impl Vm {
         Vm::spawn(disk, &extra, log)
     }
 
+    /// Boots `disk` with a second NIC linked to another VM (`kairosctl vm run --link`): this
+    /// VM's UDP port and the other's. The guest sees it as eth1, MAC ending in `mine`'s low
+    /// byte.
+    pub fn boot_linked(disk: &Path, log: &Path, mine: u16, theirs: u16) -> Result<Vm> {
+        Vm::spawn(disk, &["--link".into(), format!("{mine}:{theirs}")], log)
+    }
+
     /// Boots netboot artifacts (`kairosctl build netboot` output) the way the iPXE script
     /// says: its kernel, initrd and cmdline.
     pub fn boot_netboot(disk: &Path, dir: &Path, log: &Path) -> Result<Vm> {

@@ -203,13 +203,19 @@ impl Node {
                 why: e.to_string(),
             })?;
         }
-        // Wait for the first address, so callers can hand it to other nodes.
+        // Wait for the first address, so callers can hand it to other nodes — but not for
+        // ever: a node whose network is not up yet (not even loopback) starts anyway, and
+        // its addresses come as interfaces do.
         let listen = Arc::new(Mutex::new(Vec::new()));
-        loop {
-            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
-                lock(&listen).push(address);
-                break;
+        let first = async {
+            loop {
+                if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                    return address;
+                }
             }
+        };
+        if let Ok(address) = tokio::time::timeout(Duration::from_secs(5), first).await {
+            lock(&listen).push(address);
         }
         for p in &opts.peers {
             let _ = swarm.dial(p.clone());

@@ -37,6 +37,12 @@ pub fn sync_filesystem(path: &Path) -> io::Result<()> {
 /// Writes a private file (mode 0600, parents 0700) whole or not at all: a temporary file
 /// beside it, synced, then renamed over it.
 pub fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_atomic(path, data, 0o600)
+}
+
+/// Writes a file whole or not at all with `mode` (a temporary file beside it, synced, renamed
+/// over it); missing parents are made 0700.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let parent = path.parent().unwrap_or(Path::new("."));
@@ -52,8 +58,10 @@ pub fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)?;
+    // The umask may have taken bits away.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
     f.write_all(data)?;
     f.sync_all()?;
     drop(f);

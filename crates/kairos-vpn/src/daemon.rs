@@ -203,6 +203,10 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
     let mut first = Ipv4Addr::new(10, 1, 0, 1);
     let mut prefix = 24;
     if let Some(v) = &s.vpn {
+        // Distribution kernels build tun as a module.
+        if !Path::new("/dev/net/tun").exists() {
+            let _ = kairos_sys::host::modprobe("tun", &[]);
+        }
         let tun = Tun::open(&v.interface)?;
         vpn = Some((Vpn::start(tun.clone(), node.control()), tun));
         match &v.addressing {
@@ -240,10 +244,14 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
         ..Zone::default()
     }));
     if let Some(d) = &s.dns {
+        let upstream = paths.state_dir.join("resolv.conf.upstream");
         let forward = match &d.forward {
             Some(f) => f.clone(),
             None => {
-                let rc = std::fs::read_to_string(&paths.resolv_conf).unwrap_or_default();
+                // The servers the node had before we pointed it at ourselves.
+                let rc = std::fs::read_to_string(&upstream)
+                    .or_else(|_| std::fs::read_to_string(&paths.resolv_conf))
+                    .unwrap_or_default();
                 let mut f = dns::nameservers(&rc, &d.listen);
                 if f.is_empty() {
                     f = crate::settings::DEFAULT_FORWARDERS
@@ -261,6 +269,9 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
                 why,
             })?;
         drop(sock);
+        if d.listen.ip().is_loopback() && d.listen.port() == 53 {
+            use_mesh_dns(&paths.resolv_conf, &upstream);
+        }
         let (listen, zone) = (d.listen, zone.clone());
         tokio::spawn(async move {
             if let Err(e) = dns::serve(listen, zone, forward).await {
@@ -438,6 +449,40 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
     Ok(())
 }
 
+/// The resolv.conf that sends the node's lookups to the mesh DNS (as Kairos does with
+/// `p2p.dns`), keeping its `search`/`options` lines.
+pub fn mesh_resolv_conf(old: &str, listen: std::net::IpAddr) -> String {
+    let mut out = format!(
+        "# kairos-agent p2p (p2p.dns): mesh names, the rest forwarded\nnameserver {listen}\n"
+    );
+    for l in old.lines() {
+        let t = l.trim_start();
+        if t.starts_with("search") || t.starts_with("domain") || t.starts_with("options") {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Points the node's resolv.conf at the mesh DNS, keeping the old one as the upstream list
+/// (once: a restart must not take our own file as upstream).
+fn use_mesh_dns(resolv_conf: &Path, upstream: &Path) {
+    let old = std::fs::read_to_string(resolv_conf).unwrap_or_default();
+    if !upstream.exists() && !old.contains("kairos-agent p2p") {
+        let _ = kairos_sys::fs::write_private(upstream, old.as_bytes());
+    }
+    let new = mesh_resolv_conf(&old, std::net::IpAddr::V4(Ipv4Addr::LOCALHOST));
+    if new != old
+        && let Err(e) = kairos_sys::fs::write_atomic(resolv_conf, new.as_bytes(), 0o644)
+    {
+        eprintln!(
+            "p2p: could not point {} at the mesh DNS: {e}",
+            resolv_conf.display()
+        );
+    }
+}
+
 fn network(ip: Ipv4Addr, prefix: u8) -> Ipv4Addr {
     let mask = if prefix == 0 {
         0
@@ -544,6 +589,27 @@ mod tests {
             v.contains(r#""Address":"10.1.0.3","Version":"kairos-rs "#),
             "{v}"
         );
+    }
+
+    #[test]
+    fn resolv_conf_points_at_the_mesh() {
+        let old = "nameserver 192.0.2.1\nsearch lan example.com\noptions edns0\n";
+        let new = mesh_resolv_conf(old, "127.0.0.1".parse().unwrap());
+        assert_eq!(
+            new,
+            "# kairos-agent p2p (p2p.dns): mesh names, the rest forwarded\nnameserver 127.0.0.1\nsearch lan example.com\noptions edns0\n"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let (rc, up) = (d.path().join("resolv.conf"), d.path().join("state/up"));
+        std::fs::write(&rc, old).unwrap();
+        use_mesh_dns(&rc, &up);
+        use_mesh_dns(&rc, &up);
+        assert_eq!(
+            std::fs::read_to_string(&up).unwrap(),
+            old,
+            "the original is kept once"
+        );
+        assert_eq!(std::fs::read_to_string(&rc).unwrap(), new);
     }
 
     #[test]
