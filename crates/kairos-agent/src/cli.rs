@@ -302,23 +302,21 @@ fn section<T: serde::de::DeserializeOwned>(
         .ok()
 }
 
-/// Whether the merged config sets a (non-empty) `p2p.network_token`.
-fn p2p_enabled(g: &Global, fetcher: &dyn Fetcher) -> Result<bool> {
-    let c = g.collect(fetcher)?;
-    Ok(c.config
+/// The merged config's `p2p.network_token`, when set (not empty).
+fn network_token(c: &Collected) -> Option<String> {
+    c.config
         .at_path("p2p.network_token")
         .and_then(|n| n.scalar_text())
-        .is_some_and(|t| !t.trim().is_empty()))
+        .filter(|t| !t.trim().is_empty())
 }
 
 /// `p2p run`: the daemon's settings from the merged config, then the daemon.
 fn p2p_run(
     g: &Global,
-    fetcher: &dyn Fetcher,
+    c: &Collected,
     state_dir: &std::path::Path,
     socket: &std::path::Path,
 ) -> Result<Code> {
-    let c = g.collect(fetcher)?;
     let p2p: kairos_config::types::P2p = section(&c.config, "p2p", "P2p").unwrap_or_default();
     let (mut settings, warnings) = match kairos_vpn::settings::from_config(&p2p) {
         Ok(s) => s,
@@ -386,12 +384,7 @@ pub fn run(cli: Cli) -> Result<Code> {
             command: P2pCommand::Token { json },
         } => {
             let c = cli.global.collect(&fetcher)?;
-            let Some(t) = c
-                .config
-                .at_path("p2p.network_token")
-                .and_then(|n| n.scalar_text())
-                .filter(|t| !t.is_empty())
-            else {
+            let Some(t) = network_token(&c) else {
                 eprintln!(
                     "kairos-agent: no p2p.network_token in the config (make one with `kairos-agent p2p generate-token`)"
                 );
@@ -416,19 +409,23 @@ pub fn run(cli: Cli) -> Result<Code> {
                     if_enabled,
                 },
         } => {
-            if if_enabled && !p2p_enabled(&cli.global, &fetcher)? {
+            let c = cli.global.collect(&fetcher)?;
+            if if_enabled && network_token(&c).is_none() {
                 eprintln!("kairos-agent: no p2p.network_token in the config: the mesh is off");
                 return Ok(0);
             }
-            p2p_run(&cli.global, &fetcher, &state_dir, &socket)
+            p2p_run(&cli.global, &c, &state_dir, &socket)
         }
         Command::P2p {
             command: P2pCommand::Enabled,
-        } => Ok(if p2p_enabled(&cli.global, &fetcher)? {
-            0
-        } else {
-            exit::INVALID
-        }),
+        } => {
+            let c = cli.global.collect(&fetcher)?;
+            Ok(if network_token(&c).is_some() {
+                0
+            } else {
+                exit::INVALID
+            })
+        }
         Command::P2p {
             command: P2pCommand::Status { json, socket },
         } => {

@@ -233,6 +233,14 @@ impl Lan {
         }
     }
 
+    /// Waits until node `n` has a VPN address and sees `machines` live machines.
+    fn joined(&self, n: usize, machines: usize) -> Value {
+        let what = format!("an address and {machines} live machines");
+        self.wait(n, &what, 120, |v| {
+            address(v).is_some() && live_machines(v) == machines
+        })
+    }
+
     fn exec(&self, n: usize, argv: &[&str]) -> std::process::Output {
         Command::new("ip")
             .args(["netns", "exec", &self.nodes[n].ns])
@@ -309,13 +317,9 @@ fn three_nodes_on_a_lan() {
         lan.add(i, &format!("node{i}"), &cfg);
     }
     let started = Instant::now();
-    let mut addrs = Vec::new();
-    for n in 0..3 {
-        let v = lan.wait(n, "an address and 3 live machines", 120, |v| {
-            address(v).is_some() && live_machines(v) == 3
-        });
-        addrs.push(address(&v).unwrap());
-    }
+    let addrs: Vec<String> = (0..3)
+        .map(|n| address(&lan.joined(n, 3)).unwrap())
+        .collect();
     eprintln!("joined: {addrs:?} in {:?}", started.elapsed());
     let mut sorted = addrs.clone();
     sorted.sort();
@@ -410,9 +414,7 @@ fn three_nodes_on_a_lan() {
     let before = lan.status(1).unwrap();
     lan.kill(1);
     lan.start(1);
-    let after = lan.wait(1, "back with an address and 3 live machines", 120, |v| {
-        address(v).is_some() && live_machines(v) == 3
-    });
+    let after = lan.joined(1, 3);
     assert_eq!(after["peer_id"], before["peer_id"], "same identity");
     assert_eq!(address(&after), address(&before), "same VPN address");
     assert!(
@@ -468,9 +470,7 @@ fn a_node_behind_nat_joins() {
     let cfg = format!("  network_token: {tok}\n  disable_dht: true\n");
     lan.add(1, "lan1", &cfg);
     lan.add(2, "lan2", &cfg);
-    let v = lan.wait(0, "the LAN nodes joined", 120, |v| {
-        address(v).is_some() && live_machines(v) == 2
-    });
+    let v = lan.joined(0, 2);
     let boot = lan_address_of(&v);
     let natted = lan.add_node(
         3,
@@ -478,13 +478,9 @@ fn a_node_behind_nat_joins() {
         &format!("{cfg}  bootstrap_peers: [{boot}]\n"),
         true,
     );
-    let mut addrs = Vec::new();
-    for n in 0..3 {
-        let v = lan.wait(n, "three live machines", 120, |v| {
-            address(v).is_some() && live_machines(v) == 3
-        });
-        addrs.push(address(&v).unwrap());
-    }
+    let addrs: Vec<String> = (0..3)
+        .map(|n| address(&lan.joined(n, 3)).unwrap())
+        .collect();
     // The LAN cannot open a connection to the NAT'ed node: check the premise.
     assert!(
         !lan.exec(0, &["busybox", "ping", "-c", "1", "-W", "1", "10.99.0.2"])

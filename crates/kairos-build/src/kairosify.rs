@@ -378,6 +378,14 @@ mod tests {
         }
     }
 
+    /// The Kairos layer for the image tree `r`, in a new directory.
+    fn layer(r: &Path) -> (tempfile::TempDir, Result<InitSystem>) {
+        let l = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let made = kairos_layer(r, &bins(b.path()), "1", l.path());
+        (l, made)
+    }
+
     #[test]
     fn an_inittab_symlinked_to_a_host_file_is_not_copied() {
         let r = base("busybox");
@@ -386,10 +394,9 @@ mod tests {
         fs::write(&secret, "::sysinit:host secret\n").unwrap();
         fs::remove_file(r.path().join("etc/inittab")).unwrap();
         std::os::unix::fs::symlink(&secret, r.path().join("etc/inittab")).unwrap();
-        let l = tempfile::tempdir().unwrap();
-        let b = tempfile::tempdir().unwrap();
         // The link names a file the image does not have: refused, nothing of the host copied.
-        let e = kairos_layer(r.path(), &bins(b.path()), "1", l.path()).unwrap_err();
+        let (l, made) = layer(r.path());
+        let e = made.unwrap_err();
         assert!(format!("{e:#}").contains("/etc/inittab"), "{e:#}");
         let tab = fs::read_to_string(l.path().join("etc/inittab")).unwrap_or_default();
         assert!(!tab.contains("host secret"), "{tab}");
@@ -398,12 +405,8 @@ mod tests {
     #[test]
     fn busybox_stages_run_after_sysinit_before_getty() {
         let r = base("busybox");
-        let l = tempfile::tempdir().unwrap();
-        let b = tempfile::tempdir().unwrap();
-        assert_eq!(
-            kairos_layer(r.path(), &bins(b.path()), "1", l.path()).unwrap(),
-            InitSystem::Busybox
-        );
+        let (l, made) = layer(r.path());
+        assert_eq!(made.unwrap(), InitSystem::Busybox);
         let tab = fs::read_to_string(l.path().join("etc/inittab")).unwrap();
         assert_eq!(
             tab,
@@ -420,9 +423,8 @@ mod tests {
     #[test]
     fn systemd_units_enabled() {
         let r = base("systemd");
-        let l = tempfile::tempdir().unwrap();
-        let b = tempfile::tempdir().unwrap();
-        kairos_layer(r.path(), &bins(b.path()), "1", l.path()).unwrap();
+        let (l, made) = layer(r.path());
+        made.unwrap();
         let link = fs::read_link(
             l.path()
                 .join("etc/systemd/system/multi-user.target.wants/cos-setup-boot.service"),
@@ -453,12 +455,8 @@ mod tests {
         let r = base("none");
         fs::create_dir_all(r.path().join("sbin")).unwrap();
         fs::write(r.path().join("sbin/openrc"), "").unwrap();
-        let l = tempfile::tempdir().unwrap();
-        let b = tempfile::tempdir().unwrap();
-        assert_eq!(
-            kairos_layer(r.path(), &bins(b.path()), "1", l.path()).unwrap(),
-            InitSystem::OpenRc
-        );
+        let (l, made) = layer(r.path());
+        assert_eq!(made.unwrap(), InitSystem::OpenRc);
         let svc = fs::read_to_string(l.path().join("etc/init.d/kairos-p2p")).unwrap();
         assert!(svc.contains("supervisor=supervise-daemon"), "{svc}");
         assert!(svc.contains("kairos-agent p2p enabled"), "{svc}");

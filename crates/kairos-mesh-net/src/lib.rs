@@ -60,6 +60,8 @@ pub struct Options {
     /// A connected peer that has not joined our topic by then is disconnected (a node of
     /// another network, or not a mesh node at all).
     pub stranger_grace: Duration,
+    /// Static peers that are not connected are dialled again this often.
+    pub redial: Duration,
 }
 
 impl Default for Options {
@@ -74,6 +76,7 @@ impl Default for Options {
             skip_interfaces: Vec::new(),
             max_connections: 64,
             stranger_grace: Duration::from_secs(30),
+            redial: Duration::from_secs(30),
         }
     }
 }
@@ -143,6 +146,8 @@ impl Node {
             .map_err(|e| NetError::Host(e.to_string()))?;
         let max = token.max_message_size as usize;
         let max_conns = opts.max_connections.max(1);
+        let dht_protocol = libp2p::StreamProtocol::try_from_owned(token.network_dht_protocol())
+            .map_err(|e| NetError::Host(e.to_string()))?;
         let gs_config = gossipsub::ConfigBuilder::default()
             .message_id_fn(message_id)
             .validation_mode(gossipsub::ValidationMode::Strict)
@@ -172,7 +177,9 @@ impl Node {
                     ),
                     stream: libp2p_stream::Behaviour::new(),
                     kad: {
-                        let mut cfg = libp2p::kad::Config::new(libp2p::kad::PROTOCOL_NAME);
+                        // The token's own protocol: strangers cannot query it or get into
+                        // its tables.
+                        let mut cfg = libp2p::kad::Config::new(dht_protocol.clone());
                         cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
                         let id = key.public().to_peer_id();
                         let mut k = libp2p::kad::Behaviour::with_config(
@@ -217,9 +224,6 @@ impl Node {
         if let Ok(address) = tokio::time::timeout(Duration::from_secs(5), first).await {
             lock(&listen).push(address);
         }
-        for p in &opts.peers {
-            let _ = swarm.dial(p.clone());
-        }
         let (tx, rx) = mpsc::channel(64);
         let ledger = Arc::new(Mutex::new(Ledger::new(
             opts.ownership,
@@ -260,6 +264,8 @@ impl Node {
             strangers: Default::default(),
             members: Default::default(),
             kad_bootstrapped: false,
+            identified: Default::default(),
+            next_redial: None,
             unsealable: 0,
             published: 0,
         };
@@ -348,15 +354,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn in_net(ip: std::net::Ipv4Addr, (net, prefix): (std::net::Ipv4Addr, u8)) -> bool {
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix.min(32)))
-    };
-    u32::from(ip) & mask == u32::from(net) & mask
-}
-
 struct Task {
     swarm: Swarm<Behaviour>,
     token: Token,
@@ -371,6 +368,10 @@ struct Task {
     strangers: std::collections::HashMap<PeerId, std::time::Instant>,
     members: std::collections::HashSet<PeerId>,
     kad_bootstrapped: bool,
+    /// Listen addresses identify reported, until the peer joins our topic.
+    identified: std::collections::HashMap<PeerId, Vec<Multiaddr>>,
+    /// When the static peers are dialled again (None: now).
+    next_redial: Option<std::time::Instant>,
     unsealable: u64,
     published: u64,
 }
@@ -439,14 +440,58 @@ impl Task {
         }
     }
 
+    /// Tells the network's DHT where a member listens (a node behind NAT connected to one of
+    /// us then learns where the others are); the first one bootstraps it.
+    fn learn_addresses(&mut self, peer: PeerId) {
+        let Some(addrs) = self.identified.remove(&peer) else {
+            return;
+        };
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        for a in addrs {
+            kad.add_address(&peer, a);
+        }
+        if !self.kad_bootstrapped {
+            self.kad_bootstrapped = kad.bootstrap().is_ok();
+        }
+    }
+
     /// Not loopback and not in a blocked network (the VPN's own).
     fn dialable(&self, a: &Multiaddr) -> bool {
         !a.iter().any(|p| match p {
             libp2p::multiaddr::Protocol::Ip4(ip) => {
-                ip.is_loopback() || self.blocked.iter().any(|n| in_net(ip, *n))
+                ip.is_loopback()
+                    || self
+                        .blocked
+                        .iter()
+                        .any(|n| kairos_sys::net::in_network(ip, *n))
             }
             _ => false,
         })
+    }
+
+    /// Dials the static peers that are not connected: at start, then every
+    /// [`Options::redial`] (a peer that was down when we started, or went away, is found
+    /// again).
+    fn redial_peers(&mut self) {
+        if self
+            .next_redial
+            .is_some_and(|t| t > std::time::Instant::now())
+        {
+            return;
+        }
+        self.next_redial = Some(std::time::Instant::now() + self.opts.redial);
+        for a in self.opts.peers.clone() {
+            let peer = a.iter().find_map(|p| match p {
+                libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                _ => None,
+            });
+            match peer {
+                Some(id) if self.swarm.is_connected(&id) => {}
+                _ => {
+                    let _ = self.swarm.dial(a);
+                }
+            }
+        }
     }
 
     /// Disconnects peers that have not joined our topic within the grace time.
@@ -482,6 +527,7 @@ impl Task {
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         self.rotate();
+        self.redial_peers();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut sync = tokio::time::interval(self.opts.sync_interval);
         loop {
@@ -500,15 +546,17 @@ impl Task {
                         lock(&self.listen).retain(|a| a != &address);
                     }
                     SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                        // Where a peer listens, for peers that look it up (a node behind NAT
-                        // connected to one of us learns where the others are).
-                        for a in info.listen_addrs {
-                            if self.dialable(&a) {
-                                self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
-                            }
-                        }
-                        if !self.kad_bootstrapped {
-                            self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                        // Where a peer listens (at most 16 addresses), told to the DHT once
+                        // the peer has shown it is one of us.
+                        let addrs: Vec<Multiaddr> = info
+                            .listen_addrs
+                            .into_iter()
+                            .filter(|a| self.dialable(a))
+                            .take(16)
+                            .collect();
+                        self.identified.insert(peer_id, addrs);
+                        if self.members.contains(&peer_id) {
+                            self.learn_addresses(peer_id);
                         }
                     }
                     SwarmEvent::ConnectionEstablished { peer_id, .. } if !self.members.contains(&peer_id) => {
@@ -517,6 +565,7 @@ impl Task {
                     SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                         self.strangers.remove(&peer_id);
                         self.members.remove(&peer_id);
+                        self.identified.remove(&peer_id);
                     }
                     SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }))
                         if self.topics.contains_key(topic.as_str()) =>
@@ -525,6 +574,7 @@ impl Task {
                         // A new member gets our ledger now, not at the next sync.
                         if self.members.insert(peer_id) {
                             self.publish();
+                            self.learn_addresses(peer_id);
                         }
                     }
                     _ => {}
@@ -532,6 +582,7 @@ impl Task {
                 _ = tick.tick() => {
                     self.rotate();
                     self.drop_strangers();
+                    self.redial_peers();
                 }
                 _ = sync.tick() => self.publish(),
                 cmd = rx.recv() => match cmd {

@@ -29,6 +29,9 @@ pub const PORT: u16 = 5353;
 pub const MAX_QUERY_INTERVAL: Duration = Duration::from_secs(60);
 /// Answers and packets larger than this are ignored (a full mDNS packet is 9000 bytes).
 const MAX_PACKET: usize = 9000;
+/// What one answer may make us dial: peers, and addresses per peer (the rest is ignored).
+pub const MAX_PEERS_PER_ANSWER: usize = 8;
+pub const MAX_ADDRS_PER_PEER: usize = 8;
 const TTL: u32 = 120;
 
 fn service_name(mdns: &str) -> String {
@@ -152,7 +155,13 @@ pub fn peers_in(data: &[u8], mdns: &str) -> BTreeMap<PeerId, Vec<Multiaddr>> {
             }) else {
                 continue;
             };
-            out.entry(peer).or_default().push(addr);
+            if !out.contains_key(&peer) && out.len() >= MAX_PEERS_PER_ANSWER {
+                continue;
+            }
+            let addrs = out.entry(peer).or_default();
+            if addrs.len() < MAX_ADDRS_PER_PEER {
+                addrs.push(addr);
+            }
         }
     }
     out
@@ -333,6 +342,27 @@ mod tests {
         for cut in 0..r.len() {
             let _ = peers_in(&r[..cut], SVC);
         }
+    }
+
+    #[test]
+    fn one_answer_dials_a_bounded_number_of_peers_and_addresses() {
+        let addrs: Vec<String> = (0..12)
+            .flat_map(|_| {
+                let p = PeerId::random();
+                (0..12).map(move |i| format!("/ip4/10.0.0.{i}/tcp/1/p2p/{p}"))
+            })
+            .take(20)
+            .collect();
+        // 20 addresses: 12 of one peer, 8 of a second.
+        let r = response(SVC, "abc", &addrs, &[]);
+        let found = peers_in(&r, SVC);
+        assert_eq!(found.len(), 2);
+        assert!(found.values().all(|a| a.len() == MAX_ADDRS_PER_PEER));
+        let many: Vec<String> = (0..12)
+            .map(|_| format!("/ip4/10.0.0.1/tcp/1/p2p/{}", PeerId::random()))
+            .collect();
+        let found = peers_in(&response(SVC, "abc", &many, &[]), SVC);
+        assert_eq!(found.len(), MAX_PEERS_PER_ANSWER);
     }
 
     #[test]

@@ -120,3 +120,44 @@ async fn writes_keep_flowing_across_topic_and_key_rotations() {
         b.status().await.unwrap().topic
     );
 }
+
+/// A static peer that is not up when a node starts is dialled again until it is: the node
+/// behind NAT must not stay alone because its bootstrap peer rebooted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_peer_down_at_start_is_dialled_again() {
+    let token = Token::generate(9000);
+    // A free port, released for the late node to take.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let late_id = kairos_mesh::identity::Identity::from_seed(&[7; 32]).peer_id();
+    let early = Node::start(
+        token.clone(),
+        [6; 32],
+        Options {
+            redial: Duration::from_millis(500),
+            ..opts(vec![format!("/ip4/127.0.0.1/tcp/{port}/p2p/{late_id}")])
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(early.status().await.unwrap().peers.is_empty());
+    let late = Node::start(
+        token,
+        [7; 32],
+        Options {
+            listen: vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()],
+            ..opts(vec![])
+        },
+    )
+    .await
+    .unwrap();
+    early.put("kairos", "early", "1").await.unwrap();
+    assert!(
+        eventually(&late, "kairos", "early", Some("1")).await,
+        "the early node found the late one and shared its ledger"
+    );
+}

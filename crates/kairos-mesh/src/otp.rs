@@ -95,6 +95,19 @@ impl Token {
         }
     }
 
+    /// The DHCP lease file name (EdgeVPN: MD5hex(crypto key + "-ek")); it does not rotate.
+    pub fn dhcp_lease(&self) -> String {
+        md5_hex(&format!("{}-ek", self.otp.crypto.key))
+    }
+
+    /// The protocol of the network's own DHT (kairos-rs): only holders of the token know it,
+    /// so a peer of another network can neither query it nor enter its routing tables. It
+    /// does not rotate (a DHT's tables outlive a rotation).
+    pub fn network_dht_protocol(&self) -> String {
+        let h = md5_hex(&format!("{}-kad", self.otp.crypto.key));
+        format!("/kairos/kad/{}/1.0.0", &h[..16])
+    }
+
     /// Everything derived at `unix`.
     pub fn derive(&self, unix: u64) -> Derived {
         let room = Otp {
@@ -118,7 +131,7 @@ impl Token {
                 .collect(),
             rendezvous,
             mdns: self.mdns.clone(),
-            dhcp_lease: md5_hex(&format!("{}-ek", self.otp.crypto.key)),
+            dhcp_lease: self.dhcp_lease(),
             next_rotation: next,
         }
     }
@@ -184,6 +197,26 @@ mod tests {
         assert!(hex.starts_with("12201aa1f097"), "{hex}");
         assert!(hex.ends_with("e7e920"), "{hex}");
         assert_eq!(k.len(), 34);
+    }
+
+    #[test]
+    fn the_network_dht_protocol_is_the_tokens_own() {
+        let a = crate::Token::generate(9000);
+        let b = crate::Token::generate(9000);
+        let p = a.network_dht_protocol();
+        assert!(
+            p.starts_with("/kairos/kad/") && p.ends_with("/1.0.0"),
+            "{p}"
+        );
+        assert_eq!(p.len(), "/kairos/kad//1.0.0".len() + 16);
+        assert_eq!(p, a.network_dht_protocol(), "stable");
+        assert_ne!(
+            p,
+            b.network_dht_protocol(),
+            "another network, another protocol"
+        );
+        assert!(!p.contains(&a.otp.crypto.key), "the key itself never shows");
+        assert_eq!(a.dhcp_lease(), a.derive(T).dhcp_lease);
     }
 
     #[test]

@@ -25,6 +25,13 @@ pub struct Received {
     pub refused: Vec<Refused>,
 }
 
+/// A `machines` value, as far as the VPN reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Machine {
+    pub peer: String,
+    pub hostname: String,
+}
+
 pub struct Ledger {
     last: Block,
     mode: Ownership,
@@ -187,11 +194,26 @@ impl Ledger {
 
     /// `machines`: VPN address → PeerID.
     pub fn machines(&self) -> BTreeMap<Ipv4Addr, String> {
+        self.machine_entries()
+            .into_iter()
+            .map(|(ip, m)| (ip, m.peer))
+            .collect()
+    }
+
+    /// `machines` with what the values say (entries that name no peer or whose key is not
+    /// an address are left out).
+    pub fn machine_entries(&self) -> BTreeMap<Ipv4Addr, Machine> {
         self.bucket("machines")
             .into_iter()
             .filter_map(|(ip, e)| {
-                let peer = ledger::declared_owner("machines", ip, &e.value)?;
-                Some((ip.parse().ok()?, peer))
+                let v: serde_json::Value = serde_json::from_str(&e.value).ok()?;
+                let peer = v.get("PeerID")?.as_str()?.to_string();
+                let hostname = v
+                    .get("Hostname")
+                    .and_then(|h| h.as_str())
+                    .unwrap_or_default()
+                    .to_string();
+                Some((ip.parse().ok()?, Machine { peer, hostname }))
             })
             .collect()
     }
@@ -271,7 +293,7 @@ mod tests {
         la.put(
             "machines",
             "10.1.0.2",
-            &format!(r#"{{"PeerID":"{}"}}"#, a.peer_id()),
+            &format!(r#"{{"PeerID":"{}","Hostname":"node-a"}}"#, a.peer_id()),
             Some(&a),
             T,
         );
@@ -283,6 +305,13 @@ mod tests {
         assert_eq!(
             lb.machines().get(&"10.1.0.2".parse().unwrap()),
             Some(&a.peer_id())
+        );
+        assert_eq!(
+            lb.machine_entries()[&"10.1.0.2".parse().unwrap()],
+            Machine {
+                peer: a.peer_id(),
+                hostname: "node-a".into()
+            }
         );
         // b forging a's address is refused by a.
         let mut forged = Ledger::new(Ownership::Enforce, "g");

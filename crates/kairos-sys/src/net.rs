@@ -23,9 +23,11 @@ pub enum NetError {
     BadName(String),
     #[error("opening /dev/net/tun: {0} (is the tun module loaded? `modprobe tun`)")]
     Open(io::Error),
-    #[error("creating TUN device {name}: {why}")]
+    #[error(
+        "creating TUN device {name}: {why} (it needs root or CAP_NET_ADMIN; if another program holds a device of that name, set p2p.vpn.interface)"
+    )]
     Create { name: String, why: io::Error },
-    #[error("configuring {name} ({what}): {why}")]
+    #[error("configuring {name} ({what}): {why} (it needs root or CAP_NET_ADMIN)")]
     Configure {
         name: String,
         what: &'static str,
@@ -130,6 +132,24 @@ fn ioctl(
     Ok(())
 }
 
+/// The IPv4 netmask of a prefix length (`24` → `255.255.255.0`), as a number.
+pub fn netmask(prefix: u8) -> u32 {
+    match prefix {
+        0 => 0,
+        p => u32::MAX << (32 - u32::from(p.min(32))),
+    }
+}
+
+/// The network address of `ip/prefix`.
+pub fn network(ip: Ipv4Addr, prefix: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(ip) & netmask(prefix))
+}
+
+/// Whether `ip` is in the network `net/prefix`.
+pub fn in_network(ip: Ipv4Addr, (net, prefix): (Ipv4Addr, u8)) -> bool {
+    network(ip, prefix) == network(net, prefix)
+}
+
 /// Gives `name` the address `ip/prefix` and the MTU, and brings it up (the kernel adds the
 /// prefix route).
 pub fn configure(name: &str, ip: Ipv4Addr, prefix: u8, mtu: u32) -> Result<(), NetError> {
@@ -144,13 +164,8 @@ pub fn configure(name: &str, ip: Ipv4Addr, prefix: u8, mtu: u32) -> Result<(), N
     let mut req = ifreq(name)?;
     req.ifr_ifru.ifru_addr = sockaddr_in(ip);
     ioctl(&sock, name, "address", libc::SIOCSIFADDR, &mut req)?;
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix.min(32)))
-    };
     let mut req = ifreq(name)?;
-    req.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::from(mask));
+    req.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::from(netmask(prefix)));
     ioctl(&sock, name, "netmask", libc::SIOCSIFNETMASK, &mut req)?;
     let mut req = ifreq(name)?;
     ioctl(&sock, name, "flags", libc::SIOCGIFFLAGS, &mut req)?;
@@ -254,6 +269,18 @@ mod tests {
             assert!(!valid_ifname(bad), "{bad:?}");
         }
         assert!(matches!(open_tun("a/b"), Err(NetError::BadName(_))));
+    }
+
+    #[test]
+    fn networks() {
+        assert_eq!(netmask(0), 0);
+        assert_eq!(Ipv4Addr::from(netmask(24)), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(netmask(32), u32::MAX);
+        let ip = Ipv4Addr::new(10, 1, 0, 7);
+        assert_eq!(network(ip, 24), Ipv4Addr::new(10, 1, 0, 0));
+        assert!(in_network(ip, (Ipv4Addr::new(10, 1, 0, 200), 24)));
+        assert!(!in_network(ip, (Ipv4Addr::new(10, 1, 1, 0), 24)));
+        assert!(in_network(ip, (Ipv4Addr::UNSPECIFIED, 0)));
     }
 
     #[test]

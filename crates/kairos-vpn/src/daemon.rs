@@ -37,7 +37,9 @@ pub enum DaemonError {
     Device(#[from] kairos_sys::net::NetError),
     #[error("status socket {path}: {why}")]
     Socket { path: PathBuf, why: std::io::Error },
-    #[error("DNS on {addr}: {why}")]
+    #[error(
+        "DNS on {addr}: {why} (another DNS server, such as systemd-resolved, may listen there: stop it, or serve elsewhere with p2p.vpn.env.DNSADDRESS)"
+    )]
     Dns { addr: String, why: std::io::Error },
 }
 
@@ -223,7 +225,7 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
                 lease_dir,
             } => {
                 (first, prefix) = (*f, *p);
-                let path = lease_dir.join(&s.token.derive(0).dhcp_lease);
+                let path = lease_dir.join(s.token.dhcp_lease());
                 let leased = std::fs::read_to_string(&path)
                     .ok()
                     .and_then(|t| t.trim().parse::<Ipv4Addr>().ok());
@@ -239,10 +241,9 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
         }
     }
 
-    let zone = Arc::new(RwLock::new(Zone {
-        domain: s.dns.as_ref().map(|d| d.domain.clone()).unwrap_or_default(),
-        ..Zone::default()
-    }));
+    let zone = Arc::new(RwLock::new(Zone::new(
+        &s.dns.as_ref().map(|d| d.domain.clone()).unwrap_or_default(),
+    )));
     if let Some(d) = &s.dns {
         let upstream = paths.state_dir.join("resolv.conf.upstream");
         let forward = match &d.forward {
@@ -309,25 +310,20 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
             next_heartbeat = Instant::now() + s.intervals.healthcheck;
         }
         let (machines, live, alive, leader, hosts, records) = node.read(|l| {
-            let machines = l.machines();
+            let entries = l.machine_entries();
             let live = l.alive(now, ttl);
             let alive = l.alive(now, maxtime);
             let leader = l
                 .get("dhcp", "leader")
                 .and_then(|e| serde_json::from_str::<String>(&e.value).ok());
-            let mut hosts = std::collections::BTreeMap::new();
-            for (ip, e) in l.bucket("machines") {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.value) else {
-                    continue;
-                };
-                let (Some(h), Some(p)) = (v["Hostname"].as_str(), v["PeerID"].as_str()) else {
-                    continue;
-                };
-                if let (Ok(ip), true) = (ip.parse::<Ipv4Addr>(), live.iter().any(|x| x == p)) {
-                    hosts.insert(h.to_ascii_lowercase(), ip);
-                }
-            }
-            let records: Vec<(String, std::collections::BTreeMap<String, String>)> = l
+            let hosts: std::collections::BTreeMap<String, Ipv4Addr> = entries
+                .iter()
+                .filter(|(_, m)| live.contains(&m.peer) && !m.hostname.is_empty())
+                .map(|(ip, m)| (m.hostname.to_ascii_lowercase(), *ip))
+                .collect();
+            let machines: std::collections::BTreeMap<Ipv4Addr, String> =
+                entries.into_iter().map(|(ip, m)| (ip, m.peer)).collect();
+            let records: Vec<dns::Entry> = l
                 .bucket("dns")
                 .into_iter()
                 .filter_map(|(k, e)| Some((k.to_string(), serde_json::from_str(&e.value).ok()?)))
@@ -349,7 +345,7 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
         }
         if let Ok(mut z) = zone.write() {
             z.hosts = hosts;
-            z.records = records;
+            z.set_records(records);
         }
         // Addressing.
         let have_ip = addr.ip;
@@ -434,7 +430,7 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
                 "address": a.ip.map(|(ip, p)| format!("{ip}/{p}")),
                 "addressing": a.how,
                 "waiting": (!a.dhcp.is_empty()).then(|| a.dhcp.clone()),
-                "route": a.ip.map(|(ip, p)| format!("{}/{p} dev {}", network(ip, p), v.interface)),
+                "route": a.ip.map(|(ip, p)| format!("{}/{p} dev {}", kairos_sys::net::network(ip, p), v.interface)),
             })),
             "traffic": vpn.as_ref().map(|(v, _)| v.counters.json()),
             "machines": machines_json,
@@ -481,15 +477,6 @@ fn use_mesh_dns(resolv_conf: &Path, upstream: &Path) {
             resolv_conf.display()
         );
     }
-}
-
-fn network(ip: Ipv4Addr, prefix: u8) -> Ipv4Addr {
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix.min(32)))
-    };
-    Ipv4Addr::from(u32::from(ip) & mask)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

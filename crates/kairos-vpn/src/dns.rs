@@ -25,9 +25,53 @@ pub struct Zone {
     pub domain: String,
     /// hostname (lowercase) → address.
     pub hosts: BTreeMap<String, Ipv4Addr>,
-    /// `dns` bucket: regexp → (type number → value).
-    pub records: Vec<(String, BTreeMap<String, String>)>,
+    /// `dns` bucket entries, their regexps compiled once (see [`Zone::set_records`]).
+    records: Vec<Record>,
 }
+
+/// A `dns` bucket entry: regexp → (type number → value).
+pub type Entry = (String, BTreeMap<String, String>);
+
+#[derive(Debug, Clone)]
+struct Record {
+    entry: Entry,
+    /// None: the pattern is not a regexp this server accepts (skipped).
+    regex: Option<regex::Regex>,
+}
+
+impl Zone {
+    /// An empty zone for `domain`.
+    pub fn new(domain: &str) -> Zone {
+        Zone {
+            domain: domain.to_string(),
+            ..Zone::default()
+        }
+    }
+
+    /// Takes the `dns` bucket as it is now; patterns are compiled only when the entries
+    /// changed (the daemon calls this every second, queries read it).
+    pub fn set_records(&mut self, entries: Vec<Entry>) {
+        if self.records.len() == entries.len()
+            && self
+                .records
+                .iter()
+                .zip(&entries)
+                .all(|(r, e)| &r.entry == e)
+        {
+            return;
+        }
+        self.records = entries
+            .into_iter()
+            .map(|entry| Record {
+                regex: compile(&entry.0),
+                entry,
+            })
+            .collect();
+    }
+}
+
+/// Forwarded queries in flight at most.
+pub const MAX_FORWARDS: usize = 64;
 
 /// What to do with a query.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,14 +84,15 @@ fn type_number(t: TYPE) -> u16 {
     u16::from(t)
 }
 
-fn regex_matches(pattern: &str, name: &str) -> bool {
+/// A pattern from the ledger, bounded: 1 KiB of text, 1 MiB compiled.
+fn compile(pattern: &str) -> Option<regex::Regex> {
     if pattern.len() > 1024 {
-        return false;
+        return None;
     }
     regex::RegexBuilder::new(pattern)
         .size_limit(1 << 20)
         .build()
-        .is_ok_and(|r| r.is_match(name))
+        .ok()
 }
 
 /// Answers `query` from `zone`, or says to forward it.
@@ -82,8 +127,9 @@ pub fn answer(zone: &Zone, query: &[u8]) -> Option<Answer> {
         return reply.build_bytes_vec().ok().map(Answer::Reply);
     }
     let fqdn = format!("{name}.");
-    for (pattern, recs) in &zone.records {
-        if !regex_matches(pattern, &fqdn) {
+    for r in &zone.records {
+        let recs = &r.entry.1;
+        if !r.regex.as_ref().is_some_and(|re| re.is_match(&fqdn)) {
             continue;
         }
         let Some(value) = recs.get(&type_number(qtype).to_string()) else {
@@ -143,6 +189,9 @@ pub async fn serve(
     forward: Vec<SocketAddr>,
 ) -> std::io::Result<()> {
     let sock = std::sync::Arc::new(tokio::net::UdpSocket::bind(listen).await?);
+    // Forwarded queries in flight at once; beyond that a query gets SERVFAIL at once (a
+    // flood must not grow tasks and sockets without bound).
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS));
     let mut buf = vec![0u8; 4096];
     loop {
         let (n, from) = sock.recv_from(&mut buf).await?;
@@ -154,8 +203,15 @@ pub async fn serve(
                 let _ = sock.send_to(&r, from).await;
             }
             Some(Answer::Forward) => {
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    if let Some(r) = servfail(&query) {
+                        let _ = sock.send_to(&r, from).await;
+                    }
+                    continue;
+                };
                 let (sock, forward) = (sock.clone(), forward.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let r = match relay(&query, &forward).await {
                         Some(r) => Some(r),
                         None => servfail(&query),
@@ -214,15 +270,14 @@ mod tests {
     }
 
     fn zone() -> Zone {
-        let mut z = Zone {
-            domain: "mesh".into(),
-            ..Zone::default()
-        };
+        let mut z = Zone::new("mesh");
         z.hosts.insert("node1".into(), Ipv4Addr::new(10, 1, 0, 1));
         let mut r = BTreeMap::new();
         r.insert("1".into(), "10.1.0.77".into());
-        z.records.push(("^api\\.example\\.com\\.$".into(), r));
-        z.records.push(("(((bad".into(), BTreeMap::new()));
+        z.set_records(vec![
+            ("^api\\.example\\.com\\.$".into(), r),
+            ("(((bad".into(), BTreeMap::new()),
+        ]);
         z
     }
 

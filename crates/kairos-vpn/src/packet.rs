@@ -36,19 +36,6 @@ pub fn destination(p: &[u8]) -> Option<IpAddr> {
     }
 }
 
-/// The source address of a whole packet.
-pub fn source(p: &[u8]) -> Option<IpAddr> {
-    match p.first()? >> 4 {
-        4 if p.len() >= 20 => Some(IpAddr::V4(Ipv4Addr::new(p[12], p[13], p[14], p[15]))),
-        6 if p.len() >= 40 => {
-            let mut a = [0u8; 16];
-            a.copy_from_slice(&p[8..24]);
-            Some(IpAddr::V6(Ipv6Addr::from(a)))
-        }
-        _ => None,
-    }
-}
-
 /// Why a stream of packets is not one.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Garbled;
@@ -115,7 +102,6 @@ mod tests {
         let p = ipv4([10, 1, 0, 1], [10, 1, 0, 2], b"hello");
         assert_eq!(declared_len(&p), Some(25));
         assert_eq!(destination(&p), Some("10.1.0.2".parse().unwrap()));
-        assert_eq!(source(&p), Some("10.1.0.1".parse().unwrap()));
         let mut v6 = vec![0x60, 0, 0, 0, 0, 3, 17, 64];
         v6.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
         v6.extend_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());

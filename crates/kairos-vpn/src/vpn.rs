@@ -127,12 +127,18 @@ impl Vpn {
 }
 
 /// Reads packets off a peer's stream into the device until it ends or turns out garbage.
+///
+/// The buffer starts at one MTU's worth and grows only for a packet that needs it (to at most
+/// two maximum packets): EdgeVPN peers open a stream per packet, so this runs per packet.
 async fn receive(mut stream: libp2p::Stream, tun: Tun, counters: Arc<Counters>) {
-    let mut buf = vec![0u8; 2 * packet::MAX_PACKET];
+    let mut buf = vec![0u8; 4096];
     let mut have = 0;
     loop {
         if have == buf.len() {
-            return; // a "packet" longer than any IP packet
+            if buf.len() >= 2 * packet::MAX_PACKET {
+                return; // a "packet" longer than any IP packet
+            }
+            buf.resize((buf.len() * 2).min(2 * packet::MAX_PACKET), 0);
         }
         let n = match stream.read(&mut buf[have..]).await {
             Ok(0) | Err(_) => return,
@@ -216,17 +222,10 @@ async fn send_to(
     };
     while let Some(first) = rx.recv().await {
         if edgevpn {
-            let r = tokio::time::timeout(Duration::from_secs(15), async {
-                let mut s = control.open_stream(peer, EDGEVPN).await.ok()?;
-                s.write_all(&first).await.ok()?;
-                s.close().await.ok()
-            })
-            .await;
-            match r {
-                Ok(Some(())) => count(&first),
-                _ => {
-                    counters.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+            if send_edgevpn(&mut control, peer, &first).await {
+                count(&first);
+            } else {
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
             }
             continue;
         }
@@ -239,16 +238,12 @@ async fn send_to(
             {
                 Ok(Ok(s)) => stream = Some(s),
                 Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
+                    // A Go node: this packet and the next go the EdgeVPN way.
                     edgevpn = true;
-                    // Not lost: sent the EdgeVPN way.
-                    let r = async {
-                        let mut s = control.open_stream(peer, EDGEVPN).await.ok()?;
-                        s.write_all(&first).await.ok()?;
-                        s.close().await.ok()
-                    }
-                    .await;
-                    if r.is_some() {
+                    if send_edgevpn(&mut control, peer, &first).await {
                         count(&first);
+                    } else {
+                        counters.dropped.fetch_add(1, Ordering::Relaxed);
                     }
                     continue;
                 }
@@ -285,6 +280,18 @@ async fn send_to(
             }
         }
     }
+}
+
+/// One packet on its own `/edgevpn/0.1` stream, written and closed (G4), within EdgeVPN's
+/// 15 s timeout.
+async fn send_edgevpn(control: &mut libp2p_stream::Control, peer: PeerId, packet: &[u8]) -> bool {
+    let sent = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut s = control.open_stream(peer, EDGEVPN).await.ok()?;
+        s.write_all(packet).await.ok()?;
+        s.close().await.ok()
+    })
+    .await;
+    matches!(sent, Ok(Some(())))
 }
 
 #[cfg(test)]
