@@ -89,6 +89,18 @@ pub fn render_status(v: &Value) -> String {
             s(&v["unsealable"])
         ),
     );
+    line(
+        "ledger sync",
+        match v["sync"]["mode"].as_str() {
+            Some("delta") => format!(
+                "deltas between kairos peers (sent {} deltas, {} digests; {} blocks exchanged)",
+                s(&v["sync"]["deltas"]),
+                s(&v["sync"]["digests"]),
+                s(&v["sync"]["exchanges"])
+            ),
+            _ => "whole blocks (EdgeVPN's way: a member is not a kairos peer, ownership is off, or no peer yet)".to_string(),
+        },
+    );
     if let Some(keys) = v["ledger"]["keys"].as_object() {
         for (bucket, ks) in keys {
             line("", format!("{bucket}: {}", list(ks)));

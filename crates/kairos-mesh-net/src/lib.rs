@@ -7,12 +7,20 @@
 //! rotate with the token's interval; around a rotation both the old and the new are kept for
 //! [`Options::overlap`] (EdgeVPN rebuilds its router at the boundary and loses messages, G5).
 //!
+//! Between our own peers (kairos-rs nodes, which also join a second, sync topic that EdgeVPN
+//! never sees) the ledger travels as deltas: a change sends only its entries, and the
+//! periodic sync compares digests with one peer over a stream, and sends whole blocks only
+//! when the two differ ([`exchange`]). As soon as one member of the
+//! network is not ours (an EdgeVPN peer) or `ownership` is off, every node falls back to
+//! EdgeVPN's whole-block gossip.
+//!
 //! Gossipsub is set up as EdgeVPN's go-libp2p is: message id = source ‖ seqno (G1), strict
 //! signing, flood publish, peer exchange, the token's `max_message_size`.
 //!
 //! Peers are found by [`mdns`] on the LAN (the token's service name) and dialled from
 //! [`Options::peers`]; [`Node::control`] opens and accepts streams (the VPN's packet path).
 
+pub mod exchange;
 pub mod mdns;
 
 use std::sync::{Arc, Mutex};
@@ -62,6 +70,9 @@ pub struct Options {
     pub stranger_grace: Duration,
     /// Static peers that are not connected are dialled again this often.
     pub redial: Duration,
+    /// Deltas and digests between our own peers (see the crate's docs); off, the node
+    /// behaves as an EdgeVPN peer does (whole blocks only, no sync topic).
+    pub delta: bool,
 }
 
 impl Default for Options {
@@ -77,6 +88,7 @@ impl Default for Options {
             max_connections: 64,
             stranger_grace: Duration::from_secs(30),
             redial: Duration::from_secs(30),
+            delta: true,
         }
     }
 }
@@ -98,7 +110,7 @@ pub fn message_id(m: &gossipsub::Message) -> MessageId {
     MessageId::from(id)
 }
 
-fn unix_nanos() -> u64 {
+pub(crate) fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -126,6 +138,13 @@ pub struct Status {
     /// Ledger blocks this node has sent (or tried to: nobody may listen yet).
     pub published: u64,
     pub ledger_index: u64,
+    /// `delta` (every member is ours) or `full` (EdgeVPN's whole-block gossip).
+    pub sync: &'static str,
+    /// Deltas sent, ledger comparisons opened, whole blocks merged from comparisons that
+    /// differed.
+    pub deltas: u64,
+    pub digests: u64,
+    pub exchanges: u64,
 }
 
 /// A handle to a running node.
@@ -230,6 +249,12 @@ impl Node {
             &ledger::go_utc_string(unix_nanos() as i128),
         )));
         let control = swarm.behaviour().stream.new_control();
+        let shared = exchange::Shared {
+            ledger: ledger.clone(),
+            token: token.clone(),
+            exchanges: Default::default(),
+        };
+        exchange::serve(control.clone(), shared.clone());
         if opts.mdns {
             let (found_tx, mut found_rx) = mpsc::channel(16);
             let ctx = mdns::Context {
@@ -268,6 +293,11 @@ impl Node {
             next_redial: None,
             unsealable: 0,
             published: 0,
+            ours: Default::default(),
+            shared,
+            control: control.clone(),
+            deltas: 0,
+            digests: 0,
         };
         tokio::spawn(task.run(rx));
         Ok(Node {
@@ -350,7 +380,7 @@ impl Node {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -374,6 +404,17 @@ struct Task {
     next_redial: Option<std::time::Instant>,
     unsealable: u64,
     published: u64,
+    /// Members on our sync topic too: kairos-rs peers, which take deltas.
+    ours: std::collections::HashSet<PeerId>,
+    shared: exchange::Shared,
+    control: libp2p_stream::Control,
+    deltas: u64,
+    digests: u64,
+}
+
+/// The sync topic of ledger topic `topic` (our own peers only).
+fn sync_topic(topic: &str) -> String {
+    format!("{topic}/kairos-sync/1")
 }
 
 impl Task {
@@ -391,11 +432,19 @@ impl Task {
                     *until = Some(std::time::Instant::now() + self.opts.overlap);
                 }
             }
-            let _ = self
-                .swarm
-                .behaviour_mut()
-                .gossipsub
-                .subscribe(&IdentTopic::new(current.clone()));
+            // The sync topic first: a peer then knows we take deltas by the time we join the
+            // ledger topic.
+            let mut names = vec![current.clone()];
+            if self.opts.delta {
+                names.insert(0, sync_topic(&current));
+            }
+            for t in names {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .subscribe(&IdentTopic::new(t));
+            }
             self.topics.insert(current, None);
         }
         let expired: Vec<String> = self
@@ -405,12 +454,97 @@ impl Task {
             .map(|(t, _)| t.clone())
             .collect();
         for t in expired {
-            let _ = self
-                .swarm
-                .behaviour_mut()
-                .gossipsub
-                .unsubscribe(&IdentTopic::new(t.clone()));
+            for name in [t.clone(), sync_topic(&t)] {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .unsubscribe(&IdentTopic::new(name));
+            }
             self.topics.remove(&t);
+        }
+    }
+
+    /// EdgeVPN's whole-block gossip is needed: ownership off (deltas cannot be merged), or
+    /// a member that is not ours.
+    fn full_sync(&self) -> bool {
+        !self.opts.delta
+            || self.opts.ownership == Ownership::Off
+            || self.members.is_empty()
+            || self.members.iter().any(|p| !self.ours.contains(p))
+    }
+
+    fn publish_sync(&mut self, m: &ledger::Sync) {
+        let now = self.now_unix();
+        let payload = ledger::sync_to_wire(m, &self.token.seal_key(now));
+        let topic = IdentTopic::new(sync_topic(&self.token.topic(now)));
+        let _ = self.swarm.behaviour_mut().gossipsub.publish(topic, payload);
+    }
+
+    /// A local change: only the changed entry to our own peers, else the whole block.
+    fn publish_change(&mut self, bucket: &str, key: &str) {
+        if self.full_sync() {
+            return self.publish();
+        }
+        let entry = lock(&self.ledger)
+            .last()
+            .storage
+            .get(bucket)
+            .and_then(|b| b.get(key))
+            .cloned();
+        let Some(entry) = entry else {
+            return self.publish();
+        };
+        let mut storage = ledger::Storage::new();
+        storage
+            .entry(bucket.to_string())
+            .or_default()
+            .insert(key.to_string(), entry);
+        let delta = ledger::Block {
+            storage,
+            ..Default::default()
+        };
+        self.publish_sync(&ledger::Sync::Delta(delta));
+        self.deltas += 1;
+    }
+
+    /// Every sync interval: compare ledgers with one of our peers (a random one), else
+    /// gossip the whole block.
+    fn sync(&mut self) {
+        if self.full_sync() {
+            return self.publish();
+        }
+        let ours: Vec<PeerId> = self.members.iter().copied().collect();
+        if let Some(peer) = ours.get(rand::random_range(0..ours.len().max(1))) {
+            self.exchange_with(*peer);
+        }
+    }
+
+    /// Compares ledgers with `peer`, and exchanges whole blocks if they differ.
+    fn exchange_with(&mut self, peer: PeerId) {
+        if self.swarm.is_connected(&peer) {
+            self.digests += 1;
+            tokio::spawn(exchange::with(
+                self.control.clone(),
+                peer,
+                self.shared.clone(),
+            ));
+        }
+    }
+
+    /// A message on the sync topic: a delta to merge.
+    fn receive_sync(&mut self, data: &[u8]) {
+        let now = self.now_unix();
+        let interval = self.token.otp.crypto.interval.max(1);
+        let m = [now, now.saturating_sub(interval)].iter().find_map(|t| {
+            ledger::sync_from_wire(data, &self.token.seal_key(*t), self.token.max_message_size).ok()
+        });
+        match m {
+            Some(ledger::Sync::Delta(b)) if self.opts.ownership == Ownership::Enforce => {
+                lock(&self.ledger).receive(&b, unix_nanos());
+            }
+            Some(_) => {}
+            None => self.unsealable += 1,
         }
     }
 
@@ -534,7 +668,11 @@ impl Task {
             tokio::select! {
                 ev = self.swarm.select_next_some() => match ev {
                     SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
-                        self.receive(&message.data);
+                        if self.topics.contains_key(message.topic.as_str()) {
+                            self.receive(&message.data);
+                        } else {
+                            self.receive_sync(&message.data);
+                        }
                     }
                     SwarmEvent::NewListenAddr { address, .. } => {
                         let mut l = lock(&self.listen);
@@ -566,6 +704,7 @@ impl Task {
                         self.strangers.remove(&peer_id);
                         self.members.remove(&peer_id);
                         self.identified.remove(&peer_id);
+                        self.ours.remove(&peer_id);
                     }
                     SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }))
                         if self.topics.contains_key(topic.as_str()) =>
@@ -573,8 +712,20 @@ impl Task {
                         self.strangers.remove(&peer_id);
                         // A new member gets our ledger now, not at the next sync.
                         if self.members.insert(peer_id) {
-                            self.publish();
+                            if self.ours.contains(&peer_id) {
+                                self.exchange_with(peer_id);
+                            } else {
+                                self.publish();
+                            }
                             self.learn_addresses(peer_id);
+                        }
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }))
+                        if self.topics.keys().any(|t| sync_topic(t) == topic.as_str()) =>
+                    {
+                        // One of ours; if it was already a member, bring it in step now.
+                        if self.ours.insert(peer_id) && self.members.contains(&peer_id) {
+                            self.exchange_with(peer_id);
                         }
                     }
                     _ => {}
@@ -584,14 +735,14 @@ impl Task {
                     self.drop_strangers();
                     self.redial_peers();
                 }
-                _ = sync.tick() => self.publish(),
+                _ = sync.tick() => self.sync(),
                 cmd = rx.recv() => match cmd {
                     None => return,
                     Some(Command::Put(b, k, v, done)) => {
                         let signer = Some(&self.identity);
                         let changed = lock(&self.ledger).put(&b, &k, &v, signer, unix_nanos()).is_some();
                         if changed {
-                            self.publish();
+                            self.publish_change(&b, &k);
                         }
                         let _ = done.send(());
                     }
@@ -618,6 +769,10 @@ impl Task {
                             unsealable: self.unsealable,
                             published: self.published,
                             ledger_index: lock(&self.ledger).last().index,
+                            sync: if self.full_sync() { "full" } else { "delta" },
+                            deltas: self.deltas,
+                            digests: self.digests,
+                            exchanges: self.shared.exchanges.load(std::sync::atomic::Ordering::Relaxed),
                         });
                     }
                 },

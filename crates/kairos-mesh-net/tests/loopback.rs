@@ -161,3 +161,79 @@ async fn a_static_peer_down_at_start_is_dialled_again() {
         "the early node found the late one and shared its ledger"
     );
 }
+
+async fn wait_status(node: &Node, what: &str, ok: impl Fn(&kairos_mesh_net::Status) -> bool) {
+    for _ in 0..600 {
+        if ok(&node.status().await.unwrap()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: {:?}", node.status().await.unwrap());
+}
+
+/// Our own peers send deltas and digests, not whole blocks: a change reaches the others as
+/// a delta, a node that joins later is brought in step by a whole-block exchange, and a
+/// member that only speaks EdgeVPN's whole-block gossip (a stand-in for a Go EdgeVPN peer:
+/// our node with deltas off) turns everyone back to whole blocks, and still gets every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_peers_sync_by_deltas_and_fall_back_for_edgevpn_peers() {
+    let token = Token::generate(9000);
+    let a = Node::start(token.clone(), [11; 32], opts(vec![]))
+        .await
+        .unwrap();
+    let a_addr = addr_of(&a).await;
+    let b = Node::start(token.clone(), [12; 32], opts(vec![a_addr.clone()]))
+        .await
+        .unwrap();
+    wait_status(&a, "a syncs by deltas with b", |s| s.sync == "delta").await;
+    let before = a.status().await.unwrap().published;
+    a.put("kairos", "k1", "\"one\"").await.unwrap();
+    assert!(
+        eventually(&b, "kairos", "k1", Some("\"one\"")).await,
+        "b got k1"
+    );
+    wait_status(&a, "a sent digests", |s| s.digests >= 2 && s.deltas >= 1).await;
+    let s = a.status().await.unwrap();
+    assert_eq!(
+        s.published, before,
+        "no whole block was gossiped between our own peers: {s:?}"
+    );
+
+    // c joins later: a's key reaches it by an exchange, not by gossip.
+    let c = Node::start(token.clone(), [13; 32], opts(vec![a_addr.clone()]))
+        .await
+        .unwrap();
+    assert!(
+        eventually(&c, "kairos", "k1", Some("\"one\"")).await,
+        "c got k1"
+    );
+    let exchanged = a.status().await.unwrap().exchanges + c.status().await.unwrap().exchanges;
+    assert!(exchanged > 0, "c was brought in step by an exchange");
+
+    // An EdgeVPN-like member: everyone goes back to whole blocks, and it reads the ledger.
+    let go = Node::start(
+        token.clone(),
+        [14; 32],
+        Options {
+            delta: false,
+            ..opts(vec![a_addr])
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        eventually(&go, "kairos", "k1", Some("\"one\"")).await,
+        "the EdgeVPN-like peer got k1"
+    );
+    wait_status(&a, "a falls back to whole blocks", |s| s.sync == "full").await;
+    b.put("kairos", "k2", "\"two\"").await.unwrap();
+    assert!(
+        eventually(&go, "kairos", "k2", Some("\"two\"")).await,
+        "the EdgeVPN-like peer got k2"
+    );
+    assert!(
+        eventually(&c, "kairos", "k2", Some("\"two\"")).await,
+        "c got k2"
+    );
+}

@@ -208,6 +208,32 @@ impl Entry {
     }
 }
 
+/// Go's JSON of a block's storage (buckets and keys sorted).
+fn storage_json(storage: &Storage, out: &mut String) {
+    if storage.is_empty() {
+        out.push_str("{}");
+        return;
+    }
+    out.push('{');
+    for (i, (bucket, keys)) in storage.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        go_json_string(bucket, out);
+        out.push_str(":{");
+        for (j, (k, e)) in keys.iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            go_json_string(k, out);
+            out.push(':');
+            e.to_json(out);
+        }
+        out.push('}');
+    }
+    out.push('}');
+}
+
 impl Block {
     /// The genesis block (its timestamp is local and never hashed).
     pub fn genesis(timestamp: &str) -> Block {
@@ -225,28 +251,7 @@ impl Block {
         let mut out = format!("{{\"Index\":{},\"Timestamp\":", self.index);
         go_json_string(&self.timestamp, &mut out);
         out.push_str(",\"Storage\":");
-        if self.storage.is_empty() {
-            out.push_str("{}");
-        } else {
-            out.push('{');
-            for (i, (bucket, keys)) in self.storage.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                go_json_string(bucket, &mut out);
-                out.push_str(":{");
-                for (j, (k, e)) in keys.iter().enumerate() {
-                    if j > 0 {
-                        out.push(',');
-                    }
-                    go_json_string(k, &mut out);
-                    out.push(':');
-                    e.to_json(&mut out);
-                }
-                out.push('}');
-            }
-            out.push('}');
-        }
+        storage_json(&self.storage, &mut out);
         out.push_str(",\"Hash\":");
         go_json_string(&self.hash, &mut out);
         out.push_str(",\"PrevHash\":");
@@ -628,9 +633,123 @@ pub fn from_wire(payload: &[u8], seal_key: &[u8; 32], max_size: u64) -> Result<B
     Block::from_json(&text)
 }
 
+/// What our own peers (kairos-rs) say to each other, never EdgeVPN peers: a [`Sync::Delta`]
+/// carries only the entries that changed (gossiped on their own sync topic; merged per entry,
+/// so only under `ownership: enforce`) or, in a comparison, a whole block; a
+/// [`Sync::Digest`] the [`digest`] of a node's storage, which two nodes compare over a
+/// stream every sync interval instead of gossiping whole blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sync {
+    Delta(Block),
+    Digest([u8; 32]),
+}
+
+/// SHA-256 of the storage's JSON: equal on two nodes exactly when their entries are.
+pub fn digest(storage: &Storage) -> [u8; 32] {
+    let mut text = String::new();
+    storage_json(storage, &mut text);
+    Sha256::digest(text.as_bytes()).into()
+}
+
+/// `seal(tag ‖ body)`: `D` and `gzip(JSON(block))`, or `H` and the 32-byte digest.
+pub fn sync_to_wire(m: &Sync, seal_key: &[u8; 32]) -> Vec<u8> {
+    let mut plain = Vec::new();
+    match m {
+        Sync::Delta(b) => {
+            plain.push(b'D');
+            let mut gz = flate2::write::GzEncoder::new(plain, flate2::Compression::default());
+            gz.write_all(b.to_json().as_bytes())
+                .expect("writing to memory");
+            plain = gz.finish().expect("writing to memory");
+        }
+        Sync::Digest(d) => {
+            plain.push(b'H');
+            plain.extend_from_slice(d);
+        }
+    }
+    crate::seal::seal_bytes(seal_key, &plain)
+}
+
+/// Reads a [`sync_to_wire`] message: at most `max_size` bytes sealed and unpacked.
+pub fn sync_from_wire(
+    data: &[u8],
+    seal_key: &[u8; 32],
+    max_size: u64,
+) -> Result<Sync, LedgerError> {
+    if data.len() as u64 > max_size.saturating_add(64) {
+        return Err(LedgerError::TooBig(max_size));
+    }
+    let plain = crate::seal::unseal_bytes(seal_key, data).map_err(|_| LedgerError::Seal)?;
+    match plain.split_first() {
+        Some((b'H', d)) => {
+            Ok(Sync::Digest(d.try_into().map_err(|_| {
+                LedgerError::Format("a digest is 32 bytes".into())
+            })?))
+        }
+        Some((b'D', packed)) => {
+            let mut text = String::new();
+            flate2::read::GzDecoder::new(packed)
+                .take(max_size + 1)
+                .read_to_string(&mut text)
+                .map_err(|e| LedgerError::Format(format!("gzip: {e}")))?;
+            if text.len() as u64 > max_size {
+                return Err(LedgerError::TooBig(max_size));
+            }
+            Ok(Sync::Delta(Block::from_json(&text)?))
+        }
+        _ => Err(LedgerError::Format("an unknown sync message".into())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sync_messages_round_trip_sealed_and_bounded() {
+        let key = [7u8; 32];
+        let mut storage = Storage::new();
+        storage
+            .entry("machines".into())
+            .or_default()
+            .insert("10.1.0.2".into(), Entry::legacy("\"x\""));
+        let block = Block {
+            storage: storage.clone(),
+            ..Default::default()
+        };
+        let d = digest(&storage);
+        assert_ne!(d, digest(&Storage::new()), "the digest covers the entries");
+        for m in [Sync::Delta(block), Sync::Digest(d)] {
+            let wire = sync_to_wire(&m, &key);
+            assert_eq!(sync_from_wire(&wire, &key, 1 << 20).unwrap(), m);
+            assert_eq!(
+                sync_from_wire(&wire, &[8u8; 32], 1 << 20),
+                Err(LedgerError::Seal),
+                "another network's key opens nothing"
+            );
+        }
+        let big = Sync::Delta(Block {
+            storage,
+            timestamp: "t".repeat(4000),
+            ..Default::default()
+        });
+        let wire = sync_to_wire(&big, &key);
+        assert_eq!(
+            sync_from_wire(&wire, &key, 1000),
+            Err(LedgerError::TooBig(1000)),
+            "a message that unpacks past the limit is dropped"
+        );
+        let odd = crate::seal::seal_bytes(&key, b"X123");
+        assert!(matches!(
+            sync_from_wire(&odd, &key, 1000),
+            Err(LedgerError::Format(_))
+        ));
+        let short = crate::seal::seal_bytes(&key, b"H123");
+        assert!(matches!(
+            sync_from_wire(&short, &key, 1000),
+            Err(LedgerError::Format(_))
+        ));
+    }
 
     #[test]
     fn genesis_hash_is_the_spec_value() {

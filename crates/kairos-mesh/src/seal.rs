@@ -13,8 +13,17 @@ pub enum SealError {
     Open,
 }
 
-/// Seals `plain` with `key` (see [`crate::Token::seal_key`]).
+/// Seals `plain` with `key` (see [`crate::Token::seal_key`]), as EdgeVPN's hex text.
 pub fn seal(key: &[u8; 32], plain: &[u8]) -> String {
+    seal_bytes(key, plain)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Seals `plain` with `key`: `nonce ‖ ciphertext ‖ tag` as bytes (our own peers' messages,
+/// half the size of the hex form).
+pub fn seal_bytes(key: &[u8; 32], plain: &[u8]) -> Vec<u8> {
     let cipher = Aes256Gcm::new(key.into());
     let nonce: [u8; 12] = rand::random();
     let mut out = nonce.to_vec();
@@ -23,7 +32,7 @@ pub fn seal(key: &[u8; 32], plain: &[u8]) -> String {
             .encrypt(Nonce::from_slice(&nonce), plain)
             .expect("AES-GCM seals any length we send"),
     );
-    out.iter().map(|b| format!("{b:02x}")).collect()
+    out
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -38,7 +47,11 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 
 /// Opens a sealed message; anything not sealed with `key` is an error.
 pub fn unseal(key: &[u8; 32], sealed: &str) -> Result<Vec<u8>, SealError> {
-    let raw = unhex(sealed.trim()).ok_or(SealError::Format)?;
+    unseal_bytes(key, &unhex(sealed.trim()).ok_or(SealError::Format)?)
+}
+
+/// Opens what [`seal_bytes`] sealed.
+pub fn unseal_bytes(key: &[u8; 32], raw: &[u8]) -> Result<Vec<u8>, SealError> {
     if raw.len() < 12 + 16 {
         return Err(SealError::Format);
     }
@@ -66,6 +79,11 @@ mod tests {
         assert_eq!(unseal(&other, &s), Err(SealError::Open));
         assert_eq!(unseal(&k, "zz"), Err(SealError::Format));
         assert_eq!(unseal(&k, "00"), Err(SealError::Format));
+        let b = seal_bytes(&k, b"hello ledger");
+        assert_eq!(b.len(), 12 + 12 + 16);
+        assert_eq!(unseal_bytes(&k, &b).unwrap(), b"hello ledger");
+        assert_eq!(unseal_bytes(&other, &b), Err(SealError::Open));
+        assert_eq!(unseal_bytes(&k, &b[..20]), Err(SealError::Format));
     }
 
     /// The wire layout: the nonce first, then ciphertext and tag, opened with plain AES-GCM.
