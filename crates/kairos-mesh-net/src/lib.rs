@@ -199,7 +199,10 @@ impl Node {
                         // The token's own protocol: strangers cannot query it or get into
                         // its tables.
                         let mut cfg = libp2p::kad::Config::new(dht_protocol.clone());
-                        cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
+                        // Members' addresses come from identify as they connect; a refresh
+                        // every ten minutes is enough (at one a minute, the refresh queries
+                        // were most of a ten-node mesh's idle traffic).
+                        cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(600)));
                         let id = key.public().to_peer_id();
                         let mut k = libp2p::kad::Behaviour::with_config(
                             id,
