@@ -12,7 +12,8 @@
 #
 # Needs root (namespaces, TUN). Usage: bench/mesh.sh [join|idle|vpn ...] [> report.md]
 # MESH_IDLE_SECS (default 600) sets the idle window; MESH_IDLE_NODES (default "3 10") the sizes;
-# MESH_JOIN_RUNS (default 5) the joins measured.
+# MESH_JOIN_RUNS (default 5) the joins measured; MESH_VPN_MTUS (default "1200 9000 65000") the VPN
+# MTUs measured (1200 is EdgeVPN's default).
 set -euo pipefail
 source "$(dirname "$0")/../scripts/env.sh"
 cd "$REPO"
@@ -23,6 +24,7 @@ TAG="kb$(($$ % 10000))"
 IDLE_SECS="${MESH_IDLE_SECS:-600}"
 IDLE_NODES="${MESH_IDLE_NODES:-3 10}"
 JOIN_RUNS="${MESH_JOIN_RUNS:-5}"
+VPN_MTUS="${MESH_VPN_MTUS:-1200 9000 65000}"
 WHAT=("$@")
 ((${#WHAT[@]})) || WHAT=(join idle vpn)
 NODES=()
@@ -146,7 +148,9 @@ join)
     echo
     echo "### Join: a new node into a running 3-node mesh ($JOIN_RUNS runs)"
     echo
+    c0=$(now_ms)
     mesh_up 3
+    cold=$(( $(now_ms) - c0 ))
     plug 4
     : > "$WORK/addr.ms"; : > "$WORK/ping.ms"
     first=$(cat "$WORK/n1/address")
@@ -171,7 +175,7 @@ join)
         echo "| $label | $(median < "$WORK/$f.ms") | $(sort -n "$WORK/$f.ms" | head -1) | $(sort -n "$WORK/$f.ms" | tail -1) |"
     done
     echo
-    echo "A whole 3-node mesh started at once (all daemons together), to all three joined: see the idle section's set-up line."
+    echo "Three daemons started at once on an empty LAN, to all three with an address and 3 live machines: $cold ms (EdgeVPN's DHCP rule gives addresses one node at a time)."
     mesh_down
     ;;
 idle)
@@ -207,26 +211,36 @@ vpn)
     echo
     echo "### VPN against the raw veth path, node1 → node2 (3-node mesh)"
     echo
-    mesh_up 3
-    a2=$(cat "$WORK/n2/address")
-    ip netns exec "$(ns 2)" iperf3 -s -D -1 > /dev/null
-    sleep 0.5
-    echo "| path | iperf3 TCP, 10 s [Gbit/s] | ping avg [ms] | daemons' CPU [s per Gbit] |"
-    echo "|---|---:|---:|---:|"
-    for path in veth vpn; do
-        to=$([[ $path == veth ]] && echo 192.168.66.2 || echo "$a2")
-        ip netns exec "$(ns 2)" iperf3 -s -D -1 > /dev/null 2>&1 || true
-        sleep 0.5
-        c0=$(( $(cpu_ticks 1) + $(cpu_ticks 2) ))
-        bps=$(ip netns exec "$(ns 1)" iperf3 -c "$to" -t 10 -J | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"])')
-        c1=$(( $(cpu_ticks 1) + $(cpu_ticks 2) ))
-        rtt=$(ip netns exec "$(ns 1)" busybox ping -c 20 -i 0.2 "$to" | awk -F/ '/round-trip/ {print $4}')
-        cpu=$([[ $path == vpn ]] && awk -v c=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v b="$bps" 'BEGIN {printf "%.2f", c / hz / (b * 10 / 1e9)}' || echo "—")
-        awk -v p="$path" -v b="$bps" -v r="$rtt" -v c="$cpu" 'BEGIN {printf "| %s | %.3f | %s | %s |\n", p, b / 1e9, r, c}'
+    echo "| path | MTU | iperf3 TCP, 10 s [Gbit/s] | ping avg [ms] | daemons' CPU [s per Gbit] |"
+    echo "|---|---:|---:|---:|---:|"
+    for mtu in $VPN_MTUS; do
+        base=$CFG
+        CFG="$CFG  vpn:
+    mtu: $mtu
+"
+        mesh_up 3
+        CFG=$base
+        a2=$(cat "$WORK/n2/address")
+        paths=(vpn)
+        [[ $mtu == "${VPN_MTUS%% *}" ]] && paths=(veth vpn)
+        for path in "${paths[@]}"; do
+            to=$([[ $path == veth ]] && echo 192.168.66.2 || echo "$a2")
+            ip netns exec "$(ns 2)" iperf3 -s -D -1 > /dev/null 2>&1
+            sleep 0.5
+            c0=$(( $(cpu_ticks 1) + $(cpu_ticks 2) ))
+            bps=$(ip netns exec "$(ns 1)" iperf3 -c "$to" -t 10 -J | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"])')
+            c1=$(( $(cpu_ticks 1) + $(cpu_ticks 2) ))
+            rtt=$(ip netns exec "$(ns 1)" busybox ping -c 20 -i 0.2 "$to" | awk -F/ '/round-trip/ {print $4}')
+            if [[ $path == vpn ]]; then
+                cpu=$(awk -v c=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v b="$bps" 'BEGIN {printf "%.2f", c / hz / (b * 10 / 1e9)}')
+                m=$mtu
+            else
+                cpu="—"; m=1500
+            fi
+            awk -v p="$path" -v m="$m" -v b="$bps" -v r="$rtt" -v c="$cpu" 'BEGIN {printf "| %s | %s | %.3f | %s | %s |\n", p, m, b / 1e9, r, c}'
+        done
+        mesh_down
     done
-    echo
-    echo "The VPN's MTU is the default ($(status 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["vpn"].get("mtu", "?"))'))."
-    mesh_down
     ;;
 *) echo "bench/mesh.sh: unknown part '$what' (join, idle or vpn)" >&2; exit 2 ;;
 esac

@@ -31,6 +31,7 @@ const CONCURRENT: usize = 8;
 #[derive(Clone)]
 pub struct Shared {
     pub ledger: Arc<Mutex<Ledger>>,
+    pub changed: Arc<tokio::sync::Notify>,
     pub token: Token,
     pub exchanges: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -70,7 +71,7 @@ impl Shared {
     }
 
     fn merge(&self, block: &ledger::Block) {
-        crate::lock(&self.ledger).receive(block, crate::unix_nanos());
+        crate::merge(&self.ledger, &self.changed, block);
         self.exchanges
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }

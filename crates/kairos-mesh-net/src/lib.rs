@@ -153,6 +153,7 @@ pub struct Node {
     tx: mpsc::Sender<Command>,
     pub peer_id: String,
     ledger: Arc<Mutex<Ledger>>,
+    changed: Arc<tokio::sync::Notify>,
     control: libp2p_stream::Control,
     listen: Arc<Mutex<Vec<Multiaddr>>>,
 }
@@ -252,8 +253,10 @@ impl Node {
             &ledger::go_utc_string(unix_nanos() as i128),
         )));
         let control = swarm.behaviour().stream.new_control();
+        let changed = Arc::new(tokio::sync::Notify::new());
         let shared = exchange::Shared {
             ledger: ledger.clone(),
+            changed: changed.clone(),
             token: token.clone(),
             exchanges: Default::default(),
         };
@@ -297,6 +300,7 @@ impl Node {
             unsealable: 0,
             published: 0,
             ours: Default::default(),
+            changed: changed.clone(),
             shared,
             control: control.clone(),
             deltas: 0,
@@ -307,6 +311,7 @@ impl Node {
             tx,
             peer_id,
             ledger,
+            changed,
             control,
             listen,
         })
@@ -319,6 +324,12 @@ impl Node {
             .send(Command::Connect(peer))
             .await
             .map_err(|_| NetError::Stopped)
+    }
+
+    /// Returns when a peer's block has changed the ledger since the last call (at once if
+    /// it did in between): the daemon acts on a new machine without waiting for its tick.
+    pub async fn changed(&self) {
+        self.changed.notified().await
     }
 
     /// Reads the ledger as it is now.
@@ -383,6 +394,13 @@ impl Node {
     }
 }
 
+/// Merges a peer's block; wakes [`Node::changed`] if it changed anything.
+pub(crate) fn merge(ledger: &Mutex<Ledger>, changed: &tokio::sync::Notify, b: &ledger::Block) {
+    if lock(ledger).receive(b, unix_nanos()).changed {
+        changed.notify_one();
+    }
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -410,6 +428,7 @@ struct Task {
     /// Members on our sync topic too: kairos-rs peers, which take deltas.
     ours: std::collections::HashSet<PeerId>,
     shared: exchange::Shared,
+    changed: Arc<tokio::sync::Notify>,
     control: libp2p_stream::Control,
     deltas: u64,
     digests: u64,
@@ -544,7 +563,7 @@ impl Task {
         });
         match m {
             Some(ledger::Sync::Delta(b)) if self.opts.ownership == Ownership::Enforce => {
-                lock(&self.ledger).receive(&b, unix_nanos());
+                merge(&self.ledger, &self.changed, &b);
             }
             Some(_) => {}
             None => self.unsealable += 1,
@@ -571,7 +590,7 @@ impl Task {
         });
         match block {
             Some(b) => {
-                lock(&self.ledger).receive(&b, unix_nanos());
+                merge(&self.ledger, &self.changed, &b);
             }
             None => self.unsealable += 1,
         }

@@ -300,6 +300,9 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {}
+            // A peer's change (a new machine, a DHCP claim): act now, not at the next tick;
+            // changes arriving together are taken together.
+            _ = node.changed() => tokio::time::sleep(Duration::from_millis(50)).await,
         }
         let now = unix_now();
         if Instant::now() >= next_heartbeat {
@@ -352,8 +355,9 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
         if let (Some(v), None, Some(path), true) =
             (&s.vpn, have_ip, &lease, Instant::now() >= next_dhcp)
         {
-            // EdgeVPN looks every 5 s; every second joins a LAN of three in seconds, not 30.
-            next_dhcp = Instant::now() + Duration::from_secs(1);
+            // EdgeVPN looks every 5 s; here every second and at every change of the ledger
+            // (a LAN of three joins in seconds, not 30) — but a claim is left a second to be
+            // seen by the others before the address is taken.
             match dhcp_step(&me, &alive, &machines, leader.as_deref(), first) {
                 DhcpStep::Claim => {
                     let _ = node
