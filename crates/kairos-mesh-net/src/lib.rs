@@ -746,7 +746,8 @@ impl Task {
                         if self.topics.keys().any(|t| sync_topic(t) == topic.as_str()) =>
                     {
                         // One of ours; if it was already a member, bring it in step now.
-                        if self.ours.insert(peer_id) && self.members.contains(&peer_id) {
+                        let new = self.ours.insert(peer_id);
+                        if new && self.members.contains(&peer_id) {
                             self.exchange_with(peer_id);
                         }
                     }
