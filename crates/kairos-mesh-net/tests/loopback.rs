@@ -49,7 +49,8 @@ async fn one_token_shares_the_ledger_and_outsiders_read_nothing() {
     let c = Node::start(token.clone(), [3; 32], opts(vec![a_addr.clone()]))
         .await
         .unwrap();
-    let outsider = Node::start(Token::generate(9000), [4; 32], opts(vec![a_addr]))
+    let outsider_token = Token::generate(9000);
+    let outsider = Node::start(outsider_token.clone(), [4; 32], opts(vec![a_addr]))
         .await
         .unwrap();
 
@@ -88,6 +89,42 @@ async fn one_token_shares_the_ledger_and_outsiders_read_nothing() {
     c.put("kairos", "after", "\"y\"").await.unwrap();
     assert!(eventually(&a, "kairos", "after", Some("\"y\"")).await);
     assert_eq!(a.get("kairos", "evil").await.unwrap(), None);
+
+    // The outsider opens a ledger comparison with a itself: sealed with its own key, or a
+    // frame claiming 4 GiB — a answers neither, and stays up.
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let a_id: libp2p::PeerId = a.peer_id.parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let theirs = kairos_mesh::ledger::sync_to_wire(
+        &kairos_mesh::ledger::Sync::Digest([0; 32]),
+        &outsider_token.seal_key(now),
+    );
+    let mut framed = (theirs.len() as u32).to_be_bytes().to_vec();
+    framed.extend(theirs);
+    for frame in [framed, vec![0xff; 4]] {
+        let mut s = outsider
+            .control()
+            .open_stream(a_id, kairos_mesh_net::exchange::LEDGER_PROTOCOL)
+            .await
+            .expect("a accepts the protocol from a connected peer");
+        s.write_all(&frame).await.unwrap();
+        s.flush().await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer)).await;
+        assert!(
+            answer.is_empty(),
+            "a answered an outsider: {} bytes",
+            answer.len()
+        );
+    }
+    c.put("kairos", "still", "\"z\"").await.unwrap();
+    assert!(
+        eventually(&a, "kairos", "still", Some("\"z\"")).await,
+        "a is still up"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
