@@ -326,6 +326,10 @@ fn three_nodes_on_a_lan() {
     sorted.dedup();
     assert_eq!(sorted.len(), 3, "three distinct addresses: {addrs:?}");
     let first_topic = lan.status(0).unwrap()["topic"].clone();
+    // Three of our own: the ledger travels as deltas, not whole blocks.
+    for n in 0..3 {
+        lan.wait(n, "delta sync", 30, |v| v["sync"]["mode"] == "delta");
+    }
 
     for from in 0..3 {
         for (to, a) in addrs.iter().enumerate() {
@@ -438,7 +442,9 @@ fn three_nodes_on_a_lan() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.contains("connected peers") && text.contains(&addrs[0]),
+        text.contains("connected peers")
+            && text.contains(&addrs[0])
+            && text.contains("ledger sync"),
         "{text}"
     );
 }
