@@ -68,6 +68,12 @@ pub enum Command {
         #[command(subcommand)]
         command: P2pCommand,
     },
+    /// Kubernetes on the node (k3s, k0s) from the config's `k3s:`, `k3s-agent:`, `k0s:`,
+    /// `k0s-worker:` blocks
+    Kubernetes {
+        #[command(subcommand)]
+        command: KubernetesCommand,
+    },
     /// Run a stage (e.g. boot, initramfs, network) from the node's stage paths and cmdline
     RunStage {
         /// Stage name; its `.before` and `.after` run around it
@@ -192,6 +198,18 @@ pub enum P2pCommand {
         /// The status socket (under --root)
         #[arg(long, value_name = "PATH", default_value = kairos_vpn::settings::STATUS_SOCKET)]
         socket: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KubernetesCommand {
+    /// Write the enabled block's env file and service (systemd drop-in or OpenRC script),
+    /// enable it (and start it on the running system); remove the files of blocks that are
+    /// off and disable their services. Exit 1 for a config it refuses, 3 when it fails
+    Apply {
+        /// Print what was done as JSON
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -415,6 +433,33 @@ pub fn run(cli: Cli) -> Result<Code> {
                 return Ok(0);
             }
             p2p_run(&cli.global, &c, &state_dir, &socket)
+        }
+        Command::Kubernetes {
+            command: KubernetesCommand::Apply { json },
+        } => {
+            let c = cli.global.collect(&fetcher)?;
+            let get =
+                |key: &str| section::<kairos_config::types::K8sDistro>(&c.config, key, "K8sDistro");
+            let blocks = kairos_cluster::single::Blocks {
+                k3s: get("k3s"),
+                k3s_agent: get("k3s-agent"),
+                k0s: get("k0s"),
+                k0s_worker: get("k0s-worker"),
+            };
+            let p2p: kairos_config::types::P2p =
+                section(&c.config, "p2p", "P2p").unwrap_or_default();
+            let auto_off = p2p
+                .auto
+                .as_ref()
+                .and_then(|a| a.enable.as_ref())
+                .is_some_and(|e| !e.0);
+            let mesh_roles = network_token(&c).is_some() && !auto_off;
+            Ok(crate::kubernetes::apply(
+                &cli.global.root(),
+                &blocks,
+                mesh_roles,
+                json,
+            ))
         }
         Command::P2p {
             command: P2pCommand::Enabled,

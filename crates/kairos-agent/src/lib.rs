@@ -2,5 +2,6 @@
 //! without spawning the binary.
 
 pub mod cli;
+pub mod kubernetes;
 pub mod lifecycle;
 pub mod p2p;

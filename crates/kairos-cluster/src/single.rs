@@ -91,15 +91,6 @@ impl Kind {
         matches!(self, Kind::K3sServer | Kind::K3sAgent)
     }
 
-    pub fn block(self, cfg: &Config) -> Option<&K8sDistro> {
-        match self {
-            Kind::K3sServer => cfg.k3s.as_ref(),
-            Kind::K3sAgent => cfg.k3s_agent.as_ref(),
-            Kind::K0sController => cfg.k0s.as_ref(),
-            Kind::K0sWorker => cfg.k0s_worker.as_ref(),
-        }
-    }
-
     pub fn env_file(self, sm: ServiceManager) -> String {
         match (sm, self.is_k3s()) {
             (ServiceManager::Systemd, _) => format!("/etc/sysconfig/{}", self.service()),
@@ -116,6 +107,42 @@ impl Kind {
             ),
             ServiceManager::OpenRc => format!("/etc/init.d/{}", self.service()),
         }
+    }
+}
+
+/// The four blocks of a config, as they were read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Blocks {
+    pub k3s: Option<K8sDistro>,
+    pub k3s_agent: Option<K8sDistro>,
+    pub k0s: Option<K8sDistro>,
+    pub k0s_worker: Option<K8sDistro>,
+}
+
+impl Blocks {
+    pub fn from_config(cfg: &Config) -> Blocks {
+        Blocks {
+            k3s: cfg.k3s.clone(),
+            k3s_agent: cfg.k3s_agent.clone(),
+            k0s: cfg.k0s.clone(),
+            k0s_worker: cfg.k0s_worker.clone(),
+        }
+    }
+
+    pub fn get(&self, kind: Kind) -> Option<&K8sDistro> {
+        match kind {
+            Kind::K3sServer => self.k3s.as_ref(),
+            Kind::K3sAgent => self.k3s_agent.as_ref(),
+            Kind::K0sController => self.k0s.as_ref(),
+            Kind::K0sWorker => self.k0s_worker.as_ref(),
+        }
+    }
+
+    /// The block that is enabled, if one is.
+    pub fn enabled(&self) -> Option<Kind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| self.get(*k).is_some_and(|b| b.enabled.0))
     }
 }
 
@@ -288,10 +315,10 @@ pub fn unit(kind: Kind, args: &[String], sm: ServiceManager) -> String {
 /// The plan for a node from its config: the enabled block's files and service, every other
 /// block's files removed and service disabled. `extra` is what the node's role adds to the
 /// enabled block (see [`Extra`]).
-pub fn plan(cfg: &Config, sm: ServiceManager, extra: &Extra) -> Result<Plan, ClusterError> {
+pub fn plan(blocks: &Blocks, sm: ServiceManager, extra: &Extra) -> Result<Plan, ClusterError> {
     let enabled: Vec<Kind> = Kind::ALL
         .into_iter()
-        .filter(|k| k.block(cfg).is_some_and(|b| b.enabled.0))
+        .filter(|k| blocks.get(*k).is_some_and(|b| b.enabled.0))
         .collect();
     if let [a, b, ..] = enabled[..] {
         return Err(ClusterError::Conflict {
@@ -301,7 +328,7 @@ pub fn plan(cfg: &Config, sm: ServiceManager, extra: &Extra) -> Result<Plan, Clu
     }
     let mut plan = Plan::default();
     for kind in Kind::ALL {
-        match kind.block(cfg).filter(|b| b.enabled.0) {
+        match blocks.get(kind).filter(|b| b.enabled.0) {
             Some(block) => {
                 let (env, args) = command(kind, block, extra, sm)?;
                 plan.write.push(File {
@@ -333,11 +360,11 @@ pub fn plan(cfg: &Config, sm: ServiceManager, extra: &Extra) -> Result<Plan, Clu
 mod tests {
     use super::*;
 
-    fn cfg(yaml: &str) -> Config {
+    fn cfg(yaml: &str) -> Blocks {
         let v = kairos_config::yaml::parse(yaml, &std::sync::Arc::from("test.yaml"))
             .unwrap()
             .to_json();
-        serde_json::from_value(v).unwrap()
+        Blocks::from_config(&serde_json::from_value::<Config>(v).unwrap())
     }
 
     fn file<'a>(p: &'a Plan, path: &str) -> &'a str {

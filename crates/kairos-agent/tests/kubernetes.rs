@@ -1,0 +1,170 @@
+//! `kairos-agent kubernetes apply` against temp roots laid out as systemd and OpenRC images:
+//! the files, unit links and runlevel links it leaves, what turning a block off removes, and
+//! the configs it refuses. `/usr/bin/k3s` in these roots is a **stand-in** (an empty file): no
+//! k3s binary can be had here, and nothing is started in an offline root.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+fn agent(root: &Path, args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_kairos-agent"))
+        .arg("--root")
+        .arg(root)
+        .args(["--cmdline", ""])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+fn put(root: &Path, rel: &str, text: &str) {
+    let p = root.join(rel);
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, text).unwrap();
+}
+
+const K3S_UNIT: &str = "[Unit]\nDescription=k3s (stand-in unit)\n[Service]\nExecStart=/usr/bin/k3s server\n[Install]\nWantedBy=multi-user.target\n";
+
+fn systemd_root() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    put(d.path(), "usr/lib/systemd/systemd", "");
+    put(d.path(), "usr/bin/k3s", "");
+    put(d.path(), "etc/systemd/system/k3s.service", K3S_UNIT);
+    put(
+        d.path(),
+        "etc/systemd/system/k3s-agent.service",
+        &K3S_UNIT.replace("server", "agent"),
+    );
+    d
+}
+
+#[test]
+fn k3s_on_systemd_then_turned_off() {
+    let d = systemd_root();
+    let r = d.path();
+    put(
+        r,
+        "oem/90_k3s.yaml",
+        "#cloud-config\nk3s:\n  enabled: true\n  args: [--disable=traefik]\n  env:\n    K3S_NODE_NAME: \"node one\"\n",
+    );
+    let (code, out, err) = agent(r, &["kubernetes", "apply"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        fs::read_to_string(r.join("etc/sysconfig/k3s")).unwrap(),
+        "K3S_NODE_NAME=\"node one\"\n"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(r.join("etc/sysconfig/k3s"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600,
+        "the env file may hold a join token"
+    );
+    let dropin =
+        fs::read_to_string(r.join("etc/systemd/system/k3s.service.d/override.conf")).unwrap();
+    assert!(
+        dropin.contains("ExecStart=\nExecStart=/usr/bin/k3s server --disable=traefik\n"),
+        "{dropin}"
+    );
+    let wants = r.join("etc/systemd/system/multi-user.target.wants/k3s.service");
+    assert!(wants.symlink_metadata().is_ok(), "k3s enabled\n{out}{err}");
+    assert!(out.contains("enabled  k3s"), "{out}");
+
+    // Off: its files go and it is disabled.
+    put(
+        r,
+        "oem/90_k3s.yaml",
+        "#cloud-config\nk3s:\n  enabled: false\n",
+    );
+    let (code, out, err) = agent(r, &["kubernetes", "apply", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!r.join("etc/sysconfig/k3s").exists());
+    assert!(
+        !r.join("etc/systemd/system/k3s.service.d/override.conf")
+            .exists()
+    );
+    assert!(wants.symlink_metadata().is_err(), "k3s disabled");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["enabled"], serde_json::json!([]));
+    assert_eq!(v["service_manager"], "systemd");
+}
+
+#[test]
+fn k3s_agent_on_openrc() {
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path();
+    put(r, "sbin/openrc-run", "");
+    put(r, "usr/bin/k3s", "");
+    put(
+        r,
+        "oem/90_k3s.yaml",
+        "#cloud-config\nk3s-agent:\n  enabled: true\n  args: [--node-label=zone=a]\n  env: {K3S_URL: \"https://10.1.0.1:6443\"}\n",
+    );
+    let (code, out, err) = agent(r, &["kubernetes", "apply"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let init = fs::read_to_string(r.join("etc/init.d/k3s-agent")).unwrap();
+    assert!(
+        init.contains("command_args=\"agent --node-label=zone=a\""),
+        "{init}"
+    );
+    assert_eq!(
+        fs::read_to_string(r.join("etc/rancher/k3s/k3s-agent.env")).unwrap(),
+        "K3S_URL=\"https://10.1.0.1:6443\"\n"
+    );
+    assert_eq!(
+        fs::read_link(r.join("etc/runlevels/default/k3s-agent")).unwrap(),
+        Path::new("/etc/init.d/k3s-agent")
+    );
+}
+
+#[test]
+fn refusals() {
+    let d = systemd_root();
+    let r = d.path();
+    put(
+        r,
+        "oem/90_k3s.yaml",
+        "#cloud-config\nk3s: {enabled: true}\nk3s-agent: {enabled: true}\n",
+    );
+    let (code, _, err) = agent(r, &["kubernetes", "apply"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("`k3s.enabled` and `k3s-agent.enabled` are both true"),
+        "{err}"
+    );
+    assert!(
+        !r.join("etc/sysconfig/k3s").exists(),
+        "nothing half-written"
+    );
+
+    put(
+        r,
+        "oem/90_k3s.yaml",
+        "#cloud-config\nk0s: {enabled: true}\n",
+    );
+    let (code, _, err) = agent(r, &["kubernetes", "apply"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("/usr/bin/k0s is not in the image") && err.contains("--k0s"),
+        "{err}"
+    );
+
+    // With a network token (and p2p.auto on), roles come from the mesh: not applied here.
+    put(
+        r,
+        "oem/90_k3s.yaml",
+        "#cloud-config\nk3s: {enabled: true}\np2p: {network_token: b3RwOgo=}\n",
+    );
+    let (code, _, err) = agent(r, &["kubernetes", "apply"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("p2p.auto.enable: false"), "{err}");
+    assert!(!r.join("etc/sysconfig/k3s").exists());
+}
