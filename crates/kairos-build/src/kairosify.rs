@@ -39,6 +39,10 @@ pub fn detect_init(rootfs: &Path) -> Result<InitSystem> {
 pub struct Binaries {
     pub agent: PathBuf,
     pub immucore: PathBuf,
+    /// The user's k3s and k0s binaries (`kairosctl kairosify --k3s PATH`, `--k0s PATH`):
+    /// none can be fetched here, and Kairos images carry them in the image.
+    pub k3s: Option<PathBuf>,
+    pub k0s: Option<PathBuf>,
 }
 
 /// A hook the init system runs: service name, `kairos-agent` arguments, busybox inittab
@@ -133,10 +137,14 @@ fn systemd_units(layer: &Path) -> Result<()> {
             "multi-user.target",
         ),
     ];
-    let units =
-        units
-            .into_iter()
-            .chain([("kairos-p2p.service", P2P_SYSTEMD_UNIT, "multi-user.target")]);
+    let units = units.into_iter().chain([
+        ("kairos-p2p.service", P2P_SYSTEMD_UNIT, "multi-user.target"),
+        (
+            "kairos-kubernetes.service",
+            KUBERNETES_SYSTEMD_UNIT,
+            "multi-user.target",
+        ),
+    ]);
     for (name, text, target) in units {
         write(
             &layer.join("usr/lib/systemd/system").join(name),
@@ -174,6 +182,81 @@ fn openrc_services(layer: &Path) -> Result<()> {
     let link = layer.join(format!("etc/runlevels/default/{P2P_SERVICE}"));
     let _ = fs::remove_file(&link);
     std::os::unix::fs::symlink(format!("/etc/init.d/{P2P_SERVICE}"), link)?;
+    write(
+        &layer.join("etc/init.d/kairos-kubernetes"),
+        KUBERNETES_OPENRC,
+        0o755,
+    )?;
+    let link = layer.join("etc/runlevels/default/kairos-kubernetes");
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink("/etc/init.d/kairos-kubernetes", link)?;
+    Ok(())
+}
+
+/// `kairos-agent kubernetes apply` at every boot, after the network stage and before the
+/// Kubernetes services: the config's `k3s:`… block decides which one runs (it enables and
+/// starts it; a block turned off is disabled). Busybox images get none: k3s and k0s need
+/// systemd or OpenRC.
+const KUBERNETES_SYSTEMD_UNIT: &str = "[Unit]\nDescription=Kairos Kubernetes services from the config (k3s, k3s-agent, k0s, k0s-worker)\nWants=network-online.target\nAfter=network-online.target cos-setup-network.service\nBefore=k3s.service k3s-agent.service k0scontroller.service k0sworker.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/kairos-agent kubernetes apply\n\n[Install]\nWantedBy=multi-user.target\n";
+
+const KUBERNETES_OPENRC: &str = "#!/sbin/openrc-run\ndescription=\"Kairos Kubernetes services from the config\"\ndepend() {\n    need net\n    after cos-setup-network\n    before k3s k3s-agent k0scontroller k0sworker\n}\nstart() {\n    /usr/bin/kairos-agent kubernetes apply\n}\n";
+
+/// The k3s units as k3s' installer writes them (not enabled: `kubernetes apply` enables the
+/// one the config asks for, with its drop-in).
+fn k3s_unit(agent: bool) -> String {
+    let (desc, kind) = if agent {
+        ("Lightweight Kubernetes (agent)", "exec")
+    } else {
+        ("Lightweight Kubernetes", "notify")
+    };
+    format!(
+        "[Unit]\nDescription={desc}\nDocumentation=https://k3s.io\nWants=network-online.target\nAfter=network-online.target\n\n[Install]\nWantedBy=multi-user.target\n\n[Service]\nType={kind}\nEnvironmentFile=-/etc/default/%N\nEnvironmentFile=-/etc/sysconfig/%N\nKillMode=process\nDelegate=yes\nLimitNOFILE=1048576\nLimitNPROC=infinity\nLimitCORE=infinity\nTasksMax=infinity\nTimeoutStartSec=0\nRestart=always\nRestartSec=5s\nExecStartPre=-/sbin/modprobe br_netfilter\nExecStartPre=-/sbin/modprobe overlay\nExecStart=/usr/bin/k3s {}\n",
+        if agent { "agent" } else { "server" }
+    )
+}
+
+/// The k0s units as `k0s install` writes them.
+fn k0s_unit(worker: bool) -> String {
+    let (desc, sub) = if worker {
+        ("k0s - Zero Friction Kubernetes (worker)", "worker")
+    } else {
+        ("k0s - Zero Friction Kubernetes", "controller")
+    };
+    format!(
+        "[Unit]\nDescription={desc}\nDocumentation=https://docs.k0sproject.io\nConditionFileIsExecutable=/usr/bin/k0s\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\nStartLimitInterval=5\nStartLimitBurst=10\nExecStart=/usr/bin/k0s {sub}\nRestartSec=10\nDelegate=yes\nKillMode=process\nLimitCORE=infinity\nTasksMax=infinity\nTimeoutStartSec=0\nLimitNOFILE=999999\nRestart=always\n\n[Install]\nWantedBy=multi-user.target\n"
+    )
+}
+
+/// Copies the user's k3s / k0s into the layer, with their systemd units.
+fn kubernetes_binaries(bins: &Binaries, init: InitSystem, layer: &Path) -> Result<()> {
+    for (src, name) in [(&bins.k3s, "k3s"), (&bins.k0s, "k0s")] {
+        let Some(src) = src else { continue };
+        if init == InitSystem::Busybox {
+            bail!(
+                "--{name}: this image boots with busybox init, and {name} needs systemd or OpenRC; kairosify an image with one of them"
+            );
+        }
+        let dest = layer.join("usr/bin").join(name);
+        fs::copy(src, &dest).with_context(|| format!("copying --{name} {}", src.display()))?;
+        fs::set_permissions(&dest, fs::Permissions::from_mode(0o755))?;
+        if init == InitSystem::Systemd {
+            let units = if name == "k3s" {
+                [("k3s", k3s_unit(false)), ("k3s-agent", k3s_unit(true))]
+            } else {
+                [
+                    ("k0scontroller", k0s_unit(false)),
+                    ("k0sworker", k0s_unit(true)),
+                ]
+            };
+            for (unit, text) in units {
+                write(
+                    &layer.join(format!("usr/lib/systemd/system/{unit}.service")),
+                    &text,
+                    0o644,
+                )?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -276,6 +359,7 @@ pub fn kairos_layer(
         InitSystem::OpenRc => openrc_services(layer)?,
         InitSystem::Busybox => busybox_inittab(rootfs, layer)?,
     }
+    kubernetes_binaries(bins, init, layer)?;
     Ok(init)
 }
 
@@ -375,6 +459,8 @@ mod tests {
         Binaries {
             agent: d.join("agent"),
             immucore: d.join("immucore"),
+            k3s: None,
+            k0s: None,
         }
     }
 
@@ -450,6 +536,65 @@ mod tests {
         );
     }
 
+    /// `--k3s PATH`: the binary and both units in the image, not enabled — the
+    /// kairos-kubernetes unit (wanted at boot) enables the one the config asks for. The
+    /// "k3s" here is a stand-in (busybox): kairosify only copies it.
+    #[test]
+    fn k3s_goes_into_a_systemd_image_and_kubernetes_apply_runs_at_boot() {
+        let r = base("systemd");
+        let l = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let mut bins = bins(b.path());
+        bins.k3s = Some(PathBuf::from("/bin/busybox"));
+        kairos_layer(r.path(), &bins, "1", l.path()).unwrap();
+        let k3s = l.path().join("usr/bin/k3s");
+        assert_eq!(
+            fs::metadata(&k3s).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let unit = fs::read_to_string(l.path().join("usr/lib/systemd/system/k3s.service")).unwrap();
+        assert!(
+            unit.contains("EnvironmentFile=-/etc/sysconfig/%N"),
+            "{unit}"
+        );
+        assert!(unit.contains("ExecStart=/usr/bin/k3s server"), "{unit}");
+        let agent =
+            fs::read_to_string(l.path().join("usr/lib/systemd/system/k3s-agent.service")).unwrap();
+        assert!(agent.contains("ExecStart=/usr/bin/k3s agent"), "{agent}");
+        assert!(
+            !l.path()
+                .join("etc/systemd/system/multi-user.target.wants/k3s.service")
+                .exists(),
+            "k3s is enabled by the config, not by kairosify"
+        );
+        let hook = fs::read_to_string(
+            l.path()
+                .join("usr/lib/systemd/system/kairos-kubernetes.service"),
+        )
+        .unwrap();
+        assert!(
+            hook.contains("ExecStart=/usr/bin/kairos-agent kubernetes apply"),
+            "{hook}"
+        );
+        assert!(
+            hook.contains("Before=k3s.service k3s-agent.service"),
+            "{hook}"
+        );
+        assert!(
+            l.path()
+                .join("etc/systemd/system/multi-user.target.wants/kairos-kubernetes.service")
+                .is_symlink()
+        );
+        // Busybox init cannot run k3s: said at build time.
+        let r = base("busybox");
+        let l = tempfile::tempdir().unwrap();
+        let e = kairos_layer(r.path(), &bins, "1", l.path()).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("needs systemd or OpenRC"),
+            "{e:#}"
+        );
+    }
+
     #[test]
     fn openrc_services_include_the_mesh() {
         let r = base("none");
@@ -463,6 +608,16 @@ mod tests {
         assert!(
             l.path()
                 .join("etc/runlevels/default/kairos-p2p")
+                .is_symlink()
+        );
+        let k8s = fs::read_to_string(l.path().join("etc/init.d/kairos-kubernetes")).unwrap();
+        assert!(
+            k8s.contains("/usr/bin/kairos-agent kubernetes apply"),
+            "{k8s}"
+        );
+        assert!(
+            l.path()
+                .join("etc/runlevels/default/kairos-kubernetes")
                 .is_symlink()
         );
     }

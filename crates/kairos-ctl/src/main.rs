@@ -47,6 +47,14 @@ enum Cmd {
         immucore: Option<PathBuf>,
         #[arg(long, env = "KAIROS_AGENT")]
         agent: Option<PathBuf>,
+        /// A k3s binary to carry in the image (/usr/bin/k3s, with the k3s and k3s-agent
+        /// units); the config's `k3s:` or `k3s-agent:` block then starts it
+        #[arg(long, value_name = "PATH")]
+        k3s: Option<PathBuf>,
+        /// A k0s binary to carry in the image (/usr/bin/k0s, with its controller and worker
+        /// units); the config's `k0s:` or `k0s-worker:` block then starts it
+        #[arg(long, value_name = "PATH")]
+        k0s: Option<PathBuf>,
     },
     /// Print a new P2P network token for `p2p.network_token` (EdgeVPN's format: base64 of a
     /// YAML document with the keys of the rotating secrets, room, rendezvous and mDNS name)
@@ -341,11 +349,15 @@ fn kairosify(
     dest: &str,
     immucore: Option<PathBuf>,
     agent: Option<PathBuf>,
+    kubernetes: [Option<PathBuf>; 2],
 ) -> Result<()> {
     let img = fetch(src)?;
+    let [k3s, k0s] = kubernetes;
     let bins = kairos_build::kairosify::Binaries {
         agent: companion(agent, "kairos-agent")?,
         immucore: companion(immucore, "kairos-immucore")?,
+        k3s,
+        k0s,
     };
     let work = kairos_build::WorkDir::new(&cache(), "kairosctl")?;
     let out = kairos_build::image::kairosify(
@@ -394,6 +406,8 @@ fn os_spec<'a>(
         let bins = kairos_build::kairosify::Binaries {
             agent: companion(a.agent.clone(), "kairos-agent")?,
             immucore: immucore.to_path_buf(),
+            k3s: None,
+            k0s: None,
         };
         let layer = work.join("kairos-layer");
         std::fs::create_dir_all(&layer)?;
@@ -552,7 +566,9 @@ fn run() -> Result<i32> {
             dest,
             immucore,
             agent,
-        } => kairosify(&src, &dest, immucore, agent).map(|_| 0),
+            k3s,
+            k0s,
+        } => kairosify(&src, &dest, immucore, agent, [k3s, k0s]).map(|_| 0),
         Cmd::Lint { image, json } => lint(&image, json),
         Cmd::GenerateToken { interval } => {
             println!("{}", kairos_mesh::Token::generate(interval).encode());
