@@ -123,7 +123,26 @@ pub fn build_raw(spec: &RawSpec) -> Result<RawReport> {
 
 fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
     let state_dir = work.join("state");
-    let os = crate::os::build_store(&spec.os, &state_dir, work)?;
+    // Before anything is written: the image's trees alone must fit (the store holds them,
+    // about as large); the full need is checked once the store's real size is known.
+    let trees: u64 = spec.os.layers.iter().map(|l| dir_size(l)).sum();
+    ensure_free(work, trees + (16 << 20))?;
+    let free_before = kairos_sys::fs::free_bytes(work).unwrap_or(0);
+    let os = crate::os::build_store(&spec.os, &state_dir, work).map_err(|e| {
+        let full = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+        });
+        if full {
+            anyhow::anyhow!(
+                "the OS store alone did not fit in {}, which had {} MiB free: free some space or write the output elsewhere ({e:#})",
+                work.parent().unwrap_or(work).display(),
+                free_before / MIB
+            )
+        } else {
+            e
+        }
+    })?;
     let boot_bytes = [&os.kernel, &os.initrd]
         .iter()
         .map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
@@ -214,11 +233,18 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
 /// images and the disk each hold everything once), all in the work directory beside the
 /// output.
 fn check_room(work: &Path, esp_payload: u64, os_payload: u64) -> Result<()> {
-    let needed = os_payload + esp_payload + 2 * (esp_payload + 2 * os_payload) + (16 << 20);
+    ensure_free(
+        work,
+        os_payload + esp_payload + 2 * (esp_payload + 2 * os_payload) + (16 << 20),
+    )
+}
+
+/// At least `needed` bytes free in the work directory, or an error with the numbers.
+fn ensure_free(work: &Path, needed: u64) -> Result<()> {
     let free = kairos_sys::fs::free_bytes(work)?;
     if free < needed {
         bail!(
-            "the disk needs about {} MiB of space in {} to be built, which has {} MiB free: free some space or write the output elsewhere",
+            "the disk needs at least {} MiB of space in {} to be built, which has {} MiB free: free some space or write the output elsewhere",
             needed.div_ceil(MIB),
             work.parent().unwrap_or(work).display(),
             free / MIB

@@ -153,7 +153,7 @@ fn qcow2_output_and_clear_errors() {
     std::fs::create_dir_all(&cramped).unwrap();
     assert!(
         Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=160m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"])
             .arg(&cramped)
             .status()
             .unwrap()
