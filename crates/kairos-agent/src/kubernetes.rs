@@ -11,13 +11,10 @@ use kairos_sys::Root;
 
 /// What a node's root runs: systemd or OpenRC (the two Kairos writes Kubernetes units for).
 pub fn service_manager(root: &Root) -> Option<ServiceManager> {
-    let has = |p: &str| root.symlink_metadata(p).is_ok();
-    if has("usr/lib/systemd/systemd") || has("lib/systemd/systemd") {
-        Some(ServiceManager::Systemd)
-    } else if has("sbin/openrc-run") || has("usr/sbin/openrc-run") || has("sbin/openrc") {
-        Some(ServiceManager::OpenRc)
-    } else {
-        None
+    match root.init_system()? {
+        kairos_sys::InitSystem::Systemd => Some(ServiceManager::Systemd),
+        kairos_sys::InitSystem::OpenRc => Some(ServiceManager::OpenRc),
+        kairos_sys::InitSystem::Busybox => None,
     }
 }
 
@@ -65,7 +62,7 @@ fn services(root: &Root, plan: &Plan, sm: ServiceManager) -> Vec<String> {
                     disable: plan
                         .disable
                         .iter()
-                        .filter(|s| unit_exists(root, s))
+                        .filter(|s| kairos_stages::modules::unit_exists(root, s))
                         .map(|s| s.to_string())
                         .collect(),
                     start: names(&plan.enable),
@@ -104,16 +101,6 @@ fn services(root: &Root, plan: &Plan, sm: ServiceManager) -> Vec<String> {
     errors
 }
 
-fn unit_exists(root: &Root, service: &str) -> bool {
-    [
-        "etc/systemd/system",
-        "usr/lib/systemd/system",
-        "lib/systemd/system",
-    ]
-    .iter()
-    .any(|d| root.exists(Path::new(d).join(format!("{service}.service"))))
-}
-
 /// The command: exit 0 when applied, 1 for a config it refuses, 3 when something could not
 /// be done.
 pub fn apply(root: &Root, blocks: &Blocks, mesh_roles: bool, json: bool) -> i32 {
@@ -140,17 +127,13 @@ pub fn apply(root: &Root, blocks: &Blocks, mesh_roles: bool, json: bool) -> i32 
         }
     };
     if let Some(kind) = blocks.enabled()
-        && !root.exists(rel(kind.binary()))
+        && !root.exists(rel(&kind.binary()))
     {
         eprintln!(
             "kairos-agent: `{}.enabled` is true but {} is not in the image; build it with `kairosctl kairosify --{} PATH`",
             kind.key(),
             kind.binary(),
-            if kind.binary().ends_with("k3s") {
-                "k3s"
-            } else {
-                "k0s"
-            }
+            kind.distro()
         );
         return exit::FAILURE;
     }

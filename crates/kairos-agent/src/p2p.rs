@@ -93,9 +93,9 @@ pub fn render_status(v: &Value) -> String {
         "ledger sync",
         match v["sync"]["mode"].as_str() {
             Some("delta") => format!(
-                "deltas between kairos peers (sent {} deltas, {} digests; {} blocks exchanged)",
+                "deltas between kairos peers (sent {} deltas, {} comparisons; {} blocks exchanged)",
                 s(&v["sync"]["deltas"]),
-                s(&v["sync"]["digests"]),
+                s(&v["sync"]["comparisons"]),
                 s(&v["sync"]["exchanges"])
             ),
             _ => "whole blocks (EdgeVPN's way: a member is not a kairos peer, ownership is off, or no peer yet)".to_string(),

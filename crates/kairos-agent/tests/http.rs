@@ -4,7 +4,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::fs;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 /// Fixed pages on loopback; records every path requested.
@@ -27,15 +26,7 @@ fn serve(pages: HashMap<&'static str, String>) -> Server {
 }
 
 fn agent(args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_kairos-agent"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
+    common::agent(args, &[])
 }
 
 #[test]

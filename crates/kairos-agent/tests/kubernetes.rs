@@ -5,21 +5,17 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
+mod common;
+
+/// `kairos-agent --root ROOT --cmdline '' ARGS…`.
 fn agent(root: &Path, args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_kairos-agent"))
-        .arg("--root")
-        .arg(root)
-        .args(["--cmdline", ""])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
+    let root = root.to_str().unwrap();
+    let all: Vec<&str> = ["--root", root, "--cmdline", ""]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    common::agent(&all, &[])
 }
 
 fn put(root: &Path, rel: &str, text: &str) {

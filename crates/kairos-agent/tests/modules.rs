@@ -13,20 +13,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::serve;
-
-fn agent(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_kairos-agent"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
+use common::{agent, serve};
 
 /// A root with accounts and one stage file.
 fn root_with(stage_file: &str) -> tempfile::TempDir {

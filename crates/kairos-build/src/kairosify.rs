@@ -8,31 +8,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-/// The init system an image uses, detected from its files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InitSystem {
-    Systemd,
-    OpenRc,
-    Busybox,
-}
+pub use kairos_sys::InitSystem;
 
+/// The init system an image uses, detected from its files ([`kairos_sys::Root::init_system`]).
 pub fn detect_init(rootfs: &Path) -> Result<InitSystem> {
-    // Looked up beneath the image tree: `lib -> /usr/lib` means the image's /usr/lib.
-    let tree = kairos_sys::beneath::Dir::open(rootfs)
-        .with_context(|| format!("opening {}", rootfs.display()))?;
-    let has = |p: &str| tree.symlink_metadata(Path::new(p)).is_ok();
-    if has("lib/systemd/systemd") || has("usr/lib/systemd/systemd") {
-        Ok(InitSystem::Systemd)
-    } else if has("sbin/openrc") || has("usr/sbin/openrc") {
-        Ok(InitSystem::OpenRc)
-    } else if has("etc/inittab") && (has("bin/busybox") || has("sbin/init")) {
-        Ok(InitSystem::Busybox)
-    } else {
-        bail!(
+    kairos_sys::Root::new(rootfs).init_system().with_context(|| {
+        format!(
             "no init system found in {}: install systemd (or OpenRC), or busybox with an /etc/inittab",
             rootfs.display()
         )
-    }
+    })
 }
 
 /// The static binaries that go into the image.
@@ -160,13 +145,23 @@ fn systemd_units(layer: &Path) -> Result<()> {
     Ok(())
 }
 
-/// OpenRC services for the stages.
+/// OpenRC services for the stages, the mesh and Kubernetes.
 fn openrc_services(layer: &Path) -> Result<()> {
-    for h in HOOKS {
+    let hooks = HOOKS.iter().map(|h| {
         let (name, args, depend) = (h.name, h.args, h.openrc_depend);
-        let text = format!(
-            "#!/sbin/openrc-run\ndescription=\"Kairos: {args}\"\ndepend() {{\n    {depend}\n}}\nstart() {{\n    /usr/bin/kairos-agent {args}\n}}\n"
-        );
+        (
+            name,
+            format!(
+                "#!/sbin/openrc-run\ndescription=\"Kairos: {args}\"\ndepend() {{\n    {depend}\n}}\nstart() {{\n    /usr/bin/kairos-agent {args}\n}}\n"
+            ),
+        )
+    });
+    let services = hooks.chain([
+        (P2P_SERVICE, P2P_OPENRC.to_string()),
+        ("kairos-kubernetes", KUBERNETES_OPENRC.to_string()),
+    ]);
+    // Each service in /etc/init.d, started from the default runlevel.
+    for (name, text) in services {
         write(&layer.join(format!("etc/init.d/{name}")), &text, 0o755)?;
         let lvl = layer.join("etc/runlevels/default");
         fs::create_dir_all(&lvl)?;
@@ -174,22 +169,6 @@ fn openrc_services(layer: &Path) -> Result<()> {
         let _ = fs::remove_file(&link);
         std::os::unix::fs::symlink(format!("/etc/init.d/{name}"), link)?;
     }
-    write(
-        &layer.join(format!("etc/init.d/{P2P_SERVICE}")),
-        P2P_OPENRC,
-        0o755,
-    )?;
-    let link = layer.join(format!("etc/runlevels/default/{P2P_SERVICE}"));
-    let _ = fs::remove_file(&link);
-    std::os::unix::fs::symlink(format!("/etc/init.d/{P2P_SERVICE}"), link)?;
-    write(
-        &layer.join("etc/init.d/kairos-kubernetes"),
-        KUBERNETES_OPENRC,
-        0o755,
-    )?;
-    let link = layer.join("etc/runlevels/default/kairos-kubernetes");
-    let _ = fs::remove_file(&link);
-    std::os::unix::fs::symlink("/etc/init.d/kairos-kubernetes", link)?;
     Ok(())
 }
 

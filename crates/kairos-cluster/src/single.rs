@@ -79,16 +79,21 @@ impl Kind {
         }
     }
 
-    /// Where kairosify puts the binary (`kairosctl kairosify --k3s PATH`).
-    pub fn binary(self) -> &'static str {
+    /// `k3s` or `k0s`: the binary's name, and kairosify's flag (`--k3s PATH`).
+    pub fn distro(self) -> &'static str {
         match self {
-            Kind::K3sServer | Kind::K3sAgent => "/usr/bin/k3s",
-            Kind::K0sController | Kind::K0sWorker => "/usr/bin/k0s",
+            Kind::K3sServer | Kind::K3sAgent => "k3s",
+            Kind::K0sController | Kind::K0sWorker => "k0s",
         }
     }
 
+    /// Where kairosify puts the binary.
+    pub fn binary(self) -> String {
+        format!("/usr/bin/{}", self.distro())
+    }
+
     fn is_k3s(self) -> bool {
-        matches!(self, Kind::K3sServer | Kind::K3sAgent)
+        self.distro() == "k3s"
     }
 
     pub fn env_file(self, sm: ServiceManager) -> String {
@@ -367,6 +372,24 @@ mod tests {
         Blocks::from_config(&serde_json::from_value::<Config>(v).unwrap())
     }
 
+    fn plan_of(yaml: &str, sm: ServiceManager) -> Result<Plan, ClusterError> {
+        plan(&cfg(yaml), sm, &Extra::default())
+    }
+
+    /// `k3s-agent`'s env and args on systemd, over `extra`.
+    fn agent_command(
+        yaml: &str,
+        extra: &Extra,
+    ) -> Result<(BTreeMap<String, String>, Vec<String>), ClusterError> {
+        let c = cfg(yaml);
+        command(
+            Kind::K3sAgent,
+            c.k3s_agent.as_ref().unwrap(),
+            extra,
+            ServiceManager::Systemd,
+        )
+    }
+
     fn file<'a>(p: &'a Plan, path: &str) -> &'a str {
         &p.write
             .iter()
@@ -405,14 +428,9 @@ mod tests {
             .into(),
             args: vec!["--with-node-id".into(), "--flannel-iface=edgevpn0".into()],
         };
-        let c = cfg(
+        let (env, args) = agent_command(
             "k3s-agent:\n  enabled: true\n  args: [--node-label=a=b]\n  env: {K3S_TOKEN: mine}\n",
-        );
-        let (env, args) = command(
-            Kind::K3sAgent,
-            c.k3s_agent.as_ref().unwrap(),
             &extra,
-            ServiceManager::Systemd,
         )
         .unwrap();
         assert_eq!(env["K3S_TOKEN"], "mine", "the user's env wins");
@@ -425,16 +443,7 @@ mod tests {
                 "--node-label=a=b"
             ]
         );
-        let c = cfg(
-            "k3s-agent:\n  enabled: true\n  replace_args: true\n  replace_env: true\n  args: [--only]\n  env: {A: b}\n",
-        );
-        let (env, args) = command(
-            Kind::K3sAgent,
-            c.k3s_agent.as_ref().unwrap(),
-            &extra,
-            ServiceManager::Systemd,
-        )
-        .unwrap();
+        let (env, args) = agent_command("k3s-agent:\n  enabled: true\n  replace_args: true\n  replace_env: true\n  args: [--only]\n  env: {A: b}\n", &extra).unwrap();
         assert_eq!(env.keys().collect::<Vec<_>>(), ["A"]);
         assert_eq!(args, ["--only"]);
     }
@@ -482,7 +491,7 @@ mod tests {
     #[test]
     fn nothing_enabled_removes_everything() {
         for yaml in ["{}\n", "k3s:\n  enabled: false\n  args: [--x]\n"] {
-            let p = plan(&cfg(yaml), ServiceManager::Systemd, &Extra::default()).unwrap();
+            let p = plan_of(yaml, ServiceManager::Systemd).unwrap();
             assert!(p.write.is_empty() && p.enable.is_empty());
             assert_eq!(p.disable.len(), 4);
             assert!(
@@ -494,10 +503,9 @@ mod tests {
 
     #[test]
     fn refusals_name_the_key() {
-        let e = plan(
-            &cfg("k3s: {enabled: true}\nk3s-agent: {enabled: true}\n"),
+        let e = plan_of(
+            "k3s: {enabled: true}\nk3s-agent: {enabled: true}\n",
             ServiceManager::Systemd,
-            &Extra::default(),
         )
         .unwrap_err();
         assert_eq!(
@@ -508,17 +516,15 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("set one of them to false"));
-        let e = plan(
-            &cfg("k3s:\n  enabled: true\n  env: {\"BAD-NAME\": x}\n"),
+        let e = plan_of(
+            "k3s:\n  enabled: true\n  env: {\"BAD-NAME\": x}\n",
             ServiceManager::Systemd,
-            &Extra::default(),
         )
         .unwrap_err();
         assert!(e.to_string().starts_with("k3s.env: \"BAD-NAME\""), "{e}");
-        let e = plan(
-            &cfg("k3s:\n  enabled: true\n  env: {A: \"x\\nExecStartPre=/bin/evil\"}\n"),
+        let e = plan_of(
+            "k3s:\n  enabled: true\n  env: {A: \"x\\nExecStartPre=/bin/evil\"}\n",
             ServiceManager::Systemd,
-            &Extra::default(),
         )
         .unwrap_err();
         assert_eq!(
@@ -528,26 +534,23 @@ mod tests {
                 name: "A".into()
             }
         );
-        let e = plan(
-            &cfg("k3s:\n  enabled: true\n  args: [\"--a\\nExecStartPre=/bin/evil\"]\n"),
+        let e = plan_of(
+            "k3s:\n  enabled: true\n  args: [\"--a\\nExecStartPre=/bin/evil\"]\n",
             ServiceManager::Systemd,
-            &Extra::default(),
         )
         .unwrap_err();
         assert!(matches!(e, ClusterError::Arg { key: "k3s", .. }), "{e}");
-        let e = plan(
-            &cfg("k3s:\n  enabled: true\n  args: [\"--name=$(reboot)\"]\n"),
+        let e = plan_of(
+            "k3s:\n  enabled: true\n  args: [\"--name=$(reboot)\"]\n",
             ServiceManager::OpenRc,
-            &Extra::default(),
         )
         .unwrap_err();
         assert!(e.to_string().contains("OpenRC"), "{e}");
         // systemd expands `$VAR` itself, as for Go Kairos users: allowed there.
         assert!(
-            plan(
-                &cfg("k3s:\n  enabled: true\n  args: [\"--node-name=$HOSTNAME\"]\n"),
-                ServiceManager::Systemd,
-                &Extra::default(),
+            plan_of(
+                "k3s:\n  enabled: true\n  args: [\"--node-name=$HOSTNAME\"]\n",
+                ServiceManager::Systemd
             )
             .is_ok()
         );

@@ -4,10 +4,10 @@
 //! node talks to one peer per interval, so a network of N nodes sends O(N) small messages
 //! per interval instead of N whole blocks to everyone.
 //!
-//! 1. The opener writes its storage [`ledger::digest`] as a sealed [`Sync::Digest`].
+//! 1. The opener writes its storage [`ledger::digest`] as a sealed [`SyncMessage::Digest`].
 //! 2. The other side answers only if that opens with the network's key (current or previous
 //!    rotation) — a stranger reads nothing: the same digest when the ledgers agree (done),
-//!    else its whole block as a sealed [`Sync::Delta`].
+//!    else its whole block as a sealed [`SyncMessage::Delta`].
 //! 3. The opener merges it and answers with its own whole block, which the other merges.
 //!
 //! A frame is a 4-byte big-endian length and the sealed message, bounded by the token's
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use kairos_mesh::Token;
-use kairos_mesh::ledger::{self, Sync};
+use kairos_mesh::ledger::{self, SyncMessage};
 use kairos_mesh::state::Ledger;
 use libp2p::{PeerId, StreamProtocol};
 
@@ -38,19 +38,14 @@ pub struct Shared {
 
 impl Shared {
     fn keys(&self) -> [[u8; 32]; 2] {
-        let now = crate::unix_nanos() / 1_000_000_000;
-        let interval = self.token.otp.crypto.interval.max(1);
-        [
-            self.token.seal_key(now),
-            self.token.seal_key(now.saturating_sub(interval)),
-        ]
+        self.token.open_keys(crate::unix_nanos() / 1_000_000_000)
     }
 
     fn digest(&self) -> [u8; 32] {
         ledger::digest(&crate::lock(&self.ledger).last().storage)
     }
 
-    fn frame(&self, m: &Sync) -> Vec<u8> {
+    fn frame(&self, m: &SyncMessage) -> Vec<u8> {
         let msg = ledger::sync_to_wire(m, &self.keys()[0]);
         let mut out = (msg.len() as u32).to_be_bytes().to_vec();
         out.extend(msg);
@@ -59,11 +54,11 @@ impl Shared {
 
     fn whole(&self) -> Vec<u8> {
         let block = crate::lock(&self.ledger).last().clone();
-        self.frame(&Sync::Delta(block))
+        self.frame(&SyncMessage::Delta(block))
     }
 
     /// Opens a peer's message; `None` when it is not sealed by one of ours.
-    fn open(&self, msg: &[u8]) -> Option<Sync> {
+    fn open(&self, msg: &[u8]) -> Option<SyncMessage> {
         let max = self.token.max_message_size;
         self.keys()
             .iter()
@@ -81,6 +76,14 @@ impl Shared {
     }
 }
 
+/// A sealed digest is 12 + 1 + 32 + 16 = 61 bytes: the most an opener's first frame may hold,
+/// read before anything shows the opener is one of ours.
+const DIGEST_FRAME: usize = 64;
+/// How long the opener has to send its digest (a stranger must not hold a slot for long).
+const FIRST_FRAME: Duration = Duration::from_secs(5);
+
+/// Reads one frame of at most `limit` bytes; the buffer grows as the bytes arrive, so a
+/// length claimed but never sent costs nothing.
 async fn read_frame(s: &mut libp2p::Stream, limit: usize) -> Option<Vec<u8>> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await.ok()?;
@@ -88,9 +91,13 @@ async fn read_frame(s: &mut libp2p::Stream, limit: usize) -> Option<Vec<u8>> {
     if len > limit {
         return None;
     }
-    let mut buf = vec![0u8; len];
-    s.read_exact(&mut buf).await.ok()?;
-    Some(buf)
+    let mut buf = Vec::with_capacity(len.min(64 << 10));
+    (&mut *s)
+        .take(len as u64)
+        .read_to_end(&mut buf)
+        .await
+        .ok()?;
+    (buf.len() == len).then_some(buf)
 }
 
 /// Compares ledgers with `peer` (we open the stream), and exchanges whole blocks if they
@@ -98,12 +105,12 @@ async fn read_frame(s: &mut libp2p::Stream, limit: usize) -> Option<Vec<u8>> {
 pub async fn with(mut control: libp2p_stream::Control, peer: PeerId, shared: Shared) {
     let run = async {
         let mut s = control.open_stream(peer, LEDGER_PROTOCOL).await.ok()?;
-        s.write_all(&shared.frame(&Sync::Digest(shared.digest())))
+        s.write_all(&shared.frame(&SyncMessage::Digest(shared.digest())))
             .await
             .ok()?;
         s.flush().await.ok()?;
         let msg = read_frame(&mut s, shared.limit()).await?;
-        if let Some(Sync::Delta(theirs)) = shared.open(&msg) {
+        if let Some(SyncMessage::Delta(theirs)) = shared.open(&msg) {
             let mine = shared.whole();
             shared.merge(&theirs);
             s.write_all(&mine).await.ok()?;
@@ -128,20 +135,24 @@ pub fn serve(mut control: libp2p_stream::Control, shared: Shared) {
             let shared = shared.clone();
             tokio::spawn(async move {
                 let run = async {
-                    let msg = read_frame(&mut s, shared.limit()).await?;
+                    let msg = tokio::time::timeout(FIRST_FRAME, read_frame(&mut s, DIGEST_FRAME))
+                        .await
+                        .ok()??;
                     // Not sealed with our key: say nothing.
-                    let Some(Sync::Digest(theirs)) = shared.open(&msg) else {
+                    let Some(SyncMessage::Digest(theirs)) = shared.open(&msg) else {
                         return None;
                     };
                     let mine = shared.digest();
                     if theirs == mine {
-                        s.write_all(&shared.frame(&Sync::Digest(mine))).await.ok()?;
+                        s.write_all(&shared.frame(&SyncMessage::Digest(mine)))
+                            .await
+                            .ok()?;
                         return s.close().await.ok();
                     }
                     s.write_all(&shared.whole()).await.ok()?;
                     s.flush().await.ok()?;
                     let msg = read_frame(&mut s, shared.limit()).await?;
-                    if let Some(Sync::Delta(b)) = shared.open(&msg) {
+                    if let Some(SyncMessage::Delta(b)) = shared.open(&msg) {
                         shared.merge(&b);
                     }
                     s.close().await.ok()
@@ -151,4 +162,17 @@ pub fn serve(mut control: libp2p_stream::Control, shared: Shared) {
             });
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The opener's digest frame fits the bound the other side reads it with.
+    #[test]
+    fn a_sealed_digest_fits_the_first_frame_bound() {
+        let m = ledger::sync_to_wire(&SyncMessage::Digest([7; 32]), &[1; 32]);
+        assert!(m.len() <= DIGEST_FRAME, "{} bytes", m.len());
+        assert!(m.len() + 32 > DIGEST_FRAME, "the bound is tight");
+    }
 }

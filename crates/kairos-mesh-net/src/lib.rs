@@ -143,7 +143,7 @@ pub struct Status {
     /// Deltas sent, ledger comparisons opened, whole blocks merged from comparisons that
     /// differed.
     pub deltas: u64,
-    pub digests: u64,
+    pub comparisons: u64,
     pub exchanges: u64,
 }
 
@@ -300,11 +300,10 @@ impl Node {
             unsealable: 0,
             published: 0,
             ours: Default::default(),
-            changed: changed.clone(),
             shared,
             control: control.clone(),
             deltas: 0,
-            digests: 0,
+            comparisons: 0,
         };
         tokio::spawn(task.run(rx));
         Ok(Node {
@@ -428,10 +427,9 @@ struct Task {
     /// Members on our sync topic too: kairos-rs peers, which take deltas.
     ours: std::collections::HashSet<PeerId>,
     shared: exchange::Shared,
-    changed: Arc<tokio::sync::Notify>,
     control: libp2p_stream::Control,
     deltas: u64,
-    digests: u64,
+    comparisons: u64,
 }
 
 /// The sync topic of ledger topic `topic` (our own peers only).
@@ -496,7 +494,7 @@ impl Task {
             || self.members.iter().any(|p| !self.ours.contains(p))
     }
 
-    fn publish_sync(&mut self, m: &ledger::Sync) {
+    fn publish_sync(&mut self, m: &ledger::SyncMessage) {
         let now = self.now_unix();
         let payload = ledger::sync_to_wire(m, &self.token.seal_key(now));
         let topic = IdentTopic::new(sync_topic(&self.token.topic(now)));
@@ -526,7 +524,7 @@ impl Task {
             storage,
             ..Default::default()
         };
-        self.publish_sync(&ledger::Sync::Delta(delta));
+        self.publish_sync(&ledger::SyncMessage::Delta(delta));
         self.deltas += 1;
     }
 
@@ -545,7 +543,7 @@ impl Task {
     /// Compares ledgers with `peer`, and exchanges whole blocks if they differ.
     fn exchange_with(&mut self, peer: PeerId) {
         if self.swarm.is_connected(&peer) {
-            self.digests += 1;
+            self.comparisons += 1;
             tokio::spawn(exchange::with(
                 self.control.clone(),
                 peer,
@@ -556,14 +554,13 @@ impl Task {
 
     /// A message on the sync topic: a delta to merge.
     fn receive_sync(&mut self, data: &[u8]) {
-        let now = self.now_unix();
-        let interval = self.token.otp.crypto.interval.max(1);
-        let m = [now, now.saturating_sub(interval)].iter().find_map(|t| {
-            ledger::sync_from_wire(data, &self.token.seal_key(*t), self.token.max_message_size).ok()
-        });
+        let keys = self.token.open_keys(self.now_unix());
+        let m = keys
+            .iter()
+            .find_map(|k| ledger::sync_from_wire(data, k, self.token.max_message_size).ok());
         match m {
-            Some(ledger::Sync::Delta(b)) if self.opts.ownership == Ownership::Enforce => {
-                merge(&self.ledger, &self.changed, &b);
+            Some(ledger::SyncMessage::Delta(b)) if self.opts.ownership == Ownership::Enforce => {
+                merge(&self.ledger, &self.shared.changed, &b);
             }
             Some(_) => {}
             None => self.unsealable += 1,
@@ -580,18 +577,12 @@ impl Task {
     }
 
     fn receive(&mut self, data: &[u8]) {
-        let now = self.now_unix();
-        // The current key, then the previous interval's (a sender on the other side of a
-        // rotation).
-        let interval = self.token.otp.crypto.interval.max(1);
-        let keys = [now, now.saturating_sub(interval)];
-        let block = keys.iter().find_map(|t| {
-            ledger::from_wire(data, &self.token.seal_key(*t), self.token.max_message_size).ok()
-        });
+        let keys = self.token.open_keys(self.now_unix());
+        let block = keys
+            .iter()
+            .find_map(|k| ledger::from_wire(data, k, self.token.max_message_size).ok());
         match block {
-            Some(b) => {
-                merge(&self.ledger, &self.changed, &b);
-            }
+            Some(b) => merge(&self.ledger, &self.shared.changed, &b),
             None => self.unsealable += 1,
         }
     }
@@ -794,7 +785,7 @@ impl Task {
                             ledger_index: lock(&self.ledger).last().index,
                             sync: if self.full_sync() { "full" } else { "delta" },
                             deltas: self.deltas,
-                            digests: self.digests,
+                            comparisons: self.comparisons,
                             exchanges: self.shared.exchanges.load(std::sync::atomic::Ordering::Relaxed),
                         });
                     }

@@ -91,7 +91,7 @@ async fn one_token_shares_the_ledger_and_outsiders_read_nothing() {
     assert_eq!(a.get("kairos", "evil").await.unwrap(), None);
 
     // The outsider opens a ledger comparison with a itself: sealed with its own key, or a
-    // frame claiming 4 GiB — a answers neither, and stays up.
+    // frame claiming 4 GiB or 64 KiB (more than a digest) — a answers none, and stays up.
     use futures::{AsyncReadExt, AsyncWriteExt};
     let a_id: libp2p::PeerId = a.peer_id.parse().unwrap();
     let now = std::time::SystemTime::now()
@@ -99,12 +99,12 @@ async fn one_token_shares_the_ledger_and_outsiders_read_nothing() {
         .unwrap()
         .as_secs();
     let theirs = kairos_mesh::ledger::sync_to_wire(
-        &kairos_mesh::ledger::Sync::Digest([0; 32]),
+        &kairos_mesh::ledger::SyncMessage::Digest([0; 32]),
         &outsider_token.seal_key(now),
     );
     let mut framed = (theirs.len() as u32).to_be_bytes().to_vec();
     framed.extend(theirs);
-    for frame in [framed, vec![0xff; 4]] {
+    for frame in [framed, vec![0xff; 4], vec![0, 1, 0, 0]] {
         let mut s = outsider
             .control()
             .open_stream(a_id, kairos_mesh_net::exchange::LEDGER_PROTOCOL)
@@ -230,7 +230,10 @@ async fn our_peers_sync_by_deltas_and_fall_back_for_edgevpn_peers() {
         eventually(&b, "kairos", "k1", Some("\"one\"")).await,
         "b got k1"
     );
-    wait_status(&a, "a sent digests", |s| s.digests >= 2 && s.deltas >= 1).await;
+    wait_status(&a, "a sent digests", |s| {
+        s.comparisons >= 2 && s.deltas >= 1
+    })
+    .await;
     let s = a.status().await.unwrap();
     assert_eq!(
         s.published, before,

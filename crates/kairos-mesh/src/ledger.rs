@@ -633,13 +633,13 @@ pub fn from_wire(payload: &[u8], seal_key: &[u8; 32], max_size: u64) -> Result<B
     Block::from_json(&text)
 }
 
-/// What our own peers (kairos-rs) say to each other, never EdgeVPN peers: a [`Sync::Delta`]
+/// What our own peers (kairos-rs) say to each other, never EdgeVPN peers: a [`SyncMessage::Delta`]
 /// carries only the entries that changed (gossiped on their own sync topic; merged per entry,
 /// so only under `ownership: enforce`) or, in a comparison, a whole block; a
-/// [`Sync::Digest`] the [`digest`] of a node's storage, which two nodes compare over a
+/// [`SyncMessage::Digest`] the [`digest`] of a node's storage, which two nodes compare over a
 /// stream every sync interval instead of gossiping whole blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Sync {
+pub enum SyncMessage {
     Delta(Block),
     Digest([u8; 32]),
 }
@@ -652,17 +652,17 @@ pub fn digest(storage: &Storage) -> [u8; 32] {
 }
 
 /// `seal(tag ‖ body)`: `D` and `gzip(JSON(block))`, or `H` and the 32-byte digest.
-pub fn sync_to_wire(m: &Sync, seal_key: &[u8; 32]) -> Vec<u8> {
+pub fn sync_to_wire(m: &SyncMessage, seal_key: &[u8; 32]) -> Vec<u8> {
     let mut plain = Vec::new();
     match m {
-        Sync::Delta(b) => {
+        SyncMessage::Delta(b) => {
             plain.push(b'D');
             let mut gz = flate2::write::GzEncoder::new(plain, flate2::Compression::default());
             gz.write_all(b.to_json().as_bytes())
                 .expect("writing to memory");
             plain = gz.finish().expect("writing to memory");
         }
-        Sync::Digest(d) => {
+        SyncMessage::Digest(d) => {
             plain.push(b'H');
             plain.extend_from_slice(d);
         }
@@ -675,14 +675,14 @@ pub fn sync_from_wire(
     data: &[u8],
     seal_key: &[u8; 32],
     max_size: u64,
-) -> Result<Sync, LedgerError> {
+) -> Result<SyncMessage, LedgerError> {
     if data.len() as u64 > max_size.saturating_add(64) {
         return Err(LedgerError::TooBig(max_size));
     }
     let plain = crate::seal::unseal_bytes(seal_key, data).map_err(|_| LedgerError::Seal)?;
     match plain.split_first() {
         Some((b'H', d)) => {
-            Ok(Sync::Digest(d.try_into().map_err(|_| {
+            Ok(SyncMessage::Digest(d.try_into().map_err(|_| {
                 LedgerError::Format("a digest is 32 bytes".into())
             })?))
         }
@@ -695,7 +695,7 @@ pub fn sync_from_wire(
             if text.len() as u64 > max_size {
                 return Err(LedgerError::TooBig(max_size));
             }
-            Ok(Sync::Delta(Block::from_json(&text)?))
+            Ok(SyncMessage::Delta(Block::from_json(&text)?))
         }
         _ => Err(LedgerError::Format("an unknown sync message".into())),
     }
@@ -719,7 +719,7 @@ mod tests {
         };
         let d = digest(&storage);
         assert_ne!(d, digest(&Storage::new()), "the digest covers the entries");
-        for m in [Sync::Delta(block), Sync::Digest(d)] {
+        for m in [SyncMessage::Delta(block), SyncMessage::Digest(d)] {
             let wire = sync_to_wire(&m, &key);
             assert_eq!(sync_from_wire(&wire, &key, 1 << 20).unwrap(), m);
             assert_eq!(
@@ -728,7 +728,7 @@ mod tests {
                 "another network's key opens nothing"
             );
         }
-        let big = Sync::Delta(Block {
+        let big = SyncMessage::Delta(Block {
             storage,
             timestamp: "t".repeat(4000),
             ..Default::default()

@@ -77,6 +77,16 @@ impl Token {
         k
     }
 
+    /// The keys a message received at `unix` may be sealed with: the current one, then the
+    /// previous interval's (a sender on the other side of a rotation).
+    pub fn open_keys(&self, unix: u64) -> [[u8; 32]; 2] {
+        let interval = self.otp.crypto.interval.max(1);
+        [
+            self.seal_key(unix),
+            self.seal_key(unix.saturating_sub(interval)),
+        ]
+    }
+
     /// The ledger topic at `unix`.
     pub fn topic(&self, unix: u64) -> String {
         let room = Otp {

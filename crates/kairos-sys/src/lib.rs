@@ -21,4 +21,4 @@ pub mod time;
 pub mod tools;
 
 pub use exec::{CommandOutput, ExecError, Shell};
-pub use root::Root;
+pub use root::{InitSystem, Root};

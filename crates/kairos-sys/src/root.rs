@@ -6,6 +6,14 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::beneath::{Dir, Kind, Meta};
 
+/// The init system a root boots with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitSystem {
+    Systemd,
+    OpenRc,
+    Busybox,
+}
+
 /// A filesystem tree that absolute paths are resolved under.
 ///
 /// `Root::host()` is the running system; any other root is an offline tree (an install
@@ -24,6 +32,21 @@ impl Root {
             path
         };
         Root { path }
+    }
+
+    /// The init system found in this root (looked up beneath it: `lib -> /usr/lib` means
+    /// the root's /usr/lib), or `None`.
+    pub fn init_system(&self) -> Option<InitSystem> {
+        let has = |p: &str| self.symlink_metadata(p).is_ok();
+        if has("lib/systemd/systemd") || has("usr/lib/systemd/systemd") {
+            Some(InitSystem::Systemd)
+        } else if has("sbin/openrc") || has("usr/sbin/openrc") || has("sbin/openrc-run") {
+            Some(InitSystem::OpenRc)
+        } else if has("etc/inittab") && (has("bin/busybox") || has("sbin/init")) {
+            Some(InitSystem::Busybox)
+        } else {
+            None
+        }
     }
 
     /// The running system.

@@ -428,7 +428,7 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
             "ledger": {"index": index, "keys": keys},
             "unsealable": st.unsealable,
             "published": st.published,
-            "sync": {"mode": st.sync, "deltas": st.deltas, "digests": st.digests, "exchanges": st.exchanges},
+            "sync": {"mode": st.sync, "deltas": st.deltas, "comparisons": st.comparisons, "exchanges": st.exchanges},
             "vpn": s.vpn.as_ref().map(|v| json!({
                 "interface": v.interface,
                 "mtu": v.mtu,

@@ -6,6 +6,20 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::process::Output;
 
+/// Runs `kairos-agent` with `args` and extra environment: (exit code, stdout, stderr).
+pub fn agent(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kairos-agent"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
 /// A finished command's status, stdout and stderr, for assertion messages.
 pub fn text(o: &Output) -> String {
     format!(

@@ -9,6 +9,7 @@ mod layout;
 mod packages;
 mod system;
 mod systemctl;
+pub use systemctl::unit_exists;
 mod users;
 
 use kairos_config::types::Step;

@@ -52,6 +52,12 @@ fn template_of(unit: &str) -> (String, Option<String>) {
     (unit.to_string(), None)
 }
 
+/// Whether the root has unit `u` (`k3s` means `k3s.service`) in one of systemd's unit
+/// directories.
+pub fn unit_exists(root: &Root, u: &str) -> bool {
+    find_unit(root, &unit_name(u)).is_some()
+}
+
 /// Finds a unit file under the root; returns (path inside the root as seen at boot, real path).
 fn find_unit(root: &Root, unit: &str) -> Option<(String, PathBuf)> {
     UNIT_DIRS.iter().find_map(|d| {
