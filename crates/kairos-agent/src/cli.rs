@@ -366,8 +366,81 @@ fn p2p_run(
         socket: under(socket),
         resolv_conf: under(std::path::Path::new("/etc/resolv.conf")),
     };
-    kairos_vpn::daemon::run(settings, hostname, paths).map_err(|e| anyhow::anyhow!("p2p: {e}"))?;
+    let coordinator = mesh_cluster(g, c, &p2p, &hostname)
+        .map(|m| Box::new(m) as Box<dyn kairos_vpn::daemon::Coordinator>);
+    kairos_vpn::daemon::run(settings, hostname, paths, coordinator)
+        .map_err(|e| anyhow::anyhow!("p2p: {e}"))?;
     Ok(0)
+}
+
+/// The four Kubernetes blocks of the merged config.
+fn k8s_blocks(c: &Collected) -> kairos_cluster::single::Blocks {
+    let get = |key: &str| section::<kairos_config::types::K8sDistro>(&c.config, key, "K8sDistro");
+    kairos_cluster::single::Blocks {
+        k3s: get("k3s"),
+        k3s_agent: get("k3s-agent"),
+        k0s: get("k0s"),
+        k0s_worker: get("k0s-worker"),
+    }
+}
+
+/// `p2p.auto.enable` is false (the blocks then run as a single node, as in provider-kairos).
+fn auto_off(p2p: &kairos_config::types::P2p) -> bool {
+    p2p.auto
+        .as_ref()
+        .and_then(|a| a.enable.as_ref())
+        .is_some_and(|e| !e.0)
+}
+
+/// The node's uuid in the coordination bucket: env `UUID`, else `<machine-id>-<hostname>`
+/// (provider-kairos' `machine.UUID()`); a root without a machine id uses the hostname alone.
+pub fn node_uuid(root: &kairos_sys::Root, hostname: &str) -> Option<String> {
+    let machine_id = root.read_to_string("etc/machine-id").unwrap_or_default();
+    if machine_id.trim().is_empty() {
+        eprintln!(
+            "warning: no /etc/machine-id under {}: the node's cluster uuid is its hostname {hostname:?} (keep hostnames unique)",
+            root.path().display()
+        );
+        return kairos_cluster::roles::node_uuid(
+            std::env::var("UUID").ok().as_deref(),
+            "",
+            hostname,
+        )
+        .map(|u| u.trim_start_matches('-').to_string());
+    }
+    kairos_cluster::roles::node_uuid(std::env::var("UUID").ok().as_deref(), &machine_id, hostname)
+}
+
+/// The cluster coordinator for `p2p run`, unless `p2p.auto.enable` is false.
+fn mesh_cluster(
+    g: &Global,
+    c: &Collected,
+    p2p: &kairos_config::types::P2p,
+    hostname: &str,
+) -> Option<crate::cluster::MeshCluster> {
+    if auto_off(p2p) {
+        return None;
+    }
+    let root = g.root();
+    let Some(me) = node_uuid(&root, hostname) else {
+        eprintln!(
+            "kairos-agent: the node's uuid (env UUID or machine-id + hostname) is not usable as a ledger key: no Kubernetes roles over the mesh"
+        );
+        return None;
+    };
+    let kubevip: Option<kairos_config::types::KubeVip> = section(&c.config, "kubevip", "KubeVip");
+    let settings = kairos_cluster::roles::Settings::new(p2p, kubevip.as_ref(), me);
+    let bucket = p2p
+        .network_id
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "kairos".to_string());
+    Some(crate::cluster::MeshCluster::new(
+        root,
+        k8s_blocks(c),
+        settings,
+        bucket,
+    ))
 }
 
 /// `install:` of a config, for the install commands: unknown keys are warned about; a value
@@ -438,22 +511,10 @@ pub fn run(cli: Cli) -> Result<Code> {
             command: KubernetesCommand::Apply { json },
         } => {
             let c = cli.global.collect(&fetcher)?;
-            let get =
-                |key: &str| section::<kairos_config::types::K8sDistro>(&c.config, key, "K8sDistro");
-            let blocks = kairos_cluster::single::Blocks {
-                k3s: get("k3s"),
-                k3s_agent: get("k3s-agent"),
-                k0s: get("k0s"),
-                k0s_worker: get("k0s-worker"),
-            };
+            let blocks = k8s_blocks(&c);
             let p2p: kairos_config::types::P2p =
                 section(&c.config, "p2p", "P2p").unwrap_or_default();
-            let auto_off = p2p
-                .auto
-                .as_ref()
-                .and_then(|a| a.enable.as_ref())
-                .is_some_and(|e| !e.0);
-            let mesh_roles = network_token(&c).is_some() && !auto_off;
+            let mesh_roles = network_token(&c).is_some() && !auto_off(&p2p);
             Ok(crate::kubernetes::apply(
                 &cli.global.root(),
                 &blocks,

@@ -23,7 +23,7 @@ fn rel(p: &str) -> &Path {
 }
 
 /// Writes and removes the plan's files beneath `root`; every failure is named.
-fn write(root: &Root, plan: &Plan) -> Vec<String> {
+pub(crate) fn write(root: &Root, plan: &Plan) -> Vec<String> {
     let mut errors = Vec::new();
     for f in &plan.write {
         let r = root
@@ -46,7 +46,8 @@ fn write(root: &Root, plan: &Plan) -> Vec<String> {
 
 /// Enables and disables the plan's services (systemd through the stage engine's
 /// `systemctl` module: `systemctl` when live, unit links offline; OpenRC by runlevel links).
-fn services(root: &Root, plan: &Plan, sm: ServiceManager) -> Vec<String> {
+/// `restart`: on a live systemd, restart the enabled services (their config changed).
+pub(crate) fn services(root: &Root, plan: &Plan, sm: ServiceManager, restart: bool) -> Vec<String> {
     let mut errors = Vec::new();
     match sm {
         ServiceManager::Systemd => {
@@ -75,6 +76,15 @@ fn services(root: &Root, plan: &Plan, sm: ServiceManager) -> Vec<String> {
             let mut ex =
                 kairos_stages::Executor::new(root.clone(), &fetcher, Box::new(std::io::sink()));
             errors.extend(ex.apply(&step));
+            if live && restart {
+                for svc in &plan.enable {
+                    if let Err(e) =
+                        kairos_sys::host::systemctl(&["restart".to_string(), svc.to_string()])
+                    {
+                        errors.push(format!("systemctl restart {svc}: {e}"));
+                    }
+                }
+            }
         }
         ServiceManager::OpenRc => {
             for s in &plan.enable {
@@ -105,12 +115,16 @@ fn services(root: &Root, plan: &Plan, sm: ServiceManager) -> Vec<String> {
 /// be done.
 pub fn apply(root: &Root, blocks: &Blocks, mesh_roles: bool, json: bool) -> i32 {
     use crate::cli::exit;
-    if mesh_roles && blocks.enabled().is_some() {
-        eprintln!(
-            "kairos-agent: p2p.network_token is set with p2p.auto on: the node's Kubernetes role comes from the mesh, which this build cannot do yet; set p2p.auto.enable: false to run the `{}:` block as a single node",
-            blocks.enabled().map(|k| k.key()).unwrap_or_default()
-        );
-        return exit::FAILURE;
+    if mesh_roles {
+        // The role, and so the service, is decided over the mesh by `p2p run`; what it
+        // wrote last stays (a reboot keeps the node's role until the mesh says otherwise).
+        let msg = "p2p.network_token is set with p2p.auto on: the node's Kubernetes role comes from the mesh (`kairos-agent p2p run` configures it; `kairos-agent p2p status` shows it); nothing to do here";
+        if json {
+            println!("{}", serde_json::json!({"mesh_roles": true, "note": msg}));
+        } else {
+            println!("{msg}");
+        }
+        return 0;
     }
     let Some(sm) = service_manager(root) else {
         eprintln!(
@@ -139,7 +153,7 @@ pub fn apply(root: &Root, blocks: &Blocks, mesh_roles: bool, json: bool) -> i32 
     }
     let mut errors = write(root, &plan);
     if errors.is_empty() {
-        errors = services(root, &plan, sm);
+        errors = services(root, &plan, sm, false);
     }
     if json {
         let doc = serde_json::json!({

@@ -2,6 +2,7 @@
 //! without spawning the binary.
 
 pub mod cli;
+pub mod cluster;
 pub mod kubernetes;
 pub mod lifecycle;
 pub mod p2p;

@@ -4,7 +4,8 @@
 //!   file, the service override and the services to enable, as Kairos writes them (a pure
 //!   plan; the agent applies it beneath the root).
 //!
-//! Roles elected over the mesh, the join token and the kubeconfig in the ledger come next
-//! (issue 11); they add to the same plan ([`single::Extra`]: the env and args a role adds).
+//! - [`roles`]: roles over the mesh — the election, the assignment and what each role adds
+//!   to the plan ([`single::Extra`]), as pure functions over the ledger bucket.
 
+pub mod roles;
 pub mod single;

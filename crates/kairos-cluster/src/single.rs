@@ -331,10 +331,34 @@ pub fn plan(blocks: &Blocks, sm: ServiceManager, extra: &Extra) -> Result<Plan, 
             b: b.key(),
         });
     }
+    let chosen = enabled
+        .first()
+        .and_then(|k| Some((*k, blocks.get(*k)?.clone())));
+    plan_with(chosen, sm, extra)
+}
+
+/// The plan for a node whose role over the mesh runs `kind` (the server for a master, the
+/// agent for a worker): that block's env and args over the role's `extra` — the block need
+/// not be enabled, nor even present, as in provider-kairos — and every other block removed.
+pub fn plan_role(
+    blocks: &Blocks,
+    kind: Kind,
+    sm: ServiceManager,
+    extra: &Extra,
+) -> Result<Plan, ClusterError> {
+    let block = blocks.get(kind).cloned().unwrap_or_default();
+    plan_with(Some((kind, block)), sm, extra)
+}
+
+fn plan_with(
+    chosen: Option<(Kind, K8sDistro)>,
+    sm: ServiceManager,
+    extra: &Extra,
+) -> Result<Plan, ClusterError> {
     let mut plan = Plan::default();
     for kind in Kind::ALL {
-        match blocks.get(kind).filter(|b| b.enabled.0) {
-            Some(block) => {
+        match chosen.as_ref().filter(|(k, _)| *k == kind) {
+            Some((_, block)) => {
                 let (env, args) = command(kind, block, extra, sm)?;
                 plan.write.push(File {
                     path: kind.env_file(sm),

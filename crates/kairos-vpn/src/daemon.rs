@@ -51,6 +51,89 @@ pub struct Paths {
     pub resolv_conf: PathBuf,
 }
 
+/// The cluster's part of the daemon (roles over the mesh), supplied by the agent: the
+/// daemon knows the ledger, not Kubernetes. Its ticks run on a blocking thread, one at a
+/// time, every [`COORDINATOR_TICK`] and soon after its bucket changes.
+pub trait Coordinator: Send + 'static {
+    /// The ledger bucket it reads and writes (`p2p.network_id`).
+    fn bucket(&self) -> String;
+    /// One tick; may take seconds (it writes files and starts services).
+    fn tick(&mut self, input: TickInput) -> TickOutput;
+}
+
+/// What a coordinator tick sees.
+#[derive(Debug, Clone)]
+pub struct TickInput {
+    /// The bucket's live entries: key → value (JSON text).
+    pub entries: std::collections::BTreeMap<String, String>,
+    /// Nodes whose heartbeat is recent (`healthcheck`).
+    pub active_nodes: usize,
+    /// This node's VPN address, once it has one.
+    pub vpn_ip: Option<Ipv4Addr>,
+    pub now: i64,
+}
+
+/// What a coordinator tick does: ledger writes (key, value JSON) into its bucket, and its
+/// part of the status document (`cluster`).
+#[derive(Debug, Clone, Default)]
+pub struct TickOutput {
+    pub writes: Vec<(String, String)>,
+    pub status: serde_json::Value,
+}
+
+/// The coordinator's period (provider-kairos' loop: 10 s).
+pub const COORDINATOR_TICK: Duration = Duration::from_secs(10);
+/// The shortest gap between two coordinator ticks when its bucket keeps changing.
+const COORDINATOR_GAP: Duration = Duration::from_secs(2);
+
+/// A request on the status socket: one JSON line (none at all means `status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    /// The status document.
+    Status,
+    /// A bucket's live entries, key → value (JSON text).
+    Bucket { bucket: String },
+    /// Writes `value` (JSON text) at `bucket`/`key` (as EdgeVPN's API `PUT`).
+    Put {
+        bucket: String,
+        key: String,
+        value: String,
+    },
+}
+
+/// Bounds on what the socket accepts.
+const MAX_REQUEST: usize = 1 << 20;
+const MAX_NAME: usize = 256;
+
+impl Request {
+    /// Checks names and values before they reach the ledger.
+    fn check(&self) -> Result<(), String> {
+        let name = |what: &str, n: &str| {
+            if n.is_empty() || n.len() > MAX_NAME || !n.chars().all(|c| c.is_ascii_graphic()) {
+                Err(format!(
+                    "{what} {n:?}: 1 to {MAX_NAME} printable characters, no spaces"
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            Request::Status => Ok(()),
+            Request::Bucket { bucket } => name("bucket", bucket),
+            Request::Put { bucket, key, value } => {
+                name("bucket", bucket)?;
+                name("key", key)?;
+                serde_json::from_str::<serde_json::Value>(value)
+                    .map(|_| ())
+                    .map_err(|e| format!("value of {key}: not JSON ({e})"))
+            }
+        }
+    }
+}
+
+type Pending = (Request, tokio::sync::oneshot::Sender<serde_json::Value>);
+
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -166,16 +249,26 @@ struct Addr {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub fn run(settings: Settings, hostname: String, paths: Paths) -> Result<(), DaemonError> {
+pub fn run(
+    settings: Settings,
+    hostname: String,
+    paths: Paths,
+    coordinator: Option<Box<dyn Coordinator>>,
+) -> Result<(), DaemonError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    rt.block_on(main(settings, hostname, paths))
+    rt.block_on(main(settings, hostname, paths, coordinator))
 }
 
-async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonError> {
+async fn main(
+    s: Settings,
+    hostname: String,
+    paths: Paths,
+    coordinator: Option<Box<dyn Coordinator>>,
+) -> Result<(), DaemonError> {
     let seed = identity_seed(&paths.state_dir)?;
     let skip = s.vpn.iter().map(|v| v.interface.clone()).collect();
     let opts = Options {
@@ -283,7 +376,15 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
 
     let started = Instant::now();
     let status = Arc::new(Mutex::new(json!({})));
-    serve_status(&paths.socket, status.clone())?;
+    let (requests, mut pending) = tokio::sync::mpsc::channel::<Pending>(16);
+    serve_status(&paths.socket, status.clone(), requests)?;
+    let coord_bucket = coordinator.as_ref().map(|c| c.bucket());
+    let coordinator = coordinator.map(|c| Arc::new(Mutex::new(c)));
+    let mut coord_job: Option<tokio::task::JoinHandle<TickOutput>> = None;
+    let mut next_coord = Instant::now();
+    let mut last_coord = Instant::now();
+    let mut coord_seen: Option<std::collections::BTreeMap<String, String>> = None;
+    let mut cluster_status = serde_json::Value::Null;
 
     let ttl = kairos_mesh::ledger::OWNERSHIP_TTL;
     let maxtime = s.intervals.maxtime.as_secs() as i64;
@@ -303,6 +404,25 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
             // A peer's change (a new machine, a DHCP claim): act now, not at the next tick;
             // changes arriving together are taken together.
             _ = node.changed() => tokio::time::sleep(Duration::from_millis(50)).await,
+            Some((req, reply)) = pending.recv() => {
+                let answer = match req.check() {
+                    Err(e) => json!({"error": e}),
+                    Ok(()) => match &req {
+                        Request::Status => lock(&status).clone(),
+                        Request::Bucket { bucket } => json!({"entries": bucket_entries(&node, bucket)}),
+                        Request::Put { bucket, key, value } => match node.put(bucket, key, value).await {
+                            Ok(()) => json!({"ok": true}),
+                            Err(e) => json!({"error": e.to_string()}),
+                        },
+                    },
+                };
+                let _ = reply.send(answer);
+                if matches!(req, Request::Put { .. }) {
+                    // The coordinator looks at once.
+                    next_coord = Instant::now();
+                }
+                continue;
+            }
         }
         let now = unix_now();
         if Instant::now() >= next_heartbeat {
@@ -395,6 +515,42 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
             }
             next_announce = Instant::now() + s.intervals.announce;
         }
+        // The cluster's coordinator: its last tick's writes, then the next tick when due
+        // (its period, or its bucket changed and the last tick is a gap old).
+        if coord_job.as_ref().is_some_and(|j| j.is_finished())
+            && let Some(job) = coord_job.take()
+        {
+            match job.await {
+                Ok(out) => {
+                    let bucket = coord_bucket.clone().unwrap_or_default();
+                    for (k, v) in &out.writes {
+                        if let Err(e) = node.put(&bucket, k, v).await {
+                            eprintln!("p2p: writing {bucket}/{k}: {e}");
+                        }
+                    }
+                    cluster_status = out.status;
+                }
+                Err(e) => eprintln!("p2p: the cluster coordinator stopped: {e}"),
+            }
+        }
+        if let (Some(c), Some(bucket), None) = (&coordinator, &coord_bucket, &coord_job) {
+            let entries = bucket_entries(&node, bucket);
+            let changed = coord_seen.as_ref() != Some(&entries);
+            if Instant::now() >= next_coord || (changed && last_coord.elapsed() >= COORDINATOR_GAP)
+            {
+                coord_seen = Some(entries.clone());
+                let input = TickInput {
+                    entries,
+                    active_nodes: alive.len(),
+                    vpn_ip: addr.ip.map(|(ip, _)| ip),
+                    now,
+                };
+                let c = c.clone();
+                coord_job = Some(tokio::task::spawn_blocking(move || lock(&c).tick(input)));
+                last_coord = Instant::now();
+                next_coord = Instant::now() + COORDINATOR_TICK;
+            }
+        }
         // Status.
         let st = node.status().await.unwrap_or_default();
         let (keys, index) = node.read(|l| {
@@ -443,6 +599,7 @@ async fn main(s: Settings, hostname: String, paths: Paths) -> Result<(), DaemonE
             "discovery": {"mdns": s.mdns, "bootstrap_peers": s.peers, "dht": "the network's own (addresses of its peers); no public DHT"},
             "nat": "not probed (no AutoNAT or relay yet): a node behind NAT joins by connecting out to a peer it can reach",
             "dns": s.dns.as_ref().map(|d| json!({"listen": d.listen.to_string(), "domain": d.domain})),
+            "cluster": cluster_status,
         });
         *lock(&status) = doc;
     }
@@ -488,9 +645,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Serves the status document on a unix socket (0600): each connection gets the JSON and
-/// is closed.
-fn serve_status(path: &Path, status: Arc<Mutex<serde_json::Value>>) -> Result<(), DaemonError> {
+/// A bucket's live entries.
+fn bucket_entries(node: &Node, bucket: &str) -> std::collections::BTreeMap<String, String> {
+    node.read(|l| {
+        l.bucket(bucket)
+            .into_iter()
+            .map(|(k, e)| (k.to_string(), e.value.clone()))
+            .collect()
+    })
+}
+
+/// Serves the socket (0600): each connection sends one [`Request`] line (or nothing, for
+/// the status), gets one JSON answer and is closed.
+fn serve_status(
+    path: &Path,
+    status: Arc<Mutex<serde_json::Value>>,
+    requests: tokio::sync::mpsc::Sender<Pending>,
+) -> Result<(), DaemonError> {
     let err = |why| DaemonError::Socket {
         path: path.to_path_buf(),
         why,
@@ -510,25 +681,68 @@ fn serve_status(path: &Path, status: Arc<Mutex<serde_json::Value>>) -> Result<()
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let text = lock(&status).to_string();
+        while let Ok((conn, _)) = listener.accept().await {
+            let (status, requests) = (status.clone(), requests.clone());
             tokio::spawn(async move {
-                let _ = conn.write_all(text.as_bytes()).await;
-                let _ = conn.shutdown().await;
+                use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+                let (rd, mut wr) = conn.into_split();
+                let mut line = Vec::new();
+                let mut rd = tokio::io::BufReader::new(rd).take(MAX_REQUEST as u64);
+                let read =
+                    tokio::time::timeout(Duration::from_secs(2), rd.read_until(b'\n', &mut line))
+                        .await;
+                let req = match read {
+                    Ok(Ok(_)) if line.iter().all(u8::is_ascii_whitespace) => Ok(Request::Status),
+                    Ok(Ok(_)) => serde_json::from_slice::<Request>(&line)
+                        .map_err(|e| format!("not a request: {e}")),
+                    // A reader that sends nothing wants the status.
+                    _ => Ok(Request::Status),
+                };
+                let answer = match req {
+                    Ok(Request::Status) => lock(&status).clone(),
+                    Ok(req) => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        if requests.send((req, tx)).await.is_err() {
+                            json!({"error": "the daemon is stopping"})
+                        } else {
+                            rx.await
+                                .unwrap_or_else(|_| json!({"error": "the daemon is stopping"}))
+                        }
+                    }
+                    Err(e) => json!({ "error": e }),
+                };
+                let _ = wr.write_all(answer.to_string().as_bytes()).await;
+                let _ = wr.shutdown().await;
             });
         }
     });
     Ok(())
 }
 
-/// Reads the status of the daemon answering on `socket`.
-pub fn read_status(socket: &Path) -> std::io::Result<serde_json::Value> {
-    use std::io::Read;
-    let s = std::os::unix::net::UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+/// Sends `req` to the daemon answering on `socket` and returns its answer; an answer
+/// `{"error": …}` is an error.
+pub fn request(socket: &Path, req: &Request) -> std::io::Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = serde_json::to_string(req).map_err(std::io::Error::other)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
     let mut text = String::new();
     s.take(16 << 20).read_to_string(&mut text)?;
-    serde_json::from_str(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    match v.get("error").and_then(|e| e.as_str()) {
+        Some(e) if v.as_object().is_some_and(|o| o.len() == 1) => {
+            Err(std::io::Error::other(e.to_string()))
+        }
+        _ => Ok(v),
+    }
+}
+
+/// Reads the status of the daemon answering on `socket`.
+pub fn read_status(socket: &Path) -> std::io::Result<serde_json::Value> {
+    request(socket, &Request::Status)
 }
 
 #[cfg(test)]
