@@ -68,6 +68,20 @@ pub enum Command {
         #[command(subcommand)]
         command: P2pCommand,
     },
+    /// Kubernetes roles over the mesh (the ledger bucket `p2p.network_id`, through the
+    /// running mesh daemon)
+    Role {
+        #[command(subcommand)]
+        command: RoleCommand,
+    },
+    /// Print the cluster's kubeconfig from the mesh ledger, its server rewritten to the
+    /// first master's mesh address (or the kube-vip address); exit 3 when the cluster has
+    /// not published one yet
+    GetKubeconfig {
+        /// The mesh daemon's socket (under --root)
+        #[arg(long, value_name = "PATH", default_value = kairos_vpn::settings::STATUS_SOCKET)]
+        socket: PathBuf,
+    },
     /// Kubernetes on the node (k3s, k0s) from the config's `k3s:`, `k3s-agent:`, `k0s:`,
     /// `k0s-worker:` blocks
     Kubernetes {
@@ -157,6 +171,30 @@ pub enum Command {
 pub enum StateCommand {
     /// Print one value by dot path (`booted`, `next_boot`, `deployments.0.image`)
     Get { path: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoleCommand {
+    /// List the nodes of the cluster: uuid, role, mesh address, last advert
+    List {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+        /// The mesh daemon's socket (under --root)
+        #[arg(long, value_name = "PATH", default_value = kairos_vpn::settings::STATUS_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Set a node's role by hand (master, master/clusterinit, master/ha, worker); works from
+    /// any node of the network and wins over the election
+    Set {
+        /// The node's uuid (`kairos-agent role list`)
+        uuid: String,
+        /// master, master/clusterinit, master/ha or worker
+        role: String,
+        /// The mesh daemon's socket (under --root)
+        #[arg(long, value_name = "PATH", default_value = kairos_vpn::settings::STATUS_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -411,6 +449,14 @@ pub fn node_uuid(root: &kairos_sys::Root, hostname: &str) -> Option<String> {
     kairos_cluster::roles::node_uuid(std::env::var("UUID").ok().as_deref(), &machine_id, hostname)
 }
 
+/// `p2p.network_id`: the coordination bucket (default `kairos`).
+fn network_id(p2p: &kairos_config::types::P2p) -> String {
+    p2p.network_id
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "kairos".to_string())
+}
+
 /// The cluster coordinator for `p2p run`, unless `p2p.auto.enable` is false.
 fn mesh_cluster(
     g: &Global,
@@ -430,11 +476,7 @@ fn mesh_cluster(
     };
     let kubevip: Option<kairos_config::types::KubeVip> = section(&c.config, "kubevip", "KubeVip");
     let settings = kairos_cluster::roles::Settings::new(p2p, kubevip.as_ref(), me);
-    let bucket = p2p
-        .network_id
-        .clone()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "kairos".to_string());
+    let bucket = network_id(p2p);
     Some(crate::cluster::MeshCluster::new(
         root,
         k8s_blocks(c),
@@ -521,6 +563,32 @@ pub fn run(cli: Cli) -> Result<Code> {
                 mesh_roles,
                 json,
             ))
+        }
+        Command::Role { command } => {
+            let c = cli.global.collect(&fetcher)?;
+            let p2p: kairos_config::types::P2p =
+                section(&c.config, "p2p", "P2p").unwrap_or_default();
+            let bucket = network_id(&p2p);
+            let under =
+                |p: &std::path::Path| cli.global.root.join(p.strip_prefix("/").unwrap_or(p));
+            Ok(match command {
+                RoleCommand::List { json, socket } => {
+                    crate::p2p::role_list(&under(&socket), &bucket, json)
+                }
+                RoleCommand::Set { uuid, role, socket } => {
+                    crate::p2p::role_set(&under(&socket), &bucket, &uuid, &role)
+                }
+            })
+        }
+        Command::GetKubeconfig { socket } => {
+            let c = cli.global.collect(&fetcher)?;
+            let p2p: kairos_config::types::P2p =
+                section(&c.config, "p2p", "P2p").unwrap_or_default();
+            let path = cli
+                .global
+                .root
+                .join(socket.strip_prefix("/").unwrap_or(&socket));
+            Ok(crate::p2p::get_kubeconfig(&path, &network_id(&p2p)))
         }
         Command::P2p {
             command: P2pCommand::Enabled,

@@ -136,6 +136,13 @@ impl Coordinator for MeshCluster {
                             "the `{}:` block is enabled: k0s roles over the mesh (k0s tokens) are not built yet; use k3s, or set p2p.auto.enable: false to run k0s as a single node",
                             kind.key()
                         ));
+                    } else if !self.root.exists(kind.binary().trim_start_matches('/')) {
+                        errors.push(format!(
+                            "the role {role} runs {} but {} is not in the image; build it with `kairosctl kairosify --{} PATH`",
+                            kind.service(),
+                            kind.binary(),
+                            kind.distro()
+                        ));
                     } else {
                         let sm = crate::kubernetes::service_manager(&self.root)
                             .unwrap_or(single::ServiceManager::Systemd);
@@ -170,6 +177,15 @@ impl Coordinator for MeshCluster {
                 }
             }
         }
+        if let Some(ip) = view.ip_master
+            && view.ips.values().any(|i| *i == ip) // not a kube-vip address
+            && !input.live_addresses.contains(&ip)
+            && input.vpn_ip != Some(ip)
+        {
+            errors.push(format!(
+                "the master at {ip} does not answer: its mesh heartbeat stopped (with an HA control plane the other masters serve)"
+            ));
+        }
         let now = input.now;
         let nodes: Vec<_> = view
             .adverts
@@ -181,6 +197,7 @@ impl Coordinator for MeshCluster {
                     "ip": view.ips.get(u).map(Ipv4Addr::to_string),
                     "advertised_s_ago": now - t,
                     "advertising": t + roles::ADVERT_TTL > now,
+                    "live": view.ips.get(u).map(|ip| input.live_addresses.contains(ip)),
                     "me": *u == s.me,
                 })
             })

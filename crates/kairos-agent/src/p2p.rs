@@ -1,4 +1,12 @@
-//! `kairos-agent p2p status`: the daemon's status document rendered for people.
+//! `kairos-agent p2p status`: the daemon's status document rendered for people; `role
+//! list|set` and `get-kubeconfig`: the cluster's part of the ledger, through the daemon.
+
+use std::path::Path;
+
+use kairos_cluster::roles::{self, Role, View};
+use kairos_vpn::daemon::{Request, request};
+
+use crate::cli::exit;
 
 use serde_json::Value;
 
@@ -135,7 +143,79 @@ pub fn render_status(v: &Value) -> String {
             format!("{} for *.{}", s(&dns["listen"]), s(&dns["domain"])),
         );
     }
+    render_cluster(&v["cluster"], &mut line);
     out
+}
+
+/// The `cluster` section: this node's role, the leader, and what it waits for.
+fn render_cluster(c: &Value, line: &mut impl FnMut(&str, String)) {
+    if !c.is_object() {
+        line(
+            "kubernetes",
+            "no roles over the mesh (p2p.auto.enable: false)".into(),
+        );
+        return;
+    }
+    let role = match (c["role"].as_str(), c["forced"].as_str()) {
+        (Some(r), Some(_)) => format!("{r} (p2p.role)"),
+        (Some(r), None) => r.to_string(),
+        (None, _) => "none yet".to_string(),
+    };
+    let service = c["service"]
+        .as_str()
+        .map(|x| format!(", runs {x}"))
+        .unwrap_or_default();
+    line(
+        "cluster role",
+        format!("{role}{service} (uuid {})", s(&c["uuid"])),
+    );
+    line(
+        "cluster leader",
+        format!("{} — {}", s(&c["leader"]), s(&c["election"])),
+    );
+    if let Some(w) = c["waiting"].as_str() {
+        line("cluster waiting", w.to_string());
+    }
+    for e in c["errors"].as_array().into_iter().flatten() {
+        line("cluster error", s(e));
+    }
+    line(
+        "cluster api",
+        match c["ip_master"].as_str() {
+            Some(ip) => format!("https://{ip}:{}", roles::API_PORT),
+            None => "none published yet".into(),
+        },
+    );
+    line(
+        "cluster nodes",
+        format!(
+            "{} (active {}, needed {})",
+            c["nodes"].as_array().map(Vec::len).unwrap_or(0),
+            s(&c["active_nodes"]),
+            s(&c["minimum_nodes"])
+        ),
+    );
+    for n in c["nodes"].as_array().into_iter().flatten() {
+        let mut tags = Vec::new();
+        if n["me"] == Value::Bool(true) {
+            tags.push("this node".to_string());
+        }
+        if n["live"] == Value::Bool(false) {
+            tags.push("not answering: its mesh heartbeat stopped".to_string());
+        }
+        if n["advertising"] == Value::Bool(false) {
+            tags.push("gone: no advert for 15 min".to_string());
+        }
+        let tags = if tags.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", tags.join(", "))
+        };
+        line(
+            "",
+            format!("{} {} {}{tags}", s(&n["uuid"]), s(&n["role"]), s(&n["ip"])),
+        );
+    }
 }
 
 #[cfg(test)]
@@ -163,5 +243,135 @@ mod tests {
         ] {
             assert!(t.contains(want), "{want:?} in\n{t}");
         }
+    }
+}
+
+fn no_daemon(socket: &Path, e: &std::io::Error) -> i32 {
+    eprintln!(
+        "kairos-agent: no mesh daemon answers on {}: {e} (is the p2p service running? `kairos-agent p2p run` starts it by hand)",
+        socket.display()
+    );
+    exit::FAILURE
+}
+
+/// The coordination bucket, decoded.
+fn view(socket: &Path, bucket: &str) -> std::io::Result<View> {
+    let v = request(
+        socket,
+        &Request::Bucket {
+            bucket: bucket.to_string(),
+        },
+    )?;
+    let entries: Vec<(String, String)> = v["entries"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(View::from_bucket(
+        entries.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    ))
+}
+
+/// `role list`.
+pub fn role_list(socket: &Path, bucket: &str, json: bool) -> i32 {
+    let v = match view(socket, bucket) {
+        Ok(v) => v,
+        Err(e) => return no_daemon(socket, &e),
+    };
+    let now = kairos_sys::time::now_unix();
+    let rows: Vec<_> = v
+        .adverts
+        .iter()
+        .map(|(u, t)| {
+            serde_json::json!({
+                "uuid": u,
+                "role": v.roles.get(u).map(|r| r.as_str()),
+                "ip": v.ips.get(u).map(|i| i.to_string()),
+                "advertised_s_ago": now - t,
+                "advertising": t + roles::ADVERT_TTL > now,
+            })
+        })
+        .collect();
+    if json {
+        let doc = serde_json::json!({
+            "network_id": bucket,
+            "leader": v.leader,
+            "ip_master": v.ip_master.map(|i| i.to_string()),
+            "nodes": rows,
+        });
+        println!("{doc:#}");
+        return 0;
+    }
+    println!(
+        "{:<40} {:<20} {:<16} last advert",
+        "uuid", "role", "address"
+    );
+    for r in &rows {
+        println!(
+            "{:<40} {:<20} {:<16} {} s ago{}",
+            s(&r["uuid"]),
+            s(&r["role"]),
+            s(&r["ip"]),
+            s(&r["advertised_s_ago"]),
+            if r["advertising"] == Value::Bool(true) {
+                ""
+            } else {
+                " (gone: no advert for 15 min)"
+            }
+        );
+    }
+    if let Some(l) = &v.leader {
+        println!("leader: {l}");
+    }
+    0
+}
+
+/// `role set`.
+pub fn role_set(socket: &Path, bucket: &str, uuid: &str, role: &str) -> i32 {
+    let Some(r) = Role::parse(role).filter(|r| r.as_str() == role) else {
+        eprintln!(
+            "kairos-agent: role {role:?}: use master, master/clusterinit, master/ha or worker"
+        );
+        return exit::INVALID;
+    };
+    if roles::node_uuid(Some(uuid), "", "").is_none() {
+        eprintln!(
+            "kairos-agent: uuid {uuid:?} is not a node's uuid (see `kairos-agent role list`)"
+        );
+        return exit::INVALID;
+    }
+    let req = Request::Put {
+        bucket: bucket.to_string(),
+        key: format!("{uuid}-role"),
+        value: roles::encode(&Value::String(r.as_str().to_string())),
+    };
+    match request(socket, &req) {
+        Ok(_) => {
+            println!("{uuid}: {r}");
+            0
+        }
+        Err(e) => no_daemon(socket, &e),
+    }
+}
+
+/// `get-kubeconfig`.
+pub fn get_kubeconfig(socket: &Path, bucket: &str) -> i32 {
+    match view(socket, bucket) {
+        Ok(v) => match v.user_kubeconfig() {
+            Some(k) => {
+                print!("{k}");
+                0
+            }
+            None => {
+                eprintln!(
+                    "kairos-agent: no kubeconfig in the ledger bucket {bucket:?} yet: the first master publishes it once k3s runs (`kairos-agent p2p status` shows who is waiting for what)"
+                );
+                exit::FAILURE
+            }
+        },
+        Err(e) => no_daemon(socket, &e),
     }
 }

@@ -51,13 +51,17 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
     Some((era * 146_097 + doe - 719_468) * 86_400 + hh * 3600 + mm * 60 + ss)
 }
 
-/// The current time.
-pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
+/// Seconds since the epoch now.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    rfc3339(secs)
+        .unwrap_or(0)
+}
+
+/// The current time.
+pub fn now_rfc3339() -> String {
+    rfc3339(now_unix())
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use kairos_mesh::state::{self, Ownership};
 use kairos_mesh_net::{Node, Options};
@@ -70,6 +70,8 @@ pub struct TickInput {
     pub active_nodes: usize,
     /// This node's VPN address, once it has one.
     pub vpn_ip: Option<Ipv4Addr>,
+    /// The VPN addresses whose machines are live (their owner's heartbeat is recent).
+    pub live_addresses: Vec<Ipv4Addr>,
     pub now: i64,
 }
 
@@ -135,10 +137,7 @@ impl Request {
 type Pending = (Request, tokio::sync::oneshot::Sender<serde_json::Value>);
 
 fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    kairos_sys::time::now_unix()
 }
 
 /// The identity seed, made once (0600).
@@ -543,6 +542,11 @@ async fn main(
                     entries,
                     active_nodes: alive.len(),
                     vpn_ip: addr.ip.map(|(ip, _)| ip),
+                    live_addresses: machines
+                        .iter()
+                        .filter(|(_, p)| live.contains(p))
+                        .map(|(ip, _)| *ip)
+                        .collect(),
                     now,
                 };
                 let c = c.clone();
