@@ -3,6 +3,11 @@
 //!
 //! Ignored by default; `scripts/test` runs them as root with `-- --ignored`. The harness
 //! reads each daemon's status socket (its own channel), never its log.
+//!
+//! The cluster tests run **k3s-standin**, a stand-in for k3s written for these tests (k3s
+//! cannot be had here), and the harness plays systemd: it starts the service the agent
+//! configured (the drop-in's `ExecStart=` and the `EnvironmentFile=`) in the node's
+//! namespace, restarts it when its files change and when it exits (`Restart=always`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -45,6 +50,56 @@ struct Node {
     ns: String,
     root: PathBuf,
     child: Option<Child>,
+    /// Services the harness runs as systemd would (the cluster tests).
+    services: Vec<Service>,
+}
+
+/// A k3s service of a node run by the harness: its unit and env text, the process.
+struct Service {
+    name: &'static str,
+    key: String,
+    child: Child,
+    started: Instant,
+}
+
+fn standin() -> &'static str {
+    env!("CARGO_BIN_EXE_k3s-standin")
+}
+
+/// The env file as systemd reads it (godotenv's quoting: `K="v"` with `\` escapes).
+fn env_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            let v = match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                Some(q) => {
+                    let mut out = String::new();
+                    let mut esc = false;
+                    for c in q.chars() {
+                        if esc || c != '\\' {
+                            out.push(c);
+                            esc = false;
+                        } else {
+                            esc = true;
+                        }
+                    }
+                    out
+                }
+                None => v.to_string(),
+            };
+            Some((k.to_string(), v))
+        })
+        .collect()
+}
+
+/// The `ExecStart=` of a drop-in (the last non-empty one), split as systemd splits it.
+fn exec_start(unit: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix("ExecStart="))
+        .filter(|l| !l.is_empty())
+        .next_back()
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 impl Lan {
@@ -159,6 +214,25 @@ impl Lan {
         fs::create_dir_all(root.join("oem")).unwrap();
         fs::create_dir_all(root.join("etc")).unwrap();
         fs::write(root.join("etc/hostname"), format!("{hostname}\n")).unwrap();
+        // A systemd image with k3s in it, as `kairosify --k3s` makes it (the binary is a
+        // placeholder: the harness runs the stand-in in its place).
+        fs::write(
+            root.join("etc/machine-id"),
+            format!("{:032x}\n", 0xabc0 + i),
+        )
+        .unwrap();
+        for d in ["usr/lib/systemd", "usr/bin", "etc/systemd/system"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        fs::write(root.join("usr/lib/systemd/systemd"), "").unwrap();
+        fs::write(root.join("usr/bin/k3s"), "").unwrap();
+        for svc in ["k3s", "k3s-agent"] {
+            fs::write(
+                root.join(format!("etc/systemd/system/{svc}.service")),
+                "[Service]\nExecStart=/usr/bin/k3s\nRestart=always\n\n[Install]\nWantedBy=multi-user.target\n",
+            )
+            .unwrap();
+        }
         fs::write(
             root.join("oem/90_p2p.yaml"),
             format!("#cloud-config\np2p:\n{p2p_yaml}"),
@@ -168,6 +242,7 @@ impl Lan {
             ns,
             root,
             child: None,
+            services: Vec::new(),
         });
         let n = self.nodes.len() - 1;
         self.start(n);
@@ -188,12 +263,147 @@ impl Lan {
         node.child = Some(child);
     }
 
-    /// Kills node `n` as a power cut would (SIGKILL).
+    /// Kills node `n` as a power cut would (SIGKILL): its daemon and its services.
     fn kill(&mut self, n: usize) {
         if let Some(mut c) = self.nodes[n].child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        for mut svc in self.nodes[n].services.drain(..) {
+            let _ = svc.child.kill();
+            let _ = svc.child.wait();
+        }
+    }
+
+    /// The harness as systemd for every running node: a configured k3s/k3s-agent service
+    /// is started, restarted when its unit or env file changes or when it exited (after
+    /// 2 s), and stopped when its files are removed.
+    fn supervise(&mut self) {
+        for node in &mut self.nodes {
+            if node.child.is_none() {
+                continue;
+            }
+            for name in ["k3s", "k3s-agent"] {
+                let unit = fs::read_to_string(
+                    node.root
+                        .join(format!("etc/systemd/system/{name}.service.d/override.conf")),
+                )
+                .ok();
+                let env = fs::read_to_string(node.root.join(format!("etc/sysconfig/{name}")))
+                    .unwrap_or_default();
+                let key = unit.as_ref().map(|u| format!("{u}\n--\n{env}"));
+                let at = node.services.iter().position(|s| s.name == name);
+                let restart = match (&key, at) {
+                    (None, None) => false,
+                    (None, Some(_)) => false,
+                    (Some(k), Some(i)) => {
+                        let s = &mut node.services[i];
+                        *k != s.key
+                            || (s.child.try_wait().ok().flatten().is_some()
+                                && s.started.elapsed() > Duration::from_secs(2))
+                    }
+                    (Some(_), None) => true,
+                };
+                if let Some(i) = at
+                    && (restart || key.is_none())
+                {
+                    let mut s = node.services.remove(i);
+                    let _ = s.child.kill();
+                    let _ = s.child.wait();
+                }
+                if !restart {
+                    continue;
+                }
+                let (Some(key), Some(unit)) = (key, unit) else {
+                    continue;
+                };
+                let argv = exec_start(&unit);
+                assert_eq!(
+                    argv.first().map(String::as_str),
+                    Some("/usr/bin/k3s"),
+                    "{unit}"
+                );
+                let log = fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(node.root.join(format!("{name}.log")))
+                    .unwrap();
+                let child = Command::new("ip")
+                    .args(["netns", "exec", &node.ns, standin()])
+                    .args(&argv[1..])
+                    .env_clear()
+                    .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                    .env("K3S_STANDIN_ROOT", &node.root)
+                    .envs(env_file(&env))
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap();
+                node.services.push(Service {
+                    name,
+                    key,
+                    child,
+                    started: Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// Waits (playing systemd meanwhile) until `ok` holds for the statuses of all nodes.
+    fn wait_cluster(&mut self, what: &str, secs: u64, ok: impl Fn(&Lan, &[Value]) -> bool) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            self.supervise();
+            let all: Vec<Value> = (0..self.nodes.len())
+                .map(|n| self.status(n).unwrap_or(Value::Null))
+                .collect();
+            if ok(self, &all) {
+                return;
+            }
+            if Instant::now() > end {
+                let services: String = self
+                    .nodes
+                    .iter()
+                    .flat_map(|n| {
+                        ["k3s", "k3s-agent"].map(|s| {
+                            format!(
+                                "--- {} {s}.log:\n{}",
+                                n.ns,
+                                fs::read_to_string(n.root.join(format!("{s}.log")))
+                                    .unwrap_or_default()
+                            )
+                        })
+                    })
+                    .collect();
+                panic!(
+                    "{what} within {secs} s; cluster status: {:#}\n{}{services}",
+                    Value::Array(all.iter().map(|v| v["cluster"].clone()).collect()),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// `kairos-agent --root <node n> args…` (outside the namespace: the socket is a file).
+    fn agent_cmd(&self, n: usize, args: &[&str]) -> (bool, String, String) {
+        let o = Command::new(agent())
+            .arg("--root")
+            .arg(&self.nodes[n].root)
+            .args(["--cmdline", ""])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into(),
+            String::from_utf8_lossy(&o.stderr).into(),
+        )
+    }
+
+    /// Node `n`'s file `rel` (under its root), or "".
+    fn file(&self, n: usize, rel: &str) -> String {
+        fs::read_to_string(self.nodes[n].root.join(rel)).unwrap_or_default()
     }
 
     fn status(&self, n: usize) -> Option<Value> {
@@ -502,4 +712,150 @@ fn a_node_behind_nat_joins() {
             lan.logs()
         );
     }
+}
+
+fn role_of(v: &Value) -> Option<&str> {
+    v["cluster"]["role"].as_str()
+}
+
+/// The nodes joined to the stand-in server of node `n`: (hostname, role, address).
+fn joined_to(lan: &Lan, n: usize) -> Vec<(String, String, String)> {
+    lan.file(n, "var/lib/rancher/k3s/server/standin-nodes")
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() == 3).then(|| (w[0].to_string(), w[1].to_string(), w[2].to_string()))
+        })
+        .collect()
+}
+
+/// The mesh config of the cluster tests: a token, `role: auto`, and heartbeats quick
+/// enough that a stopped node is noticed in seconds (EdgeVPN's env keys).
+fn cluster_cfg(tok: &str, extra: &str) -> String {
+    format!(
+        "  network_token: {tok}\n  disable_dht: true\n  role: auto\n{extra}  vpn:\n    env:\n      HEALTHCHECKINTERVAL: \"2\"\n      HEALTHCHECKMAXINTERVAL: \"12\"\n"
+    )
+}
+
+/// Three nodes with only a token and `role: auto` elect one master and two workers; the
+/// workers' k3s agents (the stand-in) join the master over the VPN with the master's token;
+/// `get-kubeconfig` points at the master's mesh address. A fourth node set to `master/ha` by
+/// hand (`role set`, before it starts) joins the control plane; the master killed, `p2p
+/// status` on a worker says so.
+#[test]
+#[ignore = "needs root: network namespaces and TUN devices"]
+fn three_auto_nodes_form_a_cluster() {
+    if !root_only() {
+        return;
+    }
+    let tok = token(3600);
+    let mut lan = Lan::new("kc");
+    for i in 1..=3 {
+        lan.add(i, &format!("node{i}"), &cluster_cfg(&tok, ""));
+    }
+    let started = Instant::now();
+    lan.wait_cluster(
+        "one master and two workers joined to it",
+        240,
+        |lan, all| {
+            let Some(m) = all.iter().position(|v| role_of(v) == Some("master")) else {
+                return false;
+            };
+            let workers = all.iter().filter(|v| role_of(v) == Some("worker")).count();
+            let joined = joined_to(lan, m);
+            workers == 2
+                && joined.len() == 2
+                && joined
+                    .iter()
+                    .all(|(_, r, a)| r == "agent" && a.starts_with("10.1.0."))
+        },
+    );
+    eprintln!("cluster formed in {:?}", started.elapsed());
+    let all: Vec<Value> = (0..3).map(|n| lan.status(n).unwrap()).collect();
+    let m = all
+        .iter()
+        .position(|v| role_of(v) == Some("master"))
+        .unwrap();
+    let master_ip = address(&all[m]).unwrap();
+    let node_token = lan.file(m, "var/lib/rancher/k3s/server/node-token");
+    assert!(node_token.starts_with("K10"), "{node_token:?}");
+    for w in (0..3).filter(|w| *w != m) {
+        let env = lan.file(w, "etc/sysconfig/k3s-agent");
+        assert!(
+            env.contains(&format!("K3S_URL=\"https://{master_ip}:6443\"")),
+            "{env}"
+        );
+        assert!(
+            env.contains(&format!("K3S_TOKEN=\"{}\"", node_token.trim())),
+            "{env}"
+        );
+        let unit = lan.file(w, "etc/systemd/system/k3s-agent.service.d/override.conf");
+        assert!(
+            unit.contains("--with-node-id") && unit.contains("--flannel-iface=edgevpn0"),
+            "{unit}"
+        );
+        assert!(
+            lan.file(
+                w,
+                "etc/systemd/system/multi-user.target.wants/k3s-agent.service"
+            )
+            .is_empty()
+                && lan.nodes[w]
+                    .root
+                    .join("etc/systemd/system/multi-user.target.wants/k3s-agent.service")
+                    .symlink_metadata()
+                    .is_ok(),
+            "k3s-agent enabled"
+        );
+        // The kubeconfig, from a worker: the master's mesh address.
+        let (ok, out, err) = lan.agent_cmd(w, &["get-kubeconfig"]);
+        assert!(ok, "{err}");
+        assert!(
+            out.contains(&format!("server: https://{master_ip}:6443")),
+            "{out}"
+        );
+        // Who is what, for people.
+        let (ok, out, err) = lan.agent_cmd(w, &["p2p", "status"]);
+        assert!(ok, "{err}");
+        assert!(
+            out.contains("cluster role       worker, runs k3s-agent"),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("cluster api        https://{master_ip}:6443")),
+            "{out}"
+        );
+    }
+    let (ok, out, _) = lan.agent_cmd(0, &["role", "list", "--json"]);
+    assert!(ok);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list["nodes"].as_array().unwrap().len(), 3, "{list:#}");
+
+    // A fourth node, set to master/ha by hand from node1 before it starts.
+    let uuid4 = format!("{:032x}-node4", 0xabc0 + 4);
+    let (ok, out, err) = lan.agent_cmd(0, &["role", "set", &uuid4, "master/ha"]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = lan.agent_cmd(0, &["role", "set", &uuid4, "admin"]);
+    assert!(!ok && err.contains("use master"), "{err}");
+    lan.add(4, "node4", &cluster_cfg(&tok, ""));
+    lan.wait_cluster("node4 joined the control plane", 180, |lan, all| {
+        role_of(&all[3]) == Some("master/ha")
+            && joined_to(lan, m)
+                .iter()
+                .any(|(h, r, a)| h == "node4" && r == "server" && a.starts_with("10.1.0."))
+    });
+
+    // The master stops: the others say so.
+    lan.kill(m);
+    let w = (0..3).find(|w| *w != m).unwrap();
+    lan.wait_cluster("a worker reports the master gone", 60, |_, all| {
+        all[w]["cluster"]["errors"]
+            .to_string()
+            .contains(&format!("the master at {master_ip} does not answer"))
+    });
+    let (_, out, _) = lan.agent_cmd(w, &["p2p", "status"]);
+    assert!(
+        out.contains("not answering: its mesh heartbeat stopped"),
+        "{out}"
+    );
 }

@@ -70,7 +70,8 @@ pub struct TickInput {
     pub active_nodes: usize,
     /// This node's VPN address, once it has one.
     pub vpn_ip: Option<Ipv4Addr>,
-    /// The VPN addresses whose machines are live (their owner's heartbeat is recent).
+    /// The VPN addresses whose machines are alive (their owner's heartbeat is younger than
+    /// `HEALTHCHECKMAXINTERVAL`).
     pub live_addresses: Vec<Ipv4Addr>,
     pub now: i64,
 }
@@ -544,7 +545,7 @@ async fn main(
                     vpn_ip: addr.ip.map(|(ip, _)| ip),
                     live_addresses: machines
                         .iter()
-                        .filter(|(_, p)| live.contains(p))
+                        .filter(|(_, p)| alive.contains(p))
                         .map(|(ip, _)| *ip)
                         .collect(),
                     now,
