@@ -859,3 +859,93 @@ fn three_auto_nodes_form_a_cluster() {
         "{out}"
     );
 }
+
+/// `p2p.auto.ha` with `master_nodes: 2`: three nodes make one `master/clusterinit`
+/// (`--cluster-init`) and two `master/ha` joining it (`--server`, its token); a fourth node
+/// joining later becomes a worker of the complete control plane; the first master killed,
+/// another master's API still answers.
+#[test]
+#[ignore = "needs root: network namespaces and TUN devices"]
+fn an_ha_control_plane_of_three() {
+    if !root_only() {
+        return;
+    }
+    let tok = token(3600);
+    let mut lan = Lan::new("kh");
+    let ha = "  auto:\n    ha:\n      enable: true\n      master_nodes: 2\n";
+    for i in 1..=3 {
+        lan.add(i, &format!("ha{i}"), &cluster_cfg(&tok, ha));
+    }
+    lan.wait_cluster("one cluster-init master and two HA masters", 240, |lan, all| {
+        let Some(m) = all
+            .iter()
+            .position(|v| role_of(v) == Some("master/clusterinit"))
+        else {
+            return false;
+        };
+        let joined = joined_to(lan, m);
+        all.iter().filter(|v| role_of(v) == Some("master/ha")).count() == 2
+            && joined.len() == 2
+            && joined.iter().all(|(_, r, _)| r == "server")
+    });
+    let all: Vec<Value> = (0..3).map(|n| lan.status(n).unwrap()).collect();
+    let m = all
+        .iter()
+        .position(|v| role_of(v) == Some("master/clusterinit"))
+        .unwrap();
+    let init_ip = address(&all[m]).unwrap();
+    assert!(
+        lan.file(m, "etc/systemd/system/k3s.service.d/override.conf")
+            .contains("server --flannel-iface=edgevpn0 --cluster-init"),
+        "{}",
+        lan.file(m, "etc/systemd/system/k3s.service.d/override.conf")
+    );
+    let token = lan.file(m, "var/lib/rancher/k3s/server/node-token");
+    for h in (0..3).filter(|h| *h != m) {
+        let unit = lan.file(h, "etc/systemd/system/k3s.service.d/override.conf");
+        assert!(
+            unit.contains(&format!("--server=https://{init_ip}:6443")),
+            "{unit}"
+        );
+        assert!(
+            lan.file(h, "etc/sysconfig/k3s")
+                .contains(&format!("K3S_TOKEN=\"{}\"", token.trim())),
+            "joining masters use the first master's token"
+        );
+    }
+
+    // A node joining later: the control plane is complete, so a worker.
+    lan.add(4, "ha4", &cluster_cfg(&tok, ha));
+    lan.wait_cluster("the late node joined as a worker", 180, |lan, all| {
+        role_of(&all[3]) == Some("worker")
+            && joined_to(lan, m)
+                .iter()
+                .any(|(h, r, _)| h == "ha4" && r == "agent")
+    });
+
+    // The first master killed: another master serves its API.
+    lan.kill(m);
+    let other = (0..3).find(|h| *h != m).unwrap();
+    lan.wait_cluster("another master reports the first gone", 60, |_, all| {
+        all[other]["cluster"]["errors"]
+            .to_string()
+            .contains("does not answer")
+    });
+    let out = lan.exec(
+        other,
+        &[
+            "env",
+            &format!("K3S_STANDIN_ROOT={}", lan.nodes[other].root.display()),
+            standin(),
+            "kubectl",
+            "get",
+            "--raw=/readyz",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ok",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
