@@ -218,34 +218,6 @@ fn render_cluster(c: &Value, line: &mut impl FnMut(&str, String)) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_every_section() {
-        let v = serde_json::json!({
-            "peer_id": "12D3KooWme", "hostname": "n1", "uptime_s": 5,
-            "listen": ["/ip4/10.0.0.1/tcp/4001"], "peers": ["12D3KooWa"],
-            "vpn": {"interface": "edgevpn0", "mtu": 1200, "address": null, "waiting": "waiting for another node: DHCP needs 2 alive nodes, 1 seen"},
-            "machines": [{"address": "10.1.0.2", "peer": "12D3KooWa", "live": false, "me": false}],
-            "ledger": {"index": 3, "keys": {"healthcheck": ["12D3KooWme"]}},
-            "discovery": {"mdns": true, "bootstrap_peers": [], "dht": "not available"},
-            "nat": "not probed", "alive": ["12D3KooWme"], "rotation_in_s": 10, "next_rotation": 99
-        });
-        let t = render_status(&v);
-        for want in [
-            "connected peers    1: 12D3KooWa",
-            "none yet — waiting for another node: DHCP needs 2 alive nodes, 1 seen",
-            "10.1.0.2 12D3KooWa (not live)",
-            "healthcheck: 12D3KooWme",
-            "mdns on, bootstrap peers 0",
-        ] {
-            assert!(t.contains(want), "{want:?} in\n{t}");
-        }
-    }
-}
-
 fn no_daemon(socket: &Path, e: &std::io::Error) -> i32 {
     eprintln!(
         "kairos-agent: no mesh daemon answers on {}: {e} (is the p2p service running? `kairos-agent p2p run` starts it by hand)",
@@ -373,5 +345,44 @@ pub fn get_kubeconfig(socket: &Path, bucket: &str) -> i32 {
             }
         },
         Err(e) => no_daemon(socket, &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_section() {
+        let v = serde_json::json!({
+            "peer_id": "12D3KooWme", "hostname": "n1", "uptime_s": 5,
+            "listen": ["/ip4/10.0.0.1/tcp/4001"], "peers": ["12D3KooWa"],
+            "vpn": {"interface": "edgevpn0", "mtu": 1200, "address": null, "waiting": "waiting for another node: DHCP needs 2 alive nodes, 1 seen"},
+            "machines": [{"address": "10.1.0.2", "peer": "12D3KooWa", "live": false, "me": false}],
+            "ledger": {"index": 3, "keys": {"healthcheck": ["12D3KooWme"]}},
+            "discovery": {"mdns": true, "bootstrap_peers": [], "dht": "not available"},
+            "nat": "not probed", "alive": ["12D3KooWme"], "rotation_in_s": 10, "next_rotation": 99,
+            "cluster": {"uuid": "m1-n1", "role": null, "forced": null, "service": null,
+                "leader": "m2-n2", "election": "m2-n2 leads and assigns the roles",
+                "waiting": "waiting for nodes: needed 2, available 1", "errors": ["the master at 10.1.0.2 does not answer"],
+                "ip_master": "10.1.0.2", "minimum_nodes": 2, "active_nodes": 1,
+                "nodes": [{"uuid": "m2-n2", "role": "master", "ip": "10.1.0.2", "live": false, "advertising": true, "me": false}]}
+        });
+        let t = render_status(&v);
+        for want in [
+            "connected peers    1: 12D3KooWa",
+            "none yet — waiting for another node: DHCP needs 2 alive nodes, 1 seen",
+            "10.1.0.2 12D3KooWa (not live)",
+            "healthcheck: 12D3KooWme",
+            "mdns on, bootstrap peers 0",
+            "cluster role       none yet (uuid m1-n1)",
+            "cluster leader     m2-n2 — m2-n2 leads and assigns the roles",
+            "cluster waiting    waiting for nodes: needed 2, available 1",
+            "cluster error      the master at 10.1.0.2 does not answer",
+            "cluster api        https://10.1.0.2:6443",
+            "m2-n2 master 10.1.0.2 (not answering: its mesh heartbeat stopped)",
+        ] {
+            assert!(t.contains(want), "{want:?} in\n{t}");
+        }
     }
 }

@@ -153,14 +153,15 @@ fn refusals() {
         "{err}"
     );
 
-    // With a network token (and p2p.auto on), roles come from the mesh: not applied here.
+    // With a network token (and p2p.auto on), roles come from the mesh (`p2p run`): nothing
+    // is written here.
     put(
         r,
         "oem/90_k3s.yaml",
         "#cloud-config\nk3s: {enabled: true}\np2p: {network_token: b3RwOgo=}\n",
     );
-    let (code, _, err) = agent(r, &["kubernetes", "apply"]);
-    assert_eq!(code, 3, "{err}");
-    assert!(err.contains("p2p.auto.enable: false"), "{err}");
+    let (code, out, err) = agent(r, &["kubernetes", "apply"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("comes from the mesh"), "{out}");
     assert!(!r.join("etc/sysconfig/k3s").exists());
 }

@@ -96,8 +96,7 @@ fn env_file(text: &str) -> Vec<(String, String)> {
 fn exec_start(unit: &str) -> Vec<String> {
     unit.lines()
         .filter_map(|l| l.strip_prefix("ExecStart="))
-        .filter(|l| !l.is_empty())
-        .next_back()
+        .rfind(|l| !l.is_empty())
         .map(|l| l.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default()
 }
@@ -876,18 +875,25 @@ fn an_ha_control_plane_of_three() {
     for i in 1..=3 {
         lan.add(i, &format!("ha{i}"), &cluster_cfg(&tok, ha));
     }
-    lan.wait_cluster("one cluster-init master and two HA masters", 240, |lan, all| {
-        let Some(m) = all
-            .iter()
-            .position(|v| role_of(v) == Some("master/clusterinit"))
-        else {
-            return false;
-        };
-        let joined = joined_to(lan, m);
-        all.iter().filter(|v| role_of(v) == Some("master/ha")).count() == 2
-            && joined.len() == 2
-            && joined.iter().all(|(_, r, _)| r == "server")
-    });
+    lan.wait_cluster(
+        "one cluster-init master and two HA masters",
+        240,
+        |lan, all| {
+            let Some(m) = all
+                .iter()
+                .position(|v| role_of(v) == Some("master/clusterinit"))
+            else {
+                return false;
+            };
+            let joined = joined_to(lan, m);
+            all.iter()
+                .filter(|v| role_of(v) == Some("master/ha"))
+                .count()
+                == 2
+                && joined.len() == 2
+                && joined.iter().all(|(_, r, _)| r == "server")
+        },
+    );
     let all: Vec<Value> = (0..3).map(|n| lan.status(n).unwrap()).collect();
     let m = all
         .iter()

@@ -756,6 +756,32 @@ mod tests {
     use std::collections::BTreeMap;
 
     #[test]
+    fn socket_requests_are_checked() {
+        let put = |bucket: &str, key: &str, value: &str| Request::Put {
+            bucket: bucket.into(),
+            key: key.into(),
+            value: value.into(),
+        };
+        assert!(put("kairos", "n1-role", "\"d29ya2VyIg==\"").check().is_ok());
+        assert!(put("kairos", "has space", "1").check().is_err());
+        assert!(put("", "k", "1").check().is_err());
+        assert!(
+            put("kairos", &"k".repeat(MAX_NAME + 1), "1")
+                .check()
+                .is_err()
+        );
+        let e = put("kairos", "k", "not json").check().unwrap_err();
+        assert!(e.contains("value of k: not JSON"), "{e}");
+        let line = r#"{"op":"bucket","bucket":"kairos"}"#;
+        assert_eq!(
+            serde_json::from_str::<Request>(line).unwrap(),
+            Request::Bucket {
+                bucket: "kairos".into()
+            }
+        );
+    }
+
+    #[test]
     fn dhcp_rule() {
         let first = Ipv4Addr::new(10, 1, 0, 1);
         let none = BTreeMap::new();
