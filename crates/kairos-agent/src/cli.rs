@@ -404,7 +404,7 @@ fn p2p_run(
         socket: under(socket),
         resolv_conf: under(std::path::Path::new("/etc/resolv.conf")),
     };
-    let coordinator = mesh_cluster(g, c, &p2p, &hostname)
+    let coordinator = mesh_cluster(g, c, &p2p, &hostname, &paths.state_dir)
         .map(|m| Box::new(m) as Box<dyn kairos_vpn::daemon::Coordinator>);
     kairos_vpn::daemon::run(settings, hostname, paths, coordinator)
         .map_err(|e| anyhow::anyhow!("p2p: {e}"))?;
@@ -430,9 +430,39 @@ fn auto_off(p2p: &kairos_config::types::P2p) -> bool {
         .is_some_and(|e| !e.0)
 }
 
-/// The node's uuid in the coordination bucket: env `UUID`, else `<machine-id>-<hostname>`
-/// (provider-kairos' `machine.UUID()`); a root without a machine id uses the hostname alone.
-pub fn node_uuid(root: &kairos_sys::Root, hostname: &str) -> Option<String> {
+/// The node's uuid in the coordination bucket: env `UUID`, else the one kept in the mesh
+/// state directory (persistent), else `<machine-id>-<hostname>` (provider-kairos'
+/// `machine.UUID()`), kept there — so a node keeps its role across reboots and upgrades even
+/// when its machine id is made anew at each boot (an image with an empty /etc/machine-id).
+/// A root without a machine id uses the hostname alone.
+pub fn node_uuid(
+    root: &kairos_sys::Root,
+    hostname: &str,
+    state_dir: &std::path::Path,
+) -> Option<String> {
+    if let Some(u) = std::env::var("UUID").ok().filter(|u| !u.is_empty()) {
+        return kairos_cluster::roles::node_uuid(Some(&u), "", "");
+    }
+    let kept = state_dir.join("cluster-uuid");
+    if let Some(u) = std::fs::read_to_string(&kept)
+        .ok()
+        .and_then(|t| kairos_cluster::roles::node_uuid(Some(t.trim()), "", ""))
+    {
+        return Some(u);
+    }
+    let u = first_uuid(root, hostname)?;
+    if let Err(e) = std::fs::create_dir_all(state_dir)
+        .and_then(|_| kairos_sys::fs::write_private(&kept, u.as_bytes()))
+    {
+        eprintln!(
+            "warning: could not keep the cluster uuid in {}: {e} (a new machine id would make a new node)",
+            kept.display()
+        );
+    }
+    Some(u)
+}
+
+fn first_uuid(root: &kairos_sys::Root, hostname: &str) -> Option<String> {
     let machine_id = root.read_to_string("etc/machine-id").unwrap_or_default();
     if machine_id.trim().is_empty() {
         eprintln!(
@@ -463,12 +493,13 @@ fn mesh_cluster(
     c: &Collected,
     p2p: &kairos_config::types::P2p,
     hostname: &str,
+    state_dir: &std::path::Path,
 ) -> Option<crate::cluster::MeshCluster> {
     if auto_off(p2p) {
         return None;
     }
     let root = g.root();
-    let Some(me) = node_uuid(&root, hostname) else {
+    let Some(me) = node_uuid(&root, hostname, state_dir) else {
         eprintln!(
             "kairos-agent: the node's uuid (env UUID or machine-id + hostname) is not usable as a ledger key: no Kubernetes roles over the mesh"
         );

@@ -46,7 +46,9 @@ pub(crate) fn write(root: &Root, plan: &Plan) -> Vec<String> {
 
 /// Enables and disables the plan's services (systemd through the stage engine's
 /// `systemctl` module: `systemctl` when live, unit links offline; OpenRC by runlevel links).
-/// `restart`: on a live systemd, restart the enabled services (their config changed).
+/// `restart`: on a live systemd, restart the enabled services (their config changed)
+/// without waiting for them (a k3s server takes its time to be ready; `p2p status` says
+/// what it waits for) — else they are started and waited for.
 pub(crate) fn services(root: &Root, plan: &Plan, sm: ServiceManager, restart: bool) -> Vec<String> {
     let mut errors = Vec::new();
     match sm {
@@ -66,7 +68,11 @@ pub(crate) fn services(root: &Root, plan: &Plan, sm: ServiceManager, restart: bo
                         .filter(|s| kairos_stages::modules::unit_exists(root, s))
                         .map(|s| s.to_string())
                         .collect(),
-                    start: names(&plan.enable),
+                    start: if restart {
+                        Vec::new()
+                    } else {
+                        names(&plan.enable)
+                    },
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -78,9 +84,8 @@ pub(crate) fn services(root: &Root, plan: &Plan, sm: ServiceManager, restart: bo
             errors.extend(ex.apply(&step));
             if live && restart {
                 for svc in &plan.enable {
-                    if let Err(e) =
-                        kairos_sys::host::systemctl(&["restart".to_string(), svc.to_string()])
-                    {
+                    let argv = ["restart", "--no-block", svc].map(str::to_string);
+                    if let Err(e) = kairos_sys::host::systemctl(&argv) {
                         errors.push(format!("systemctl restart {svc}: {e}"));
                     }
                 }

@@ -50,10 +50,23 @@ pub fn start_registry() -> Result<Registry> {
 /// An image tree as a user has it: imported and pushed to the registry as `<name>-base:v1`,
 /// then kairosified into `<name>:v1`. Returns the kairosified reference.
 pub fn image_in_registry(reg: &Registry, rootfs: &Path, name: &str) -> Result<String> {
+    image_in_registry_with(reg, rootfs, name, &[])
+}
+
+/// [`image_in_registry`] with more `kairosify` arguments (`--k3s PATH`).
+pub fn image_in_registry_with(
+    reg: &Registry,
+    rootfs: &Path,
+    name: &str,
+    kairosify: &[&str],
+) -> Result<String> {
     let base = format!("{}/kairos/{name}-base:v1", reg.addr);
     let kairos = format!("{}/kairos/{name}:v1", reg.addr);
     kairosctl(&["image", "import", &rootfs.to_string_lossy(), &base])?;
-    kairosctl(&["kairosify", &base, &kairos])?;
+    let mut args = vec!["kairosify"];
+    args.extend_from_slice(kairosify);
+    args.extend([base.as_str(), kairos.as_str()]);
+    kairosctl(&args)?;
     Ok(kairos)
 }
 

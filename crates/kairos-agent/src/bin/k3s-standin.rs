@@ -12,6 +12,8 @@
 //! - an agent, and a server started with `--server` (a joining master), "join" by connecting
 //!   to the URL's port 6443 and presenting the token: refused with the wrong token, they exit
 //!   1 (systemd restarts them, as it restarts k3s);
+//! - a server tells systemd it is ready (`READY=1` on `$NOTIFY_SOCKET`: k3s' unit is
+//!   `Type=notify`) once it listens;
 //! - `k3s kubectl get --raw=/readyz` prints `ok` when the API answers, and
 //!   `k3s kubectl get nodes` lists the nodes joined to the server the kubeconfig names.
 //!
@@ -132,6 +134,7 @@ fn serve(token: String) -> ! {
     let listener = TcpListener::bind(("0.0.0.0", PORT))
         .unwrap_or_else(|e| fail(&format!("listening on port {PORT}: {e}")));
     eprintln!("k3s-standin: server listening on port {PORT}");
+    notify_ready();
     for conn in listener.incoming().flatten() {
         let (token, nodes) = (token.clone(), nodes.clone());
         std::thread::spawn(move || {
@@ -169,6 +172,23 @@ fn serve(token: String) -> ! {
         });
     }
     fail("the listener stopped")
+}
+
+/// `sd_notify(READY=1)`, as k3s does when its unit is `Type=notify`.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Ok(path) = std::env::var("NOTIFY_SOCKET") else {
+        return;
+    };
+    let addr = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(b"READY=1", &a));
+    if let Err(e) = sent {
+        eprintln!("k3s-standin: telling systemd it is ready ({path}): {e}");
+    }
 }
 
 fn kubectl(args: &[String]) {
