@@ -148,7 +148,10 @@ impl Coordinator for MeshCluster {
                             .unwrap_or(single::ServiceManager::Systemd);
                         match single::plan_role(&self.blocks, kind, sm, &extra) {
                             Err(e) => errors.push(e.to_string()),
-                            Ok(plan) => match self.apply(plan) {
+                            Ok(mut plan) => match {
+                                with_kube_vip(&mut plan, s, role);
+                                self.apply(plan)
+                            } {
                                 Ok(true) => eprintln!(
                                     "p2p: {} configured as {role} ({})",
                                     kind.service(),
@@ -176,6 +179,14 @@ impl Coordinator for MeshCluster {
                     }
                 }
             }
+        }
+        if let Some(e) = &s.kube_vip_error {
+            errors.push(format!("{e} — kube-vip is off"));
+        }
+        if let Some(k) = &s.kube_vip
+            && k.manifest_url.is_some()
+        {
+            errors.push("kubevip.manifest_url is not fetched: kube-vip's RBAC is the one built in".into());
         }
         if let Some(ip) = view.ip_master
             && view.ips.values().any(|i| *i == ip) // not a kube-vip address
@@ -219,6 +230,39 @@ impl Coordinator for MeshCluster {
         });
         TickOutput { writes, status }
     }
+}
+
+/// A master with kube-vip writes its manifests; any other node removes them.
+fn with_kube_vip(plan: &mut Plan, s: &roles::Settings, role: Role) {
+    match &s.kube_vip {
+        Some(k) if role.is_master() => {
+            let iface = k.interface.clone().unwrap_or_else(default_interface);
+            plan.write.extend(kairos_cluster::kubevip::files(k, &iface));
+            let keep: Vec<_> = plan.write.iter().map(|f| f.path.clone()).collect();
+            plan.remove.extend(
+                kairos_cluster::kubevip::ALL_FILES
+                    .iter()
+                    .filter(|p| !keep.iter().any(|k| k == *p))
+                    .map(|p| p.to_string()),
+            );
+        }
+        _ => plan.remove.extend(
+            kairos_cluster::kubevip::ALL_FILES
+                .iter()
+                .map(|p| p.to_string()),
+        ),
+    }
+}
+
+/// The interface kube-vip announces on when `kubevip.interface` is unset: the first up,
+/// non-loopback interface that is not the mesh's (provider-kairos guesses the same way).
+fn default_interface() -> String {
+    kairos_sys::net::ipv4_interfaces()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|i| i.up && !i.loopback && !i.name.starts_with("edgevpn"))
+        .map(|i| i.name)
+        .unwrap_or_else(|| "eth0".into())
 }
 
 fn role_name(view: &View, s: &roles::Settings, active: usize) -> Option<&'static str> {

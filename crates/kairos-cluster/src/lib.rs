@@ -4,8 +4,12 @@
 //!   file, the service override and the services to enable, as Kairos writes them (a pure
 //!   plan; the agent applies it beneath the root).
 //!
+//! - [`kubevip`]: the `kubevip:` block → kube-vip's RBAC and DaemonSet (or static pod) on
+//!   the masters.
+//!
 //! - [`roles`]: roles over the mesh — the election, the assignment and what each role adds
 //!   to the plan ([`single::Extra`]), as pure functions over the ledger bucket.
 
+pub mod kubevip;
 pub mod roles;
 pub mod single;

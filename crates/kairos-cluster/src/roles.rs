@@ -279,6 +279,10 @@ pub struct Settings {
     pub external_db: Option<String>,
     /// `kubevip.eip` when kube-vip is enabled.
     pub vip: Option<Ipv4Addr>,
+    /// The `kubevip:` block when enabled (a master writes its manifests).
+    pub kube_vip: Option<crate::kubevip::Spec>,
+    /// Why the `kubevip:` block could not be used (shown in `p2p status`; no VIP then).
+    pub kube_vip_error: Option<String>,
     /// The VPN interface (`edgevpn0`) when Kubernetes uses the VPN.
     pub iface: Option<String>,
 }
@@ -308,13 +312,12 @@ impl Settings {
         let external_db = ha
             .and_then(|h| h.external_db.clone())
             .filter(|d| !d.is_empty());
-        let vip = kubevip.and_then(|k| {
-            let on = match &k.enable {
-                Some(e) => e.0,
-                None => k.eip.as_deref().is_some_and(|e| !e.is_empty()),
-            };
-            on.then(|| k.eip.as_deref()?.parse().ok()).flatten()
-        });
+        let (kube_vip, kube_vip_error) = match kubevip.map(crate::kubevip::Spec::from_config) {
+            None | Some(Ok(None)) => (None, None),
+            Some(Ok(Some(k))) => (Some(k), None),
+            Some(Err(e)) => (None, Some(e.to_string())),
+        };
+        let vip = kube_vip.as_ref().map(|k| k.vip);
         let vpn = p2p.vpn.as_ref();
         let uses_vpn = vpn.and_then(|v| v.create.as_ref()).is_none_or(|c| c.0)
             && vpn.and_then(|v| v.use_.as_ref()).is_none_or(|u| u.0);
@@ -330,6 +333,8 @@ impl Settings {
             ha_masters,
             external_db,
             vip,
+            kube_vip,
+            kube_vip_error,
             iface,
         }
     }
@@ -616,6 +621,8 @@ mod tests {
             ha_masters: None,
             external_db: None,
             vip: None,
+            kube_vip: None,
+            kube_vip_error: None,
             iface: Some("edgevpn0".into()),
         }
     }

@@ -28,11 +28,18 @@ stages:
   boot:
   - name: the link to the other VM is the LAN
     commands:
+    # The boot stage is not ordered after udev: wait (up to 60 s) for the link's NIC to
+    # appear — it is the one with the 52:54:00:4b MAC the harness gives it.
     - |
-      for d in /sys/class/net/*; do
-        case $(cat $d/address) in 52:54:00:4b:*) i=${{d##*/}}; n=$(cut -d: -f6 $d/address);; esac
+      i=; t=0
+      while [ -z "$i" ] && [ $t -lt 300 ]; do
+        for d in /sys/class/net/*; do
+          case $(cat $d/address) in 52:54:00:4b:*) i=${{d##*/}}; n=$(cut -d: -f6 $d/address);; esac
+        done
+        [ -n "$i" ] || {{ sleep 0.2; t=$((t+1)); }}
       done
-      ip link set $i up; ip addr add 192.168.50.$((0x$n))/24 dev $i; hostname node-$n
+      [ -n "$i" ] || {{ echo "no NIC with a 52:54:00:4b MAC after 60 s" >&2; exit 1; }}
+      ip link set $i up; ip addr add 192.168.50.$((0x$n))/24 dev $i; hostname node-$n; echo node-$n > /etc/hostname
 "
     )
 }
@@ -102,10 +109,10 @@ fn two_debian_nodes_form_a_cluster() {
         }
         if Instant::now() > end {
             let da = a
-                .sh("kairos-agent p2p status; systemctl status k3s k3s-agent kairos-p2p --no-pager -n 20")
+                .sh("kairos-agent p2p status; ip -br addr; journalctl -b -u cos-setup-boot --no-pager | tail -n 15; systemctl status k3s k3s-agent kairos-p2p --no-pager -n 20")
                 .unwrap_or_default();
             let db = b
-                .sh("kairos-agent p2p status; systemctl status k3s k3s-agent kairos-p2p --no-pager -n 20")
+                .sh("kairos-agent p2p status; ip -br addr; journalctl -b -u cos-setup-boot --no-pager | tail -n 15; systemctl status k3s k3s-agent kairos-p2p --no-pager -n 20")
                 .unwrap_or_default();
             panic!("no cluster in 420 s:\n--- a:\n{da}\n--- b:\n{db}\n{joined}");
         }
