@@ -24,22 +24,32 @@ p2p:
   disable_dht: true
 k3s:
   enabled: true
+# docs/kubernetes.md's health checks (a shorter timeout: the test stops k3s-agent below).
+boot_assessment:
+  timeout: 30
+  health_checks:
+  - until systemctl is-active --quiet k3s || systemctl is-active --quiet k3s-agent; do sleep 2; done
+  - if systemctl is-enabled --quiet k3s; then until k3s kubectl get --raw=/readyz; do sleep 2; done; fi
 stages:
   boot:
   - name: the link to the other VM is the LAN
     commands:
-    # The boot stage is not ordered after udev: wait (up to 60 s) for the link's NIC to
-    # appear — it is the one with the 52:54:00:4b MAC the harness gives it.
+    # The boot stage is not ordered after udev: the link's NIC (the one with the 52:54:00:4b
+    # MAC the harness gives it) may not be there yet, or be renamed (eth1 → enp0s4) under
+    # us. Find it by MAC and retry until it is up with its address (up to 60 s).
     - |
-      i=; t=0
-      while [ -z "$i" ] && [ $t -lt 300 ]; do
+      udevadm settle -t 30 || true
+      t=0
+      while [ $t -lt 300 ]; do
+        i=
         for d in /sys/class/net/*; do
           case $(cat $d/address) in 52:54:00:4b:*) i=${{d##*/}}; n=$(cut -d: -f6 $d/address);; esac
         done
-        [ -n "$i" ] || {{ sleep 0.2; t=$((t+1)); }}
+        if [ -n \"$i\" ] && ip link set $i up && ip addr replace 192.168.50.$((0x$n))/24 dev $i; then break; fi
+        sleep 0.2; t=$((t+1))
       done
-      [ -n "$i" ] || {{ echo "no NIC with a 52:54:00:4b MAC after 60 s" >&2; exit 1; }}
-      ip link set $i up; ip addr add 192.168.50.$((0x$n))/24 dev $i; hostname node-$n; echo node-$n > /etc/hostname
+      [ $t -lt 300 ] || {{ echo \"the link's NIC did not come up in 60 s\" >&2; exit 1; }}
+      hostname node-$n; echo node-$n > /etc/hostname
 "
     )
 }
@@ -144,6 +154,24 @@ fn two_debian_nodes_form_a_cluster() {
     let out = worker.sh("kairos-agent get-kubeconfig").unwrap();
     assert!(
         out.contains(&format!("server: https://{master_ip}:6443")) && out.ends_with("[exit 0]"),
+        "{out}"
+    );
+
+    // The documented health checks pass on both, and fail on a worker whose k3s-agent stopped.
+    for (who, vm) in [("master", &mut *master), ("worker", &mut *worker)] {
+        let out = vm.sh("kairos-agent boot-assessment --json").unwrap();
+        assert!(
+            out.contains("\"verdict\":\"healthy\"") && out.ends_with("[exit 0]"),
+            "{who}: {out}"
+        );
+    }
+    let out = worker
+        .sh("systemctl stop k3s-agent; kairos-agent boot-assessment --json")
+        .unwrap();
+    assert!(
+        out.contains("\"verdict\":\"unhealthy\"")
+            && out.contains("k3s-agent")
+            && out.ends_with("[exit 1]"),
         "{out}"
     );
 }
