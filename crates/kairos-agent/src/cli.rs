@@ -140,9 +140,17 @@ pub enum Command {
         /// Only when booted live and the config says `install.auto: true` (the boot hook)
         #[arg(long)]
         auto: bool,
+        /// Show a QR code and a token on the console, wait for `kairosctl register` to send
+        /// the config (written to /oem/99_pairing.yaml; it wins over the others), then
+        /// install with it
+        #[arg(long, conflicts_with = "auto")]
+        pair: bool,
         #[command(flatten)]
         opts: crate::lifecycle::InstallArgs,
     },
+    /// Show a QR code and a token, receive a config from `kairosctl register` over an
+    /// ephemeral mesh and write it to /oem/99_pairing.yaml (without installing)
+    Pair(crate::pair::PairArgs),
     /// Install from the live medium to DEVICE with CONFIG as the node's cloud-config
     ManualInstall {
         /// The disk: /dev/…, a /dev/disk/by-* link, or `auto`
@@ -744,18 +752,41 @@ pub fn run(cli: Cli) -> Result<Code> {
             }
             Ok(0)
         }
-        Command::Install { auto, opts } => {
+        Command::Pair(a) => {
+            crate::pair::pair(&cli.global.root, &a)?;
+            Ok(0)
+        }
+        Command::Install {
+            auto,
+            pair,
+            mut opts,
+        } => {
             let booted = cli.global.booted();
+            let mut paired_device = None;
+            if pair {
+                let a = crate::pair::PairArgs {
+                    token: None,
+                    timeout: 3600,
+                    bootstrap_peers: Vec::new(),
+                };
+                let p = crate::pair::pair(&cli.global.root, &a)?;
+                // What `kairosctl register --device/--reboot/--poweroff` asked for.
+                paired_device = p.get("device").filter(|d| !d.is_empty()).cloned();
+                opts.reboot |= p.contains_key("reboot");
+                opts.poweroff |= p.contains_key("poweroff");
+            }
             let c = cli.global.collect(&fetcher)?;
             let install = install_section(&c.config, "config")?;
             if auto && !(booted.mode == "live" && install.auto.0) {
                 return Ok(0);
             }
-            let device = install
-                .device
-                .as_ref()
-                .map(|d| d.0.clone())
-                .unwrap_or_else(|| "auto".into());
+            let device = paired_device.unwrap_or_else(|| {
+                install
+                    .device
+                    .as_ref()
+                    .map(|d| d.0.clone())
+                    .unwrap_or_else(|| "auto".into())
+            });
             let text = format!(
                 "#cloud-config\n{}",
                 kairos_config::yaml::to_string(&c.config)

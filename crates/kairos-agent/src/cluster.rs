@@ -148,10 +148,10 @@ impl Coordinator for MeshCluster {
                             .unwrap_or(single::ServiceManager::Systemd);
                         match single::plan_role(&self.blocks, kind, sm, &extra) {
                             Err(e) => errors.push(e.to_string()),
-                            Ok(mut plan) => match {
+                            Ok(mut plan) => match self.apply({
                                 with_kube_vip(&mut plan, s, role);
-                                self.apply(plan)
-                            } {
+                                plan
+                            }) {
                                 Ok(true) => eprintln!(
                                     "p2p: {} configured as {role} ({})",
                                     kind.service(),
@@ -186,7 +186,9 @@ impl Coordinator for MeshCluster {
         if let Some(k) = &s.kube_vip
             && k.manifest_url.is_some()
         {
-            errors.push("kubevip.manifest_url is not fetched: kube-vip's RBAC is the one built in".into());
+            errors.push(
+                "kubevip.manifest_url is not fetched: kube-vip's RBAC is the one built in".into(),
+            );
         }
         if let Some(ip) = view.ip_master
             && view.ips.values().any(|i| *i == ip) // not a kube-vip address

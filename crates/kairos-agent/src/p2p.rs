@@ -218,9 +218,29 @@ fn render_cluster(c: &Value, line: &mut impl FnMut(&str, String)) {
     }
 }
 
+/// The program's name for messages: these commands are `kairos-agent`'s on a node and
+/// `kairosctl`'s on a workstation (through `kairosctl bridge`).
+fn prog() -> String {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .filter(|n| n == "kairosctl")
+        .unwrap_or_else(|| "kairos-agent".into())
+}
+
 fn no_daemon(socket: &Path, e: &std::io::Error) -> i32 {
+    let hint = if prog() == "kairosctl" {
+        "is `kairosctl bridge` running? it serves this socket"
+    } else {
+        "is the p2p service running? `kairos-agent p2p run` starts it by hand"
+    };
     eprintln!(
-        "kairos-agent: no mesh daemon answers on {}: {e} (is the p2p service running? `kairos-agent p2p run` starts it by hand)",
+        "{}: no mesh daemon answers on {}: {e} ({hint})",
+        prog(),
         socket.display()
     );
     exit::FAILURE
@@ -305,13 +325,15 @@ pub fn role_list(socket: &Path, bucket: &str, json: bool) -> i32 {
 pub fn role_set(socket: &Path, bucket: &str, uuid: &str, role: &str) -> i32 {
     let Some(r) = Role::parse(role).filter(|r| r.as_str() == role) else {
         eprintln!(
-            "kairos-agent: role {role:?}: use master, master/clusterinit, master/ha or worker"
+            "{}: role {role:?}: use master, master/clusterinit, master/ha or worker",
+            prog()
         );
         return exit::INVALID;
     };
     if roles::node_uuid(Some(uuid), "", "").is_none() {
         eprintln!(
-            "kairos-agent: uuid {uuid:?} is not a node's uuid (see `kairos-agent role list`)"
+            "{p}: uuid {uuid:?} is not a node's uuid (see `{p} role list`)",
+            p = prog()
         );
         return exit::INVALID;
     }
@@ -339,7 +361,8 @@ pub fn get_kubeconfig(socket: &Path, bucket: &str) -> i32 {
             }
             None => {
                 eprintln!(
-                    "kairos-agent: no kubeconfig in the ledger bucket {bucket:?} yet: the first master publishes it once k3s runs (`kairos-agent p2p status` shows who is waiting for what)"
+                    "{}: no kubeconfig in the ledger bucket {bucket:?} yet: the first master publishes it once k3s runs (`kairos-agent p2p status` on a node shows who is waiting for what)",
+                    prog()
                 );
                 exit::FAILURE
             }

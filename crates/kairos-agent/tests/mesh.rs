@@ -62,6 +62,20 @@ struct Service {
     started: Instant,
 }
 
+/// kairosctl, built beside kairos-agent (`scripts/test` builds it before this tier).
+fn kairosctl() -> &'static str {
+    static P: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        let p = Path::new(agent()).with_file_name("kairosctl");
+        assert!(
+            p.exists(),
+            "{} is missing: `cargo build -p kairos-ctl` first",
+            p.display()
+        );
+        p.to_string_lossy().into_owned()
+    })
+}
+
 fn standin() -> &'static str {
     env!("CARGO_BIN_EXE_k3s-standin")
 }
@@ -246,6 +260,43 @@ impl Lan {
         let n = self.nodes.len() - 1;
         self.start(n);
         n
+    }
+
+    /// A workstation at 192.168.77.i running `kairosctl bridge` with `tok`, its kubeconfig
+    /// at `<root>/kubeconfig` and its status socket where a node's is (so `status(n)` works).
+    fn add_bridge(&mut self, i: usize, tok: &str) -> usize {
+        let ns = format!("{}-n{i}", self.tag);
+        self.plug(&ns, i);
+        let root = self.dir.path().join(format!("n{i}"));
+        fs::create_dir_all(root.join("run/kairos")).unwrap();
+        let log = fs::File::create(root.join("daemon.log")).unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                kairosctl(),
+                "bridge",
+                "--network-token",
+                tok,
+            ])
+            .arg("--kubeconfig")
+            .arg(root.join("kubeconfig"))
+            .arg("--socket")
+            .arg(root.join("run/kairos/p2p.sock"))
+            .arg("--state-dir")
+            .arg(root.join("state"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.nodes.push(Node {
+            ns,
+            root,
+            child: Some(child),
+            services: Vec::new(),
+        });
+        self.nodes.len() - 1
     }
 
     fn start(&mut self, n: usize) {
@@ -830,15 +881,77 @@ fn three_auto_nodes_form_a_cluster() {
     let list: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(list["nodes"].as_array().unwrap().len(), 3, "{list:#}");
 
-    // A fourth node, set to master/ha by hand from node1 before it starts.
+    // A workstation joins with `kairosctl bridge`: it gets the kubeconfig, and the API at
+    // the master's mesh address answers it over the VPN.
+    let ws = lan.add_bridge(9, &tok);
+    lan.wait_cluster("the bridge wrote the kubeconfig", 90, |lan, _| {
+        lan.file(ws, "kubeconfig")
+            .contains(&format!("server: https://{master_ip}:6443"))
+    });
+    let bridge_status = lan.status(ws).unwrap();
+    assert_eq!(
+        address(&bridge_status).as_deref(),
+        Some("10.1.0.254/24"),
+        "{bridge_status:#}"
+    );
+    fs::create_dir_all(lan.nodes[ws].root.join("etc/rancher/k3s")).unwrap();
+    fs::copy(
+        lan.nodes[ws].root.join("kubeconfig"),
+        lan.nodes[ws].root.join("etc/rancher/k3s/k3s.yaml"),
+    )
+    .unwrap();
+    let api = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lan.nodes[ws].ns,
+            standin(),
+            "kubectl",
+            "get",
+            "nodes",
+        ])
+        .env("K3S_STANDIN_ROOT", &lan.nodes[ws].root)
+        .output()
+        .unwrap();
+    let nodes = String::from_utf8_lossy(&api.stdout);
+    assert!(
+        api.status.success() && nodes.trim().split(',').count() == 2,
+        "the workstation's kubectl through the bridge: {nodes}{}",
+        String::from_utf8_lossy(&api.stderr)
+    );
+    let sock = lan.nodes[ws].root.join("run/kairos/p2p.sock");
+    let o = Command::new(kairosctl())
+        .args(["role", "list", "--json", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let list: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list["nodes"].as_array().unwrap().len(), 3, "{list:#}");
+    let o = Command::new(kairosctl())
+        .args(["get-kubeconfig", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout)
+                .contains(&format!("server: https://{master_ip}:6443")),
+        "{o:?}"
+    );
+
+    // A fourth node, set to master/ha by hand from the workstation before it starts.
     let uuid4 = format!("{:032x}-node4", 0xabc0 + 4);
-    let (ok, out, err) = lan.agent_cmd(0, &["role", "set", &uuid4, "master/ha"]);
-    assert!(ok, "{out}{err}");
+    let o = Command::new(kairosctl())
+        .args(["role", "set", &uuid4, "master/ha", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
     let (ok, _, err) = lan.agent_cmd(0, &["role", "set", &uuid4, "admin"]);
     assert!(!ok && err.contains("use master"), "{err}");
-    lan.add(4, "node4", &cluster_cfg(&tok, ""));
+    let n4 = lan.add(4, "node4", &cluster_cfg(&tok, ""));
     lan.wait_cluster("node4 joined the control plane", 180, |lan, all| {
-        role_of(&all[3]) == Some("master/ha")
+        role_of(&all[n4]) == Some("master/ha")
             && joined_to(lan, m)
                 .iter()
                 .any(|(h, r, a)| h == "node4" && r == "server" && a.starts_with("10.1.0."))

@@ -1,5 +1,6 @@
 //! `kairosctl`: build Kairos disks from images and try them in a VM.
 
+mod qr;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -75,6 +76,56 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Join a node network's mesh from this workstation as a VPN peer (10.1.0.254/24 on
+    /// kairos0 by default; needs root for the TUN device), so the cluster's API at the
+    /// master's mesh address answers here; `--kubeconfig FILE` writes the cluster's
+    /// kubeconfig. Runs until stopped
+    Bridge(kairos_agent::bridge::BridgeArgs),
+    /// The cluster's roles, through a running `kairosctl bridge`: `role list`, `role set UUID
+    /// ROLE` (a role set by hand wins over the election)
+    Role {
+        #[command(subcommand)]
+        command: RoleCmd,
+    },
+    /// Print the cluster's kubeconfig (server: the master's mesh address), through a running
+    /// `kairosctl bridge`
+    GetKubeconfig {
+        /// The bridge's status socket
+        #[arg(long, value_name = "PATH", default_value = kairos_agent::bridge::BRIDGE_SOCKET)]
+        socket: PathBuf,
+        /// The coordination bucket (`p2p.network_id`)
+        #[arg(long, default_value = "kairos")]
+        network_id: String,
+    },
+    /// Send a cloud-config to a node showing a pairing QR code (`kairos-agent install
+    /// --pair` or `kairos-agent pair` on its console), over an ephemeral mesh on the LAN
+    Register {
+        /// The token printed under the node's QR code (`-` reads it from stdin); or use
+        /// --qr-code-image
+        #[arg(required_unless_present = "qr_code_image")]
+        token: Option<String>,
+        /// A PNG picture of the node's QR code (a screenshot of its console)
+        #[arg(long, value_name = "PNG", conflicts_with = "token")]
+        qr_code_image: Option<PathBuf>,
+        /// The cloud-config for the node
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The disk to install to (else the config's install.device)
+        #[arg(long)]
+        device: Option<String>,
+        /// Reboot the node when installed
+        #[arg(long)]
+        reboot: bool,
+        /// Power the node off when installed
+        #[arg(long)]
+        poweroff: bool,
+        /// Give up after this many seconds
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// The node's mesh address (`/ip4/…/tcp/…/p2p/<id>`) where mDNS does not reach it
+        #[arg(long = "bootstrap-peer", value_name = "MULTIADDR")]
+        bootstrap_peers: Vec<String>,
+    },
     /// Check an image against the Kairos image contract: kernel and matching modules, an
     /// init, /etc/os-release, x86-64 executables, static kairos binaries, the size budget.
     /// Each finding says what to add. Exit 0 when clean, 1 when something is missing
@@ -84,6 +135,34 @@ enum Cmd {
         /// One JSON object per finding, on stdout
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RoleCmd {
+    /// List the nodes: uuid, role, mesh address, last advert
+    List {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+        /// The bridge's status socket
+        #[arg(long, value_name = "PATH", default_value = kairos_agent::bridge::BRIDGE_SOCKET)]
+        socket: PathBuf,
+        /// The coordination bucket (`p2p.network_id`)
+        #[arg(long, default_value = "kairos")]
+        network_id: String,
+    },
+    /// Set a node's role by hand: master, master/clusterinit, master/ha or worker
+    Set {
+        /// The node's uuid (`kairosctl role list`)
+        uuid: String,
+        role: String,
+        /// The bridge's status socket
+        #[arg(long, value_name = "PATH", default_value = kairos_agent::bridge::BRIDGE_SOCKET)]
+        socket: PathBuf,
+        /// The coordination bucket (`p2p.network_id`)
+        #[arg(long, default_value = "kairos")]
+        network_id: String,
     },
 }
 
@@ -570,6 +649,87 @@ fn run() -> Result<i32> {
             k0s,
         } => kairosify(&src, &dest, immucore, agent, [k3s, k0s]).map(|_| 0),
         Cmd::Lint { image, json } => lint(&image, json),
+        Cmd::Bridge(args) => kairos_agent::bridge::run(&args),
+        Cmd::Register {
+            token,
+            qr_code_image,
+            config,
+            device,
+            reboot,
+            poweroff,
+            timeout,
+            bootstrap_peers,
+        } => {
+            let token = match (token, qr_code_image) {
+                (_, Some(img)) => qr::decode_png_file(&img)?,
+                (Some(t), None) if t == "-" => {
+                    let mut t = String::new();
+                    std::io::Read::read_to_string(
+                        &mut std::io::Read::take(std::io::stdin(), 64 << 10),
+                        &mut t,
+                    )?;
+                    t
+                }
+                (Some(t), None) => t,
+                (None, None) => bail!("give the token or --qr-code-image"),
+            };
+            let token = token.trim();
+            kairos_mesh::Token::parse(token).map_err(|e| {
+                anyhow::anyhow!(
+                    "the token is not a pairing token ({e}): copy the whole line under the QR code"
+                )
+            })?;
+            let cc = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let mut payload = kairos_agent::pair::Payload::new();
+            payload.insert("cc".into(), cc);
+            if let Some(d) = device {
+                payload.insert("device".into(), d);
+            }
+            if reboot {
+                payload.insert("reboot".into(), String::new());
+            }
+            if poweroff {
+                payload.insert("poweroff".into(), String::new());
+            }
+            // The node refuses what it cannot use: check here first, naming the file.
+            kairos_agent::pair::parse_payload(&serde_json::to_string(&payload)?)
+                .with_context(|| format!("{}", config.display()))?;
+            eprintln!("register: sending {} to the node …", config.display());
+            kairos_agent::pair::send(
+                token,
+                &payload,
+                &bootstrap_peers,
+                std::time::Duration::from_secs(timeout),
+            )?;
+            println!("the node took the config");
+            Ok(0)
+        }
+        Cmd::Role {
+            command:
+                RoleCmd::List {
+                    json,
+                    socket,
+                    network_id,
+                },
+        } => Ok(kairos_agent::p2p::role_list(&socket, &network_id, json)),
+        Cmd::Role {
+            command:
+                RoleCmd::Set {
+                    uuid,
+                    role,
+                    socket,
+                    network_id,
+                },
+        } => Ok(kairos_agent::p2p::role_set(
+            &socket,
+            &network_id,
+            &uuid,
+            &role,
+        )),
+        Cmd::GetKubeconfig { socket, network_id } => {
+            Ok(kairos_agent::p2p::get_kubeconfig(&socket, &network_id))
+        }
         Cmd::GenerateToken { interval } => {
             println!("{}", kairos_mesh::Token::generate(interval).encode());
             Ok(0)
