@@ -219,17 +219,22 @@ impl Ledger {
     }
 }
 
-/// EdgeVPN's `NextIP`: one past the highest address in use, or `first` when none is.
-/// `None` when the /24 is full (EdgeVPN does not check; we do).
+/// EdgeVPN's `NextIP`: one past the highest address in use, or `first` when none is. When
+/// one past the highest would leave the /24 (a `kairosctl bridge` holds .254, the Go
+/// bridge's default too: EdgeVPN would hand out .255), the lowest free address from
+/// `first` instead. `None` when the /24 is full.
 pub fn next_ip(first: Ipv4Addr, used: &[Ipv4Addr]) -> Option<Ipv4Addr> {
     let Some(max) = used.iter().max() else {
         return Some(first);
     };
     let o = max.octets();
-    if o[3] >= 254 {
-        return None;
+    if o[3] < 254 {
+        return Some(Ipv4Addr::new(o[0], o[1], o[2], o[3] + 1));
     }
-    Some(Ipv4Addr::new(o[0], o[1], o[2], o[3] + 1))
+    let f = first.octets();
+    (f[3].max(1)..=254)
+        .map(|last| Ipv4Addr::new(f[0], f[1], f[2], last))
+        .find(|ip| !used.contains(ip))
 }
 
 /// Who hands out the next address (EdgeVPN's DHCP rule): among the alive nodes without an
@@ -342,7 +347,14 @@ mod tests {
             next_ip(first, &[ip("10.1.0.1"), ip("10.1.0.7"), ip("10.1.0.3")]),
             Some(ip("10.1.0.8"))
         );
-        assert_eq!(next_ip(first, &[ip("10.1.0.254")]), None);
+        // A bridge at .254: the lowest free address instead of .255.
+        assert_eq!(next_ip(first, &[ip("10.1.0.254")]), Some(first));
+        assert_eq!(
+            next_ip(first, &[ip("10.1.0.1"), ip("10.1.0.2"), ip("10.1.0.254")]),
+            Some(ip("10.1.0.3"))
+        );
+        let all: Vec<Ipv4Addr> = (1..=254).map(|i| Ipv4Addr::new(10, 1, 0, i)).collect();
+        assert_eq!(next_ip(first, &all), None);
         let mut m = BTreeMap::new();
         let alive: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
         assert_eq!(
