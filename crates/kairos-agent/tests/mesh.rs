@@ -1078,3 +1078,159 @@ fn an_ha_control_plane_of_three() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The QR code `kairos-agent pair` printed (half blocks, light as `█`), as a grey picture a
+/// camera would take of the console: 4 pixels a module, the console's dark background
+/// around it.
+fn console_qr(text: &str) -> (usize, usize, Vec<u8>) {
+    let rows: Vec<Vec<char>> = text
+        .lines()
+        .filter(|l| !l.is_empty() && l.chars().all(|c| " █▀▄".contains(c)))
+        .map(|l| l.chars().collect())
+        .collect();
+    assert!(!rows.is_empty(), "no QR code in {text}");
+    let (scale, margin) = (4, 8);
+    let cols = rows[0].len();
+    let (w, h) = (
+        (cols + 2 * margin) * scale,
+        (rows.len() * 2 + 2 * margin) * scale,
+    );
+    let mut img = vec![0u8; w * h];
+    for (r, line) in rows.iter().enumerate() {
+        for (c, ch) in line.iter().enumerate() {
+            let (top, bottom) = match ch {
+                '█' => (true, true),
+                '▀' => (true, false),
+                '▄' => (false, true),
+                _ => (false, false),
+            };
+            for (half, light) in [(0, top), (1, bottom)] {
+                if !light {
+                    continue;
+                }
+                let (mx, my) = (c + margin, r * 2 + half + margin);
+                for y in my * scale..(my + 1) * scale {
+                    for x in mx * scale..(mx + 1) * scale {
+                        img[y * w + x] = 230;
+                    }
+                }
+            }
+        }
+    }
+    (w, h, img)
+}
+
+/// QR pairing (A.15) between two hosts of a LAN: a node runs `kairos-agent pair`, which
+/// prints a QR code; the token read back from that code (as a scanner would) goes to
+/// `kairosctl register --config`, and the node ends with the config in
+/// /oem/99_pairing.yaml, where its config collection finds it. A config without its
+/// header is refused before anything is sent.
+#[test]
+#[ignore = "needs root: network namespaces"]
+fn qr_pairing_sends_a_config() {
+    if !root_only() {
+        return;
+    }
+    let lan = Lan::new("pq");
+    let (node_ns, ws_ns) = (format!("{}-n1", lan.tag), format!("{}-n2", lan.tag));
+    lan.plug(&node_ns, 1);
+    lan.plug(&ws_ns, 2);
+    // The namespaces go with the LAN (Drop).
+    let mut lan = lan;
+    for ns in [&node_ns, &ws_ns] {
+        lan.nodes.push(Node {
+            ns: ns.clone(),
+            root: lan.dir.path().join(ns),
+            child: None,
+            services: Vec::new(),
+        });
+    }
+    let root = lan.dir.path().join("node");
+    fs::create_dir_all(root.join("oem")).unwrap();
+    let out_path = lan.dir.path().join("pair.out");
+    let node = Command::new("ip")
+        .args(["netns", "exec", &node_ns, agent(), "--root"])
+        .arg(&root)
+        .args(["--cmdline", "", "pair", "--timeout", "120"])
+        .stdout(fs::File::create(&out_path).unwrap())
+        .stderr(fs::File::create(lan.dir.path().join("pair.err")).unwrap())
+        .spawn()
+        .unwrap();
+    lan.nodes[0].child = Some(node);
+    let end = Instant::now() + Duration::from_secs(30);
+    let shown = loop {
+        let t = fs::read_to_string(&out_path).unwrap_or_default();
+        if t.contains("waiting for the config") {
+            break t;
+        }
+        assert!(Instant::now() < end, "no QR code in 30 s: {t}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (w, h, grey) = console_qr(&shown);
+    let mut img = rqrr::PreparedImage::prepare_from_greyscale(w, h, |x, y| grey[y * w + x]);
+    let grids = img.detect_grids();
+    assert_eq!(grids.len(), 1, "the console's QR code is found");
+    let (_, token) = grids[0].decode().expect("the console's QR code reads");
+    assert!(
+        shown.contains(&format!("token: {token}")),
+        "the QR code holds the printed token"
+    );
+
+    let cc = lan.dir.path().join("cc.yaml");
+    fs::write(&cc, "hostname: paired\n").unwrap();
+    let o = Command::new(kairosctl())
+        .args(["register", "--config"])
+        .arg(&cc)
+        .arg(&token)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("cc.yaml") && err.contains("#cloud-config"),
+        "{err}"
+    );
+
+    let text = "#cloud-config\nhostname: paired\ninstall:\n  device: /dev/vdb\n";
+    fs::write(&cc, text).unwrap();
+    let o = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ws_ns,
+            kairosctl(),
+            "register",
+            "--timeout",
+            "90",
+        ])
+        .arg("--config")
+        .arg(&cc)
+        .arg(&token)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout).contains("the node took the config"),
+        "register: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let st = lan.nodes[0].child.as_mut().unwrap().wait().unwrap();
+    assert!(
+        st.success(),
+        "pair: {}",
+        fs::read_to_string(lan.dir.path().join("pair.err")).unwrap_or_default()
+    );
+    let got = root.join("oem/99_pairing.yaml");
+    assert_eq!(fs::read_to_string(&got).unwrap(), text);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&got).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let o = Command::new(agent())
+        .arg("--root")
+        .arg(&root)
+        .args(["--cmdline", "", "config", "get", "install.device"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "/dev/vdb");
+}
