@@ -165,3 +165,100 @@ fn refusals() {
     assert!(out.contains("comes from the mesh"), "{out}");
     assert!(!r.join("etc/sysconfig/k3s").exists());
 }
+
+/// One coordinator tick on `root` for a node whose config is `yaml` (forced roles need no
+/// other node), with VPN address 10.1.0.5.
+fn mesh_tick(root: &Path, yaml: &str) -> serde_json::Value {
+    use kairos_cluster::roles::{KEY_IP_MASTER, KEY_NODETOKEN, encode};
+    use kairos_vpn::daemon::{Coordinator, TickInput};
+    let v = kairos_config::yaml::parse(yaml, &std::sync::Arc::from("t.yaml"))
+        .unwrap()
+        .to_json();
+    let cfg: kairos_config::types::Config = serde_json::from_value(v).unwrap();
+    let settings = kairos_cluster::roles::Settings::new(
+        cfg.p2p.as_ref().unwrap(),
+        cfg.kubevip.as_ref(),
+        "abc-node".into(),
+    );
+    let mut m = kairos_agent::cluster::MeshCluster::new(
+        kairos_sys::Root::new(root),
+        kairos_cluster::single::Blocks::from_config(&cfg),
+        settings,
+        "kairos".into(),
+    );
+    m.tick(TickInput {
+        // A master elsewhere, for a worker to join.
+        entries: [
+            (KEY_IP_MASTER, "10.1.0.1"),
+            (KEY_NODETOKEN, "K10abc::server:secret"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), encode(&serde_json::json!(v))))
+        .collect(),
+        active_nodes: 1,
+        vpn_ip: Some("10.1.0.5".parse().unwrap()),
+        live_addresses: Vec::new(),
+        now: 1_800_000_000,
+    })
+    .status
+}
+
+/// kube-vip on a master over the mesh: its RBAC and DaemonSet (or static pod) are written
+/// where k3s deploys them, k3s gets `--tls-san=<eip>`, the VIP is the API address; a worker
+/// removes them; a bad `eip` turns kube-vip off and the status says why.
+#[test]
+fn kube_vip_on_a_mesh_master() {
+    let d = systemd_root();
+    let r = d.path();
+    let master = "p2p:\n  network_token: x\n  role: master\nk3s:\n  enabled: true\nkubevip:\n  eip: 192.168.1.240\n  interface: eth7\n";
+    let st = mesh_tick(r, master);
+    assert_eq!(st["role"], "master", "{st:#}");
+    let ds =
+        fs::read_to_string(r.join("var/lib/rancher/k3s/server/manifests/kubevip.yaml")).unwrap();
+    assert!(
+        ds.contains("kind: DaemonSet")
+            && ds.contains("\"192.168.1.240\"")
+            && ds.contains("\"eth7\""),
+        "{ds}"
+    );
+    assert!(
+        r.join("var/lib/rancher/k3s/server/manifests/kubevipmanifest.yaml")
+            .is_file()
+    );
+    let unit =
+        fs::read_to_string(r.join("etc/systemd/system/k3s.service.d/override.conf")).unwrap();
+    assert!(
+        unit.contains("--tls-san=192.168.1.240") && unit.contains("--node-ip=10.1.0.5"),
+        "{unit}"
+    );
+
+    // static_pod: the kubelet's directory instead, the DaemonSet gone.
+    mesh_tick(r, &master.replace("eth7\n", "eth7\n  static_pod: true\n"));
+    assert!(
+        r.join("var/lib/rancher/k3s/agent/pod-manifests/kubevip.yaml")
+            .is_file()
+    );
+    assert!(
+        !r.join("var/lib/rancher/k3s/server/manifests/kubevip.yaml")
+            .exists()
+    );
+
+    // The same node as a worker: no kube-vip files.
+    let worker = master.replace("role: master", "role: worker");
+    let st = mesh_tick(r, &worker);
+    assert_eq!(st["service"], "k3s-agent", "{st:#}");
+    for f in kairos_cluster::kubevip::ALL_FILES {
+        assert!(
+            !r.join(f.trim_start_matches('/')).exists(),
+            "{f} left on a worker"
+        );
+    }
+
+    // A bad eip: off, and said.
+    let st = mesh_tick(r, &master.replace("192.168.1.240", "192.168.1.999"));
+    assert!(st["errors"].to_string().contains("kubevip.eip"), "{st:#}");
+    assert!(
+        !r.join("var/lib/rancher/k3s/server/manifests/kubevip.yaml")
+            .exists()
+    );
+}
