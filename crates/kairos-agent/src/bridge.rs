@@ -131,6 +131,7 @@ impl Coordinator for Watch {
             "role": "bridge",
             "service": null,
             "leader": view.leader,
+            "election": "a bridge takes no role",
             "waiting": waiting,
             "errors": errors,
             "ip_master": view.ip_master.map(|i| i.to_string()),

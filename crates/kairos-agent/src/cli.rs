@@ -646,23 +646,7 @@ pub fn run(cli: Cli) -> Result<Code> {
                 .global
                 .root
                 .join(socket.strip_prefix("/").unwrap_or(&socket));
-            match kairos_vpn::daemon::read_status(&path) {
-                Ok(v) if json => {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                    Ok(0)
-                }
-                Ok(v) => {
-                    print!("{}", crate::p2p::render_status(&v));
-                    Ok(0)
-                }
-                Err(e) => {
-                    eprintln!(
-                        "kairos-agent: no mesh daemon answers on {}: {e} (is the p2p service running? `kairos-agent p2p run` starts it by hand)",
-                        path.display()
-                    );
-                    Ok(exit::FAILURE)
-                }
-            }
+            Ok(crate::p2p::status_cmd(&path, json))
         }
         Command::Schema => {
             println!(

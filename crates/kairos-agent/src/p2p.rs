@@ -165,10 +165,11 @@ fn render_cluster(c: &Value, line: &mut impl FnMut(&str, String)) {
         .as_str()
         .map(|x| format!(", runs {x}"))
         .unwrap_or_default();
-    line(
-        "cluster role",
-        format!("{role}{service} (uuid {})", s(&c["uuid"])),
-    );
+    let uuid = c["uuid"]
+        .as_str()
+        .map(|u| format!(" (uuid {u})"))
+        .unwrap_or_default();
+    line("cluster role", format!("{role}{service}{uuid}"));
     line(
         "cluster leader",
         format!("{} — {}", s(&c["leader"]), s(&c["election"])),
@@ -186,13 +187,25 @@ fn render_cluster(c: &Value, line: &mut impl FnMut(&str, String)) {
             None => "none published yet".into(),
         },
     );
+    if let Some(k) = c["kubeconfig"].as_str() {
+        line(
+            "kubeconfig",
+            match c["ip_master"].as_str() {
+                Some(_) => k.to_string(),
+                None => format!("{k} (written once a master publishes it)"),
+            },
+        );
+    }
+    let needed = c["minimum_nodes"]
+        .as_u64()
+        .map(|n| format!(", needed {n}"))
+        .unwrap_or_default();
     line(
         "cluster nodes",
         format!(
-            "{} (active {}, needed {})",
+            "{} (active {}{needed})",
             c["nodes"].as_array().map(Vec::len).unwrap_or(0),
             s(&c["active_nodes"]),
-            s(&c["minimum_nodes"])
         ),
     );
     for n in c["nodes"].as_array().into_iter().flatten() {
@@ -244,6 +257,22 @@ fn no_daemon(socket: &Path, e: &std::io::Error) -> i32 {
         socket.display()
     );
     exit::FAILURE
+}
+
+/// `kairos-agent p2p status` and `kairosctl status`: the daemon's status document,
+/// rendered for people or as JSON.
+pub fn status_cmd(socket: &Path, json: bool) -> i32 {
+    match kairos_vpn::daemon::read_status(socket) {
+        Ok(v) if json => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            0
+        }
+        Ok(v) => {
+            print!("{}", render_status(&v));
+            0
+        }
+        Err(e) => no_daemon(socket, &e),
+    }
 }
 
 /// The coordination bucket, decoded.

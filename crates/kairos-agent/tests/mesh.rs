@@ -931,6 +931,19 @@ fn three_auto_nodes_form_a_cluster() {
     );
     let sock = lan.nodes[ws].root.join("run/kairos/p2p.sock");
     let o = Command::new(kairosctl())
+        .args(["status", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success()
+            && text.contains("cluster role       bridge\n")
+            && text.contains(&format!("cluster api        https://{master_ip}:6443"))
+            && text.contains("vpn                kairos0"),
+        "{text}"
+    );
+    let o = Command::new(kairosctl())
         .args(["role", "list", "--json", "--socket"])
         .arg(&sock)
         .output()

@@ -62,7 +62,7 @@ impl Spec {
     /// From the config: `None` when kube-vip is off (`enable` false, or unset with no `eip`:
     /// provider-kairos' `IsEnabled`).
     pub fn from_config(k: &kairos_config::types::KubeVip) -> Result<Option<Spec>, KubeVipError> {
-        let eip = k.eip.as_deref().map(str::trim).unwrap_or_default();
+        let eip = set(&k.eip).unwrap_or_default();
         let on = match &k.enable {
             Some(e) => e.0,
             None => !eip.is_empty(),
@@ -76,25 +76,11 @@ impl Spec {
         let vip = eip
             .parse()
             .map_err(|_| KubeVipError::BadEip(eip.to_string()))?;
-        let interface = k
-            .interface
-            .as_deref()
-            .map(str::trim)
-            .filter(|i| !i.is_empty())
+        let interface = set(&k.interface)
             .map(|i| checked("interface", i, is_iface))
             .transpose()?;
-        let base = k
-            .image
-            .as_deref()
-            .map(str::trim)
-            .filter(|i| !i.is_empty())
-            .unwrap_or(DEFAULT_IMAGE);
-        let version = k
-            .version
-            .as_deref()
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .unwrap_or(DEFAULT_VERSION);
+        let base = set(&k.image).unwrap_or(DEFAULT_IMAGE);
+        let version = set(&k.version).unwrap_or(DEFAULT_VERSION);
         // An image that already names a tag or digest keeps it.
         let tagged = base.contains('@') || base.rsplit('/').next().is_some_and(|l| l.contains(':'));
         let image = if tagged {
@@ -111,6 +97,11 @@ impl Spec {
             manifest_url: k.manifest_url.clone().filter(|u| !u.trim().is_empty()),
         }))
     }
+}
+
+/// A key's value when set and not blank.
+fn set(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|v| !v.is_empty())
 }
 
 fn checked(key: &'static str, v: &str, ok: fn(&str) -> bool) -> Result<String, KubeVipError> {

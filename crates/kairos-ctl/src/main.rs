@@ -97,6 +97,21 @@ enum Cmd {
         #[arg(long, default_value = "kairos")]
         network_id: String,
     },
+    /// The running bridge's view of the mesh and the cluster: peers, its VPN address,
+    /// nodes and roles, the API address, the kubeconfig (exit 1 when no bridge answers)
+    Status {
+        /// Print the status document as JSON
+        #[arg(long)]
+        json: bool,
+        /// The bridge's status socket
+        #[arg(long, value_name = "PATH", default_value = kairos_agent::bridge::BRIDGE_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Trusted-boot keys
+    Keys {
+        #[command(subcommand)]
+        command: KeysCmd,
+    },
     /// Send a cloud-config to a node showing a pairing QR code (`kairos-agent install
     /// --pair` or `kairos-agent pair` on its console), over an ephemeral mesh on the LAN
     Register {
@@ -135,6 +150,21 @@ enum Cmd {
         /// One JSON object per finding, on stdout
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCmd {
+    /// Make the owner's keys in DIR: PK, KEK and db (RSA 2048 X.509: .key, .pem, .der) for
+    /// Secure Boot, and tpm2-pcr-private.pem that signs the PCR policy. Never overwrites
+    Generate {
+        dir: PathBuf,
+        /// The name in the certificates (CN "<NAME> PK", …)
+        #[arg(long, default_value = "Kairos")]
+        name: String,
+        /// Validity of the certificates
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
     },
 }
 
@@ -199,6 +229,37 @@ enum BuildKind {
     /// Netboot artifacts in a directory: vmlinuz, an initrd carrying the layers (boots live
     /// from RAM) and netboot.ipxe
     Netboot(IsoArgs),
+    /// A signed unified kernel image (UKI) on systemd-stub: kernel, initrd, command line and
+    /// os-release inside one PE signed with the db key, with PCR 11 predicted for every boot
+    /// phase and the policy signed with the PCR key (.pcrpkey, .pcrsig)
+    Uki(UkiArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UkiArgs {
+    /// The kernel (bzImage)
+    #[arg(long)]
+    kernel: PathBuf,
+    /// The initrd
+    #[arg(long)]
+    initrd: PathBuf,
+    /// The kernel command line (signed into the UKI; loader-entry options are not used)
+    #[arg(long, default_value = "console=tty1 console=ttyS0,115200")]
+    cmdline: String,
+    /// An os-release file for .osrel (default: Kairos' own)
+    #[arg(long)]
+    osrel: Option<PathBuf>,
+    /// The key directory (`kairosctl keys generate`)
+    #[arg(long)]
+    keys: PathBuf,
+    /// systemd-stub (systemd 252 or later)
+    #[arg(long, default_value = kairos_build::uki::STUB)]
+    stub: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+    /// Print what was built (size, PCR 11 per phase, findings) as JSON
+    #[arg(long)]
+    json: bool,
 }
 
 /// What every artifact is built from.
@@ -611,6 +672,46 @@ fn build_raw_in(a: RawArgs, immucore: &Path, work: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Kairos' os-release for a UKI built without one.
+const UKI_OSREL: &str = "NAME=\"Kairos\"\nID=kairos\nPRETTY_NAME=\"Kairos (trusted boot)\"\n";
+
+fn build_uki(a: UkiArgs) -> Result<()> {
+    let osrel = match &a.osrel {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => UKI_OSREL.to_string(),
+    };
+    let input = kairos_build::uki::UkiInput {
+        kernel: a.kernel,
+        initrd: a.initrd,
+        cmdline: a.cmdline,
+        osrel,
+        keys: a.keys,
+        stub: a.stub,
+    };
+    let r = kairos_build::uki::build_uki(&input, &a.output)?;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    for f in &r.stub_findings {
+        eprintln!("note: in the stub itself (not what we added): {f}");
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "{} ({} bytes, signed with the db key)",
+            r.output.display(),
+            r.size
+        );
+        for (phase, v) in &r.pcr11 {
+            println!("  PCR 11 at {phase}: {v}");
+        }
+    }
+    Ok(())
+}
+
 fn run() -> Result<i32> {
     match Cli::parse().command {
         Cmd::Build {
@@ -622,6 +723,9 @@ fn run() -> Result<i32> {
         Cmd::Build {
             kind: BuildKind::Netboot(a),
         } => build_netboot(a).map(|_| 0),
+        Cmd::Build {
+            kind: BuildKind::Uki(a),
+        } => build_uki(a).map(|_| 0),
         Cmd::Image {
             command: ImageCmd::Import { src, dest, split },
         } => image_import(&src, &dest, &split).map(|_| 0),
@@ -650,6 +754,16 @@ fn run() -> Result<i32> {
         } => kairosify(&src, &dest, immucore, agent, [k3s, k0s]).map(|_| 0),
         Cmd::Lint { image, json } => lint(&image, json),
         Cmd::Bridge(args) => kairos_agent::bridge::run(&args),
+        Cmd::Keys {
+            command: KeysCmd::Generate { dir, name, days },
+        } => {
+            let made = kairos_build::uki::generate_keys(&dir, &name, days)?;
+            for f in made {
+                println!("{}", f.display());
+            }
+            Ok(0)
+        }
+        Cmd::Status { json, socket } => Ok(kairos_agent::p2p::status_cmd(&socket, json)),
         Cmd::Register {
             token,
             qr_code_image,

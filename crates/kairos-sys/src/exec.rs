@@ -69,6 +69,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("mkfs.xfs", "xfsprogs"),
     ("mkfs.btrfs", "btrfs-progs"),
     ("btrfs", "btrfs-progs"),
+    ("openssl", "openssl"),
+    ("sbsign", "sbsigntool"),
 ];
 
 /// The Debian package of a tool, when Kairos knows it.
