@@ -154,14 +154,7 @@ impl Coordinator for Watch {
 /// Runs the bridge until it is stopped. Exit codes as `p2p run`'s: 1 for settings it
 /// refuses, 3 when the daemon cannot run.
 pub fn run(args: &BridgeArgs) -> Result<i32> {
-    let token = if args.network_token == "-" {
-        let mut t = String::new();
-        std::io::Read::read_to_string(&mut std::io::Read::take(std::io::stdin(), 64 << 10), &mut t)
-            .context("reading the network token from stdin")?;
-        t.trim().to_string()
-    } else {
-        args.network_token.trim().to_string()
-    };
+    let token = crate::pair::token_arg(&args.network_token)?;
     let p2p: kairos_config::types::P2p = serde_json::from_value(args.p2p(&token))
         .context("the bridge's settings as a p2p section")?;
     let (settings, warnings) = match kairos_vpn::settings::from_config(&p2p) {

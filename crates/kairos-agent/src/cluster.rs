@@ -38,6 +38,9 @@ pub struct MeshCluster {
     pub bucket: String,
     last_advert: i64,
     applied: Option<Plan>,
+    /// The interface kube-vip announces on, once chosen (`kubevip.interface`, else guessed
+    /// once: a guess made again at every tick could change and restart k3s).
+    kube_vip_iface: Option<String>,
 }
 
 impl MeshCluster {
@@ -49,7 +52,19 @@ impl MeshCluster {
             bucket,
             last_advert: i64::MIN / 2,
             applied: None,
+            kube_vip_iface: None,
         }
+    }
+
+    fn kube_vip_iface(&mut self) -> String {
+        let configured = self
+            .settings
+            .kube_vip
+            .as_ref()
+            .and_then(|k| k.interface.clone());
+        self.kube_vip_iface
+            .get_or_insert_with(|| configured.unwrap_or_else(default_interface))
+            .clone()
     }
 
     fn read_small(&self, p: &str) -> Option<String> {
@@ -58,6 +73,13 @@ impl MeshCluster {
             return None;
         }
         String::from_utf8(self.root.read(p).ok()?).ok()
+    }
+
+    /// The role's plan with kube-vip's files (a master's) or their removal, applied.
+    fn apply_role(&mut self, mut plan: Plan, role: Role) -> Result<bool, Vec<String>> {
+        let iface = self.kube_vip_iface();
+        with_kube_vip(&mut plan, &self.settings, role, &iface);
+        self.apply(plan)
     }
 
     /// Writes the plan and (re)starts its service when it differs from the last applied.
@@ -148,10 +170,7 @@ impl Coordinator for MeshCluster {
                             .unwrap_or(single::ServiceManager::Systemd);
                         match single::plan_role(&self.blocks, kind, sm, &extra) {
                             Err(e) => errors.push(e.to_string()),
-                            Ok(mut plan) => match self.apply({
-                                with_kube_vip(&mut plan, s, role);
-                                plan
-                            }) {
+                            Ok(plan) => match self.apply_role(plan, role) {
                                 Ok(true) => eprintln!(
                                     "p2p: {} configured as {role} ({})",
                                     kind.service(),
@@ -234,12 +253,12 @@ impl Coordinator for MeshCluster {
     }
 }
 
-/// A master with kube-vip writes its manifests; any other node removes them.
-fn with_kube_vip(plan: &mut Plan, s: &roles::Settings, role: Role) {
+/// A master with kube-vip writes its manifests (announcing on `iface`); any other node
+/// removes them.
+fn with_kube_vip(plan: &mut Plan, s: &roles::Settings, role: Role, iface: &str) {
     match &s.kube_vip {
         Some(k) if role.is_master() => {
-            let iface = k.interface.clone().unwrap_or_else(default_interface);
-            plan.write.extend(kairos_cluster::kubevip::files(k, &iface));
+            plan.write.extend(kairos_cluster::kubevip::files(k, iface));
             let keep: Vec<_> = plan.write.iter().map(|f| f.path.clone()).collect();
             plan.remove.extend(
                 kairos_cluster::kubevip::ALL_FILES

@@ -197,7 +197,7 @@ fn exchange(
 
 /// Receives a config with `token`; returns the payload (already checked).
 pub fn receive(token: &str, bootstrap: &[String], timeout: Duration) -> Result<Payload> {
-    let nonce = format!("{:016x}", rand_u64());
+    let nonce = kairos_config::random_string(16);
     exchange(token, bootstrap, timeout, |tx| {
         Box::new(Receiver {
             nonce,
@@ -211,12 +211,8 @@ pub fn receive(token: &str, bootstrap: &[String], timeout: Duration) -> Result<P
 /// Sends `payload` to the node showing `token`, until it answers.
 pub fn send(token: &str, payload: &Payload, bootstrap: &[String], timeout: Duration) -> Result<()> {
     let text = serde_json::to_string(payload)?;
-    if text.len() > MAX_PAYLOAD {
-        bail!(
-            "the config is {} bytes: pairing carries at most {MAX_PAYLOAD}",
-            text.len()
-        );
-    }
+    // What the node would refuse is refused here, before any network.
+    parse_payload(&text)?;
     exchange(token, bootstrap, timeout, |tx| {
         Box::new(Sender {
             payload: text,
@@ -227,18 +223,31 @@ pub fn send(token: &str, payload: &Payload, bootstrap: &[String], timeout: Durat
     .map(|_| ())
 }
 
-fn rand_u64() -> u64 {
-    let mut b = [0u8; 8];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .is_err()
-    {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        return t.as_nanos() as u64 ^ u64::from(std::process::id());
+/// The payload `kairosctl register` sends: the config text and what its flags ask for.
+pub fn payload(cc: String, device: Option<String>, reboot: bool, poweroff: bool) -> Payload {
+    let mut p = Payload::new();
+    p.insert("cc".into(), cc);
+    if let Some(d) = device {
+        p.insert("device".into(), d);
     }
-    u64::from_le_bytes(b)
+    if reboot {
+        p.insert("reboot".into(), String::new());
+    }
+    if poweroff {
+        p.insert("poweroff".into(), String::new());
+    }
+    p
+}
+
+/// A token given on the command line, or `-`: read from stdin (at most 64 KiB), trimmed.
+pub fn token_arg(arg: &str) -> Result<String> {
+    if arg != "-" {
+        return Ok(arg.trim().to_string());
+    }
+    let mut t = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(std::io::stdin(), 64 << 10), &mut t)
+        .context("reading the token from stdin")?;
+    Ok(t.trim().to_string())
 }
 
 /// A new pairing token (EdgeVPN's format).

@@ -19,23 +19,6 @@ pub const SIZE_WARN: u64 = 250 << 20;
 pub const PCR_KEY: &str = "tpm2-pcr-private.pem";
 pub const KINDS: [&str; 3] = ["PK", "KEK", "db"];
 
-/// Writes `bytes` to `path` whole: a temp file beside it, renamed over it.
-fn write_whole(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
-}
-
 /// `kairosctl keys generate DIR`: PK, KEK and db (RSA 2048, self-signed X.509, `<T>.key`,
 /// `<T>.pem`, `<T>.der`) and the PCR-policy key `tpm2-pcr-private.pem`. Refuses a
 /// directory that already holds keys (overwriting an owner's keys locks them out of their
@@ -66,7 +49,11 @@ pub fn generate_keys(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>> 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // Built in a temp dir beside it, then moved in: all or nothing.
     let tmp = dir.join(format!(".keys-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        // Private keys are made in it: only root may look.
+        std::fs::DirBuilder::new().mode(0o700).create(&tmp)?;
+    }
     let r = (|| -> Result<Vec<PathBuf>> {
         let mut made = Vec::new();
         for kind in KINDS {
@@ -213,7 +200,8 @@ pub fn build_uki(i: &UkiInput, output: &Path) -> Result<UkiReport> {
     // Signed into a temp file beside the output, then renamed.
     let unsigned = output.with_extension("unsigned.tmp");
     let signed = output.with_extension("signed.tmp");
-    write_whole(&unsigned, &uki, 0o644)?;
+    kairos_sys::fs::write_atomic(&unsigned, &uki, 0o644)
+        .with_context(|| format!("writing {}", unsigned.display()))?;
     let r = Cmd::new("sbsign")
         .arg("--key")
         .arg(i.keys.join("db.key"))

@@ -776,15 +776,7 @@ fn run() -> Result<i32> {
         } => {
             let token = match (token, qr_code_image) {
                 (_, Some(img)) => qr::decode_png_file(&img)?,
-                (Some(t), None) if t == "-" => {
-                    let mut t = String::new();
-                    std::io::Read::read_to_string(
-                        &mut std::io::Read::take(std::io::stdin(), 64 << 10),
-                        &mut t,
-                    )?;
-                    t
-                }
-                (Some(t), None) => t,
+                (Some(t), None) => kairos_agent::pair::token_arg(&t)?,
                 (None, None) => bail!("give the token or --qr-code-image"),
             };
             let token = token.trim();
@@ -795,17 +787,7 @@ fn run() -> Result<i32> {
             })?;
             let cc = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
-            let mut payload = kairos_agent::pair::Payload::new();
-            payload.insert("cc".into(), cc);
-            if let Some(d) = device {
-                payload.insert("device".into(), d);
-            }
-            if reboot {
-                payload.insert("reboot".into(), String::new());
-            }
-            if poweroff {
-                payload.insert("poweroff".into(), String::new());
-            }
+            let payload = kairos_agent::pair::payload(cc, device, reboot, poweroff);
             // The node refuses what it cannot use: check here first, naming the file.
             kairos_agent::pair::parse_payload(&serde_json::to_string(&payload)?)
                 .with_context(|| format!("{}", config.display()))?;
