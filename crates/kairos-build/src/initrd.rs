@@ -33,6 +33,8 @@ pub const BOOT_MODULES: &[&str] = &[
     "isofs",
     "nls_cp437",
     "nls_iso8859_1",
+    // Trusted boot: the firmware's variables (which entry booted, Secure Boot state).
+    "efivarfs",
 ];
 
 /// A kernel found in an image tree. Paths are inside the tree and read beneath it: an image

@@ -40,6 +40,8 @@ pub struct Boot {
     /// The kernel cmdline, read once; the stages get it too.
     cmdline: String,
     debug: bool,
+    /// The TPM took `enter-initrd` into PCR 11: `leave-initrd` follows at the switch.
+    measured: bool,
 }
 
 /// Prints to the console and the kernel log.
@@ -70,6 +72,7 @@ impl Boot {
             fstab: Vec::new(),
             cmdline: String::new(),
             debug: false,
+            measured: false,
         }
     }
 
@@ -126,14 +129,35 @@ impl Boot {
     pub fn run(&mut self) -> Result<()> {
         self.cmdline = fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
         let cmdline = self.cmdline.clone();
-        let plan = self.step("read-cmdline", |_| Ok(Plan::from_cmdline(&cmdline)?))?;
+        // The cmdline alone must make sense before anything else happens.
+        self.step("read-cmdline", |_| Ok(Plan::from_cmdline(&cmdline)?))?;
+        self.step("load-modules", |_| load_modules())?;
+        let efi = self.step("read-efi-variables", |_| Ok(read_efi()))?;
+        let plan = self.step("plan", |_| {
+            Ok(Plan::from_boot(&cmdline, efi.entry.as_deref())?)
+        })?;
         self.debug = plan.debug;
         self.plan = Some(plan.clone());
         say(&format!(
-            "booting deployment {} ({:?}) from {}",
-            plan.deployment, plan.mode, plan.store_label
+            "booting deployment {} ({:?}) from {}{}",
+            plan.deployment,
+            plan.mode,
+            plan.store_label,
+            efi.entry
+                .as_deref()
+                .map(|e| format!(", boot entry {e}"))
+                .unwrap_or_default()
         ));
-        self.step("load-modules", |_| load_modules())?;
+        if !plan.pinned_layers.is_empty() {
+            self.step("check-secure-boot", |_| check_secure_boot(&plan, &efi))?;
+        }
+        if efi.stub_pcr.is_some() {
+            self.step("measure-enter-initrd", |b| {
+                b.measured = measure_phase("enter-initrd")?;
+                copy_stub_extras();
+                Ok(())
+            })?;
+        }
         let store_mnt = plan.mode.store_mountpoint();
         if plan.store_label == "initrd" {
             // Netboot: the store came inside the initrd; it is shown where a live medium is.
@@ -174,10 +198,21 @@ impl Boot {
         })?;
         let lowers = self.step("mount-layers", |_| {
             let mut lowers = Vec::new();
+            check_pinned(&dep, &plan.pinned_layers)?;
+            let n = dep.layers.len();
             for (i, layer) in dep.layers.iter().enumerate() {
-                store
-                    .verify(&layer.image, plan.verify)
-                    .with_context(|| format!("layer {}", layer.digest))?;
+                store.verify(&layer.image, plan.verify).with_context(|| {
+                    if plan.pinned_layers.is_empty() {
+                        format!("layer {}", layer.digest)
+                    } else {
+                        format!(
+                            "layer {} of {n} ({}, {}) is not the one the signed boot entry names: it was changed on disk, so this boot is refused",
+                            i + 1,
+                            layer.digest,
+                            layer.image.file
+                        )
+                    }
+                })?;
                 let img = store.root.join(&layer.image.file);
                 let dev = loopdev::attach_read_only(&img)
                     .with_context(|| format!("attaching {}", img.display()))?;
@@ -319,7 +354,16 @@ impl Boot {
             run_stage_chrooted("initramfs", &cmdline);
             Ok(())
         })?;
+        self.leave_initrd()?;
         self.write_timeline();
+        Ok(())
+    }
+
+    /// Marks the end of the initrd in PCR 11 (after the last step, before the switch).
+    pub fn leave_initrd(&mut self) -> Result<()> {
+        if self.measured {
+            self.step("measure-leave-initrd", |_| measure_phase("leave-initrd").map(|_| ()))?;
+        }
         Ok(())
     }
 
@@ -364,6 +408,83 @@ impl Boot {
 impl Default for Boot {
     fn default() -> Self {
         Boot::new()
+    }
+}
+
+/// Mounts efivarfs (on a UEFI boot) and reads what firmware and boot loader say.
+fn read_efi() -> kairos_sys::efi::BootInfo {
+    let dir = kairos_sys::efi::EFIVARS;
+    if Path::new("/sys/firmware/efi").is_dir() {
+        let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+        // Not a UEFI boot, or already mounted: the variables then read as absent or as they are.
+        let _ = mount("efivarfs", dir, "efivarfs", flags, "");
+    }
+    kairos_sys::efi::BootInfo::read(Path::new(dir))
+}
+
+/// A signed image boots only under Secure Boot (unless its own signed cmdline says
+/// `rd.kairos.securebootdisabled`): without it, anyone could boot it with another initrd.
+fn check_secure_boot(plan: &Plan, efi: &kairos_sys::efi::BootInfo) -> Result<()> {
+    match efi.secure_boot {
+        Some(true) => Ok(()),
+        _ if plan.allow_insecure => {
+            say("Secure Boot is off; booting anyway (rd.kairos.securebootdisabled)");
+            Ok(())
+        }
+        state => bail!(
+            "this is a trusted-boot image and Secure Boot is {}: enroll the owner's keys and turn Secure Boot on in the firmware (or build the image with rd.kairos.securebootdisabled in its cmdline)",
+            match state {
+                Some(_) => "off",
+                None => "not reported by the firmware",
+            }
+        ),
+    }
+}
+
+/// The deployment uses exactly the layer images the signed cmdline names, in order.
+fn check_pinned(dep: &kairos_layers::Deployment, pinned: &[String]) -> Result<()> {
+    if pinned.is_empty() {
+        return Ok(());
+    }
+    let have: Vec<&str> = dep.layers.iter().map(|l| l.image.sha256.as_str()).collect();
+    if have != pinned {
+        bail!(
+            "deployment {} lists layer images {} but the signed boot entry names {}: the deployment manifest was changed or belongs to another image, so this boot is refused",
+            dep.id,
+            have.iter().map(|h| &h[..h.len().min(12)]).collect::<Vec<_>>().join(","),
+            pinned.iter().map(|h| &h[..12]).collect::<Vec<_>>().join(",")
+        );
+    }
+    Ok(())
+}
+
+/// Extends PCR 11 with a boot phase, as systemd-pcrphase does; `false` when there is no TPM.
+fn measure_phase(phase: &str) -> Result<bool> {
+    let (mut tpm, dev) = match kairos_sys::tpm::open() {
+        Ok(t) => t,
+        Err(kairos_sys::tpm::TpmError::NoDevice) => {
+            say("the UKI was measured but there is no TPM device: boot phases not measured");
+            return Ok(false);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    kairos_sys::tpm::extend_with(&mut tpm, dev, 11, phase.as_bytes())
+        .with_context(|| format!("extending PCR 11 with {phase}"))?;
+    say(&format!("PCR 11 extended with {phase}"));
+    Ok(true)
+}
+
+/// systemd-stub hands the signed PCR policy and its public key to the initrd in `/.extra`;
+/// they go where systemd's tools look for them (`/run/systemd/`).
+fn copy_stub_extras() {
+    for name in ["tpm2-pcr-signature.json", "tpm2-pcr-public-key.pem"] {
+        let from = Path::new("/.extra").join(name);
+        if from.is_file() {
+            let _ = fs::create_dir_all("/run/systemd");
+            if let Err(e) = fs::copy(&from, Path::new("/run/systemd").join(name)) {
+                say(&format!("copying {}: {e}", from.display()));
+            }
+        }
     }
 }
 

@@ -44,7 +44,15 @@ pub struct Plan {
     /// After a failure: reboot (the default, so boot assessment can act) or power off.
     pub poweroff_on_failure: bool,
     pub init: String,
+    /// Trusted boot (`rd.kairos.layers=` in a signed UKI's cmdline): the sha256 of every
+    /// layer image, base first. The deployment must use exactly these, each hashed in full.
+    pub pinned_layers: Vec<String>,
+    /// `rd.kairos.securebootdisabled`: a trusted image may boot with Secure Boot off.
+    pub allow_insecure: bool,
 }
+
+/// At most this many layers can be pinned (the kernel cmdline is 2 KiB anyway).
+pub const MAX_PINNED_LAYERS: usize = 24;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanError(pub String);
@@ -139,8 +147,46 @@ pub fn sorted_persistent(paths: &[&str]) -> Vec<String> {
     v
 }
 
+/// The mode a systemd-boot entry id stands for (`active+2-1.conf` → active): a UKI's
+/// cmdline is signed and the same for every role, so the entry's name says the role.
+pub fn mode_of_entry(entry: &str) -> Option<Mode> {
+    let stem = entry.strip_suffix(".conf").unwrap_or(entry);
+    let name = stem.split('+').next().unwrap_or(stem);
+    match name {
+        "active" => Some(Mode::Active),
+        "passive" => Some(Mode::Passive),
+        "recovery" | "autoreset" => Some(Mode::Recovery),
+        "live" => Some(Mode::Live),
+        _ => None,
+    }
+}
+
+fn parse_pinned(v: &str) -> Result<Vec<String>, PlanError> {
+    let list: Vec<String> = v.split(',').map(str::to_ascii_lowercase).collect();
+    if list.len() > MAX_PINNED_LAYERS {
+        return Err(PlanError(format!(
+            "rd.kairos.layers: {} layers, at most {MAX_PINNED_LAYERS}",
+            list.len()
+        )));
+    }
+    for h in &list {
+        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(PlanError(format!(
+                "rd.kairos.layers: {h:?} is not a sha256 (64 hex digits)"
+            )));
+        }
+    }
+    Ok(list)
+}
+
 impl Plan {
     pub fn from_cmdline(cmdline: &str) -> Result<Plan, PlanError> {
+        Plan::from_boot(cmdline, None)
+    }
+
+    /// The plan for `cmdline`, booted from the systemd-boot entry `entry` (its id, from
+    /// `LoaderEntrySelected`): the entry gives the mode when the cmdline does not.
+    pub fn from_boot(cmdline: &str, entry: Option<&str>) -> Result<Plan, PlanError> {
         let mut deployment = None;
         let mut store = None;
         let mut mode = None;
@@ -153,6 +199,8 @@ impl Plan {
             timeout: 30,
             poweroff_on_failure: false,
             init: "/sbin/init".into(),
+            pinned_layers: Vec::new(),
+            allow_insecure: false,
         };
         for tok in kairos_config::cmdline::tokens(cmdline) {
             let (k, v) = tok.split_once('=').unwrap_or((tok.as_str(), ""));
@@ -174,6 +222,13 @@ impl Plan {
                 }
                 "rd.kairos.debug" | "rd.immucore.debug" => plan.debug = true,
                 "rd.kairos.verify" => plan.verify = true,
+                "rd.kairos.layers" => {
+                    plan.pinned_layers = parse_pinned(v)?;
+                    plan.verify = true;
+                }
+                "rd.kairos.securebootdisabled" | "rd.immucore.securebootdisabled" => {
+                    plan.allow_insecure = true
+                }
                 "rd.kairos.poweroff_on_failure" => plan.poweroff_on_failure = true,
                 "rd.kairos.timeout" => {
                     plan.timeout = v.parse().map_err(|_| {
@@ -190,7 +245,8 @@ impl Plan {
         plan.mode = mode.unwrap_or(match store.as_deref() {
             Some("COS_RECOVERY") => Mode::Recovery,
             Some("COS_LIVE") | Some("initrd") => Mode::Live,
-            _ => Mode::Active,
+            Some(_) => Mode::Active,
+            None => entry.and_then(mode_of_entry).unwrap_or(Mode::Active),
         });
         plan.store_label = store.unwrap_or_else(|| match plan.mode {
             Mode::Recovery => "COS_RECOVERY".into(),
@@ -235,6 +291,37 @@ mod tests {
         assert_eq!(
             (p.mode, p.mode.store_mountpoint()),
             (Mode::Live, "/run/initramfs/live")
+        );
+    }
+
+    #[test]
+    fn trusted_cmdline_and_entry() {
+        let h1 = "a".repeat(64);
+        let h2 = "B".repeat(64);
+        let cmd = format!("console=ttyS0 kairos.deployment=d-1 rd.kairos.layers={h1},{h2}");
+        let p = Plan::from_boot(&cmd, Some("passive+2-1.conf")).unwrap();
+        assert_eq!(p.mode, Mode::Passive);
+        assert_eq!(p.store_label, "COS_STATE");
+        assert_eq!(p.pinned_layers, vec![h1.clone(), "b".repeat(64)]);
+        assert!(p.verify && !p.allow_insecure);
+        let p = Plan::from_boot(&cmd, Some("recovery.conf")).unwrap();
+        assert_eq!((p.mode, p.store_label.as_str()), (Mode::Recovery, "COS_RECOVERY"));
+        let p = Plan::from_boot(&cmd, Some("autoreset.conf")).unwrap();
+        assert_eq!(p.mode, Mode::Recovery);
+        // No entry (booted as BOOTX64.EFI): active. The cmdline wins over the entry.
+        assert_eq!(Plan::from_boot(&cmd, None).unwrap().mode, Mode::Active);
+        let p = Plan::from_boot("kairos.deployment=x kairos.mode=active", Some("recovery.conf"));
+        assert_eq!(p.unwrap().mode, Mode::Active);
+        for bad in ["zz", &"a".repeat(63), &format!("{h1},")] {
+            let e = Plan::from_cmdline(&format!("kairos.deployment=x rd.kairos.layers={bad}"));
+            assert!(e.unwrap_err().0.contains("rd.kairos.layers"), "{bad}");
+        }
+        let many = vec![h1.as_str(); MAX_PINNED_LAYERS + 1].join(",");
+        assert!(Plan::from_cmdline(&format!("kairos.deployment=x rd.kairos.layers={many}")).is_err());
+        assert!(
+            Plan::from_cmdline("kairos.deployment=x rd.kairos.securebootdisabled")
+                .unwrap()
+                .allow_insecure
         );
     }
 

@@ -5,6 +5,7 @@
 
 pub mod beneath;
 pub mod blockdev;
+pub mod efi;
 pub mod exec;
 pub mod fs;
 pub mod gpt;
@@ -18,6 +19,7 @@ pub mod net;
 pub mod root;
 pub mod sysinfo;
 pub mod time;
+pub mod tpm;
 pub mod tools;
 
 pub use exec::{CommandOutput, ExecError, Shell};
