@@ -60,6 +60,8 @@ pub struct RawSpec<'a> {
     /// Total disk size in MiB; `None` = just large enough (persistent grows on first boot).
     pub size_mib: Option<u64>,
     pub output: &'a Path,
+    /// Trusted boot: the ESP gets signed systemd-boot and a signed UKI per deployment.
+    pub trust: Option<crate::os::Trust>,
 }
 
 /// What was built, for the report and the tests.
@@ -68,6 +70,8 @@ pub struct RawReport {
     pub parts: Vec<Part>,
     pub disk_bytes: u64,
     pub layer_bytes: u64,
+    /// The UKI's report (size, PCR 11 per phase) on a trusted build.
+    pub uki: Option<crate::uki::UkiReport>,
     pub deployment: Deployment,
 }
 
@@ -161,11 +165,23 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
         ),
     )?;
     let esp_dir = work.join("esp");
-    crate::os::esp_tree(
-        &esp_dir,
-        &os,
-        &[Role::Active, Role::Recovery, Role::Autoreset],
-    )?;
+    let uki = match &spec.trust {
+        // The reset entry would need a cmdline of its own, i.e. a second signed UKI.
+        Some(t) => Some(crate::os::esp_tree_trusted(
+            &esp_dir,
+            &os,
+            &[Role::Active, Role::Recovery],
+            t,
+        )?),
+        None => {
+            crate::os::esp_tree(
+                &esp_dir,
+                &os,
+                &[Role::Active, Role::Recovery, Role::Autoreset],
+            )?;
+            None
+        }
+    };
     let (dep, layer_bytes) = (os.dep, os.layer_bytes);
 
     // OEM: the user's cloud-config.
@@ -224,6 +240,7 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
         parts,
         disk_bytes: total_mib * MIB,
         layer_bytes,
+        uki,
         deployment: dep,
     })
 }

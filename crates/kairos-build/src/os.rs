@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use kairos_layers::{Blob, Deployment, Layer, Store};
 use kairos_lifecycle::entries::Role;
+pub use kairos_lifecycle::esp_uki_path;
 
 /// The image an artifact is built from.
 pub struct OsSpec<'a> {
@@ -176,4 +177,74 @@ pub fn esp_tree(dir: &Path, os: &Os, roles: &[Role]) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// What trusted boot signs with.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    /// The key directory (`kairosctl keys generate`).
+    pub keys: PathBuf,
+    /// systemd-stub.
+    pub stub: PathBuf,
+}
+
+/// `.osrel` of a deployment's UKI: what the boot menu and `bootctl` show.
+pub fn uki_osrel(dep: &Deployment) -> String {
+    let version = if dep.version.is_empty() {
+        dep.id.as_str()
+    } else {
+        dep.version.as_str()
+    };
+    format!(
+        "NAME=\"Kairos\"\nID=kairos\nVERSION_ID=\"{version}\"\nPRETTY_NAME=\"Kairos {version} ({})\"\n",
+        dep.id
+    )
+}
+
+/// The ESP tree of a trusted-boot medium: systemd-boot signed with the db key, the
+/// deployment's signed UKI (kernel, initrd and the cmdline that pins its layers) and an entry
+/// per role that boots it. Returns the UKI's report (PCR 11 per phase).
+pub fn esp_tree_trusted(
+    dir: &Path,
+    os: &Os,
+    roles: &[Role],
+    trust: &Trust,
+) -> Result<crate::uki::UkiReport> {
+    fs::create_dir_all(dir.join("EFI/BOOT"))?;
+    let sdboot = fs::read(crate::disk::SYSTEMD_BOOT)
+        .with_context(|| format!("reading {}", crate::disk::SYSTEMD_BOOT))?;
+    crate::uki::sign(
+        &trust.keys,
+        &sdboot,
+        &dir.join("EFI/BOOT/BOOTX64.EFI"),
+        "systemd-boot",
+    )?;
+    let uki_rel = kairos_lifecycle::esp_uki_path(&os.dep.id);
+    let uki_path = dir.join(uki_rel.trim_start_matches('/'));
+    fs::create_dir_all(uki_path.parent().unwrap_or(dir))?;
+    let report = crate::uki::build_uki(
+        &crate::uki::UkiInput {
+            kernel: os.kernel.clone(),
+            initrd: os.initrd.clone(),
+            cmdline: kairos_lifecycle::trusted_cmdline(&os.dep),
+            osrel: uki_osrel(&os.dep),
+            keys: trust.keys.clone(),
+            stub: trust.stub.clone(),
+        },
+        &uki_path,
+    )?;
+    fs::create_dir_all(dir.join("loader/entries"))?;
+    fs::write(
+        dir.join("loader/loader.conf"),
+        "timeout 3\nconsole-mode keep\neditor no\n",
+    )?;
+    for role in roles {
+        kairos_lifecycle::entries::set(
+            dir,
+            *role,
+            &kairos_lifecycle::entries::render_uki(*role, &os.dep.id, &os.dep.version),
+            None,
+        )?;
+    }
+    Ok(report)
 }

@@ -112,6 +112,40 @@ pub fn generate_keys(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>> 
     r
 }
 
+/// Signs an EFI binary with the db key of `keys` (sbsign) and writes it to `output` whole:
+/// signed into a temp file beside it, then renamed.
+pub fn sign(keys: &Path, unsigned_bytes: &[u8], output: &Path, what: &str) -> Result<()> {
+    kairos_sys::exec::require(&["sbsign"])?;
+    for f in ["db.key", "db.pem"] {
+        if !keys.join(f).is_file() {
+            bail!(
+                "{} is missing: {what} is signed with the db key (make a key directory with `kairosctl keys generate`)",
+                keys.join(f).display()
+            );
+        }
+    }
+    let unsigned = output.with_extension("unsigned.tmp");
+    let signed = output.with_extension("signed.tmp");
+    kairos_sys::fs::write_atomic(&unsigned, unsigned_bytes, 0o644)
+        .with_context(|| format!("writing {}", unsigned.display()))?;
+    let r = Cmd::new("sbsign")
+        .arg("--key")
+        .arg(keys.join("db.key"))
+        .arg("--cert")
+        .arg(keys.join("db.pem"))
+        .arg("--output")
+        .arg(&signed)
+        .arg(&unsigned)
+        .run();
+    let _ = std::fs::remove_file(&unsigned);
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&signed);
+        return Err(e).with_context(|| format!("signing {what} with the db key"));
+    }
+    std::fs::rename(&signed, output)
+        .with_context(|| format!("renaming into {}", output.display()))
+}
+
 /// What a UKI is made of.
 #[derive(Debug, Clone)]
 pub struct UkiInput {
@@ -197,27 +231,7 @@ pub fn build_uki(i: &UkiInput, output: &Path) -> Result<UkiReport> {
             SIZE_WARN >> 20
         ));
     }
-    // Signed into a temp file beside the output, then renamed.
-    let unsigned = output.with_extension("unsigned.tmp");
-    let signed = output.with_extension("signed.tmp");
-    kairos_sys::fs::write_atomic(&unsigned, &uki, 0o644)
-        .with_context(|| format!("writing {}", unsigned.display()))?;
-    let r = Cmd::new("sbsign")
-        .arg("--key")
-        .arg(i.keys.join("db.key"))
-        .arg("--cert")
-        .arg(i.keys.join("db.pem"))
-        .arg("--output")
-        .arg(&signed)
-        .arg(&unsigned)
-        .run();
-    let _ = std::fs::remove_file(&unsigned);
-    if let Err(e) = r {
-        let _ = std::fs::remove_file(&signed);
-        return Err(e).context("signing the UKI with the db key");
-    }
-    std::fs::rename(&signed, output)
-        .with_context(|| format!("renaming into {}", output.display()))?;
+    sign(&i.keys, &uki, output, "the UKI")?;
     let size = std::fs::metadata(output)?.len();
     Ok(UkiReport {
         output: output.to_path_buf(),

@@ -292,6 +292,16 @@ struct RawArgs {
     /// Disk size in MiB (default: just large enough; COS_PERSISTENT takes the rest)
     #[arg(long)]
     size: Option<u64>,
+    /// Trusted boot: systemd-boot and a UKI signed with the db key of --keys, the UKI's
+    /// cmdline pinning every layer image; boots only under Secure Boot with those keys
+    #[arg(long, requires = "keys")]
+    trusted: bool,
+    /// The key directory (`kairosctl keys generate`) for --trusted
+    #[arg(long, requires = "trusted")]
+    keys: Option<PathBuf>,
+    /// systemd-stub for --trusted (systemd 252 or later)
+    #[arg(long, default_value = kairos_build::uki::STUB)]
+    stub: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -342,6 +352,13 @@ enum VmCmd {
         /// and the other's, `MINE:THEIRS` (the other VM runs with `THEIRS:MINE`)
         #[arg(long, value_name = "MINE:THEIRS", value_parser = parse_link)]
         link: Option<(u16, u16)>,
+        /// Secure Boot with the owner's keys (a `kairosctl keys generate` directory)
+        /// enrolled: the UEFI variables then live in DISK.sb-vars.fd
+        #[arg(long, value_name = "KEYS")]
+        secure_boot: Option<PathBuf>,
+        /// A TPM 2.0 (swtpm) whose state lives in DISK.tpm/, kept across boots
+        #[arg(long)]
+        tpm: bool,
     },
 }
 
@@ -643,6 +660,10 @@ fn build_raw_in(a: RawArgs, immucore: &Path, work: &Path) -> Result<()> {
         cloud_config: a.cloud_config.as_deref(),
         size_mib: a.size,
         output: &raw_out,
+        trust: a.keys.clone().map(|keys| kairos_build::os::Trust {
+            keys,
+            stub: a.stub.clone(),
+        }),
     })?;
     if qcow {
         let st = Command::new("qemu-img")
@@ -668,6 +689,16 @@ fn build_raw_in(a: RawArgs, immucore: &Path, work: &Path) -> Result<()> {
         report.deployment.layers.len(),
         report.layer_bytes
     );
+    if let Some(u) = &report.uki {
+        eprintln!(
+            "  signed UKI {} ({} bytes)",
+            kairos_build::os::esp_uki_path(&report.deployment.id),
+            u.size
+        );
+        for (phase, v) in &u.pcr11 {
+            eprintln!("  PCR 11 at {phase}: {v}");
+        }
+    }
     println!("{}", a.output.display());
     Ok(())
 }
@@ -845,13 +876,30 @@ fn run() -> Result<i32> {
                     initrd,
                     append,
                     link,
+                    secure_boot,
+                    tpm,
                 },
         } => {
             // The UEFI variables live next to the disk, like a machine's NVRAM.
-            let mut vars = disk.clone().into_os_string();
-            vars.push(".vars.fd");
-            let vars = PathBuf::from(vars);
+            let beside = |suffix: &str| {
+                let mut p = disk.clone().into_os_string();
+                p.push(suffix);
+                PathBuf::from(p)
+            };
+            let vars = match &secure_boot {
+                Some(keys) => {
+                    let vars = beside(".sb-vars.fd");
+                    vm::enrolled_vars(keys, &vars)?;
+                    vars
+                }
+                None => beside(".vars.fd"),
+            };
             vm::prepare(&vars)?;
+            let tpm = if tpm {
+                Some(vm::start_swtpm(&beside(".tpm"))?)
+            } else {
+                None
+            };
             let accel = match accel.as_str() {
                 "auto" if vm::kvm_works() => "kvm".to_string(),
                 "auto" => "tcg".to_string(),
@@ -869,6 +917,8 @@ fn run() -> Result<i32> {
                 serial_stdio: true,
                 kernel: kernel.zip(initrd).map(|(k, i)| (k, i, append)),
                 link,
+                secure_boot: secure_boot.is_some(),
+                tpm,
             };
             // exec: QEMU takes over this process (and its stdio), so stopping kairosctl stops the VM.
             use std::os::unix::process::CommandExt;

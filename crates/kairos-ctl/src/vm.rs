@@ -6,6 +6,10 @@ use anyhow::{Context, Result, bail};
 
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// OVMF with Secure Boot (needs SMM and a secure flash).
+pub const OVMF_CODE_SECBOOT: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
+/// The owner GUID our keys are enrolled under (any fixed GUID does).
+pub const OWNER_GUID: &str = "9b1c5f4e-6a2d-4c1e-8f3a-4b6172696f73";
 
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -27,13 +31,26 @@ pub struct VmSpec {
     /// A second NIC: an Ethernet link to another VM over UDP on 127.0.0.1, as (this VM's
     /// port, the other's port); its MAC ends in the low byte of this VM's port.
     pub link: Option<(u16, u16)>,
+    /// Secure Boot on (OVMF secboot, SMM); `vars` must hold the enrolled keys.
+    pub secure_boot: bool,
+    /// A TPM 2.0: the control socket of a running swtpm.
+    pub tpm: Option<PathBuf>,
 }
 
 /// The QEMU command line (argv after the program name).
 pub fn qemu_args(s: &VmSpec) -> Vec<String> {
+    let code = if s.secure_boot {
+        OVMF_CODE_SECBOOT
+    } else {
+        OVMF_CODE
+    };
     let mut a: Vec<String> = vec![
         "-machine".into(),
-        "q35".into(),
+        if s.secure_boot {
+            "q35,smm=on".into()
+        } else {
+            "q35".into()
+        },
         "-accel".into(),
         s.accel.clone(),
         "-cpu".into(),
@@ -47,7 +64,7 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
         "-m".into(),
         s.memory_mib.to_string(),
         "-drive".into(),
-        format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+        format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"),
         "-drive".into(),
         format!("if=pflash,format=raw,unit=1,file={}", s.vars.display()),
         "-drive".into(),
@@ -72,6 +89,22 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
         "none".into(),
         "-no-reboot".into(),
     ];
+    if s.secure_boot {
+        a.extend([
+            "-global".into(),
+            "driver=cfi.pflash01,property=secure,value=on".into(),
+        ]);
+    }
+    if let Some(sock) = &s.tpm {
+        a.extend([
+            "-chardev".into(),
+            format!("socket,id=chrtpm,path={}", sock.display()),
+            "-tpmdev".into(),
+            "emulator,id=tpm0,chardev=chrtpm".into(),
+            "-device".into(),
+            "tpm-crb,tpmdev=tpm0".into(),
+        ]);
+    }
     if let Some((mine, theirs)) = s.link {
         a.extend([
             "-netdev".into(),
@@ -231,6 +264,68 @@ pub fn prepare(vars: &Path) -> Result<()> {
     Ok(())
 }
 
+/// UEFI variables with the owner's PK, KEK and db enrolled and Secure Boot on (user mode),
+/// made once from OVMF's empty store by virt-fw-vars (PyPI `virt-firmware`; Debian 12 has no
+/// package of it).
+pub fn enrolled_vars(keys: &Path, vars: &Path) -> Result<()> {
+    if vars.exists() {
+        return Ok(());
+    }
+    for k in ["PK.pem", "KEK.pem", "db.pem"] {
+        if !keys.join(k).is_file() {
+            bail!(
+                "{} is missing: --secure-boot takes a key directory made by `kairosctl keys generate`",
+                keys.join(k).display()
+            );
+        }
+    }
+    let tmp = vars.with_extension("tmp");
+    let pem = |k: &str| keys.join(k).to_string_lossy().into_owned();
+    kairos_sys::exec::Cmd::new("python3")
+        .args(["-m", "virt.firmware.vars", "-i", OVMF_VARS, "-o"])
+        .arg(&tmp)
+        .args(["--set-pk", OWNER_GUID, &pem("PK.pem")])
+        .args(["--add-kek", OWNER_GUID, &pem("KEK.pem")])
+        .args(["--add-db", OWNER_GUID, &pem("db.pem")])
+        .arg("--sb")
+        .run()
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            anyhow::anyhow!(
+                "enrolling {} into UEFI variables: {e} (virt-fw-vars comes from PyPI: python3 -m pip install virt-firmware; scripts/setup does)",
+                keys.display()
+            )
+        })?;
+    std::fs::rename(&tmp, vars).with_context(|| format!("renaming into {}", vars.display()))
+}
+
+/// Starts a software TPM 2.0 (swtpm) whose state lives in `dir` (kept across boots, like a
+/// machine's TPM); it stops when QEMU disconnects. Returns its control socket.
+pub fn start_swtpm(dir: &Path) -> Result<PathBuf> {
+    kairos_sys::exec::require(&["swtpm"])?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let sock = dir.join("swtpm.sock");
+    let _ = std::fs::remove_file(&sock);
+    kairos_sys::exec::Cmd::new("swtpm")
+        .args(["socket", "--tpm2", "--terminate", "--daemon"])
+        .arg("--tpmstate")
+        .arg(format!("dir={}", dir.display()))
+        .arg("--ctrl")
+        .arg(format!("type=unixio,path={}", sock.display()))
+        .arg("--log")
+        .arg(format!("file={}", dir.join("swtpm.log").display()))
+        .run()
+        .context("starting swtpm (Debian package swtpm)")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() {
+        if std::time::Instant::now() > deadline {
+            bail!("swtpm did not create {} within 10 s", sock.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(sock)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +344,8 @@ mod tests {
             serial_stdio: false,
             kernel: Some(("/d/vmlinuz".into(), "/d/initrd".into(), "a=b".into())),
             link: Some((0x1f0a, 0x1f0b)),
+            secure_boot: false,
+            tpm: None,
         };
         let a = qemu_args(&s).join(" ");
         assert!(a.contains("-accel tcg -cpu max"), "{a}");
@@ -278,6 +375,23 @@ mod tests {
         );
         assert!(
             a.contains("-kernel /d/vmlinuz -initrd /d/initrd -append a=b"),
+            "{a}"
+        );
+        assert!(!a.contains("secboot") && !a.contains("tpm"), "{a}");
+        let a = qemu_args(&VmSpec {
+            secure_boot: true,
+            tpm: Some("/d/tpm/swtpm.sock".into()),
+            ..s
+        })
+        .join(" ");
+        assert!(a.starts_with("-machine q35,smm=on"), "{a}");
+        assert!(a.contains(&format!("file={OVMF_CODE_SECBOOT}")), "{a}");
+        assert!(
+            a.contains("-global driver=cfi.pflash01,property=secure,value=on"),
+            "{a}"
+        );
+        assert!(
+            a.contains("-chardev socket,id=chrtpm,path=/d/tpm/swtpm.sock -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-crb,tpmdev=tpm0"),
             "{a}"
         );
     }

@@ -89,6 +89,8 @@ pub struct Entry {
     pub options: String,
     pub linux: String,
     pub initrd: String,
+    /// A signed UKI (trusted boot) instead of linux + initrd + options.
+    pub efi: String,
 }
 
 impl Entry {
@@ -145,9 +147,14 @@ pub fn list(esp: &Path) -> Result<Vec<Entry>, Error> {
                 .unwrap_or_default()
         };
         let options = field("options ");
+        let efi = field("efi ");
         let deployment = options
             .split_whitespace()
             .find_map(|w| w.strip_prefix("kairos.deployment="))
+            .or_else(|| {
+                efi.strip_prefix("/kairos/")
+                    .and_then(|f| f.strip_suffix(".efi"))
+            })
             .unwrap_or_default()
             .to_string();
         out.push(Entry {
@@ -159,6 +166,7 @@ pub fn list(esp: &Path) -> Result<Vec<Entry>, Error> {
             linux: field("linux "),
             initrd: field("initrd "),
             options,
+            efi,
         });
     }
     out.sort_by(|a, b| (a.role, &a.file).cmp(&(b.role, &b.file)));
@@ -194,13 +202,7 @@ pub struct Target<'a> {
 /// The text of an entry file for `role`.
 pub fn render(role: Role, t: &Target) -> String {
     let (store, mode) = role.store_and_mode();
-    let name = match role {
-        Role::Active => "Kairos",
-        Role::Passive => "Kairos (fallback)",
-        Role::Recovery => "Kairos recovery",
-        Role::Live => "Kairos live (install)",
-        Role::Autoreset => "Kairos reset (wipes the node)",
-    };
+    let name = title_name(role);
     let title = if t.version.is_empty() {
         format!("{name} {}", t.deployment)
     } else {
@@ -223,6 +225,32 @@ pub fn render(role: Role, t: &Target) -> String {
         t.initrd,
         options.trim()
     )
+}
+
+/// The text of an entry file for `role` booting a deployment's signed UKI: no options (the
+/// cmdline is inside the UKI; systemd-boot would ignore them under Secure Boot anyway).
+pub fn render_uki(role: Role, deployment: &str, version: &str) -> String {
+    let name = title_name(role);
+    let title = if version.is_empty() {
+        format!("{name} {deployment}")
+    } else {
+        format!("{name} {version}")
+    };
+    format!(
+        "title {title}\nsort-key {}\nefi {}\n",
+        role.sort_key(),
+        crate::esp_uki_path(deployment)
+    )
+}
+
+fn title_name(role: Role) -> &'static str {
+    match role {
+        Role::Active => "Kairos",
+        Role::Passive => "Kairos (fallback)",
+        Role::Recovery => "Kairos recovery",
+        Role::Live => "Kairos live (install)",
+        Role::Autoreset => "Kairos reset (wipes the node)",
+    }
 }
 
 /// Makes `role` boot `text`, with `tries` boot attempts (`None` = blessed). The new file

@@ -63,7 +63,8 @@ pub fn collect(node: &Node) -> Result<Report, Error> {
     }
     let on_esp: BTreeSet<String> = list
         .iter()
-        .flat_map(|e| [e.linux.clone(), e.initrd.clone()])
+        .flat_map(|e| [e.linux.clone(), e.initrd.clone(), e.efi.clone()])
+        .filter(|p| !p.is_empty())
         .map(|p| p.trim_start_matches('/').to_string())
         .collect();
     for e in fs::read_dir(node.esp.join("kairos"))

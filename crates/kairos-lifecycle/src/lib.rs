@@ -97,6 +97,27 @@ pub fn esp_boot_path(kind: &str, sha256: &str) -> String {
     format!("/kairos/{kind}-{}", &sha256[..sha256.len().min(16)])
 }
 
+/// The ESP path of a deployment's signed UKI (trusted boot): one per deployment, whatever
+/// role its entries give it.
+pub fn esp_uki_path(deployment: &str) -> String {
+    format!("/kairos/{deployment}.efi")
+}
+
+/// The command line signed into a deployment's UKI: the image's own, the deployment, and
+/// the sha256 of every layer image (immucore boots only those). No mode or store: the
+/// entry's name gives the role, so one UKI serves as active, passive and recovery.
+pub fn trusted_cmdline(dep: &kairos_layers::Deployment) -> String {
+    let layers: Vec<&str> = dep.layers.iter().map(|l| l.image.sha256.as_str()).collect();
+    format!(
+        "{} kairos.deployment={} rd.kairos.layers={}",
+        dep.cmdline,
+        dep.id,
+        layers.join(",")
+    )
+    .trim()
+    .to_string()
+}
+
 /// The id of a deployment made from an image with this manifest digest.
 pub fn deployment_id(manifest_digest: &str) -> String {
     let hex = manifest_digest.trim_start_matches("sha256:");
