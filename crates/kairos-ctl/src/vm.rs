@@ -304,6 +304,8 @@ pub fn enrolled_vars(keys: &Path, vars: &Path) -> Result<()> {
 pub fn start_swtpm(dir: &Path) -> Result<PathBuf> {
     kairos_sys::exec::require(&["swtpm"])?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Absolute: swtpm --daemon changes to /.
+    let dir = &std::fs::canonicalize(dir)?;
     let sock = dir.join("swtpm.sock");
     let _ = std::fs::remove_file(&sock);
     kairos_sys::exec::Cmd::new("swtpm")

@@ -473,6 +473,21 @@ impl Vm {
         Vm::spawn(disk, &["--link".into(), format!("{mine}:{theirs}")], log)
     }
 
+    /// Boots under Secure Boot with the owner's keys (`keys`, a `kairosctl keys generate`
+    /// directory) enrolled and a TPM 2.0 (swtpm): both kept beside the disk across boots,
+    /// fresh for a new disk.
+    pub fn boot_trusted(disk: &Path, keys: &Path, log: &Path) -> Result<Vm> {
+        Vm::spawn(
+            disk,
+            &[
+                "--secure-boot".into(),
+                keys.to_string_lossy().into_owned(),
+                "--tpm".into(),
+            ],
+            log,
+        )
+    }
+
     /// Boots netboot artifacts (`kairosctl build netboot` output) the way the iPXE script
     /// says: its kernel, initrd and cmdline.
     pub fn boot_netboot(disk: &Path, dir: &Path, log: &Path) -> Result<Vm> {

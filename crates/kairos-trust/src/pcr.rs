@@ -81,6 +81,18 @@ pub fn phases(after_sections: Pcr) -> Vec<(String, Pcr)> {
         .collect()
 }
 
+/// PCR 11 at each boot phase for a built UKI (its measured sections, read from the image):
+/// what a node booted from it should read.
+pub fn predict_uki(image: &[u8]) -> Result<Vec<(String, Pcr)>, crate::pe::PeError> {
+    let pe = crate::pe::Pe::parse(image)?;
+    let sections: Vec<(&str, &[u8])> = pe
+        .sections
+        .iter()
+        .map(|s| (s.name.as_str(), s.data(image)))
+        .collect();
+    Ok(phases(after_sections(sections)))
+}
+
 /// The TPM2 policy digest of `PolicyPCR(PCR 11 = pcr)` in a SHA-256 session started from
 /// zero (what `PolicyAuthorize` approves when the signature checks).
 pub fn policy_pcr11(pcr: &Pcr) -> [u8; 32] {

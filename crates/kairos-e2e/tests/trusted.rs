@@ -1,0 +1,200 @@
+//! Tier 3: trusted boot in QEMU under OVMF Secure Boot with the owner's keys enrolled and a
+//! software TPM (swtpm), one VM at a time, fresh TPM state per disk. A disk built with
+//! `kairosctl build raw --trusted` boots its signed UKI to active mode and PCR 11 read in the
+//! guest equals the value predicted from the UKI; an unsigned UKI, a UKI with one changed
+//! byte and one signed by another owner are refused by the firmware ("Access Denied"); a layer
+//! image with one changed byte is refused by immucore with a message naming the layer.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use kairos_e2e::{MountGuard, Vm, check, esp_tree, kairosctl, partition, tiny_rootfs};
+
+const CC: &str = "#cloud-config\nusers:\n- name: root\n  passwd: trusted\n";
+
+/// A copy of the disk (sparse): each scenario gets its own, with fresh UEFI variables and TPM.
+fn copy_disk(disk: &Path, name: &str) -> Result<PathBuf> {
+    let out = disk.with_file_name(name);
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(disk)
+        .arg(&out)
+        .status()?;
+    if !st.success() {
+        bail!("copying {}", disk.display());
+    }
+    Ok(out)
+}
+
+/// The one UKI on the ESP (`kairos/<deployment>.efi`) of an ESP tree.
+fn uki_on(esp: &Path) -> Result<PathBuf> {
+    std::fs::read_dir(esp.join("kairos"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "efi"))
+        .context("no UKI in kairos/ on the ESP")
+}
+
+/// Changes the UKI on the ESP of `disk` with `f` (through mtools: this host's kernel may
+/// have no vfat).
+fn edit_uki(disk: &Path, work: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tree = tempfile::tempdir_in(work)?;
+    esp_tree(disk, tree.path())?;
+    let uki = uki_on(tree.path())?;
+    f(&uki)?;
+    let (start, _) = partition(disk, 1)?;
+    sh(Command::new("mcopy")
+        .args(["-o", "-i"])
+        .arg(format!("{}@@{start}", disk.display()))
+        .arg(&uki)
+        .arg(format!(
+            "::/kairos/{}",
+            uki.file_name().unwrap_or_default().to_string_lossy()
+        )))
+}
+
+/// Boots and waits for the firmware (or systemd-boot) to refuse the UKI.
+fn expect_refused(disk: &Path, keys: &Path, log: &Path) -> Result<()> {
+    let mut vm = Vm::boot_trusted(disk, keys, log)?;
+    vm.wait_for("Access Denied", Duration::from_secs(240))?;
+    let out = vm.output();
+    if out.contains("kairos-immucore") || out.contains("Linux version") {
+        bail!("a kernel ran although its UKI was refused:\n{out}");
+    }
+    Ok(())
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("{cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "VM test: run by scripts/test tier 3"]
+fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let keys = w.join("keys");
+    let other = w.join("other-keys");
+    kairosctl(&["keys", "generate", &keys.to_string_lossy(), "--name", "owner"]).unwrap();
+    kairosctl(&["keys", "generate", &other.to_string_lossy(), "--name", "stranger"]).unwrap();
+    let disk = w.join("disk.raw");
+    std::fs::write(w.join("cc.yaml"), CC).unwrap();
+    kairosctl(&[
+        "build",
+        "raw",
+        "--image",
+        &format!("dir:{}", tiny_rootfs().display()),
+        "--output",
+        &disk.to_string_lossy(),
+        "--cloud-config",
+        &w.join("cc.yaml").to_string_lossy(),
+        "--trusted",
+        "--keys",
+        &keys.to_string_lossy(),
+    ])
+    .unwrap();
+
+    // What PCR 11 must read once the initrd is left, from the UKI's own bytes.
+    let leave = {
+        let tree = w.join("esp");
+        esp_tree(&disk, &tree).unwrap();
+        let bytes = std::fs::read(uki_on(&tree).unwrap()).unwrap();
+        let phases = kairos_trust::pcr::predict_uki(&bytes).unwrap();
+        assert!(tree.join("EFI/BOOT/BOOTX64.EFI").is_file(), "systemd-boot");
+        phases
+            .iter()
+            .find(|(p, _)| p == "enter-initrd:leave-initrd")
+            .unwrap()
+            .1
+            .hex()
+    };
+
+    // Tampered and foreign variants are prepared from copies while nothing runs.
+    let tampered = copy_disk(&disk, "tampered.raw").unwrap();
+    edit_uki(&tampered, w, |uki| {
+        // One byte of the signed cmdline: "rd.kairos.layers" → "rd.kairos.layert".
+        let mut b = std::fs::read(uki)?;
+        let at = b
+            .windows(16)
+            .position(|x| x == b"rd.kairos.layers")
+            .context("cmdline in the UKI")?;
+        b[at + 15] = b't';
+        Ok(std::fs::write(uki, b)?)
+    })
+    .unwrap();
+    let unsigned = copy_disk(&disk, "unsigned.raw").unwrap();
+    edit_uki(&unsigned, w, |uki| {
+        sh(Command::new("sbattach").arg("--remove").arg(uki))
+    })
+    .unwrap();
+    let foreign = copy_disk(&disk, "foreign.raw").unwrap();
+    edit_uki(&foreign, w, |uki| {
+        sh(Command::new("sbattach").arg("--remove").arg(uki))?;
+        sh(Command::new("sbsign")
+            .arg("--key")
+            .arg(other.join("db.key"))
+            .arg("--cert")
+            .arg(other.join("db.pem"))
+            .arg("--output")
+            .arg(uki)
+            .arg(uki))
+    })
+    .unwrap();
+    let bad_layer = copy_disk(&disk, "bad-layer.raw").unwrap();
+    let changed = {
+        let state = MountGuard::partition(&bad_layer, 4, &w.join("state-mnt"), "ext4").unwrap();
+        let layer = std::fs::read_dir(state.path.join("layers"))
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .unwrap();
+        let mut b = std::fs::read(&layer).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x01;
+        std::fs::write(&layer, b).unwrap();
+        layer.file_name().unwrap().to_string_lossy().into_owned()
+    };
+
+    // The signed UKI boots under Secure Boot, to active mode, measured.
+    let mut vm = Vm::boot_trusted(&disk, &keys, &w.join("boot.log")).unwrap();
+    vm.login("root", "trusted").unwrap();
+    check(&vm.sh("cat /run/cos/active_mode").unwrap(), "1", "active mode");
+    check(
+        &vm.sh("od -An -tu1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c")
+            .unwrap(),
+        " 1\n[exit 0]",
+        "Secure Boot on",
+    );
+    let pcr = vm.sh("cat /sys/class/tpm/tpm0/pcr-sha256/11").unwrap();
+    assert_eq!(
+        pcr.lines().next().unwrap_or("").trim().to_ascii_lowercase(),
+        leave,
+        "PCR 11 read in the guest equals the prediction after leave-initrd"
+    );
+    check(
+        &vm.sh("ls /run/systemd/").unwrap(),
+        "tpm2-pcr-signature.json",
+        "the stub's signed policy handed on",
+    );
+    drop(vm);
+
+    // Refusals: the firmware's LoadImage (via systemd-boot) checks the db signature.
+    expect_refused(&tampered, &keys, &w.join("tampered.log")).unwrap();
+    expect_refused(&unsigned, &keys, &w.join("unsigned.log")).unwrap();
+    expect_refused(&foreign, &keys, &w.join("foreign.log")).unwrap();
+
+    // A changed layer image: the kernel boots (its UKI is intact), immucore refuses.
+    let mut vm = Vm::boot_trusted(&bad_layer, &keys, &w.join("bad-layer.log")).unwrap();
+    vm.wait_for("KAIROS BOOT FAILED", Duration::from_secs(300))
+        .unwrap();
+    let summary = vm
+        .wait_for("========================================", Duration::from_secs(30))
+        .unwrap();
+    check(&summary, "changed on disk", "the refusal says why");
+    check(&summary, &changed, "and names the layer");
+}
