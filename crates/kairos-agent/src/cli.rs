@@ -292,7 +292,10 @@ impl Global {
 
     /// What the running system booted (deployment and mode), from the cmdline.
     fn booted(&self) -> kairos_lifecycle::assess::Booted {
-        kairos_lifecycle::assess::Booted::from_cmdline(&self.cmdline().unwrap_or_default())
+        kairos_lifecycle::assess::Booted::detect(
+            &self.cmdline().unwrap_or_default(),
+            &self.root().join("run/cos"),
+        )
     }
 
     /// The config sections lifecycle commands read, each typed on its own so a problem
@@ -885,6 +888,42 @@ fn print_state(v: &serde_json::Value) {
             s("last_failure.action"),
             s("last_failure.detail")
         );
+    }
+    let t = &v["trusted_boot"];
+    if t.is_object() {
+        let onoff = |x: &serde_json::Value| match x.as_bool() {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "unknown",
+        };
+        println!(
+            "secure boot: {} (setup mode {})",
+            onoff(&t["secure_boot"]),
+            onoff(&t["setup_mode"])
+        );
+        if let Some(u) = t["uki"].as_str() {
+            println!("signed UKI: {u} (entry {})", s("trusted_boot.boot_entry"));
+        }
+        if let Some(p) = t["pcr7"].as_str() {
+            println!("PCR 7:      {p}");
+        }
+        let m = &t["measured"];
+        if m.is_object() {
+            println!("PCR 11:     {}", s("trusted_boot.measured.pcr11"));
+            if let Some(pred) = m["predicted"].as_array() {
+                for p in pred {
+                    println!(
+                        "  predicted at {}: {}",
+                        p[0].as_str().unwrap_or_default(),
+                        p[1].as_str().unwrap_or_default()
+                    );
+                }
+            }
+            println!("measured:   {}", s("trusted_boot.measured.summary"));
+        }
+        if let Some(e) = t["error"].as_str() {
+            println!("measured:   cannot assess: {e}");
+        }
     }
 }
 

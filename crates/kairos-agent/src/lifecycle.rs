@@ -396,7 +396,16 @@ fn partitions() -> BTreeMap<String, String> {
 
 pub fn state_value(node: &NodeArgs, root: &Path, booted: &Booted) -> Result<serde_json::Value> {
     let opened = node.open(root, booted.mode == "recovery" && node.store.is_none())?;
-    let s = state::gather(&opened.node, booted, partitions())?;
+    let mut s = state::gather(&opened.node, booted, partitions())?;
+    let efi = kairos_sys::efi::BootInfo::read(&root.join(kairos_sys::efi::EFIVARS.trim_start_matches('/')));
+    if efi.secure_boot.is_some() {
+        s.trusted_boot = Some(state::trusted_boot(
+            &opened.node.esp,
+            &efi,
+            kairos_sys::tpm::read_sysfs(7),
+            kairos_sys::tpm::read_sysfs(11),
+        ));
+    }
     Ok(serde_json::to_value(s)?)
 }
 
@@ -598,7 +607,7 @@ pub fn reset_cmd(
     cfg: &kairos_config::types::Config,
     stages: &mut dyn FnMut(&str, Option<&Path>),
 ) -> Result<i32> {
-    let booted = Booted::from_cmdline(cmdline);
+    let booted = Booted::detect(cmdline, &root.join("run/cos"));
     let autoreset = cmdline.split_whitespace().any(|w| w == "kairos.reset");
     if a.auto && !(booted.mode == "recovery" && autoreset) {
         return Ok(0);

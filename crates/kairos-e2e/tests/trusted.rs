@@ -181,6 +181,21 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
         "tpm2-pcr-signature.json",
         "the stub's signed policy handed on",
     );
+    // The agent's view: mode from the boot entry (the signed cmdline has none), Secure Boot,
+    // and PCR 11 against the booted UKI's own prediction and signed policy.
+    check(
+        &vm.sh("kairos-agent state get boot_mode").unwrap(),
+        "active\n[exit 0]",
+        "boot mode from the entry",
+    );
+    let state = vm.sh("kairos-agent state").unwrap();
+    check(&state, "secure boot: on", "state: Secure Boot");
+    check(
+        &state,
+        "matches the prediction at enter-initrd:leave-initrd; the signed policy covers",
+        "state: PCR 11 and the policy",
+    );
+    check(&state, &leave, "state: the value");
     drop(vm);
 
     // Refusals: the firmware's LoadImage (via systemd-boot) checks the db signature.

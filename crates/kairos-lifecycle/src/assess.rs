@@ -34,6 +34,21 @@ impl Booted {
             mode: get("kairos.mode="),
         }
     }
+
+    /// From the cmdline, the mode falling back to the marker immucore left in `run_cos`
+    /// (`/run/cos/active_mode`…): a signed UKI's cmdline carries no mode, the boot entry's
+    /// name gives it.
+    pub fn detect(cmdline: &str, run_cos: &std::path::Path) -> Booted {
+        let mut b = Booted::from_cmdline(cmdline);
+        if b.mode.is_empty() {
+            b.mode = ["active", "passive", "recovery", "live"]
+                .into_iter()
+                .find(|m| run_cos.join(format!("{m}_mode")).exists())
+                .unwrap_or_default()
+                .to_string();
+        }
+        b
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

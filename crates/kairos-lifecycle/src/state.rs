@@ -40,6 +40,66 @@ pub struct State {
     pub last_failure: Option<Record>,
     pub partitions: BTreeMap<String, String>,
     pub history: Vec<Record>,
+    /// Secure Boot and measured boot, on a UEFI machine.
+    pub trusted_boot: Option<TrustedBoot>,
+}
+
+/// What firmware, TPM and the booted UKI say (`kairos-agent state get trusted_boot`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrustedBoot {
+    pub secure_boot: Option<bool>,
+    pub setup_mode: Option<bool>,
+    /// The systemd-boot entry that booted.
+    pub boot_entry: Option<String>,
+    /// The signed UKI it booted (ESP path), when it booted one.
+    pub uki: Option<String>,
+    pub pcr7: Option<String>,
+    /// PCR 11 against the UKI's prediction and signed policy.
+    pub measured: Option<kairos_trust::measured::Assessment>,
+    /// Why the UKI could not be assessed.
+    pub error: Option<String>,
+}
+
+/// The trusted-boot view: `efi` from the firmware's variables, `pcr7`/`pcr11` from the TPM,
+/// the booted UKI read from the ESP.
+pub fn trusted_boot(
+    esp: &std::path::Path,
+    efi: &kairos_sys::efi::BootInfo,
+    pcr7: Option<String>,
+    pcr11: Option<String>,
+) -> TrustedBoot {
+    let mut t = TrustedBoot {
+        secure_boot: efi.secure_boot,
+        setup_mode: efi.setup_mode,
+        boot_entry: efi.entry.clone(),
+        uki: None,
+        pcr7,
+        measured: None,
+        error: None,
+    };
+    let role = efi
+        .entry
+        .as_deref()
+        .and_then(entries::parse_name)
+        .map(|(r, _)| r);
+    let entry = role.and_then(|r| {
+        entries::list(esp)
+            .ok()?
+            .into_iter()
+            .find(|e| e.role == r && !e.efi.is_empty())
+    });
+    if let Some(e) = entry {
+        let path = esp.join(e.efi.trim_start_matches('/'));
+        t.uki = Some(e.efi.clone());
+        match std::fs::read(&path) {
+            Ok(bytes) => match kairos_trust::measured::assess(&bytes, pcr11.as_deref()) {
+                Ok(a) => t.measured = Some(a),
+                Err(err) => t.error = Some(format!("{}: {err}", path.display())),
+            },
+            Err(err) => t.error = Some(format!("{}: {err}", path.display())),
+        }
+    }
+    t
 }
 
 pub fn gather(
@@ -83,6 +143,7 @@ pub fn gather(
         last_failure,
         partitions,
         history: hist,
+        trusted_boot: None,
     })
 }
 

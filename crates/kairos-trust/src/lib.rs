@@ -5,4 +5,5 @@
 
 pub mod pcr;
 pub mod pe;
+pub mod measured;
 pub mod policy;
