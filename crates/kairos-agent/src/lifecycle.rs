@@ -397,7 +397,9 @@ fn partitions() -> BTreeMap<String, String> {
 pub fn state_value(node: &NodeArgs, root: &Path, booted: &Booted) -> Result<serde_json::Value> {
     let opened = node.open(root, booted.mode == "recovery" && node.store.is_none())?;
     let mut s = state::gather(&opened.node, booted, partitions())?;
-    let efi = kairos_sys::efi::BootInfo::read(&root.join(kairos_sys::efi::EFIVARS.trim_start_matches('/')));
+    let efi = kairos_sys::efi::BootInfo::read(
+        &root.join(kairos_sys::efi::EFIVARS.trim_start_matches('/')),
+    );
     if efi.secure_boot.is_some() {
         s.trusted_boot = Some(state::trusted_boot(
             &opened.node.esp,

@@ -142,8 +142,7 @@ pub fn sign(keys: &Path, unsigned_bytes: &[u8], output: &Path, what: &str) -> Re
         let _ = std::fs::remove_file(&signed);
         return Err(e).with_context(|| format!("signing {what} with the db key"));
     }
-    std::fs::rename(&signed, output)
-        .with_context(|| format!("renaming into {}", output.display()))
+    std::fs::rename(&signed, output).with_context(|| format!("renaming into {}", output.display()))
 }
 
 /// What a UKI is made of.

@@ -80,8 +80,22 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
     let w = work.path();
     let keys = w.join("keys");
     let other = w.join("other-keys");
-    kairosctl(&["keys", "generate", &keys.to_string_lossy(), "--name", "owner"]).unwrap();
-    kairosctl(&["keys", "generate", &other.to_string_lossy(), "--name", "stranger"]).unwrap();
+    kairosctl(&[
+        "keys",
+        "generate",
+        &keys.to_string_lossy(),
+        "--name",
+        "owner",
+    ])
+    .unwrap();
+    kairosctl(&[
+        "keys",
+        "generate",
+        &other.to_string_lossy(),
+        "--name",
+        "stranger",
+    ])
+    .unwrap();
     let disk = w.join("disk.raw");
     std::fs::write(w.join("cc.yaml"), CC).unwrap();
     kairosctl(&[
@@ -163,10 +177,16 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
     // The signed UKI boots under Secure Boot, to active mode, measured.
     let mut vm = Vm::boot_trusted(&disk, &keys, &w.join("boot.log")).unwrap();
     vm.login("root", "trusted").unwrap();
-    check(&vm.sh("cat /run/cos/active_mode").unwrap(), "1", "active mode");
     check(
-        &vm.sh("od -An -tu1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c")
-            .unwrap(),
+        &vm.sh("cat /run/cos/active_mode").unwrap(),
+        "1",
+        "active mode",
+    );
+    check(
+        &vm.sh(
+            "od -An -tu1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c",
+        )
+        .unwrap(),
         " 1\n[exit 0]",
         "Secure Boot on",
     );
@@ -208,7 +228,10 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
     vm.wait_for("KAIROS BOOT FAILED", Duration::from_secs(300))
         .unwrap();
     let summary = vm
-        .wait_for("========================================", Duration::from_secs(30))
+        .wait_for(
+            "========================================",
+            Duration::from_secs(30),
+        )
         .unwrap();
     check(&summary, "changed on disk", "the refusal says why");
     check(&summary, &changed, "and names the layer");

@@ -362,7 +362,9 @@ impl Boot {
     /// Marks the end of the initrd in PCR 11 (after the last step, before the switch).
     pub fn leave_initrd(&mut self) -> Result<()> {
         if self.measured {
-            self.step("measure-leave-initrd", |_| measure_phase("leave-initrd").map(|_| ()))?;
+            self.step("measure-leave-initrd", |_| {
+                measure_phase("leave-initrd").map(|_| ())
+            })?;
         }
         Ok(())
     }
@@ -451,8 +453,15 @@ fn check_pinned(dep: &kairos_layers::Deployment, pinned: &[String]) -> Result<()
         bail!(
             "deployment {} lists layer images {} but the signed boot entry names {}: the deployment manifest was changed or belongs to another image, so this boot is refused",
             dep.id,
-            have.iter().map(|h| &h[..h.len().min(12)]).collect::<Vec<_>>().join(","),
-            pinned.iter().map(|h| &h[..12]).collect::<Vec<_>>().join(",")
+            have.iter()
+                .map(|h| &h[..h.len().min(12)])
+                .collect::<Vec<_>>()
+                .join(","),
+            pinned
+                .iter()
+                .map(|h| &h[..12])
+                .collect::<Vec<_>>()
+                .join(",")
         );
     }
     Ok(())

@@ -305,19 +305,27 @@ mod tests {
         assert_eq!(p.pinned_layers, vec![h1.clone(), "b".repeat(64)]);
         assert!(p.verify && !p.allow_insecure);
         let p = Plan::from_boot(&cmd, Some("recovery.conf")).unwrap();
-        assert_eq!((p.mode, p.store_label.as_str()), (Mode::Recovery, "COS_RECOVERY"));
+        assert_eq!(
+            (p.mode, p.store_label.as_str()),
+            (Mode::Recovery, "COS_RECOVERY")
+        );
         let p = Plan::from_boot(&cmd, Some("autoreset.conf")).unwrap();
         assert_eq!(p.mode, Mode::Recovery);
         // No entry (booted as BOOTX64.EFI): active. The cmdline wins over the entry.
         assert_eq!(Plan::from_boot(&cmd, None).unwrap().mode, Mode::Active);
-        let p = Plan::from_boot("kairos.deployment=x kairos.mode=active", Some("recovery.conf"));
+        let p = Plan::from_boot(
+            "kairos.deployment=x kairos.mode=active",
+            Some("recovery.conf"),
+        );
         assert_eq!(p.unwrap().mode, Mode::Active);
         for bad in ["zz", &"a".repeat(63), &format!("{h1},")] {
             let e = Plan::from_cmdline(&format!("kairos.deployment=x rd.kairos.layers={bad}"));
             assert!(e.unwrap_err().0.contains("rd.kairos.layers"), "{bad}");
         }
         let many = vec![h1.as_str(); MAX_PINNED_LAYERS + 1].join(",");
-        assert!(Plan::from_cmdline(&format!("kairos.deployment=x rd.kairos.layers={many}")).is_err());
+        assert!(
+            Plan::from_cmdline(&format!("kairos.deployment=x rd.kairos.layers={many}")).is_err()
+        );
         assert!(
             Plan::from_cmdline("kairos.deployment=x rd.kairos.securebootdisabled")
                 .unwrap()

@@ -69,13 +69,14 @@ impl BootInfo {
             entry: read_var(dir, "LoaderEntrySelected", LOADER_GUID)
                 .and_then(|d| utf16_string(&d))
                 .filter(|s| !s.is_empty()),
-            stub_pcr: read_var(dir, "StubPcrKernelImage", LOADER_GUID)
-                .and_then(|d| utf16_string(&d).and_then(|s| s.trim().parse().ok()).or_else(
-                    || {
+            stub_pcr: read_var(dir, "StubPcrKernelImage", LOADER_GUID).and_then(|d| {
+                utf16_string(&d)
+                    .and_then(|s| s.trim().parse().ok())
+                    .or_else(|| {
                         // Some stubs write it as a 32-bit little-endian number.
                         (d.len() == 4).then(|| u32::from_le_bytes([d[0], d[1], d[2], d[3]]))
-                    },
-                )),
+                    })
+            }),
         }
     }
 }
@@ -102,7 +103,11 @@ mod tests {
         assert_eq!(BootInfo::read(d.path()), BootInfo::default());
         put("SecureBoot", GLOBAL_GUID, &[1]);
         put("SetupMode", GLOBAL_GUID, &[0]);
-        put("LoaderEntrySelected", LOADER_GUID, &utf16("active+2-1.conf"));
+        put(
+            "LoaderEntrySelected",
+            LOADER_GUID,
+            &utf16("active+2-1.conf"),
+        );
         put("StubPcrKernelImage", LOADER_GUID, &utf16("11"));
         let b = BootInfo::read(d.path());
         assert_eq!(b.secure_boot, Some(true));

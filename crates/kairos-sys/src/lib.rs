@@ -19,8 +19,8 @@ pub mod net;
 pub mod root;
 pub mod sysinfo;
 pub mod time;
-pub mod tpm;
 pub mod tools;
+pub mod tpm;
 
 pub use exec::{CommandOutput, ExecError, Shell};
 pub use root::{InitSystem, Root};

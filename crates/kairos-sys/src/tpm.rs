@@ -222,7 +222,10 @@ mod tests {
             ]
         );
         assert_eq!(pcr_read_command(7)[17..20], [0x80, 0, 0]);
-        assert_eq!(startup_command(), vec![0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x44, 0, 0]);
+        assert_eq!(
+            startup_command(),
+            vec![0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x44, 0, 0]
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! ([`pcr`]), and the policy signed with the owner's PCR key ([`policy`]). Pure: no
 //! external commands, no files; kairosctl feeds it bytes and writes what it returns.
 
+pub mod measured;
 pub mod pcr;
 pub mod pe;
-pub mod measured;
 pub mod policy;

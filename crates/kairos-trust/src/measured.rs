@@ -147,13 +147,19 @@ mod tests {
             }
         );
         assert!(a.policy_covers_now);
-        assert_eq!(a.signed_phases, vec!["enter-initrd", "enter-initrd:leave-initrd"]);
+        assert_eq!(
+            a.signed_phases,
+            vec!["enter-initrd", "enter-initrd:leave-initrd"]
+        );
         let a = assess(&img, Some(&at(3))).unwrap();
         assert!(matches!(a.result, Pcr11::Matches { .. }));
         assert!(!a.policy_covers_now, "ready is not signed in this UKI");
         assert!(a.summary.contains("does not cover"));
         let after = pcr::after_sections([(".linux", &b"KERNEL"[..]), (".cmdline", b"x=1")]);
-        assert_eq!(assess(&img, Some(&after.hex())).unwrap().result, Pcr11::NoPhase);
+        assert_eq!(
+            assess(&img, Some(&after.hex())).unwrap().result,
+            Pcr11::NoPhase
+        );
         let a = assess(&img, Some(&"ab".repeat(32))).unwrap();
         assert_eq!(a.result, Pcr11::Differs);
         assert!(a.summary.contains(&at(0)), "{}", a.summary);
