@@ -7,3 +7,4 @@ pub mod measured;
 pub mod pcr;
 pub mod pe;
 pub mod policy;
+pub mod signature;

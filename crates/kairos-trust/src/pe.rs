@@ -170,6 +170,12 @@ impl Pe {
         })
     }
 
+    /// File offset of the optional header (the checksum is at +64, the data directories at
+    /// +112).
+    pub fn optional_header_offset(&self) -> usize {
+        self.opt
+    }
+
     /// The section named `name`.
     pub fn section(&self, name: &str) -> Option<&Section> {
         self.sections.iter().find(|s| s.name == name)
