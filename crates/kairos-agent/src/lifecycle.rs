@@ -240,6 +240,11 @@ pub struct UpgradeArgs {
     /// Print progress as JSON lines on stdout
     #[arg(long)]
     pub json: bool,
+    /// Trusted boot: the image's signed UKI (`kairosctl build uki --image REF`). It must be
+    /// signed by a certificate in the firmware's db and built for exactly this image; both
+    /// are checked before anything is written. Required on a node that boots signed UKIs.
+    #[arg(long, value_name = "FILE")]
+    pub uki: Option<PathBuf>,
     #[command(flatten)]
     pub node: NodeArgs,
 }
@@ -279,6 +284,30 @@ pub fn upgrade_cmd(
         .unwrap_or(3);
     let opened = a.node.open(root, a.recovery)?;
     let node = &opened.node;
+    // Trusted boot: the UKI is checked against the firmware before anything is written.
+    let trusted_node = entries::list(&node.esp)
+        .unwrap_or_default()
+        .iter()
+        .any(|e| !e.efi.is_empty());
+    let uki = match &a.uki {
+        Some(path) => {
+            let efivars = root.join(kairos_sys::efi::EFIVARS.trim_start_matches('/'));
+            let db = kairos_lifecycle::trust::firmware_db(&efivars)?;
+            let (bytes, signed) = kairos_lifecycle::trust::read_and_verify(path, &db)?;
+            let pins = kairos_lifecycle::trust::uki_pins(path, &bytes)?;
+            eprintln!(
+                "{}: signed by {}, trusted by the firmware's {}",
+                path.display(),
+                signed.signer,
+                signed.trusted_by
+            );
+            Some((bytes, pins))
+        }
+        None if trusted_node && !a.apply => bail!(
+            "this node boots signed UKIs: give the new image's UKI with --uki FILE (make it with `kairosctl build uki --image REF --keys DIR`); nothing was changed"
+        ),
+        None => None,
+    };
     let mut p = Progress::new(a.json);
     let role = if a.recovery {
         Role::Recovery
@@ -299,6 +328,17 @@ pub fn upgrade_cmd(
         let _ = std::fs::remove_dir_all(&node.scratch);
         r.with_context(|| format!("upgrading to {source}"))?
     };
+    let mut dep = dep;
+    if let Some((bytes, pins)) = &uki {
+        // Built for this image? Checked before its entry exists; then it goes on the ESP.
+        kairos_lifecycle::trust::check_pins(pins, &dep)?;
+        kairos_lifecycle::trust::install_uki(node, &mut dep, bytes)?;
+    } else if trusted_node && dep.uki.is_none() {
+        bail!(
+            "deployment {} has no signed UKI and this node boots only signed UKIs: stage it again with --uki FILE",
+            dep.id
+        );
+    }
     if a.download_only {
         upgrade::mark_staged(node, &dep)?;
         eprintln!(

@@ -86,11 +86,12 @@ fn mkfs_ext4(img: &Path, label: &str, size_mib: u64, content: Option<&Path>) -> 
 }
 
 /// Builds the layer image of a root tree.
-pub fn erofs(rootfs: &Path, out: &Path) -> Result<()> {
+pub fn erofs(rootfs: &Path, out: &Path, seed: &str) -> Result<()> {
     Ok(kairos_layers::make_erofs(
         &kairos_layers::mkfs_erofs_argv(Path::new("/")),
         rootfs,
         out,
+        seed,
     )?)
 }
 
@@ -132,7 +133,7 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
     let trees: u64 = spec.os.layers.iter().map(|l| dir_size(l)).sum();
     ensure_free(work, trees + (16 << 20))?;
     let free_before = kairos_sys::fs::free_bytes(work).unwrap_or(0);
-    let os = crate::os::build_store(&spec.os, &state_dir, work).map_err(|e| {
+    let mut os = crate::os::build_store(&spec.os, &state_dir, work).map_err(|e| {
         let full = e.chain().any(|c| {
             c.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
@@ -152,6 +153,11 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
         .map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .sum::<u64>();
     check_room(work, boot_bytes + MIB, dir_size(&state_dir))?;
+    if spec.trust.is_some() {
+        // Its entries boot the signed UKI (written with the ESP below).
+        os.dep.uki = Some(crate::os::esp_uki_path(&os.dep.id));
+        kairos_layers::Store::new(&state_dir).write_deployment(&os.dep)?;
+    }
     // RECOVERY: the same content, its own store (independent of STATE).
     let rec_dir = work.join("recovery");
     copy_dir(&state_dir, &rec_dir)?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use kairos_layers::{Blob, Deployment, Layer, Store};
 use kairos_lifecycle::entries::Role;
-pub use kairos_lifecycle::esp_uki_path;
+pub use kairos_lifecycle::{esp_uki_path, trusted_cmdline};
 
 /// The image an artifact is built from.
 pub struct OsSpec<'a> {
@@ -73,7 +73,15 @@ pub fn build_store(spec: &OsSpec, store_dir: &Path, work: &Path) -> Result<Os> {
     let mut layers = Vec::new();
     for (i, tree) in spec.layers.iter().enumerate() {
         let tmp = work.join(format!("layer{i}.erofs"));
-        crate::disk::erofs(tree, &tmp)?;
+        // Seeded by the diff_id, as a node importing the layer does (`dir:` trees have none).
+        let seed = match &spec.diff_ids {
+            Some(ids) => ids
+                .get(i)
+                .map(|d| d.to_string())
+                .context("fewer diff_ids than layers")?,
+            None => format!("dir-layer-{i}"),
+        };
+        crate::disk::erofs(tree, &tmp, &seed)?;
         // Hash the image once: it is both the blob checksum and, for `dir:` trees, the name.
         let hex = kairos_layers::sha256_file(&tmp)?;
         let digest = match &spec.diff_ids {
@@ -134,6 +142,7 @@ pub fn build_store(spec: &OsSpec, store_dir: &Path, work: &Path) -> Result<Os> {
         kernel: Some(boot_blob(&kernel_path)?),
         initrd: Some(boot_blob(&initrd_path)?),
         cmdline: spec.cmdline.clone(),
+        uki: None,
     };
     store.write_deployment(&dep)?;
     Ok(Os {

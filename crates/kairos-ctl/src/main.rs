@@ -237,15 +237,23 @@ enum BuildKind {
 
 #[derive(Debug, clap::Args)]
 struct UkiArgs {
-    /// The kernel (bzImage)
-    #[arg(long)]
-    kernel: PathBuf,
+    /// The image whose deployment the UKI boots (as for `build raw`): its kernel and
+    /// initrd, and a cmdline that names the deployment and pins the sha256 of every layer
+    /// image. Give this UKI to `kairos-agent upgrade --uki` on the nodes.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd"], required_unless_present = "kernel")]
+    image: Option<String>,
+    /// The kernel (bzImage), for a UKI not tied to an image
+    #[arg(long, requires = "initrd")]
+    kernel: Option<PathBuf>,
     /// The initrd
-    #[arg(long)]
-    initrd: PathBuf,
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
     /// The kernel command line (signed into the UKI; loader-entry options are not used)
     #[arg(long, default_value = "console=tty1 console=ttyS0,115200")]
     cmdline: String,
+    /// The static kairos-immucore binary, for --image (default: next to kairosctl)
+    #[arg(long, env = "KAIROS_IMMUCORE")]
+    immucore: Option<PathBuf>,
     /// An os-release file for .osrel (default: Kairos' own)
     #[arg(long)]
     osrel: Option<PathBuf>,
@@ -709,19 +717,55 @@ const UKI_OSREL: &str = "NAME=\"Kairos\"\nID=kairos\nPRETTY_NAME=\"Kairos (trust
 fn build_uki(a: UkiArgs) -> Result<()> {
     let osrel = match &a.osrel {
         Some(p) => {
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
         }
-        None => UKI_OSREL.to_string(),
+        None => None,
+    };
+    // With --image: the deployment's store is made in a work dir beside the output, exactly
+    // as `build raw` and a node's upgrade make it, for its kernel, initrd and layer hashes.
+    let work = kairos_build::WorkDir::beside(&a.output, "kairosctl-uki")?;
+    let (kernel, initrd, cmdline, osrel, dep) = match (&a.image, a.kernel, a.initrd) {
+        (Some(image), _, _) => {
+            let immucore = companion(a.immucore.clone(), "kairos-immucore")?;
+            let args = ImageArgs {
+                image: image.clone(),
+                immucore: Some(immucore.clone()),
+                agent: None,
+                cmdline: a.cmdline.clone(),
+            };
+            let spec = os_spec(&args, &immucore, work.path())?;
+            let os = kairos_build::os::build_store(&spec, &work.path().join("store"), work.path())?;
+            let cmdline = kairos_build::os::trusted_cmdline(&os.dep);
+            let osrel = osrel.unwrap_or_else(|| kairos_build::os::uki_osrel(&os.dep));
+            (os.kernel, os.initrd, cmdline, osrel, Some(os.dep))
+        }
+        (None, Some(k), Some(i)) => (
+            k,
+            i,
+            a.cmdline.clone(),
+            osrel.unwrap_or_else(|| UKI_OSREL.to_string()),
+            None,
+        ),
+        _ => bail!("give --image REF, or --kernel and --initrd"),
     };
     let input = kairos_build::uki::UkiInput {
-        kernel: a.kernel,
-        initrd: a.initrd,
-        cmdline: a.cmdline,
+        kernel,
+        initrd,
+        cmdline,
         osrel,
         keys: a.keys,
         stub: a.stub,
     };
     let r = kairos_build::uki::build_uki(&input, &a.output)?;
+    drop(work);
+    if let Some(d) = &dep {
+        eprintln!(
+            "  deployment {} of {} ({} layers pinned)",
+            d.id,
+            d.image,
+            d.layers.len()
+        );
+    }
     for w in &r.warnings {
         eprintln!("warning: {w}");
     }

@@ -10,9 +10,26 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use kairos_e2e::{MountGuard, Vm, check, esp_tree, kairosctl, partition, tiny_rootfs};
+use kairos_e2e::{
+    MountGuard, Vm, check, esp_tree, image_with_files, kairosctl, partition, start_registry,
+    tiny_in_registry, tiny_rootfs,
+};
 
-const CC: &str = "#cloud-config\nusers:\n- name: root\n  passwd: trusted\n";
+/// Root login, and a network in the boot stage for the upgrade (busybox has no network
+/// manager; the registry is the host, 10.0.2.2 under QEMU user networking).
+const CC: &str = "#cloud-config
+users:
+- name: root
+  passwd: trusted
+stages:
+  boot:
+  - name: network for the tests
+    commands:
+    - modprobe virtio_net
+    - ip link set eth0 up
+    - ip addr add 10.0.2.15/24 dev eth0
+    - ip route add default via 10.0.2.2
+";
 
 /// A copy of the disk (sparse): each scenario gets its own, with fresh UEFI variables and TPM.
 fn copy_disk(disk: &Path, name: &str) -> Result<PathBuf> {
@@ -110,8 +127,49 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
         "--trusted",
         "--keys",
         &keys.to_string_lossy(),
+        // Room on COS_PERSISTENT (/usr/local) for the UKIs of the upgrade below.
+        "--size",
+        "1200",
     ])
     .unwrap();
+
+    // The upgrade's material, made on the "workstation" before anything boots: v2 of an
+    // image in a registry, its UKI signed by the owner, the same signed by a stranger, and an
+    // owner-signed UKI of another image (v1). They reach the node on COS_PERSISTENT.
+    let reg = start_registry().unwrap();
+    let v1 = tiny_in_registry(&reg).unwrap();
+    let v2 = image_with_files(
+        &v1,
+        &[("etc/kairos-e2e-version", b"v2\n")],
+        &format!("{}/kairos/tiny:v2", reg.addr),
+    )
+    .unwrap();
+    let ukis = w.join("ukis");
+    std::fs::create_dir_all(&ukis).unwrap();
+    let build_uki = |image: &str, keys: &Path, out: &str| {
+        kairosctl(&[
+            "build",
+            "uki",
+            "--image",
+            image,
+            "--keys",
+            &keys.to_string_lossy(),
+            "--output",
+            &ukis.join(out).to_string_lossy(),
+        ])
+        .unwrap()
+    };
+    build_uki(&v2, &keys, "v2.efi");
+    build_uki(&v2, &other, "v2-stranger.efi");
+    build_uki(&v1, &keys, "v1.efi");
+    let v2_leave = {
+        let bytes = std::fs::read(ukis.join("v2.efi")).unwrap();
+        kairos_trust::pcr::predict_uki(&bytes).unwrap()[1].1.hex()
+    };
+    {
+        let p = MountGuard::partition(&disk, 5, &w.join("persistent-mnt"), "ext4").unwrap();
+        sh(Command::new("cp").arg("-r").arg(&ukis).arg(&p.path)).unwrap();
+    }
 
     // What PCR 11 must read once the initrd is left, from the UKI's own bytes.
     let leave = {
@@ -216,7 +274,75 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
         "state: PCR 11 and the policy",
     );
     check(&state, &leave, "state: the value");
+
+    // Upgrades: refused without a UKI, with a stranger's, and with one of another image —
+    // each before anything is written (the store keeps one deployment, v1 boots next).
+    let src = v2.replace("127.0.0.1", "10.0.2.2");
+    let up = |vm: &mut Vm, extra: &str| {
+        vm.sh(&format!(
+            "kairos-agent upgrade --insecure --source {src} {extra} 2>&1"
+        ))
+        .unwrap()
+    };
+    let v1_id = vm.sh("kairos-agent state get booted").unwrap();
+    let v1_id = v1_id.lines().next().unwrap().to_string();
+    let deployments = "ls /run/initramfs/cos-state/deployments | wc -l";
+    let out = up(&mut vm, "");
+    check(&out, "boots signed UKIs", "no UKI: refused");
+    let out = up(&mut vm, "--uki /usr/local/ukis/v2-stranger.efi");
+    check(
+        &out,
+        "stranger db, but the firmware trusts",
+        "a stranger's UKI: refused, named",
+    );
+    check(&out, "nothing was changed", "…before writing");
+    check(
+        &vm.sh(deployments).unwrap(),
+        "1\n[exit 0]",
+        "nothing staged",
+    );
+    let out = up(&mut vm, "--uki /usr/local/ukis/v1.efi");
+    check(
+        &out,
+        "the UKI was built for deployment",
+        "another image's UKI: refused",
+    );
+    check(
+        &vm.sh("kairos-agent state get next_boot").unwrap(),
+        &v1_id,
+        "v1 still boots next",
+    );
+    let out = up(&mut vm, "--uki /usr/local/ukis/v2.efi");
+    check(&out, "signed by", "the owner's UKI of v2");
+    check(&out, "[exit 0]", "the upgrade");
+    let v2_id = vm.sh("kairos-agent state get next_boot").unwrap();
+    assert_ne!(v2_id, v1_id, "v2 boots next");
+    vm.send("reboot").unwrap();
+    vm.wait_exit(Duration::from_secs(120)).unwrap();
     drop(vm);
+
+    // v2 boots under Secure Boot from its own signed UKI; the layers the node made match
+    // the ones the workstation pinned (reproducible images), PCR 11 is v2's prediction.
+    let mut vm = Vm::boot_trusted(&disk, &keys, &w.join("v2.log")).unwrap();
+    vm.login("root", "trusted").unwrap();
+    check(
+        &vm.sh("cat /etc/kairos-e2e-version").unwrap(),
+        "v2",
+        "v2 booted",
+    );
+    check(
+        &vm.sh("kairos-agent state get booted").unwrap(),
+        v2_id.lines().next().unwrap(),
+        "its id",
+    );
+    let pcr = vm.sh("cat /sys/class/tpm/tpm0/pcr-sha256/11").unwrap();
+    assert_eq!(
+        pcr.lines().next().unwrap_or("").trim().to_ascii_lowercase(),
+        v2_leave,
+        "PCR 11 after the upgrade equals v2's prediction"
+    );
+    drop(vm);
+    drop(reg);
 
     // Refusals: the firmware's LoadImage (via systemd-boot) checks the db signature.
     expect_refused(&tampered, &keys, &w.join("tampered.log")).unwrap();

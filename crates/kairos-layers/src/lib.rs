@@ -81,6 +81,9 @@ pub struct Deployment {
     pub kernel: Option<Blob>,
     pub initrd: Option<Blob>,
     pub cmdline: String,
+    /// Trusted boot: the ESP path of the deployment's signed UKI (its entries boot it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uki: Option<String>,
 }
 
 /// sha256 of bytes, hex.
@@ -210,10 +213,27 @@ pub fn mkfs_erofs_argv(root: &Path) -> Vec<String> {
     kairos_sys::tools::argv(root, "mkfs.erofs")
 }
 
-/// Makes the read-only image of a layer tree (EROFS, lz4) at `out`, synced to disk.
-pub fn make_erofs(argv: &[String], tree: &Path, out: &Path) -> Result<(), Error> {
+/// The filesystem UUID of a layer image, derived from `seed` (the layer's diff_id): the
+/// image must come out byte for byte the same wherever it is made — a workstation building
+/// a signed UKI that pins it, a node importing the layer during an upgrade.
+pub fn erofs_uuid(seed: &str) -> String {
+    let h = sha256_hex(format!("kairos-layer:{seed}").as_bytes());
+    format!(
+        "{}-{}-4{}-8{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
+/// Makes the read-only image of a layer tree (EROFS, lz4) at `out`, synced to disk:
+/// reproducible (fixed timestamps, the UUID from `seed`).
+pub fn make_erofs(argv: &[String], tree: &Path, out: &Path, seed: &str) -> Result<(), Error> {
     kairos_sys::exec::Cmd::argv(argv)
         .args(["-zlz4", "-T0", "--quiet"])
+        .arg(format!("-U{}", erofs_uuid(seed)))
         .arg(out)
         .arg(tree)
         .run()
@@ -257,6 +277,7 @@ mod tests {
             kernel: None,
             initrd: None,
             cmdline: String::new(),
+            uki: None,
         };
         store.write_deployment(&dep).unwrap();
         assert_eq!(store.read_deployment("v1").unwrap(), dep);

@@ -130,6 +130,7 @@ mod tests {
             kernel: Some(blob(&node.store, "boot/sha256-k")),
             initrd: Some(blob(&node.store, "boot/sha256-i")),
             cmdline: String::new(),
+            uki: None,
         };
         let old = dep("d-old", &["a", "b"]);
         let new = dep("d-new", &["a", "c"]);

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod mounts;
 pub mod reset;
 pub mod state;
+pub mod trust;
 pub mod upgrade;
 
 use std::path::{Path, PathBuf};

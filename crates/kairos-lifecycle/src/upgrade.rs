@@ -140,6 +140,7 @@ pub fn stage(
         kernel: Some(kernel),
         initrd: Some(initrd),
         cmdline: cmdline.to_string(),
+        uki: None,
     };
     crate::failpoint("before-manifest");
     // An existing manifest for the same image is kept as is (its creation time included).
@@ -252,7 +253,7 @@ pub fn import_layer(
     let dir = dest.parent().unwrap_or(&store.root).to_path_buf();
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let tmp = dir.join(format!(".{hex}.tmp"));
-    let made = kairos_layers::make_erofs(mkfs, &tree, &tmp);
+    let made = kairos_layers::make_erofs(mkfs, &tree, &tmp, diff_id.as_str());
     let _ = fs::remove_dir_all(&tree);
     if let Err(e) = made {
         let _ = fs::remove_file(&tmp);
@@ -303,6 +304,10 @@ pub fn copy_if_missing(src: &Path, dest: &Path) -> Result<(), Error> {
 
 /// The entry text that boots `dep` in `role`.
 pub fn entry_for(role: Role, dep: &Deployment) -> Result<String, Error> {
+    if dep.uki.is_some() {
+        // Trusted boot: the entry names the signed UKI; its cmdline is inside it.
+        return Ok(entries::render_uki(role, &dep.id, &dep.version));
+    }
     let (Some(k), Some(i)) = (&dep.kernel, &dep.initrd) else {
         return Err(Error::Node(format!(
             "deployment {} has no kernel or initrd",

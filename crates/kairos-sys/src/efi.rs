@@ -18,14 +18,24 @@ pub fn var_path(dir: &Path, name: &str, guid: &str) -> PathBuf {
     dir.join(format!("{name}-{guid}"))
 }
 
+/// The signature database: `db` (and `dbx`) live under this GUID.
+pub const IMAGE_SECURITY_GUID: &str = "d719b2cb-3d3a-4596-a3bc-dad00e67656f";
+/// The signature databases are read up to this size.
+pub const MAX_DB: u64 = 1 << 20;
+
 /// A variable's value without the 4 attribute bytes efivarfs puts first; `None` when it is
 /// not set (or efivarfs is not mounted), or larger than any variable we read.
 pub fn read_var(dir: &Path, name: &str, guid: &str) -> Option<Vec<u8>> {
+    read_var_max(dir, name, guid, MAX_VAR)
+}
+
+/// [`read_var`] for a variable up to `max` bytes (the signature databases).
+pub fn read_var_max(dir: &Path, name: &str, guid: &str, max: u64) -> Option<Vec<u8>> {
     use std::io::Read;
     let f = std::fs::File::open(var_path(dir, name, guid)).ok()?;
     let mut data = Vec::new();
-    f.take(MAX_VAR + 1).read_to_end(&mut data).ok()?;
-    if data.len() < 4 || data.len() as u64 > MAX_VAR {
+    f.take(max + 1).read_to_end(&mut data).ok()?;
+    if data.len() < 4 || data.len() as u64 > max {
         return None;
     }
     Some(data.split_off(4))

@@ -65,7 +65,8 @@ pub fn parse_signature_lists(mut data: &[u8]) -> Result<Vec<Certificate>, SigErr
         if data.len() < 28 {
             return Err(bad("truncated header"));
         }
-        let u32_at = |o: usize| u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]);
+        let u32_at =
+            |o: usize| u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]);
         let (list, header, size) = (
             u32_at(16) as usize,
             u32_at(20) as usize,
@@ -152,7 +153,9 @@ fn rsa_verify(cert: &Certificate, message: &[u8], sig: &[u8]) -> bool {
     let Ok(sig) = Signature::try_from(sig) else {
         return false;
     };
-    VerifyingKey::<Sha256>::new(key).verify(message, &sig).is_ok()
+    VerifyingKey::<Sha256>::new(key)
+        .verify(message, &sig)
+        .is_ok()
 }
 
 /// `issued` was signed by `issuer`'s key (sha256WithRSAEncryption).

@@ -25,7 +25,9 @@ fn run(cmd: &mut Command) {
 /// A self-signed certificate and key: `dir/name.{key,pem}`.
 fn self_signed(dir: &Path, name: &str) {
     run(Command::new("openssl")
-        .args(["req", "-new", "-x509", "-nodes", "-newkey", "rsa:2048", "-days", "1"])
+        .args([
+            "req", "-new", "-x509", "-nodes", "-newkey", "rsa:2048", "-days", "1",
+        ])
         .arg("-subj")
         .arg(format!("/CN={name}/"))
         .arg("-keyout")
@@ -38,7 +40,9 @@ fn cert(dir: &Path, name: &str) -> Certificate {
     let pem = std::fs::read_to_string(dir.join(format!("{name}.pem"))).unwrap();
     let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     use base64::Engine;
-    let der = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
     Certificate::from_der(&der).unwrap()
 }
 
@@ -56,7 +60,12 @@ fn sign(dir: &Path, name: &str, input: &Path, out: &Path) {
 fn tools() -> bool {
     let ok = ["openssl", "sbsign", "cert-to-efi-sig-list"]
         .iter()
-        .all(|t| Command::new("which").arg(t).output().is_ok_and(|o| o.status.success()))
+        .all(|t| {
+            Command::new("which")
+                .arg(t)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         && Path::new(SDBOOT).exists();
     if !ok {
         assert!(
@@ -120,7 +129,15 @@ fn authenticode_against_db() {
     // A db holding a CA: an image signed by a certificate the CA issued is accepted.
     self_signed(p, "ca");
     run(Command::new("openssl")
-        .args(["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj", "/CN=leaf/"])
+        .args([
+            "req",
+            "-new",
+            "-nodes",
+            "-newkey",
+            "rsa:2048",
+            "-subj",
+            "/CN=leaf/",
+        ])
         .arg("-keyout")
         .arg(p.join("leaf.key"))
         .arg("-out")
@@ -138,7 +155,16 @@ fn authenticode_against_db() {
     let leaf_signed = p.join("leaf.efi");
     sign(p, "leaf", Path::new(SDBOOT), &leaf_signed);
     let ok = verify(&std::fs::read(&leaf_signed).unwrap(), &[cert(p, "ca")]).unwrap();
-    assert_eq!((ok.signer.as_str(), ok.trusted_by.as_str()), ("CN=leaf", "CN=ca"));
+    assert_eq!(
+        (ok.signer.as_str(), ok.trusted_by.as_str()),
+        ("CN=leaf", "CN=ca")
+    );
     // …but not by a CA that did not issue it.
-    assert!(verify(&std::fs::read(&leaf_signed).unwrap(), &[cert(p, "stranger")]).is_err());
+    assert!(
+        verify(
+            &std::fs::read(&leaf_signed).unwrap(),
+            &[cert(p, "stranger")]
+        )
+        .is_err()
+    );
 }
