@@ -207,6 +207,18 @@ mod tests {
     }
 
     #[test]
+    fn mode_from_the_marker_when_the_cmdline_has_none() {
+        let d = tempfile::tempdir().unwrap();
+        let b = Booted::detect("kairos.deployment=d-1 rd.kairos.layers=x", d.path());
+        assert_eq!((b.deployment.as_str(), b.mode.as_str()), ("d-1", ""));
+        std::fs::write(d.path().join("passive_mode"), "1").unwrap();
+        assert_eq!(Booted::detect("kairos.deployment=d-1", d.path()).mode, "passive");
+        // The cmdline wins.
+        let b = Booted::detect("kairos.deployment=d-1 kairos.mode=recovery", d.path());
+        assert_eq!(b.mode, "recovery");
+    }
+
+    #[test]
     fn trial_boot_is_blessed_only_when_checks_pass() {
         let d = tempfile::tempdir().unwrap();
         let n = node(d.path());
