@@ -295,6 +295,7 @@ pub fn upgrade_cmd(
             let db = kairos_lifecycle::trust::firmware_db(&efivars)?;
             let (bytes, signed) = kairos_lifecycle::trust::read_and_verify(path, &db)?;
             let pins = kairos_lifecycle::trust::uki_pins(path, &bytes)?;
+            kairos_lifecycle::trust::check_esp_room(&node.esp, bytes.len() as u64)?;
             eprintln!(
                 "{}: signed by {}, trusted by the firmware's {}",
                 path.display(),

@@ -198,7 +198,9 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
             .with_context(|| format!("reading {}", cc.display()))?;
     }
 
-    let esp_payload = dir_size(&esp_dir);
+    // A trusted ESP holds a UKI per deployment (active, passive, recovery, and the one an
+    // upgrade adds before the old passive is collected): twice the room of shared kernels.
+    let esp_payload = dir_size(&esp_dir) * if spec.trust.is_some() { 2 } else { 1 };
     let os_payload = dir_size(&state_dir);
     let mut parts = plan(esp_payload, os_payload, 64, 64);
     let used_end = kairos_lifecycle::layout::min_disk_mib(&parts);

@@ -124,10 +124,15 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
             .map(|n| n.to_string_lossy())
             .unwrap_or_default()
     ));
-    {
-        let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(data).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
+    let written = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        // Nothing half-written stays behind (a full filesystem, say).
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err(&tmp)(e));
     }
     fs::rename(&tmp, path).map_err(io_err(path))?;
     fs::File::open(dir)

@@ -119,6 +119,21 @@ fn short<S: AsRef<str>>(v: &[S]) -> String {
         .join(",")
 }
 
+/// The ESP has room for a UKI of `len` bytes (checked before anything is staged).
+pub fn check_esp_room(esp: &Path, len: u64) -> Result<(), Error> {
+    let free = kairos_sys::fs::free_bytes(esp).map_err(crate::io_err(esp))?;
+    let need = len + (1 << 20);
+    if free < need {
+        return Err(Error::Node(format!(
+            "the ESP ({}) has {} MiB free and the UKI needs {} MiB: remove unused deployments (`kairos-agent state` lists them) or give the node a larger ESP; nothing was changed",
+            esp.display(),
+            free >> 20,
+            need.div_ceil(1 << 20)
+        )));
+    }
+    Ok(())
+}
+
 /// Puts the UKI on the ESP and records it in the deployment (its entries then boot it).
 pub fn install_uki(node: &crate::Node, dep: &mut Deployment, bytes: &[u8]) -> Result<(), Error> {
     let rel = crate::esp_uki_path(&dep.id);
