@@ -212,7 +212,10 @@ mod tests {
         let b = Booted::detect("kairos.deployment=d-1 rd.kairos.layers=x", d.path());
         assert_eq!((b.deployment.as_str(), b.mode.as_str()), ("d-1", ""));
         std::fs::write(d.path().join("passive_mode"), "1").unwrap();
-        assert_eq!(Booted::detect("kairos.deployment=d-1", d.path()).mode, "passive");
+        assert_eq!(
+            Booted::detect("kairos.deployment=d-1", d.path()).mode,
+            "passive"
+        );
         // The cmdline wins.
         let b = Booted::detect("kairos.deployment=d-1 kairos.mode=recovery", d.path());
         assert_eq!(b.mode, "recovery");
