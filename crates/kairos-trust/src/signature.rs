@@ -77,7 +77,7 @@ pub fn parse_signature_lists(mut data: &[u8]) -> Result<Vec<Certificate>, SigErr
         }
         if data[..16] == CERT_X509_GUID {
             let body = &data[28 + header..list];
-            if body.len() % size != 0 {
+            if !body.len().is_multiple_of(size) {
                 return Err(bad("signature size does not divide the list"));
             }
             for sig in body.chunks(size) {
