@@ -247,6 +247,16 @@ pub fn esp_tree_trusted(
         dir.join("loader/loader.conf"),
         "timeout 3\nconsole-mode keep\neditor no\n",
     )?;
+    // Auto-enrollment: firmware in setup mode, or systemd-boot 253+, enrolls these.
+    let auto = dir.join("loader/keys/auto");
+    for kind in crate::uki::KINDS {
+        let from = trust.keys.join(format!("{kind}.auth"));
+        if from.is_file() {
+            fs::create_dir_all(&auto)?;
+            fs::copy(&from, auto.join(format!("{kind}.auth")))
+                .with_context(|| format!("copying {}", from.display()))?;
+        }
+    }
     for role in roles {
         kairos_lifecycle::entries::set(
             dir,

@@ -24,7 +24,7 @@ pub const KINDS: [&str; 3] = ["PK", "KEK", "db"];
 /// directory that already holds keys (overwriting an owner's keys locks them out of their
 /// nodes).
 pub fn generate_keys(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>> {
-    kairos_sys::exec::require(&["openssl"])?;
+    kairos_sys::exec::require(&["openssl", "cert-to-efi-sig-list", "sign-efi-sig-list"])?;
     if name.is_empty()
         || !name
             .chars()
@@ -80,6 +80,30 @@ pub fn generate_keys(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>> 
                 .arg(&der)
                 .run()?;
             made.extend([key, pem, der]);
+        }
+        // Enrollment files (efitools): each certificate as an EFI signature list under one
+        // owner GUID, and as a time-based authenticated variable update — PK and KEK signed
+        // by PK, db by KEK — that firmware in setup mode (or systemd-boot 253+'s
+        // `secure-boot-enroll`) takes from `loader/keys/auto/`.
+        let guid = kairos_sys::efi::OWNER_GUID;
+        for (kind, signer) in [("PK", "PK"), ("KEK", "PK"), ("db", "KEK")] {
+            let esl = tmp.join(format!("{kind}.esl"));
+            let auth = tmp.join(format!("{kind}.auth"));
+            Cmd::new("cert-to-efi-sig-list")
+                .args(["-g", guid])
+                .arg(tmp.join(format!("{kind}.pem")))
+                .arg(&esl)
+                .run()?;
+            Cmd::new("sign-efi-sig-list")
+                .args(["-g", guid, "-k"])
+                .arg(tmp.join(format!("{signer}.key")))
+                .arg("-c")
+                .arg(tmp.join(format!("{signer}.pem")))
+                .arg(kind)
+                .arg(&esl)
+                .arg(&auth)
+                .run()?;
+            made.extend([esl, auth]);
         }
         let pcr = tmp.join(PCR_KEY);
         Cmd::new("openssl")

@@ -8,8 +8,7 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// OVMF with Secure Boot (needs SMM and a secure flash).
 pub const OVMF_CODE_SECBOOT: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
-/// The owner GUID our keys are enrolled under (any fixed GUID does).
-pub const OWNER_GUID: &str = "9b1c5f4e-6a2d-4c1e-8f3a-4b6172696f73";
+pub use kairos_sys::efi::OWNER_GUID;
 
 #[derive(Debug, Clone)]
 pub struct VmSpec {

@@ -49,9 +49,10 @@ fn keys_and_a_signed_uki() {
     if !(have("openssl")
         && have("sbsign")
         && have("sbverify")
+        && have("sign-efi-sig-list")
         && Path::new(kairos_build_stub()).exists())
     {
-        eprintln!("skipped: openssl, sbsigntool or systemd-boot-efi missing");
+        eprintln!("skipped: openssl, sbsigntool, efitools or systemd-boot-efi missing");
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -82,6 +83,33 @@ fn keys_and_a_signed_uki() {
     assert_eq!(mode("db.key"), 0o600);
     assert_eq!(mode("tpm2-pcr-private.pem"), 0o600);
     assert_eq!(mode("db.pem"), 0o644);
+    // Enrollment files: db.esl holds db's certificate; each .auth is an authenticated
+    // variable (EFI_TIME, a PKCS#7 WIN_CERTIFICATE_UEFI_GUID) followed by its signature list.
+    use der::{Decode, Encode};
+    let esl = std::fs::read(keys.join("db.esl")).unwrap();
+    let certs = kairos_trust::signature::parse_signature_lists(&esl).unwrap();
+    let der = std::fs::read(keys.join("db.der")).unwrap();
+    assert_eq!(certs.len(), 1);
+    assert_eq!(certs[0].to_der().unwrap(), der);
+    x509_cert::Certificate::from_der(&der).unwrap();
+    for kind in ["PK", "KEK", "db"] {
+        let auth = std::fs::read(keys.join(format!("{kind}.auth"))).unwrap();
+        let esl = std::fs::read(keys.join(format!("{kind}.esl"))).unwrap();
+        let cert_len = u32::from_le_bytes(auth[16..20].try_into().unwrap()) as usize;
+        assert_eq!(
+            &auth[24..40],
+            &[
+                0x9d, 0xd2, 0xaf, 0x4a, 0xdf, 0x68, 0xee, 0x49, 0x8a, 0xa9, 0x34, 0x7d, 0x37, 0x56,
+                0x65, 0xa7
+            ],
+            "{kind}.auth: EFI_CERT_TYPE_PKCS7_GUID"
+        );
+        assert_eq!(
+            &auth[16 + cert_len..],
+            &esl[..],
+            "{kind}.auth ends with {kind}.esl"
+        );
+    }
     let (ok, _, err) = kairosctl(&["keys", "generate", k]);
     assert!(!ok && err.contains("never overwritten"), "{err}");
 

@@ -178,6 +178,10 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
         let bytes = std::fs::read(uki_on(&tree).unwrap()).unwrap();
         let phases = kairos_trust::pcr::predict_uki(&bytes).unwrap();
         assert!(tree.join("EFI/BOOT/BOOTX64.EFI").is_file(), "systemd-boot");
+        assert!(
+            tree.join("loader/keys/auto/db.auth").is_file(),
+            "auto-enrollment files"
+        );
         phases
             .iter()
             .find(|(p, _)| p == "enter-initrd:leave-initrd")

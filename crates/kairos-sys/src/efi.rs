@@ -10,6 +10,8 @@ pub const EFIVARS: &str = "/sys/firmware/efi/efivars";
 pub const GLOBAL_GUID: &str = "8be4df61-93ca-11d2-aa0d-00e098032b8c";
 /// The systemd Boot Loader Interface vendor GUID (systemd-boot, systemd-stub).
 pub const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+/// The owner GUID Kairos enrolls the owner's keys under (any fixed GUID does).
+pub const OWNER_GUID: &str = "9b1c5f4e-6a2d-4c1e-8f3a-4b6172696f73";
 /// No variable we read is larger (an entry id is a short file name).
 const MAX_VAR: u64 = 4096;
 
