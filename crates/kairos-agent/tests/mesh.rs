@@ -894,9 +894,12 @@ fn three_auto_nodes_form_a_cluster() {
     // A workstation joins with `kairosctl bridge`: it gets the kubeconfig, and the API at
     // the master's mesh address answers it over the VPN.
     let ws = lan.add_bridge(9, &tok);
-    lan.wait_cluster("the bridge wrote the kubeconfig", 90, |lan, _| {
+    // The file is written during a coordinator tick and the status shows that tick's result
+    // once the daemon's loop comes round: wait for both, not the file alone.
+    lan.wait_cluster("the bridge wrote the kubeconfig", 90, |lan, all| {
         lan.file(ws, "kubeconfig")
             .contains(&format!("server: https://{master_ip}:6443"))
+            && all[ws]["cluster"]["ip_master"].as_str() == Some(master_ip.to_string().as_str())
     });
     let bridge_status = lan.status(ws).unwrap();
     assert_eq!(
