@@ -724,7 +724,17 @@ pub fn run(cli: Cli) -> Result<Code> {
             json,
             node,
         } => {
-            let v = crate::lifecycle::state_value(&node, &cli.global.root, &cli.global.booted())?;
+            // The trusted-boot view reads and hashes the booted UKI: only when it is shown.
+            let trust = match &command {
+                Some(StateCommand::Get { path }) => path.starts_with("trusted_boot"),
+                None => true,
+            };
+            let v = crate::lifecycle::state_value(
+                &node,
+                &cli.global.root,
+                &cli.global.booted(),
+                trust,
+            )?;
             match command {
                 Some(StateCommand::Get { path }) => match kairos_lifecycle::state::get(&v, &path) {
                     Some(serde_json::Value::String(s)) => println!("{s}"),

@@ -435,18 +435,24 @@ fn partitions() -> BTreeMap<String, String> {
     .collect()
 }
 
-pub fn state_value(node: &NodeArgs, root: &Path, booted: &Booted) -> Result<serde_json::Value> {
+/// The node's state; `trust`: with the trusted-boot view (reads and hashes the booted UKI).
+pub fn state_value(
+    node: &NodeArgs,
+    root: &Path,
+    booted: &Booted,
+    trust: bool,
+) -> Result<serde_json::Value> {
     let opened = node.open(root, booted.mode == "recovery" && node.store.is_none())?;
     let mut s = state::gather(&opened.node, booted, partitions())?;
     let efi = kairos_sys::efi::BootInfo::read(
         &root.join(kairos_sys::efi::EFIVARS.trim_start_matches('/')),
     );
-    if efi.secure_boot.is_some() {
+    if trust && efi.secure_boot.is_some() {
         s.trusted_boot = Some(state::trusted_boot(
             &opened.node.esp,
             &efi,
-            kairos_sys::tpm::read_sysfs(7),
-            kairos_sys::tpm::read_sysfs(11),
+            kairos_sys::tpm::read_sysfs(root, 7),
+            kairos_sys::tpm::read_sysfs(root, 11),
         ));
     }
     Ok(serde_json::to_value(s)?)

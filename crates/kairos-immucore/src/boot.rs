@@ -448,7 +448,7 @@ fn check_pinned(dep: &kairos_layers::Deployment, pinned: &[String]) -> Result<()
     if pinned.is_empty() {
         return Ok(());
     }
-    let have: Vec<&str> = dep.layers.iter().map(|l| l.image.sha256.as_str()).collect();
+    let have = dep.image_hashes();
     if have != pinned {
         bail!(
             "deployment {} lists layer images {} but the signed boot entry names {}: the deployment manifest was changed or belongs to another image, so this boot is refused",

@@ -51,9 +51,6 @@ pub struct Plan {
     pub allow_insecure: bool,
 }
 
-/// At most this many layers can be pinned (the kernel cmdline is 2 KiB anyway).
-pub const MAX_PINNED_LAYERS: usize = 24;
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanError(pub String);
 
@@ -161,24 +158,6 @@ pub fn mode_of_entry(entry: &str) -> Option<Mode> {
     }
 }
 
-fn parse_pinned(v: &str) -> Result<Vec<String>, PlanError> {
-    let list: Vec<String> = v.split(',').map(str::to_ascii_lowercase).collect();
-    if list.len() > MAX_PINNED_LAYERS {
-        return Err(PlanError(format!(
-            "rd.kairos.layers: {} layers, at most {MAX_PINNED_LAYERS}",
-            list.len()
-        )));
-    }
-    for h in &list {
-        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(PlanError(format!(
-                "rd.kairos.layers: {h:?} is not a sha256 (64 hex digits)"
-            )));
-        }
-    }
-    Ok(list)
-}
-
 impl Plan {
     pub fn from_cmdline(cmdline: &str) -> Result<Plan, PlanError> {
         Plan::from_boot(cmdline, None)
@@ -222,8 +201,8 @@ impl Plan {
                 }
                 "rd.kairos.debug" | "rd.immucore.debug" => plan.debug = true,
                 "rd.kairos.verify" => plan.verify = true,
-                "rd.kairos.layers" => {
-                    plan.pinned_layers = parse_pinned(v)?;
+                kairos_layers::PINS_ARG => {
+                    plan.pinned_layers = kairos_layers::parse_pins(v).map_err(PlanError)?;
                     plan.verify = true;
                 }
                 "rd.kairos.securebootdisabled" | "rd.immucore.securebootdisabled" => {
@@ -322,7 +301,7 @@ mod tests {
             let e = Plan::from_cmdline(&format!("kairos.deployment=x rd.kairos.layers={bad}"));
             assert!(e.unwrap_err().0.contains("rd.kairos.layers"), "{bad}");
         }
-        let many = vec![h1.as_str(); MAX_PINNED_LAYERS + 1].join(",");
+        let many = vec![h1.as_str(); kairos_layers::MAX_PINS + 1].join(",");
         assert!(
             Plan::from_cmdline(&format!("kairos.deployment=x rd.kairos.layers={many}")).is_err()
         );

@@ -86,6 +86,46 @@ pub struct Deployment {
     pub uki: Option<String>,
 }
 
+impl Deployment {
+    /// The sha256 of each layer image, base first: what a trusted UKI pins.
+    pub fn image_hashes(&self) -> Vec<&str> {
+        self.layers
+            .iter()
+            .map(|l| l.image.sha256.as_str())
+            .collect()
+    }
+}
+
+/// The kernel argument of a signed UKI that pins a deployment's layer images (trusted boot):
+/// `rd.kairos.layers=<sha256>,<sha256>…`, base first. Written by build and read by immucore
+/// and the agent through [`render_pins`] and [`parse_pins`] only.
+pub const PINS_ARG: &str = "rd.kairos.layers";
+/// At most this many layers can be pinned (the x86 kernel cmdline is 2 KiB).
+pub const MAX_PINS: usize = 24;
+
+/// `rd.kairos.layers=a,b` for these image hashes.
+pub fn render_pins(hashes: &[&str]) -> String {
+    format!("{PINS_ARG}={}", hashes.join(","))
+}
+
+/// The hashes of an `rd.kairos.layers=` value: each 64 hex digits (lowercased), at most
+/// [`MAX_PINS`]; an error says which one is wrong.
+pub fn parse_pins(value: &str) -> Result<Vec<String>, String> {
+    let list: Vec<String> = value.split(',').map(str::to_ascii_lowercase).collect();
+    if list.len() > MAX_PINS {
+        return Err(format!(
+            "{PINS_ARG}: {} layers, at most {MAX_PINS}",
+            list.len()
+        ));
+    }
+    for h in &list {
+        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{PINS_ARG}: {h:?} is not a sha256 (64 hex digits)"));
+        }
+    }
+    Ok(list)
+}
+
 /// sha256 of bytes, hex.
 pub fn sha256_hex(data: &[u8]) -> String {
     sha2::Sha256::digest(data)

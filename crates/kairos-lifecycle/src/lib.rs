@@ -108,12 +108,11 @@ pub fn esp_uki_path(deployment: &str) -> String {
 /// the sha256 of every layer image (immucore boots only those). No mode or store: the
 /// entry's name gives the role, so one UKI serves as active, passive and recovery.
 pub fn trusted_cmdline(dep: &kairos_layers::Deployment) -> String {
-    let layers: Vec<&str> = dep.layers.iter().map(|l| l.image.sha256.as_str()).collect();
     format!(
-        "{} kairos.deployment={} rd.kairos.layers={}",
+        "{} kairos.deployment={} {}",
         dep.cmdline,
         dep.id,
-        layers.join(",")
+        kairos_layers::render_pins(&dep.image_hashes())
     )
     .trim()
     .to_string()

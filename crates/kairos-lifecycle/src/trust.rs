@@ -22,20 +22,16 @@ pub struct Pins {
 }
 
 /// The pins in a UKI's cmdline (`kairos.deployment=… rd.kairos.layers=a,b`); `None` when it
-/// has none (not a Kairos trusted UKI).
+/// has none or they are malformed (not a Kairos trusted UKI).
 pub fn pins(cmdline: &str) -> Option<Pins> {
     let get = |k: &str| {
         cmdline
             .split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .map(str::to_string)
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
     };
     Some(Pins {
-        deployment: get("kairos.deployment=")?,
-        layers: get("rd.kairos.layers=")?
-            .split(',')
-            .map(str::to_ascii_lowercase)
-            .collect(),
+        deployment: get("kairos.deployment")?.to_string(),
+        layers: kairos_layers::parse_pins(get(kairos_layers::PINS_ARG)?).ok()?,
     })
 }
 
@@ -98,7 +94,7 @@ pub fn uki_pins(path: &Path, bytes: &[u8]) -> Result<Pins, Error> {
 
 /// The UKI was built for this deployment: same id, same layer images in the same order.
 pub fn check_pins(pins: &Pins, dep: &Deployment) -> Result<(), Error> {
-    let have: Vec<&str> = dep.layers.iter().map(|l| l.image.sha256.as_str()).collect();
+    let have = dep.image_hashes();
     if pins.deployment != dep.id || pins.layers != have {
         return Err(Error::Node(format!(
             "the UKI was built for deployment {} (layers {}), but the image gives deployment {} (layers {}): build the UKI from this image (`kairosctl build uki --image {}`); nothing boots differently",
@@ -160,6 +156,7 @@ mod tests {
         assert_eq!(p.deployment, "d-1");
         assert_eq!(p.layers, vec![h('a'), h('b')]);
         assert_eq!(pins("console=ttyS0 kairos.deployment=d-1"), None);
+        assert_eq!(pins("kairos.deployment=d-1 rd.kairos.layers=zz"), None);
         let layer = |c: char| kairos_layers::Layer {
             digest: kairos_layers::Digest::of(c.to_string().as_bytes()),
             image: kairos_layers::Blob {

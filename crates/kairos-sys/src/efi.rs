@@ -61,6 +61,16 @@ pub fn flag(data: &[u8]) -> Option<bool> {
     }
 }
 
+/// A PCR number as systemd-stub writes it: a UTF-16 decimal string, or (some stubs) a
+/// 32-bit little-endian number.
+fn pcr_number(data: &[u8]) -> Option<u32> {
+    if let Some(n) = utf16_string(data).and_then(|s| s.trim().parse().ok()) {
+        return Some(n);
+    }
+    let bytes: [u8; 4] = data.try_into().ok()?;
+    Some(u32::from_le_bytes(bytes))
+}
+
 /// What the firmware and the boot loader say about this boot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BootInfo {
@@ -81,14 +91,7 @@ impl BootInfo {
             entry: read_var(dir, "LoaderEntrySelected", LOADER_GUID)
                 .and_then(|d| utf16_string(&d))
                 .filter(|s| !s.is_empty()),
-            stub_pcr: read_var(dir, "StubPcrKernelImage", LOADER_GUID).and_then(|d| {
-                utf16_string(&d)
-                    .and_then(|s| s.trim().parse().ok())
-                    .or_else(|| {
-                        // Some stubs write it as a 32-bit little-endian number.
-                        (d.len() == 4).then(|| u32::from_le_bytes([d[0], d[1], d[2], d[3]]))
-                    })
-            }),
+            stub_pcr: read_var(dir, "StubPcrKernelImage", LOADER_GUID).and_then(|d| pcr_number(&d)),
         }
     }
 }

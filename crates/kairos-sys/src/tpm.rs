@@ -190,10 +190,13 @@ pub fn read_with(
     parse_pcr_read(&resp)
 }
 
-/// A SHA-256 PCR as the kernel shows it in sysfs, lowercase hex; `None` without a TPM (or a
-/// kernel older than 6.1).
-pub fn read_sysfs(pcr: u32) -> Option<String> {
-    let t = std::fs::read_to_string(format!("{SYSFS_PCRS}/pcr-sha256/{pcr}")).ok()?;
+/// A SHA-256 PCR as the kernel shows it in sysfs under `root`, lowercase hex; `None` without a
+/// TPM (or a kernel older than 6.1).
+pub fn read_sysfs(root: &std::path::Path, pcr: u32) -> Option<String> {
+    let path = root
+        .join(SYSFS_PCRS.trim_start_matches('/'))
+        .join(format!("pcr-sha256/{pcr}"));
+    let t = std::fs::read_to_string(path).ok()?;
     let t = t.trim().to_ascii_lowercase();
     (t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit())).then_some(t)
 }
