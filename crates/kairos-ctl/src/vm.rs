@@ -267,16 +267,29 @@ pub fn prepare(vars: &Path) -> Result<()> {
 /// made once from OVMF's empty store by virt-fw-vars (PyPI `virt-firmware`; Debian 12 has no
 /// package of it).
 pub fn enrolled_vars(keys: &Path, vars: &Path) -> Result<()> {
-    if vars.exists() {
-        return Ok(());
-    }
+    // Which certificates the store holds is kept beside it: other keys make a new store
+    // (the old one would go on trusting the old keys without a word).
+    let mut certs = String::new();
     for k in ["PK.pem", "KEK.pem", "db.pem"] {
-        if !keys.join(k).is_file() {
-            bail!(
+        let text = std::fs::read_to_string(keys.join(k)).with_context(|| {
+            format!(
                 "{} is missing: --secure-boot takes a key directory made by `kairosctl keys generate`",
                 keys.join(k).display()
-            );
+            )
+        })?;
+        certs.push_str(&text);
+    }
+    let stamp = vars.with_extension("keys");
+    let want = format!("{}\n", kairos_layers::sha256_hex(certs.as_bytes()));
+    if vars.exists() {
+        if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
+            return Ok(());
         }
+        eprintln!(
+            "kairosctl: {} holds other keys than {}: enrolling these in a new variable store",
+            vars.display(),
+            keys.display()
+        );
     }
     let tmp = vars.with_extension("tmp");
     let pem = |k: &str| keys.join(k).to_string_lossy().into_owned();
@@ -295,7 +308,8 @@ pub fn enrolled_vars(keys: &Path, vars: &Path) -> Result<()> {
                 keys.display()
             )
         })?;
-    std::fs::rename(&tmp, vars).with_context(|| format!("renaming into {}", vars.display()))
+    std::fs::rename(&tmp, vars).with_context(|| format!("renaming into {}", vars.display()))?;
+    std::fs::write(&stamp, want).with_context(|| format!("writing {}", stamp.display()))
 }
 
 /// Starts a software TPM 2.0 (swtpm) whose state lives in `dir` (kept across boots, like a

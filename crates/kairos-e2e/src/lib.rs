@@ -12,6 +12,39 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// A cloud-config for the `tiny` flavour: root's password, and a network in the boot stage
+/// (busybox has no network manager; the host is 10.0.2.2 under QEMU user networking, where
+/// the tests' registry listens).
+pub fn tiny_cloud_config(root_password: &str) -> String {
+    format!(
+        "#cloud-config
+users:
+- name: root
+  passwd: {root_password}
+stages:
+  boot:
+  - name: network for the tests
+    commands:
+    - modprobe virtio_net
+    - ip link set eth0 up
+    - ip addr add 10.0.2.15/24 dev eth0
+    - ip route add default via 10.0.2.2
+"
+    )
+}
+
+/// A registry image reference as the guest reaches it (QEMU user networking: the host is
+/// 10.0.2.2).
+pub fn guest_ref(host_ref: &str) -> String {
+    host_ref.replace("127.0.0.1", "10.0.2.2")
+}
+
+/// PCR 11 (SHA-256 bank) as the guest's kernel shows it, lowercase hex.
+pub fn guest_pcr11(vm: &mut Vm) -> Result<String> {
+    let out = vm.sh("cat /sys/class/tpm/tpm0/pcr-sha256/11")?;
+    Ok(out.lines().next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
 pub fn cache() -> PathBuf {
     PathBuf::from(std::env::var("KAIROS_CACHE").unwrap_or_else(|_| "/var/cache/kairos-rs".into()))
 }

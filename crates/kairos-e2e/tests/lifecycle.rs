@@ -6,27 +6,13 @@
 use std::time::Duration;
 
 use kairos_e2e::{
-    Vm, build_raw, check, image_with_files, incompressible, start_registry, tiny_in_registry,
+    Vm, build_raw, check, guest_ref, image_with_files, incompressible, start_registry,
+    tiny_cloud_config, tiny_in_registry,
 };
 
-/// Root login, and a network in the boot stage (busybox has no network manager).
-const CLOUD_CONFIG: &str = "#cloud-config
-users:
-- name: root
-  passwd: rootpw
-stages:
-  boot:
-  - name: network for the tests
-    commands:
-    - modprobe virtio_net
-    - ip link set eth0 up
-    - ip addr add 10.0.2.15/24 dev eth0
-    - ip route add default via 10.0.2.2
-";
-
-/// The registry address as the guest sees it.
-fn guest_ref(host_ref: &str) -> String {
-    host_ref.replace("127.0.0.1", "10.0.2.2")
+/// Root login, and a network in the boot stage.
+fn cloud_config() -> String {
+    tiny_cloud_config("rootpw")
 }
 
 /// Bytes written to the virtio disk so far (sectors written, /sys/block/vda/stat field 7).
@@ -66,7 +52,7 @@ fn upgrade_fetches_one_layer_blesses_and_rolls_back() {
     let disk = work.path().join("disk.raw");
     let reg = start_registry().unwrap();
     let v1 = tiny_in_registry(&reg).unwrap();
-    build_raw(&v1, CLOUD_CONFIG, &disk).unwrap();
+    build_raw(&v1, &cloud_config(), &disk).unwrap();
     // v2 changes one thing: a new top layer with a version file and 512 KiB of new bytes.
     let blob = incompressible(512 << 10, 7);
     let v2 = image_with_files(
@@ -201,7 +187,7 @@ fn failing_health_check_falls_back_by_itself() {
     let disk = work.path().join("disk.raw");
     let reg = start_registry().unwrap();
     let v1 = tiny_in_registry(&reg).unwrap();
-    build_raw(&v1, CLOUD_CONFIG, &disk).unwrap();
+    build_raw(&v1, &cloud_config(), &disk).unwrap();
     // v3 ships a health check that always fails.
     let bad = image_with_files(
         &v1,
@@ -282,7 +268,7 @@ fn power_cut_at_any_step_of_an_upgrade_leaves_a_bootable_node() {
     let disk = work.path().join("disk.raw");
     let reg = start_registry().unwrap();
     let v1 = tiny_in_registry(&reg).unwrap();
-    build_raw(&v1, CLOUD_CONFIG, &disk).unwrap();
+    build_raw(&v1, &cloud_config(), &disk).unwrap();
     let v2 = image_with_files(
         &v1,
         &[
@@ -368,7 +354,7 @@ fn reset_from_recovery_comes_back_active_with_the_oem_config() {
     let disk = work.path().join("disk.raw");
     let reg = start_registry().unwrap();
     let v1 = tiny_in_registry(&reg).unwrap();
-    build_raw(&v1, CLOUD_CONFIG, &disk).unwrap();
+    build_raw(&v1, &cloud_config(), &disk).unwrap();
     drop(reg);
     let mut vm = Vm::boot(&disk, &work.path().join("active.log")).unwrap();
     verdict(&mut vm);

@@ -82,11 +82,15 @@ pub fn trusted_boot(
         .as_deref()
         .and_then(entries::parse_name)
         .map(|(r, _)| r);
+    // Only a UKI where Kairos puts them is read: an entry file on the (unsigned) ESP naming
+    // another path is not followed.
     let entry = role.and_then(|r| {
-        entries::list(esp)
-            .ok()?
-            .into_iter()
-            .find(|e| e.role == r && !e.efi.is_empty())
+        entries::list(esp).ok()?.into_iter().find(|e| {
+            let plain = !e.deployment.is_empty()
+                && !e.deployment.starts_with('.')
+                && !e.deployment.contains(['/', '\\']);
+            e.role == r && plain && e.efi == crate::esp_uki_path(&e.deployment)
+        })
     });
     if let Some(e) = entry {
         let path = esp.join(e.efi.trim_start_matches('/'));
@@ -166,5 +170,38 @@ mod tests {
         assert_eq!(super::get(&v, "a.b.1.c"), Some(&serde_json::json!("x")));
         assert_eq!(super::get(&v, "a.b.7"), None);
         assert_eq!(super::get(&v, ""), Some(&v));
+    }
+
+    #[test]
+    fn trusted_boot_reads_only_kairos_ukis() {
+        let d = tempfile::tempdir().unwrap();
+        let esp = d.path();
+        std::fs::create_dir_all(esp.join("loader/entries")).unwrap();
+        std::fs::create_dir_all(esp.join("kairos")).unwrap();
+        let efi = kairos_sys::efi::BootInfo {
+            secure_boot: Some(true),
+            setup_mode: Some(false),
+            entry: Some("active+2-1.conf".into()),
+            stub_pcr: Some(11),
+        };
+        // An entry naming a path outside kairos/ is not followed.
+        std::fs::write(
+            esp.join("loader/entries/active.conf"),
+            "title x\nefi /kairos/../../secret.efi\n",
+        )
+        .unwrap();
+        let t = super::trusted_boot(esp, &efi, None, None);
+        assert_eq!((t.uki, t.measured.is_none()), (None, true));
+        assert_eq!(t.secure_boot, Some(true));
+        // Kairos' own entry: read (here not a PE, which is said).
+        std::fs::write(
+            esp.join("loader/entries/active.conf"),
+            crate::entries::render_uki(crate::entries::Role::Active, "d-1", "1"),
+        )
+        .unwrap();
+        std::fs::write(esp.join("kairos/d-1.efi"), b"not a PE").unwrap();
+        let t = super::trusted_boot(esp, &efi, None, None);
+        assert_eq!(t.uki.as_deref(), Some("/kairos/d-1.efi"));
+        assert!(t.error.unwrap().contains("d-1.efi"));
     }
 }

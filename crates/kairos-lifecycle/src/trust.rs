@@ -10,8 +10,9 @@ use kairos_trust::signature::{self, Signed};
 
 use crate::Error;
 
-/// A UKI larger than this is refused unread (firmware loads far smaller ones).
-pub const MAX_UKI: u64 = 1 << 30;
+/// A UKI larger than this is refused unread: it is read whole into memory, and firmware
+/// loads far smaller ones (builds warn over 250 MiB).
+pub const MAX_UKI: u64 = 512 << 20;
 
 /// What a trusted UKI's cmdline says it boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
