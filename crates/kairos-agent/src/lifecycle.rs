@@ -292,10 +292,7 @@ pub fn upgrade_cmd(
     let uki = match &a.uki {
         Some(path) => {
             let efivars = root.join(kairos_sys::efi::EFIVARS.trim_start_matches('/'));
-            let db = kairos_lifecycle::trust::firmware_db(&efivars)?;
-            let (bytes, signed) = kairos_lifecycle::trust::read_and_verify(path, &db)?;
-            let pins = kairos_lifecycle::trust::uki_pins(path, &bytes)?;
-            kairos_lifecycle::trust::check_esp_room(&node.esp, bytes.len() as u64)?;
+            let (bytes, pins, signed) = kairos_lifecycle::trust::check_uki(node, &efivars, path)?;
             eprintln!(
                 "{}: signed by {}, trusted by the firmware's {}",
                 path.display(),
@@ -315,7 +312,7 @@ pub fn upgrade_cmd(
     } else {
         Role::Active
     };
-    let dep = if a.apply {
+    let mut dep = if a.apply {
         let s = kairos_lifecycle::history::staged(&node.store).context(
             "nothing is staged: run `kairos-agent upgrade --download-only --source …` first",
         )?;
@@ -329,7 +326,6 @@ pub fn upgrade_cmd(
         let _ = std::fs::remove_dir_all(&node.scratch);
         r.with_context(|| format!("upgrading to {source}"))?
     };
-    let mut dep = dep;
     if let Some((bytes, pins)) = &uki {
         // Built for this image? Checked before its entry exists; then it goes on the ESP.
         kairos_lifecycle::trust::check_pins(pins, &dep)?;

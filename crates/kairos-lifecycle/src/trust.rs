@@ -93,6 +93,20 @@ pub fn uki_pins(path: &Path, bytes: &[u8]) -> Result<Pins, Error> {
     })
 }
 
+/// Everything checked of a UKI before an upgrade writes anything: the firmware's db (under
+/// `efivars`) trusts its signer, its cmdline pins a deployment, the ESP has room for it.
+pub fn check_uki(
+    node: &crate::Node,
+    efivars: &Path,
+    path: &Path,
+) -> Result<(Vec<u8>, Pins, Signed), Error> {
+    let db = firmware_db(efivars)?;
+    let (bytes, signed) = read_and_verify(path, &db)?;
+    let pins = uki_pins(path, &bytes)?;
+    check_esp_room(&node.esp, bytes.len() as u64)?;
+    Ok((bytes, pins, signed))
+}
+
 /// The UKI was built for this deployment: same id, same layer images in the same order.
 pub fn check_pins(pins: &Pins, dep: &Deployment) -> Result<(), Error> {
     let have = dep.image_hashes();
