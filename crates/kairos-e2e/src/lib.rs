@@ -33,6 +33,37 @@ stages:
     )
 }
 
+/// A boot-stage command for systemd images (a YAML `- |` item for a `commands:` list, six
+/// spaces in) that brings up the NIC whose MAC starts with `mac_prefix` with address `addr`
+/// (a shell word; `$n` is the MAC's last byte in hex), then runs `then` (more script lines).
+/// The boot stage is not ordered after udev: the NIC may not be there yet, or be renamed
+/// (eth0 → enp0s3) under us, so it is found by MAC after `udevadm settle` and retried for up
+/// to 60 s; the stage fails with a message if it never comes up. QEMU's user network NIC has
+/// MAC 52:54:00:12:34:56 (host 10.0.2.2).
+pub fn nic_up_command(mac_prefix: &str, addr: &str, then: &[&str]) -> String {
+    let mut s = format!(
+        "    - |
+      udevadm settle -t 30 || true
+      t=0
+      while [ $t -lt 300 ]; do
+        i=
+        for d in /sys/class/net/*; do
+          case $(cat $d/address) in {mac_prefix}*) i=${{d##*/}}; n=$(cut -d: -f6 $d/address);; esac
+        done
+        if [ -n \"$i\" ] && ip link set $i up && ip addr replace {addr} dev $i; then break; fi
+        sleep 0.2; t=$((t+1))
+      done
+      [ $t -lt 300 ] || {{ echo \"no NIC with MAC {mac_prefix}* came up in 60 s\" >&2; exit 1; }}
+"
+    );
+    for l in then {
+        s.push_str("      ");
+        s.push_str(l);
+        s.push('\n');
+    }
+    s
+}
+
 /// A registry image reference as the guest reaches it (QEMU user networking: the host is
 /// 10.0.2.2).
 pub fn guest_ref(host_ref: &str) -> String {

@@ -10,7 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use kairos_e2e::{Vm, bin, build_raw, debian_rootfs, image_in_registry_with, start_registry};
+use kairos_e2e::{
+    Vm, bin, build_raw, debian_rootfs, image_in_registry_with, nic_up_command, start_registry,
+};
 use serde_json::Value;
 
 fn config(token: &str) -> String {
@@ -34,23 +36,12 @@ stages:
   boot:
   - name: the link to the other VM is the LAN
     commands:
-    # The boot stage is not ordered after udev: the link's NIC (the one with the 52:54:00:4b
-    # MAC the harness gives it) may not be there yet, or be renamed (eth1 → enp0s4) under
-    # us. Find it by MAC and retry until it is up with its address (up to 60 s).
-    - |
-      udevadm settle -t 30 || true
-      t=0
-      while [ $t -lt 300 ]; do
-        i=
-        for d in /sys/class/net/*; do
-          case $(cat $d/address) in 52:54:00:4b:*) i=${{d##*/}}; n=$(cut -d: -f6 $d/address);; esac
-        done
-        if [ -n \"$i\" ] && ip link set $i up && ip addr replace 192.168.50.$((0x$n))/24 dev $i; then break; fi
-        sleep 0.2; t=$((t+1))
-      done
-      [ $t -lt 300 ] || {{ echo \"the link's NIC did not come up in 60 s\" >&2; exit 1; }}
-      hostname node-$n; echo node-$n > /etc/hostname
-"
+{}",
+        nic_up_command(
+            "52:54:00:4b:",
+            "192.168.50.$((0x$n))/24",
+            &["hostname node-$n; echo node-$n > /etc/hostname"]
+        )
     )
 }
 

@@ -87,7 +87,7 @@ fn debian_boots_with_systemd_applies_oem_config_grows_persistent_and_boots_recov
 #[test]
 #[ignore = "VM test: run by scripts/test tier 3"]
 fn debian_installs_from_iso_and_upgrades() {
-    use kairos_e2e::{blank_disk, build_iso, image_with_files};
+    use kairos_e2e::{blank_disk, build_iso, image_with_files, nic_up_command};
     let work = tempfile::tempdir().unwrap();
     let iso = work.path().join("debian.iso");
     let disk = work.path().join("disk.raw");
@@ -101,7 +101,8 @@ fn debian_installs_from_iso_and_upgrades() {
     .unwrap();
     build_iso(
         &v1,
-        "#cloud-config
+        &format!(
+            "#cloud-config
 users:
 - name: root
   passwd: debianpw
@@ -113,8 +114,13 @@ stages:
   boot:
   - name: network for the tests
     commands:
-    - for i in /sys/class/net/e*; do n=${i##*/}; ip link set $n up; ip addr add 10.0.2.15/24 dev $n; done; ip route add default via 10.0.2.2
-",
+{}",
+            nic_up_command(
+                "52:54:00:12:34:56",
+                "10.0.2.15/24",
+                &["ip route replace default via 10.0.2.2"]
+            )
+        ),
         &iso,
     )
     .unwrap();
