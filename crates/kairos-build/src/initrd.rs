@@ -35,6 +35,15 @@ pub const BOOT_MODULES: &[&str] = &[
     "nls_iso8859_1",
     // Trusted boot: the firmware's variables (which entry booted, Secure Boot state).
     "efivarfs",
+    // Encrypted partitions (no modprobe in the initrd for the kernel's requests): dm-crypt
+    // with aes-xts (AES itself is built in), and the kernel crypto API for cryptsetup.
+    "dm_mod",
+    "dm_crypt",
+    "xts",
+    "ecb",
+    "af_alg",
+    "algif_skcipher",
+    "algif_hash",
 ];
 
 /// A kernel found in an image tree. Paths are inside the tree and read beneath it: an image

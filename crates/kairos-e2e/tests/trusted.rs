@@ -257,7 +257,7 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
     check(&state, "secure boot: on", "state: Secure Boot");
     check(
         &state,
-        "matches the prediction at enter-initrd:leave-initrd; the signed policy covers",
+        "matches the prediction at enter-initrd:leave-initrd; the signed policy covers enter-initrd only",
         "state: PCR 11 and the policy",
     );
     check(&state, &leave, "state: the value");

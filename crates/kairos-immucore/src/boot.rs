@@ -11,6 +11,7 @@ use kairos_layers::Store;
 use kairos_sys::mount::{MountFlags, bind, mount, move_mount};
 use kairos_sys::{Root, blockdev, kmod, loopdev};
 
+use crate::crypt;
 use crate::plan::{self, Mode, Plan};
 
 pub const SYSROOT: &str = "/sysroot";
@@ -275,6 +276,12 @@ impl Boot {
             fs::write(Path::new("/run/cos").join(plan.mode.marker()), "1")
                 .context("writing the mode marker")
         })?;
+        // Encrypted partitions open before anything reads them; COS_PERSISTENT only where it
+        // is mounted (active, passive).
+        let may_write = matches!(plan.mode, Mode::Active | Mode::Passive);
+        if plan.mode != Mode::Live {
+            self.step("open-encrypted", |_| open_encrypted(may_write))?;
+        }
         self.step("mount-oem", |b| {
             // A live system must not pick up the OEM of a disk it is about to install over.
             let oem = (plan.mode != Mode::Live)
@@ -300,6 +307,12 @@ impl Boot {
             }
             Ok(())
         })?;
+        if may_write {
+            self.step("encrypt-partitions", |_| encrypt_partitions(&cmdline))?;
+        }
+        // No key is unsealed past this point: PCR 11 leaves the phase the signed policy
+        // covers before any config-driven command (the stages below) can run.
+        self.leave_initrd()?;
         self.step("rootfs-stage", |_| {
             run_stage_in_initramfs("rootfs", &cmdline);
             Ok(())
@@ -354,7 +367,6 @@ impl Boot {
             run_stage_chrooted("initramfs", &cmdline);
             Ok(())
         })?;
-        self.leave_initrd()?;
         self.write_timeline();
         Ok(())
     }
@@ -411,6 +423,70 @@ impl Default for Boot {
     fn default() -> Self {
         Boot::new()
     }
+}
+
+/// Opens (or remakes, when a power cut interrupted their set-up) the encrypted partitions.
+fn open_encrypted(may_write: bool) -> Result<()> {
+    let mut work = Vec::new();
+    for label in plan::ENCRYPTABLE {
+        if *label == "COS_PERSISTENT" && !may_write {
+            continue;
+        }
+        if let Some((dev, holds)) = crypt::holds(label)? {
+            let action = plan::crypt_action(holds, false, may_write);
+            if !matches!(action, plan::CryptAction::Plain | plan::CryptAction::Skip) {
+                work.push((*label, dev, action));
+            }
+        }
+    }
+    if work.is_empty() {
+        return Ok(());
+    }
+    let tools = crypt::tools()?;
+    let _binds = crypt::ApiBinds::new()?;
+    for (label, dev, action) in work {
+        crypt::apply(&tools, label, &dev, action, None)?;
+    }
+    Ok(())
+}
+
+/// First boot: encrypts the plain partitions `install.encrypted_partitions` lists.
+fn encrypt_partitions(cmdline: &str) -> Result<()> {
+    let fetcher = kairos_config::HttpFetcher::default();
+    let collected =
+        kairos_config::collect::Collector::new(Root::new(SYSROOT), Some(cmdline.into()), &fetcher)
+            .collect()
+            .context("reading the config for install.encrypted_partitions")?;
+    let (wanted, warnings) = plan::encrypted_partitions(&collected.config.to_json());
+    for w in warnings {
+        say(&w);
+    }
+    let mut work = Vec::new();
+    for label in wanted {
+        if let Some((dev, holds)) = crypt::holds(label)? {
+            if plan::crypt_action(holds, true, true) == plan::CryptAction::Encrypt {
+                work.push((label, dev));
+            }
+        } else {
+            say(&format!(
+                "install.encrypted_partitions lists {label} but there is no such partition"
+            ));
+        }
+    }
+    if work.is_empty() {
+        return Ok(());
+    }
+    let tools = crypt::tools()?;
+    let _binds = crypt::ApiBinds::new()?;
+    for (label, dev) in work {
+        let mounted_at = (label == "COS_OEM").then_some("/sysroot/oem");
+        if label == "COS_PERSISTENT" {
+            // The volume spans the whole partition: grow it to the disk's end first.
+            grow_persistent(&dev);
+        }
+        crypt::apply(&tools, label, &dev, plan::CryptAction::Encrypt, mounted_at)?;
+    }
+    Ok(())
 }
 
 /// Mounts efivarfs (on a UEFI boot) and reads what firmware and boot loader say.
@@ -618,7 +694,7 @@ fn grow_persistent(dev: &Path) -> Option<kairos_sys::grow::Extent> {
 }
 
 /// Copies a tree keeping modes, owners, symlinks (like `cp -a`).
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(crate) fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
     for e in fs::read_dir(from)? {
         let e = e?;

@@ -6,6 +6,7 @@
 //! assessment can pick another entry.
 
 pub mod boot;
+pub mod crypt;
 pub mod plan;
 
 use std::fs;

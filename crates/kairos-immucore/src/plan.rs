@@ -236,6 +236,77 @@ impl Plan {
     }
 }
 
+/// Partitions `install.encrypted_partitions` may name (Kairos' keys).
+pub const ENCRYPTABLE: &[&str] = &["COS_PERSISTENT", "COS_OEM"];
+
+/// What a partition that may be encrypted holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holds {
+    /// A plain filesystem (or nothing recognised).
+    Plain,
+    /// A LUKS volume Kairos finished setting up.
+    Luks,
+    /// A LUKS volume whose set-up a power cut interrupted: no filesystem, no data.
+    LuksUnfinished,
+}
+
+/// What immucore does with such a partition at this boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CryptAction {
+    /// Mount it as it is.
+    Plain,
+    /// First boot asking for encryption: make a LUKS2 volume (keeping the content).
+    Encrypt,
+    /// Set-up was interrupted: make the volume again (there is no data in it to keep).
+    Redo,
+    /// Open it (TPM, else the console prompt).
+    Open,
+    /// Leave it closed (an unfinished volume where encrypting is not allowed).
+    Skip,
+}
+
+/// The decision: `wanted` is whether the config lists the partition, `may_encrypt` whether
+/// this boot may write partitions (active and passive boots; never recovery or live).
+pub fn crypt_action(holds: Holds, wanted: bool, may_encrypt: bool) -> CryptAction {
+    match holds {
+        Holds::Luks => CryptAction::Open,
+        Holds::LuksUnfinished if may_encrypt => CryptAction::Redo,
+        Holds::LuksUnfinished => CryptAction::Skip,
+        Holds::Plain if wanted && may_encrypt => CryptAction::Encrypt,
+        Holds::Plain => CryptAction::Plain,
+    }
+}
+
+/// `install.encrypted_partitions` from the merged config: the partitions to encrypt and
+/// what to warn about (names Kairos cannot encrypt, a value that is not a list of names).
+pub fn encrypted_partitions(config: &serde_json::Value) -> (Vec<&'static str>, Vec<String>) {
+    let mut want = Vec::new();
+    let mut warn = Vec::new();
+    let v = &config["install"]["encrypted_partitions"];
+    let items: Vec<&serde_json::Value> = match v {
+        serde_json::Value::Null => Vec::new(),
+        serde_json::Value::Array(a) => a.iter().collect(),
+        other => {
+            warn.push(format!(
+                "install.encrypted_partitions must be a list of partition labels, not {other}: nothing is encrypted"
+            ));
+            Vec::new()
+        }
+    };
+    for item in items {
+        let name = item.as_str().unwrap_or_default();
+        match ENCRYPTABLE.iter().find(|l| l.eq_ignore_ascii_case(name)) {
+            Some(l) if !want.contains(l) => want.push(*l),
+            Some(_) => {}
+            None => warn.push(format!(
+                "install.encrypted_partitions: {item} is not a partition Kairos encrypts ({}): left as it is",
+                ENCRYPTABLE.join(", ")
+            )),
+        }
+    }
+    (want, warn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,5 +392,39 @@ mod tests {
             s,
             vec!["/etc", "/home", "/var/log", "/etc/ssh", "/var/lib/rancher"]
         );
+    }
+
+    #[test]
+    fn crypt_actions() {
+        use CryptAction as A;
+        assert_eq!(crypt_action(Holds::Plain, true, true), A::Encrypt);
+        assert_eq!(crypt_action(Holds::Plain, true, false), A::Plain);
+        assert_eq!(crypt_action(Holds::Plain, false, true), A::Plain);
+        // An encrypted partition opens whatever the config says now (it may be on COS_OEM).
+        assert_eq!(crypt_action(Holds::Luks, false, false), A::Open);
+        assert_eq!(crypt_action(Holds::Luks, true, true), A::Open);
+        assert_eq!(crypt_action(Holds::LuksUnfinished, false, true), A::Redo);
+        assert_eq!(crypt_action(Holds::LuksUnfinished, true, false), A::Skip);
+    }
+
+    #[test]
+    fn encrypted_partitions_from_the_config() {
+        let c = serde_json::json!({"install": {"encrypted_partitions": ["COS_PERSISTENT", "cos_oem", "COS_PERSISTENT", "COS_STATE"]}});
+        let (want, warn) = encrypted_partitions(&c);
+        assert_eq!(want, vec!["COS_PERSISTENT", "COS_OEM"]);
+        assert_eq!(warn.len(), 1);
+        assert!(
+            warn[0].contains("\"COS_STATE\" is not a partition Kairos encrypts"),
+            "{warn:?}"
+        );
+        assert_eq!(
+            encrypted_partitions(&serde_json::json!({})),
+            (vec![], vec![])
+        );
+        let (want, warn) = encrypted_partitions(
+            &serde_json::json!({"install": {"encrypted_partitions": "COS_OEM"}}),
+        );
+        assert!(want.is_empty());
+        assert!(warn[0].contains("must be a list"), "{warn:?}");
     }
 }

@@ -14,8 +14,17 @@ pub struct Probed {
 /// Bytes to read from the start of a device for [`probe_head`] (ISO 9660 starts at 32 KiB).
 pub const HEAD_LEN: usize = 0x8800;
 
-/// Identifies ext2/3/4, ISO 9660 and FAT from the first bytes of a device.
+/// The `fstype` of a LUKS container (blkid's name); its label is the LUKS2 header's.
+pub const LUKS: &str = "crypto_LUKS";
+
+/// Identifies LUKS, ext2/3/4, ISO 9660 and FAT from the first bytes of a device.
 pub fn probe_head(head: &[u8]) -> Option<Probed> {
+    if let Some(h) = crate::luks::parse_header(head) {
+        return Some(Probed {
+            fstype: LUKS,
+            label: h.label,
+        });
+    }
     let clean = |b: &[u8]| {
         let s = String::from_utf8_lossy(b)
             .trim_end_matches(['\0', ' '])
@@ -90,12 +99,22 @@ pub fn devices() -> Vec<PathBuf> {
     v
 }
 
-/// The device carrying the filesystem labelled `label`, if present now.
+/// The device carrying the filesystem labelled `label`, if present now — the opened
+/// mapping of an encrypted partition, never its LUKS container.
 pub fn find_by_label(label: &str) -> Option<PathBuf> {
+    find_probed(label, |p| p.fstype != LUKS)
+}
+
+/// The LUKS container labelled `label` (an encrypted partition, opened or not).
+pub fn find_luks_by_label(label: &str) -> Option<PathBuf> {
+    find_probed(label, |p| p.fstype == LUKS)
+}
+
+fn find_probed(label: &str, want: impl Fn(&Probed) -> bool) -> Option<PathBuf> {
     devices()
         .into_iter()
         .filter(|d| !d.to_string_lossy().contains("/loop"))
-        .find(|d| label_of(d).as_deref() == Some(label))
+        .find(|d| probe(d).is_some_and(|p| p.label.as_deref() == Some(label) && want(&p)))
 }
 
 #[cfg(test)]

@@ -131,6 +131,7 @@ pub struct Cmd {
     stdin: Option<Vec<u8>>,
     env: Vec<(OsString, OsString)>,
     dir: Option<std::path::PathBuf>,
+    root: Option<std::path::PathBuf>,
 }
 
 impl Cmd {
@@ -141,7 +142,15 @@ impl Cmd {
             stdin: None,
             env: Vec::new(),
             dir: None,
+            root: None,
         }
+    }
+
+    /// Runs the program chrooted into `root` (a mounted OS tree; the program's path is inside
+    /// it). The caller makes `/dev`, `/proc`, `/sys` there what the program needs.
+    pub fn chroot(mut self, root: impl Into<std::path::PathBuf>) -> Cmd {
+        self.root = Some(root.into());
+        self
     }
 
     /// An environment variable for the program (not shown in messages: it may be a secret).
@@ -223,6 +232,30 @@ impl Cmd {
         c.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(d) = &self.dir {
             c.current_dir(d);
+        }
+        if let Some(root) = &self.root {
+            if self.dir.is_none() {
+                c.current_dir("/");
+            }
+            // Built before the fork: the child may not allocate.
+            let dir =
+                std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).map_err(|_| {
+                    spawn_err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "the root path contains a NUL byte",
+                    ))
+                })?;
+            #[allow(unsafe_code)]
+            // SAFETY: the closure runs in the forked child before exec; it only makes two
+            // async-signal-safe syscalls (chroot, chdir) on C strings built before the fork,
+            // and allocates nothing.
+            unsafe {
+                c.pre_exec(move || {
+                    rustix::process::chroot(dir.as_c_str())?;
+                    rustix::process::chdir(c"/")?;
+                    Ok(())
+                });
+            }
         }
         c.args(&self.args)
             .stdin(if self.stdin.is_some() {

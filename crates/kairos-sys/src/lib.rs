@@ -5,6 +5,7 @@
 
 pub mod beneath;
 pub mod blockdev;
+pub mod console;
 pub mod efi;
 pub mod exec;
 pub mod fs;
@@ -14,6 +15,7 @@ pub mod host;
 pub mod iso9660;
 pub mod kmod;
 pub mod loopdev;
+pub mod luks;
 pub mod mount;
 pub mod net;
 pub mod root;

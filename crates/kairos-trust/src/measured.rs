@@ -62,7 +62,7 @@ pub fn assess(uki: &[u8], pcr11: Option<&str>) -> Result<Assessment, crate::pe::
             })
         })
         .unwrap_or_default();
-    let signed_phases = phases
+    let signed_phases: Vec<String> = phases
         .iter()
         .filter(|(_, v)| pols.contains(&pcr::hex(&pcr::policy_pcr11(v))))
         .map(|(p, _)| p.clone())
@@ -83,9 +83,16 @@ pub fn assess(uki: &[u8], pcr11: Option<&str>) -> Result<Assessment, crate::pe::
         .and_then(parse_hex32)
         .is_some_and(|v| pols.contains(&pcr::hex(&pcr::policy_pcr11(&Pcr(v)))));
     let summary = match &result {
+        Pcr11::Matches { phase } if policy_covers_now => format!(
+            "PCR 11 matches the prediction at {phase}; the signed policy covers this value"
+        ),
         Pcr11::Matches { phase } => format!(
-            "PCR 11 matches the prediction at {phase}; the signed policy {} this value",
-            if policy_covers_now { "covers" } else { "does not cover" }
+            "PCR 11 matches the prediction at {phase}; the signed policy covers {} only (sealed disks unlock in the initrd, not now)",
+            if signed_phases.is_empty() {
+                "no phase".to_string()
+            } else {
+                signed_phases.join(", ")
+            }
         ),
         Pcr11::NoPhase => "PCR 11 holds the UKI's sections but no boot phase: the initrd did not extend enter-initrd (no TPM device in the initrd?)".into(),
         Pcr11::Differs => format!(
@@ -154,7 +161,12 @@ mod tests {
         let a = assess(&img, Some(&at(3))).unwrap();
         assert!(matches!(a.result, Pcr11::Matches { .. }));
         assert!(!a.policy_covers_now, "ready is not signed in this UKI");
-        assert!(a.summary.contains("does not cover"));
+        assert!(
+            a.summary
+                .contains("the signed policy covers enter-initrd, enter-initrd:leave-initrd only"),
+            "{}",
+            a.summary
+        );
         let after = pcr::after_sections([(".linux", &b"KERNEL"[..]), (".cmdline", b"x=1")]);
         assert_eq!(
             assess(&img, Some(&after.hex())).unwrap().result,

@@ -72,11 +72,17 @@ impl PcrKey {
     }
 }
 
+/// The phases whose PCR 11 values `.pcrsig` signs: `enter-initrd` only, so a sealed disk
+/// key unseals in the initrd (where immucore opens the disks before any config-driven
+/// command runs) and never later in the booted system.
+pub const SIGNED_PHASES: usize = 1;
+
 /// The `.pcrsig` JSON for a UKI whose measured sections leave PCR 11 at `after_sections`.
 pub fn pcrsig(key: &PcrKey, after_sections: Pcr) -> Result<String, KeyError> {
     let pkfp = key.fingerprint()?;
     let entries: Vec<serde_json::Value> = pcr::phases(after_sections)
         .into_iter()
+        .take(SIGNED_PHASES)
         .map(|(_, value)| {
             let pol = pcr::policy_pcr11(&value);
             serde_json::json!({
@@ -106,12 +112,12 @@ mod tests {
     }
 
     #[test]
-    fn pcrsig_has_one_signed_policy_per_phase() {
+    fn pcrsig_signs_the_initrd_phase_only() {
         let k = key();
         let pcr = pcr::after_sections([(".linux", &b"KERNEL"[..])]);
         let j: serde_json::Value = serde_json::from_str(&pcrsig(&k, pcr).unwrap()).unwrap();
         let e = j["sha256"].as_array().unwrap();
-        assert_eq!(e.len(), 4);
+        assert_eq!(e.len(), 1, "enter-initrd only");
         for (entry, (_, value)) in e.iter().zip(pcr::phases(pcr)) {
             assert_eq!(entry["pcrs"], serde_json::json!([11]));
             assert_eq!(entry["pkfp"], k.fingerprint().unwrap());
