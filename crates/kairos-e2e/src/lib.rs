@@ -195,6 +195,23 @@ pub fn esp_tree(disk: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes `file` onto the ESP of a disk image at `esp_path` (e.g. `kairos/<id>.efi`),
+/// replacing what is there, with mtools.
+pub fn put_on_esp(disk: &Path, file: &Path, esp_path: &str) -> Result<()> {
+    let (start, _) = partition(disk, 1)?;
+    let st = Command::new("mcopy")
+        .args(["-o", "-i"])
+        .arg(format!("{}@@{start}", disk.display()))
+        .arg(file)
+        .arg(format!("::/{}", esp_path.trim_start_matches('/')))
+        .status()
+        .context("running mcopy")?;
+    if !st.success() {
+        bail!("mcopy onto the ESP of {} failed", disk.display());
+    }
+    Ok(())
+}
+
 /// A disk built from `rootfs` whose layer images were removed from STATE (as a failed copy
 /// would leave it) must show the failure summary on the console naming the step, reboot, and
 /// leave `boot-failure.log` on OEM.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use kairos_e2e::{
     MountGuard, Vm, check, esp_tree, guest_pcr11, guest_ref, image_with_files, kairosctl,
-    partition, start_registry, tiny_cloud_config, tiny_in_registry, tiny_rootfs,
+    put_on_esp, start_registry, tiny_cloud_config, tiny_in_registry, tiny_rootfs,
 };
 
 /// A copy of the disk (sparse): each scenario gets its own, with fresh UEFI variables and TPM.
@@ -44,15 +44,14 @@ fn edit_uki(disk: &Path, work: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Re
     esp_tree(disk, tree.path())?;
     let uki = uki_on(tree.path())?;
     f(&uki)?;
-    let (start, _) = partition(disk, 1)?;
-    sh(Command::new("mcopy")
-        .args(["-o", "-i"])
-        .arg(format!("{}@@{start}", disk.display()))
-        .arg(&uki)
-        .arg(format!(
-            "::/kairos/{}",
+    put_on_esp(
+        disk,
+        &uki,
+        &format!(
+            "kairos/{}",
             uki.file_name().unwrap_or_default().to_string_lossy()
-        )))
+        ),
+    )
 }
 
 /// Boots and waits for the firmware (or systemd-boot) to refuse the UKI.

@@ -140,9 +140,87 @@ pub fn apply(
     }
 }
 
+/// The most content kept in memory while a partition is encrypted: 512 MiB, and at most a
+/// quarter of the memory available.
+fn stash_limit() -> u64 {
+    let avail = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024 / 4)
+        .unwrap_or(u64::MAX);
+    avail.min(512 << 20)
+}
+
+/// Bytes of regular files under `dir` (not following links), stopping past `limit`.
+fn tree_size(dir: &Path, limit: u64) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let m = fs::symlink_metadata(e.path())?;
+        if m.is_dir() {
+            total += tree_size(&e.path(), limit.saturating_sub(total))?;
+        } else if m.is_file() {
+            total += m.len();
+        }
+        if total > limit {
+            break;
+        }
+    }
+    Ok(total)
+}
+
 /// Makes the LUKS2 volume, seals and tests its key, adds the recovery key, makes the
-/// filesystem, marks the volume finished, and puts back the content that was there.
+/// filesystem, marks the volume finished, and puts back the content that was there (from
+/// `mounted_at`, or from the plain filesystem on `dev`). Content too big to keep in memory
+/// leaves the partition as it is, with a warning.
 fn encrypt(tools: &Tools, label: &str, dev: &Path, mounted_at: Option<&str>) -> Result<()> {
+    // Where the plain filesystem is while its content is read (mounted here when it is not).
+    let temp = format!("/run/kairos/plain-{label}");
+    let was_mounted = mounted_at.is_some();
+    let plain_at = match mounted_at {
+        Some(m) => Some(m.to_string()),
+        None if blockdev::probe(dev).is_some_and(|p| p.fstype == "ext4") => {
+            fs::create_dir_all(&temp)?;
+            mount(
+                &dev.to_string_lossy(),
+                &temp,
+                "ext4",
+                MountFlags::RDONLY,
+                "",
+            )
+            .with_context(|| format!("mounting {label} to keep its content"))?;
+            Some(temp.clone())
+        }
+        None => None,
+    };
+    if let Some(at) = &plain_at {
+        let limit = stash_limit();
+        let size = tree_size(Path::new(at), limit)?;
+        if size > limit {
+            if !was_mounted {
+                let _ = unmount(at, false);
+            }
+            say(&format!(
+                "{label} holds more than {} MiB: too much to keep in memory while it is encrypted, so it stays unencrypted. Encrypt at install (an empty partition), or back it up, reset it, and boot again",
+                limit >> 20
+            ));
+            return Ok(());
+        }
+    }
+    encrypt_keeping(tools, label, dev, plain_at.as_deref(), was_mounted)
+}
+
+fn encrypt_keeping(
+    tools: &Tools,
+    label: &str,
+    dev: &Path,
+    plain_at: Option<&str>,
+    remount: bool,
+) -> Result<()> {
     let seal = seal_for_this_boot();
     if matches!(seal, Seal::TpmOnly) {
         say(&format!(
@@ -156,7 +234,7 @@ fn encrypt(tools: &Tools, label: &str, dev: &Path, mounted_at: Option<&str>) -> 
     }
     // The content is kept in memory (/run) while the partition is remade.
     let stash = format!("/run/kairos/stash-{label}");
-    if let Some(m) = mounted_at {
+    if let Some(m) = plain_at {
         fs::create_dir_all(&stash)?;
         crate::boot::copy_tree(Path::new(m), Path::new(&stash))
             .with_context(|| format!("keeping {label}'s content aside"))?;
@@ -176,7 +254,7 @@ fn encrypt(tools: &Tools, label: &str, dev: &Path, mounted_at: Option<&str>) -> 
     let mapped = mapped(label)?;
     tools.mkfs_ext4(&mapped, label)?;
     tools.finish(dev)?;
-    if let Some(m) = mounted_at {
+    if let Some(m) = plain_at {
         mount(
             &mapped.to_string_lossy(),
             m,
@@ -188,6 +266,9 @@ fn encrypt(tools: &Tools, label: &str, dev: &Path, mounted_at: Option<&str>) -> 
         crate::boot::copy_tree(Path::new(&stash), Path::new(m))
             .with_context(|| format!("putting {label}'s content back"))?;
         let _ = fs::remove_dir_all(&stash);
+        if !remount {
+            unmount(m, false).with_context(|| format!("unmounting {m}"))?;
+        }
     }
     show_recovery_key(label, &recovery);
     say(&format!("{label}: encrypted; the TPM opens it at boot"));
