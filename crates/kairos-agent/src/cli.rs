@@ -899,6 +899,34 @@ fn print_state(v: &serde_json::Value) {
             s("last_failure.detail")
         );
     }
+    if let Some(enc) = v["encrypted"].as_object() {
+        for (label, e) in enc {
+            let opened = e["opened"]
+                .as_str()
+                .map(|d| format!("open as {d}"))
+                .unwrap_or_else(|| "closed".into());
+            let sealed = if e["tokens"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t == "systemd-tpm2"))
+            {
+                "key sealed in the TPM"
+            } else {
+                "no TPM key: opens with a passphrase only"
+            };
+            println!(
+                "encrypted:  {label} on {} ({opened}; {sealed}{})",
+                e["container"].as_str().unwrap_or_default(),
+                if e["finished"] == true {
+                    ""
+                } else {
+                    "; set-up unfinished"
+                }
+            );
+            if let Some(f) = e["recovery_key_file"].as_str() {
+                println!("  recovery key not saved yet: {f} (shown once; gone at the next reboot)");
+            }
+        }
+    }
     let t = &v["trusted_boot"];
     if t.is_object() {
         let onoff = |x: &serde_json::Value| match x.as_bool() {

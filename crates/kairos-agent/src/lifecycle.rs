@@ -440,6 +440,10 @@ pub fn state_value(
 ) -> Result<serde_json::Value> {
     let opened = node.open(root, booted.mode == "recovery" && node.store.is_none())?;
     let mut s = state::gather(&opened.node, booted, partitions())?;
+    s.encrypted = state::encrypted(
+        &["COS_OEM", "COS_PERSISTENT"],
+        &root.join("run/kairos/recovery-keys"),
+    );
     let efi = kairos_sys::efi::BootInfo::read(
         &root.join(kairos_sys::efi::EFIVARS.trim_start_matches('/')),
     );

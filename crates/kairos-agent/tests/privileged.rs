@@ -486,3 +486,71 @@ fn unpack_images_stops_a_compression_bomb_at_the_target_space() {
         "tmpfs left empty: {used}"
     );
 }
+
+/// The LUKS2 steps immucore takes on a first boot, against this host's real cryptsetup on a
+/// loop device (the TPM enrollment is the VM test's): format with a random key, add a
+/// recovery key, remove the first key, mark finished — label and subsystem as the initrd
+/// reads them at each step — and `erase`. Opening and the filesystem inside need
+/// device-mapper, which this host's kernel may lack (then the VM test covers them).
+#[test]
+#[ignore = "needs root: run by scripts/test tier 2"]
+fn luks_volume_set_up_as_the_initrd_does() {
+    use kairos_sys::luks;
+    let work = tempfile::tempdir().unwrap();
+    let img = work.path().join("vol.img");
+    fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+    let disk = LoopDisk::attach(&img, &[]);
+    let dev = Path::new(&disk.0);
+    let tools = luks::Tools { root: "/".into() };
+    assert!(tools.missing().is_empty(), "{:?}", tools.missing());
+    let name = format!("KAIROS_T{}", std::process::id());
+    let key = luks::random_key().unwrap();
+    tools.format(dev, &name, &key).unwrap();
+    let v = luks::read(dev).unwrap().expect("a LUKS volume");
+    assert_eq!(v.header.label.as_deref(), Some(name.as_str()));
+    assert!(!v.finished(), "unfinished until its filesystem is made");
+    assert_eq!(
+        kairos_sys::blockdev::probe(dev).map(|p| p.fstype),
+        Some(kairos_sys::blockdev::LUKS)
+    );
+    let recovery = luks::random_key().unwrap();
+    tools.add_key(dev, &key, &recovery).unwrap();
+    tools.remove_key(dev, &key).unwrap();
+    assert!(
+        !tools.key_opens(dev, &key).unwrap(),
+        "the first key is gone"
+    );
+    assert!(
+        tools.key_opens(dev, &recovery).unwrap(),
+        "the recovery key opens it"
+    );
+    if Path::new("/sys/module/dm_mod").exists() {
+        tools.open_passphrase(dev, &name, &recovery).unwrap();
+        struct Close(String);
+        impl Drop for Close {
+            fn drop(&mut self) {
+                let _ = Command::new("cryptsetup").args(["close", &self.0]).status();
+            }
+        }
+        let _close = Close(name.clone());
+        let mapped = luks::mapped_device(&name).expect("the opened volume in /sys/block");
+        tools.mkfs_ext4(&mapped, &name).unwrap();
+        assert_eq!(
+            kairos_sys::blockdev::label_of(&mapped).as_deref(),
+            Some(name.as_str()),
+            "the filesystem inside carries the label"
+        );
+    } else {
+        eprintln!("no device-mapper in this kernel: opening is covered by tests/encrypted.rs");
+    }
+    tools.finish(dev, &name).unwrap();
+    let v = luks::read(dev).unwrap().unwrap();
+    assert!(v.finished());
+    assert_eq!(
+        v.header.label.as_deref(),
+        Some(name.as_str()),
+        "the label survives `cryptsetup config`"
+    );
+    luks::erase(dev).unwrap();
+    assert!(luks::read(dev).unwrap().is_none(), "erased");
+}

@@ -68,10 +68,19 @@ fn check_sealed(vm: &mut Vm, dev: &str, label: &str) {
         .filter(|t| t["type"] == "systemd-tpm2")
         .collect();
     assert_eq!(tpm.len(), 1, "{label}: one TPM2 token: {v}");
+    // systemd 252 spells these two fields with underscores.
     assert_eq!(
-        tpm[0]["tpm2-pubkey-pcrs"],
+        tpm[0]["tpm2_pubkey_pcrs"],
         serde_json::json!([11]),
-        "{label}: sealed to the signed PCR-11 policy"
+        "{label}: sealed to the signed PCR-11 policy: {}",
+        tpm[0]
+    );
+    assert!(
+        tpm[0]["tpm2_pubkey"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty()),
+        "{label}: the policy key is recorded: {}",
+        tpm[0]
     );
     let literal = tpm[0]["tpm2-pcrs"].as_array().map(Vec::len).unwrap_or(0);
     assert_eq!(literal, 0, "{label}: no literal PCR bound: {}", tpm[0]);
@@ -195,6 +204,18 @@ fn encrypted_node_unlocks_by_itself_across_an_upgrade_and_not_under_a_foreign_po
         .unwrap(),
         "0\n0\n",
         "the recovery key is not in the kernel log or the journal",
+    );
+    let state = vm.sh("kairos-agent state").unwrap();
+    check(
+        &state,
+        "encrypted:  COS_PERSISTENT on /dev/vda5 (open as /dev/dm-",
+        "state: the volume",
+    );
+    check(&state, "key sealed in the TPM", "state: the seal");
+    check(
+        &state,
+        "recovery key not saved yet: /run/kairos/recovery-keys/COS_PERSISTENT",
+        "state: the recovery key to save",
     );
     vm.sh("echo kept > /usr/local/marker; sync").unwrap();
     let out = vm

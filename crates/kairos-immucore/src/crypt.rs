@@ -253,7 +253,7 @@ fn encrypt_keeping(
         .with_context(|| format!("{label}: the key just sealed into the TPM does not open it"))?;
     let mapped = mapped(label)?;
     tools.mkfs_ext4(&mapped, label)?;
-    tools.finish(dev)?;
+    tools.finish(dev, label)?;
     if let Some(m) = plain_at {
         mount(
             &mapped.to_string_lossy(),

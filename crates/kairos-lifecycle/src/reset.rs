@@ -18,8 +18,23 @@ pub struct ResetOptions {
     pub reset_oem: bool,
 }
 
+/// Formats the partition labelled `label`. An encrypted partition that is open (COS_OEM in
+/// recovery) gets a fresh filesystem inside its volume; one that is closed (COS_PERSISTENT in
+/// recovery) is erased (its key forgotten) and formatted plain: the next boot encrypts it
+/// again if `install.encrypted_partitions` still lists it.
 fn mkfs_ext4(tools_root: &Path, label: &str) -> Result<String, Error> {
-    let dev = crate::mounts::device_for(label)?;
+    let dev = match (
+        kairos_sys::blockdev::find_by_label(label),
+        kairos_sys::blockdev::find_luks_by_label(label),
+    ) {
+        (Some(dev), _) => dev,
+        (None, Some(luks)) => {
+            kairos_sys::luks::erase(&luks)
+                .map_err(|e| Error::Node(format!("erasing the encrypted {label}: {e}")))?;
+            luks
+        }
+        (None, None) => crate::mounts::device_for(label)?,
+    };
     let d = dev.to_string_lossy().into_owned();
     kairos_sys::exec::Cmd::argv(&kairos_sys::tools::argv(tools_root, "mke2fs"))
         .args(["-t", "ext4", "-q", "-F", "-L", label, &d])

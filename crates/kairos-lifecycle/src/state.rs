@@ -42,6 +42,48 @@ pub struct State {
     pub history: Vec<Record>,
     /// Secure Boot and measured boot, on a UEFI machine.
     pub trusted_boot: Option<TrustedBoot>,
+    /// Encrypted partitions by label (`install.encrypted_partitions`).
+    pub encrypted: BTreeMap<String, Encrypted>,
+}
+
+/// An encrypted partition (`kairos-agent state get encrypted.COS_PERSISTENT`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Encrypted {
+    /// The LUKS container (the partition).
+    pub container: String,
+    /// The opened volume (`/dev/dm-N`); `None` when closed (COS_PERSISTENT in recovery).
+    pub opened: Option<String>,
+    /// LUKS2 token types (`systemd-tpm2`: the key is sealed into the TPM).
+    pub tokens: Vec<String>,
+    /// Whether the set-up finished (a power cut can leave it unfinished).
+    pub finished: bool,
+    /// The recovery key from the first boot is still in `/run/kairos/recovery-keys/`: save it.
+    pub recovery_key_file: Option<String>,
+}
+
+/// What the running system shows of the encrypted partitions: containers found by their
+/// LUKS2 label, the opened volumes by their mapping name (Kairos names them by label).
+pub fn encrypted(labels: &[&str], recovery_keys: &std::path::Path) -> BTreeMap<String, Encrypted> {
+    let mut out = BTreeMap::new();
+    for label in labels {
+        let Some(dev) = kairos_sys::blockdev::find_luks_by_label(label) else {
+            continue;
+        };
+        let vol = kairos_sys::luks::read(&dev).ok().flatten();
+        let key = recovery_keys.join(label);
+        out.insert(
+            label.to_string(),
+            Encrypted {
+                container: dev.to_string_lossy().into_owned(),
+                opened: kairos_sys::luks::mapped_device(label)
+                    .map(|d| d.to_string_lossy().into_owned()),
+                tokens: vol.as_ref().map(|v| v.tokens.clone()).unwrap_or_default(),
+                finished: vol.as_ref().is_some_and(|v| v.finished()),
+                recovery_key_file: key.is_file().then(|| key.to_string_lossy().into_owned()),
+            },
+        );
+    }
+    out
 }
 
 /// What firmware, TPM and the booted UKI say (`kairos-agent state get trusted_boot`).
@@ -148,6 +190,7 @@ pub fn gather(
         partitions,
         history: hist,
         trusted_boot: None,
+        encrypted: BTreeMap::new(),
     })
 }
 

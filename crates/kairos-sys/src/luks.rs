@@ -278,10 +278,11 @@ impl Tools {
         Ok(())
     }
 
-    /// Marks the volume finished (its filesystem is made).
-    pub fn finish(&self, dev: &Path) -> Result<(), LuksError> {
+    /// Marks the volume finished (its filesystem is made). `config` sets label and
+    /// subsystem together (one left out is cleared), so the label is given again.
+    pub fn finish(&self, dev: &Path, label: &str) -> Result<(), LuksError> {
         self.cmd(CRYPTSETUP)
-            .args(["config", "--subsystem", SUBSYSTEM])
+            .args(["config", "--label", label, "--subsystem", SUBSYSTEM])
             .arg(dev)
             .run()?;
         Ok(())
@@ -295,6 +296,17 @@ impl Tools {
             .args(["-", "tpm2-device=auto,headless=true"])
             .run()?;
         Ok(())
+    }
+
+    /// Whether `key` opens a keyslot (checked without opening the volume).
+    pub fn key_opens(&self, dev: &Path, key: &str) -> Result<bool, LuksError> {
+        let out = self
+            .cmd(CRYPTSETUP)
+            .args(["open", "--test-passphrase", "--key-file", "-"])
+            .arg(dev)
+            .stdin(key)
+            .run_status()?;
+        Ok(out.status == 0)
     }
 
     /// Opens the volume with a passphrase (or the recovery key).
@@ -346,6 +358,31 @@ pub fn udev_handover(dev: &Path) -> std::io::Result<()> {
     let dir = Path::new("/run/udev/data");
     fs::create_dir_all(dir)?;
     fs::write(dir.join(format!("b{}", majmin.trim())), udev_db_entry())
+}
+
+/// Bytes zeroed by [`erase`]: the LUKS2 headers, their keyslot area and cryptsetup's
+/// default data offset (16 MiB).
+pub const ERASE_LEN: u64 = 16 << 20;
+
+/// Forgets a LUKS volume: zeroes its headers and keyslots (the first [`ERASE_LEN`] bytes,
+/// or the whole device when smaller). Its data can no longer be decrypted by anyone.
+pub fn erase(dev: &Path) -> Result<(), LuksError> {
+    use std::io::Write;
+    let io = |source| LuksError::Io {
+        dev: dev.display().to_string(),
+        source,
+    };
+    let mut f = fs::OpenOptions::new().write(true).open(dev).map_err(io)?;
+    let size = f.seek(SeekFrom::End(0)).map_err(io)?;
+    f.seek(SeekFrom::Start(0)).map_err(io)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = size.min(ERASE_LEN);
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n]).map_err(io)?;
+        left -= n as u64;
+    }
+    f.sync_all().map_err(io)
 }
 
 /// Writes a secret file readable by root only (created with mode 0600).
@@ -427,6 +464,21 @@ mod tests {
             Vec::<String>::new()
         );
         assert!(token_types(b"{not json").is_err());
+    }
+
+    #[test]
+    fn erase_zeroes_the_headers() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("vol");
+        let mut data = luks2_head("COS_PERSISTENT", SUBSYSTEM);
+        data.resize(3 << 20, 0xAA);
+        fs::write(&f, &data).unwrap();
+        assert!(parse_header(&fs::read(&f).unwrap()[..4096]).is_some());
+        erase(&f).unwrap();
+        let after = fs::read(&f).unwrap();
+        assert_eq!(after.len(), 3 << 20, "the size is kept");
+        assert!(after.iter().all(|&b| b == 0));
+        assert!(read(&f).unwrap().is_none());
     }
 
     #[test]
