@@ -237,7 +237,7 @@ impl Plan {
 }
 
 /// Partitions `install.encrypted_partitions` may name (Kairos' keys).
-pub const ENCRYPTABLE: &[&str] = &["COS_PERSISTENT", "COS_OEM"];
+pub const ENCRYPTABLE: &[&str] = &["COS_OEM", "COS_PERSISTENT"];
 
 /// What a partition that may be encrypted holds now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
