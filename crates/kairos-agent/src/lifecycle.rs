@@ -570,6 +570,21 @@ pub fn install_cmd(
 ) -> Result<i32> {
     use kairos_lifecycle::install;
     let medium = install::medium(&root.join(a.medium.strip_prefix("/").unwrap_or(&a.medium)))?;
+    if let Some(uki) = install::medium_uki(&medium) {
+        // Trusted medium: its UKI must be one this firmware boots, for this deployment —
+        // checked before any disk is touched.
+        let efivars = root.join(kairos_sys::efi::EFIVARS.trim_start_matches('/'));
+        let db = kairos_lifecycle::trust::firmware_db(&efivars)?;
+        let (bytes, signed) = kairos_lifecycle::trust::read_and_verify(&uki, &db)?;
+        let pins = kairos_lifecycle::trust::uki_pins(&uki, &bytes)?;
+        kairos_lifecycle::trust::check_pins(&pins, &medium.dep)?;
+        eprintln!(
+            "{}: signed by {}, trusted by the firmware's {}",
+            uki.display(),
+            signed.signer,
+            signed.trusted_by
+        );
+    }
     let all = install::disks();
     let disk = install::resolve_device(device, &all)?;
     install::check_disk(&disk, a.force || install.force.0)?;

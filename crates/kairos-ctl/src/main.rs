@@ -300,6 +300,13 @@ struct RawArgs {
     /// Disk size in MiB (default: just large enough; COS_PERSISTENT takes the rest)
     #[arg(long)]
     size: Option<u64>,
+    #[command(flatten)]
+    trust: TrustArgs,
+}
+
+/// Trusted boot for `build raw` and `build iso`.
+#[derive(Debug, clap::Args)]
+struct TrustArgs {
     /// Trusted boot: systemd-boot and a UKI signed with the db key of --keys, the UKI's
     /// cmdline pinning every layer image; boots only under Secure Boot with those keys
     #[arg(long, requires = "keys")]
@@ -312,6 +319,15 @@ struct RawArgs {
     stub: PathBuf,
 }
 
+impl TrustArgs {
+    fn trust(&self) -> Option<kairos_build::os::Trust> {
+        self.keys.clone().map(|keys| kairos_build::os::Trust {
+            keys,
+            stub: self.stub.clone(),
+        })
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct IsoArgs {
     #[command(flatten)]
@@ -322,6 +338,9 @@ struct IsoArgs {
     /// Cloud-config embedded in the ISO (e.g. with `install: {auto: true, device: auto}`)
     #[arg(long)]
     cloud_config: Option<PathBuf>,
+    /// (`build iso` only: the installed disk boots the same signed UKI)
+    #[command(flatten)]
+    trust: TrustArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -612,6 +631,7 @@ fn build_iso(a: IsoArgs) -> Result<()> {
         os,
         cloud_config: a.cloud_config.as_deref(),
         output: &a.output,
+        trust: a.trust.trust(),
     })?;
     eprintln!(
         "  deployment {} ({} layers, {} bytes), {} bytes in all",
@@ -625,6 +645,11 @@ fn build_iso(a: IsoArgs) -> Result<()> {
 }
 
 fn build_netboot(a: IsoArgs) -> Result<()> {
+    if a.trust.trusted {
+        bail!(
+            "build netboot has no trusted flavour: netboot hands the kernel and initrd over unsigned; use build iso --trusted or build raw --trusted"
+        );
+    }
     let immucore = companion(a.image.immucore.clone(), "kairos-immucore")?;
     std::fs::create_dir_all(&a.output)?;
     let work = kairos_build::WorkDir::new(&a.output, "kairosctl")?;
@@ -668,10 +693,7 @@ fn build_raw_in(a: RawArgs, immucore: &Path, work: &Path) -> Result<()> {
         cloud_config: a.cloud_config.as_deref(),
         size_mib: a.size,
         output: &raw_out,
-        trust: a.keys.clone().map(|keys| kairos_build::os::Trust {
-            keys,
-            stub: a.stub.clone(),
-        }),
+        trust: a.trust.trust(),
     })?;
     if qcow {
         let st = Command::new("qemu-img")

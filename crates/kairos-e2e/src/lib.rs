@@ -558,15 +558,25 @@ impl Vm {
     /// directory) enrolled and a TPM 2.0 (swtpm): both kept beside the disk across boots,
     /// fresh for a new disk.
     pub fn boot_trusted(disk: &Path, keys: &Path, log: &Path) -> Result<Vm> {
-        Vm::spawn(
-            disk,
-            &[
-                "--secure-boot".into(),
-                keys.to_string_lossy().into_owned(),
-                "--tpm".into(),
-            ],
-            log,
-        )
+        Vm::boot_trusted_with(disk, None, keys, log)
+    }
+
+    /// [`Vm::boot_trusted`] with an install ISO inserted (the blank disk falls through to it).
+    pub fn boot_trusted_with(
+        disk: &Path,
+        iso: Option<&Path>,
+        keys: &Path,
+        log: &Path,
+    ) -> Result<Vm> {
+        let mut extra = vec![
+            "--secure-boot".into(),
+            keys.to_string_lossy().into_owned(),
+            "--tpm".into(),
+        ];
+        if let Some(iso) = iso {
+            extra.extend(["--iso".into(), iso.to_string_lossy().into_owned()]);
+        }
+        Vm::spawn(disk, &extra, log)
     }
 
     /// Boots netboot artifacts (`kairosctl build netboot` output) the way the iPXE script

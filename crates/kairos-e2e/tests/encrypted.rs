@@ -1,11 +1,13 @@
-//! Tier 3: disk encryption under trusted boot (OVMF Secure Boot with the owner's keys,
-//! swtpm with a fresh state), on the `debian` image (systemd's cryptsetup tools; busybox
-//! `tiny` has none). One disk, three boots:
+//! Tier 3: install from a trusted ISO and disk encryption, under trusted boot (OVMF Secure
+//! Boot with the owner's keys, swtpm with a fresh state), on the `debian` image (systemd's
+//! cryptsetup tools; busybox `tiny` has none). One disk, four boots:
 //!
-//! 1. first boot with `install.encrypted_partitions: [COS_PERSISTENT, COS_OEM]`: both become
-//!    LUKS2 volumes sealed to the signed PCR-11 policy (no literal PCR), their content kept
-//!    (the cloud-config on OEM, a file on PERSISTENT), recovery keys shown once; then an
-//!    upgrade to v2 with its owner-signed UKI;
+//! 0. the signed ISO (`build iso --trusted`) boots live under Secure Boot and installs itself
+//!    (the medium's UKI checked against the firmware's db first);
+//! 1. the installed disk's first boot, with `install.encrypted_partitions: [COS_PERSISTENT,
+//!    COS_OEM]`: both become LUKS2 volumes sealed to the signed PCR-11 policy (no literal
+//!    PCR), their content kept (the cloud-config on OEM, a file on PERSISTENT), recovery keys
+//!    shown once; then an upgrade to v2 with its owner-signed UKI;
 //! 2. v2 boots and opens both with the TPM, no prompt (the new UKI's own signed policy);
 //! 3. a UKI the firmware accepts (owner's db key) but whose PCR policy another key signed
 //!    boots, the TPM refuses, the console asks; the recovery keys open the disks.
@@ -14,8 +16,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use kairos_e2e::{
-    MountGuard, Vm, check, debian_rootfs, guest_ref, image_in_registry, image_with_files,
-    kairosctl, nic_up_command, put_on_esp, start_registry,
+    MountGuard, Vm, blank_disk, check, debian_rootfs, esp_tree, guest_ref, image_in_registry,
+    image_with_files, kairosctl, nic_up_command, put_on_esp, start_registry,
 };
 
 const PROMPT: &str = "Enter the recovery key or a passphrase for";
@@ -27,6 +29,9 @@ users:
 - name: root
   passwd: sealed
 install:
+  auto: true
+  device: auto
+  reboot: true
   encrypted_partitions:
   - COS_PERSISTENT
   - COS_OEM
@@ -124,23 +129,23 @@ fn encrypted_node_unlocks_by_itself_across_an_upgrade_and_not_under_a_foreign_po
     )
     .unwrap();
     let disk = w.join("disk.raw");
+    let iso = w.join("install.iso");
     std::fs::write(w.join("cc.yaml"), config()).unwrap();
     kairosctl(&[
         "build",
-        "raw",
+        "iso",
         "--image",
         &v1,
         "--output",
-        &disk.to_string_lossy(),
+        &iso.to_string_lossy(),
         "--cloud-config",
         &w.join("cc.yaml").to_string_lossy(),
         "--trusted",
         "--keys",
         &keys.to_string_lossy(),
-        "--size",
-        "3000",
     ])
     .unwrap();
+    blank_disk(&disk, 4096).unwrap();
     let uki = |keys: &Path, out: &Path| {
         kairosctl(&[
             "build",
@@ -156,6 +161,29 @@ fn encrypted_node_unlocks_by_itself_across_an_upgrade_and_not_under_a_foreign_po
     };
     let foreign = w.join("v2-foreign-policy.efi");
     uki(&mixed, &foreign);
+    // 0. The signed ISO boots live under Secure Boot and installs itself.
+    let mut vm = Vm::boot_trusted_with(&disk, Some(&iso), &keys, &w.join("live.log")).unwrap();
+    vm.wait_for("installed: ", Duration::from_secs(900))
+        .unwrap();
+    vm.wait_exit(Duration::from_secs(300)).unwrap();
+    let live = vm.output();
+    drop(vm);
+    check(
+        &live,
+        "trusted by the firmware's db",
+        "the medium's UKI checked",
+    );
+    {
+        let esp = w.join("esp");
+        esp_tree(&disk, &esp).unwrap();
+        let entries = std::fs::read_to_string(esp.join("loader/entries/active.conf")).unwrap();
+        check(
+            &entries,
+            "efi /kairos/",
+            "the installed entry boots the signed UKI",
+        );
+        assert!(esp.join("loader/keys/auto/db.auth").is_file());
+    }
     {
         // v2's UKI reaches the node on COS_PERSISTENT, which the first boot encrypts.
         let p = MountGuard::partition(&disk, 5, &w.join("persistent-mnt"), "ext4").unwrap();

@@ -148,13 +148,18 @@ fn store_bytes(m: &Medium) -> u64 {
 
 /// The partition plan for `disk`: PERSISTENT takes the rest. Errors when it does not fit.
 pub fn plan(m: &Medium, disk: &Disk) -> Result<Vec<Part>, Error> {
-    let boot = m
-        .dep
-        .kernel
-        .iter()
-        .chain(&m.dep.initrd)
-        .map(|b| b.size)
-        .sum();
+    let boot = match medium_uki(m) {
+        // A UKI per deployment: the installed one, the next an upgrade adds, and room for a
+        // third while the old passive is collected.
+        Some(uki) => 3 * fs::metadata(&uki).map_err(io_err(&uki))?.len(),
+        None => m
+            .dep
+            .kernel
+            .iter()
+            .chain(&m.dep.initrd)
+            .map(|b| b.size)
+            .sum(),
+    };
     let mut parts = layout::plan(boot, store_bytes(m), 64, 64);
     let need = layout::min_disk_mib(&parts);
     let have = disk.size / MIB;
@@ -221,6 +226,15 @@ fn copy_store(m: &Medium, to: &Path) -> Result<(), Error> {
     }
     Store::new(to).write_deployment(&m.dep)?;
     Ok(())
+}
+
+/// The signed UKI a trusted medium boots (and the installed disk will): the deployment
+/// names it, the medium carries it as a plain file.
+pub fn medium_uki(m: &Medium) -> Option<PathBuf> {
+    let rel = m.dep.uki.as_deref()?;
+    // Only Kairos' own path for this deployment (the medium's JSON is not trusted to name
+    // another file).
+    (rel == crate::esp_uki_path(&m.dep.id)).then(|| m.root.join(rel.trim_start_matches('/')))
 }
 
 /// Where the installer mounts the new partitions.
@@ -324,21 +338,42 @@ pub fn install(
             &m.root.join("EFI/BOOT/BOOTX64.EFI"),
             &esp.join("EFI/BOOT/BOOTX64.EFI"),
         )?;
-        for (kind, blob) in [("vmlinuz", &m.dep.kernel), ("initrd", &m.dep.initrd)] {
-            let b = blob
-                .as_ref()
-                .ok_or_else(|| Error::Node("the medium's deployment has no kernel".into()))?;
-            copy_file(
-                &m.root.join(&b.file),
-                &esp.join(esp_boot_path(kind, &b.sha256).trim_start_matches('/')),
-            )?;
-        }
         kairos_layers::write_atomic(
             &esp.join("loader/loader.conf"),
             b"timeout 3\nconsole-mode keep\neditor no\n",
         )?;
-        for role in [Role::Recovery, Role::Autoreset, Role::Active] {
-            entries::set(&esp, role, &upgrade::entry_for(role, &m.dep)?, None)?;
+        if let Some(uki) = medium_uki(m) {
+            // Trusted: the medium's signed UKI boots every role (immucore reads the role from
+            // the entry); no reset entry (it would need a cmdline of its own).
+            let rel = crate::esp_uki_path(&m.dep.id);
+            copy_file(&uki, &esp.join(rel.trim_start_matches('/')))?;
+            for kind in ["PK", "KEK", "db"] {
+                let auth = format!("loader/keys/auto/{kind}.auth");
+                if m.root.join(&auth).is_file() {
+                    copy_file(&m.root.join(&auth), &esp.join(&auth))?;
+                }
+            }
+            for role in [Role::Recovery, Role::Active] {
+                entries::set(
+                    &esp,
+                    role,
+                    &entries::render_uki(role, &m.dep.id, &m.dep.version),
+                    None,
+                )?;
+            }
+        } else {
+            for (kind, blob) in [("vmlinuz", &m.dep.kernel), ("initrd", &m.dep.initrd)] {
+                let b = blob
+                    .as_ref()
+                    .ok_or_else(|| Error::Node("the medium's deployment has no kernel".into()))?;
+                copy_file(
+                    &m.root.join(&b.file),
+                    &esp.join(esp_boot_path(kind, &b.sha256).trim_start_matches('/')),
+                )?;
+            }
+            for role in [Role::Recovery, Role::Autoreset, Role::Active] {
+                entries::set(&esp, role, &upgrade::entry_for(role, &m.dep)?, None)?;
+            }
         }
         kairos_sys::beneath::Dir::open(&oem)
             .and_then(|d| d.write_file(Path::new("90_custom.yaml"), oem_config.as_bytes(), 0o600))
