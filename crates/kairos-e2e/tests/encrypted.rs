@@ -170,7 +170,7 @@ fn encrypted_node_unlocks_by_itself_across_an_upgrade_and_not_under_a_foreign_po
     drop(vm);
     check(
         &live,
-        "trusted by the firmware's db",
+        "trusted by the firmware's",
         "the medium's UKI checked",
     );
     {
