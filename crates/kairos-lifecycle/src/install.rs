@@ -342,7 +342,7 @@ pub fn install(
             &esp.join("loader/loader.conf"),
             b"timeout 3\nconsole-mode keep\neditor no\n",
         )?;
-        if let Some(uki) = medium_uki(m) {
+        let roles: &[Role] = if let Some(uki) = medium_uki(m) {
             // Trusted: the medium's signed UKI boots every role (immucore reads the role from
             // the entry); no reset entry (it would need a cmdline of its own).
             let rel = crate::esp_uki_path(&m.dep.id);
@@ -353,14 +353,7 @@ pub fn install(
                     copy_file(&m.root.join(&auth), &esp.join(&auth))?;
                 }
             }
-            for role in [Role::Recovery, Role::Active] {
-                entries::set(
-                    &esp,
-                    role,
-                    &entries::render_uki(role, &m.dep.id, &m.dep.version),
-                    None,
-                )?;
-            }
+            &[Role::Recovery, Role::Active]
         } else {
             for (kind, blob) in [("vmlinuz", &m.dep.kernel), ("initrd", &m.dep.initrd)] {
                 let b = blob
@@ -371,9 +364,10 @@ pub fn install(
                     &esp.join(esp_boot_path(kind, &b.sha256).trim_start_matches('/')),
                 )?;
             }
-            for role in [Role::Recovery, Role::Autoreset, Role::Active] {
-                entries::set(&esp, role, &upgrade::entry_for(role, &m.dep)?, None)?;
-            }
+            &[Role::Recovery, Role::Autoreset, Role::Active]
+        };
+        for role in roles {
+            entries::set(&esp, *role, &upgrade::entry_for(*role, &m.dep)?, None)?;
         }
         kairos_sys::beneath::Dir::open(&oem)
             .and_then(|d| d.write_file(Path::new("90_custom.yaml"), oem_config.as_bytes(), 0o600))
