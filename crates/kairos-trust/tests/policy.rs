@@ -10,8 +10,12 @@ use kairos_trust::{pcr, policy};
 
 const MEASURE: &str = "/usr/lib/systemd/systemd-measure";
 
-/// A swtpm serving TPM commands on `port` (control on `port + 1`), killed when dropped.
-struct Swtpm(std::process::Child, tempfile::TempDir);
+/// A swtpm serving TPM commands on `port` (control on `port + 1`), killed when dropped
+/// (its state directory goes with it).
+struct Swtpm {
+    child: std::process::Child,
+    _state: tempfile::TempDir,
+}
 
 impl Swtpm {
     fn start(port: u16) -> Swtpm {
@@ -33,14 +37,14 @@ impl Swtpm {
             assert!(Instant::now() < end, "swtpm did not listen on {port}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Swtpm(child, dir)
+        Swtpm { child, _state: dir }
     }
 }
 
 impl Drop for Swtpm {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
