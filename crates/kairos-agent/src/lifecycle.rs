@@ -574,8 +574,8 @@ pub fn install_cmd(
         // Trusted medium: its UKI must be one this firmware boots, for this deployment —
         // checked before any disk is touched.
         let efivars = root.join(kairos_sys::efi::EFIVARS.trim_start_matches('/'));
-        let db = kairos_lifecycle::trust::firmware_db(&efivars)?;
-        let (bytes, signed) = kairos_lifecycle::trust::read_and_verify(&uki, &db)?;
+        let fw = kairos_lifecycle::trust::firmware(&efivars)?;
+        let (bytes, signed) = kairos_lifecycle::trust::read_and_verify(&uki, &fw)?;
         let pins = kairos_lifecycle::trust::uki_pins(&uki, &bytes)?;
         kairos_lifecycle::trust::check_pins(&pins, &medium.dep)?;
         eprintln!(

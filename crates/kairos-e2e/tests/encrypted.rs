@@ -279,6 +279,11 @@ fn encrypted_node_unlocks_by_itself_across_an_upgrade_and_not_under_a_foreign_po
         "/dev/",
         "systemd took the opened volumes as they are",
     );
+    // For docs/trusted-boot.md's numbers (shown with --nocapture): what opening cost.
+    eprintln!(
+        "v2 boot timeline: {}",
+        vm.sh("cat /run/kairos/boot-timeline.json").unwrap()
+    );
     vm.send("poweroff").unwrap();
     vm.wait_exit(Duration::from_secs(180)).unwrap();
     drop(vm);

@@ -450,13 +450,33 @@ fn open_encrypted(may_write: bool) -> Result<()> {
     Ok(())
 }
 
-/// First boot: encrypts the plain partitions `install.encrypted_partitions` lists.
+/// The initrd has no network: a `config_url` is not fetched for this decision.
+struct NoFetch;
+
+impl kairos_config::collect::Fetcher for NoFetch {
+    fn fetch(&self, _url: &str) -> std::result::Result<Vec<u8>, String> {
+        Err("not fetched in the initrd (no network yet)".into())
+    }
+}
+
+/// First boot: encrypts the plain partitions `install.encrypted_partitions` lists (in the
+/// local config files and the cmdline).
 fn encrypt_partitions(cmdline: &str) -> Result<()> {
-    let fetcher = kairos_config::HttpFetcher::default();
-    let collected =
-        kairos_config::collect::Collector::new(Root::new(SYSROOT), Some(cmdline.into()), &fetcher)
-            .collect()
-            .context("reading the config for install.encrypted_partitions")?;
+    let collected = match kairos_config::collect::Collector::new(
+        Root::new(SYSROOT),
+        Some(cmdline.into()),
+        &NoFetch,
+    )
+    .collect()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            say(&format!(
+                "reading the config for install.encrypted_partitions: {e}; nothing is encrypted at this boot"
+            ));
+            return Ok(());
+        }
+    };
     let (wanted, warnings) = plan::encrypted_partitions(&collected.config.to_json());
     for w in warnings {
         say(&w);

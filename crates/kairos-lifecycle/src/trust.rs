@@ -37,7 +37,7 @@ pub fn pins(cmdline: &str) -> Option<Pins> {
 }
 
 /// The certificates of the firmware's `db` (efivarfs at `efivars`).
-pub fn firmware_db(efivars: &Path) -> Result<Vec<x509_cert::Certificate>, Error> {
+fn firmware_db(efivars: &Path) -> Result<Vec<x509_cert::Certificate>, Error> {
     let data = kairos_sys::efi::read_var_max(
         efivars,
         "db",
@@ -54,11 +54,30 @@ pub fn firmware_db(efivars: &Path) -> Result<Vec<x509_cert::Certificate>, Error>
         .map_err(|e| Error::Node(format!("the firmware's db: {e}")))
 }
 
-/// Reads a UKI (bounded) and checks its signature against `db`.
-pub fn read_and_verify(
-    path: &Path,
-    db: &[x509_cert::Certificate],
-) -> Result<(Vec<u8>, Signed), Error> {
+/// What the firmware trusts and what it revokes (`db`, `dbx` under `efivars`).
+pub struct Firmware {
+    pub db: Vec<x509_cert::Certificate>,
+    pub dbx: signature::SignatureLists,
+}
+
+/// Reads `db` (required) and `dbx` (empty when absent).
+pub fn firmware(efivars: &Path) -> Result<Firmware, Error> {
+    let db = firmware_db(efivars)?;
+    let dbx = match kairos_sys::efi::read_var_max(
+        efivars,
+        "dbx",
+        kairos_sys::efi::IMAGE_SECURITY_GUID,
+        kairos_sys::efi::MAX_DB,
+    ) {
+        Some(data) => signature::parse_all_signature_lists(&data)
+            .map_err(|e| Error::Node(format!("the firmware's dbx: {e}")))?,
+        None => signature::SignatureLists::default(),
+    };
+    Ok(Firmware { db, dbx })
+}
+
+/// Reads a UKI (bounded) and checks its signature against the firmware's `db` and `dbx`.
+pub fn read_and_verify(path: &Path, fw: &Firmware) -> Result<(Vec<u8>, Signed), Error> {
     let size = std::fs::metadata(path).map_err(crate::io_err(path))?.len();
     if size > MAX_UKI {
         return Err(Error::Node(format!(
@@ -68,7 +87,7 @@ pub fn read_and_verify(
         )));
     }
     let bytes = std::fs::read(path).map_err(crate::io_err(path))?;
-    let signed = signature::verify(&bytes, db).map_err(|e| {
+    let signed = signature::verify_not_revoked(&bytes, &fw.db, &fw.dbx).map_err(|e| {
         Error::Node(format!(
             "{} is refused: {e}; nothing was changed",
             path.display()
@@ -94,14 +113,13 @@ pub fn uki_pins(path: &Path, bytes: &[u8]) -> Result<Pins, Error> {
 }
 
 /// Everything checked of a UKI before an upgrade writes anything: the firmware's db (under
-/// `efivars`) trusts its signer, its cmdline pins a deployment, the ESP has room for it.
+/// `efivars`) trusts its signer and its dbx does not revoke it, its cmdline pins a deployment, the ESP has room for it.
 pub fn check_uki(
     node: &crate::Node,
     efivars: &Path,
     path: &Path,
 ) -> Result<(Vec<u8>, Pins, Signed), Error> {
-    let db = firmware_db(efivars)?;
-    let (bytes, signed) = read_and_verify(path, &db)?;
+    let (bytes, signed) = read_and_verify(path, &firmware(efivars)?)?;
     let pins = uki_pins(path, &bytes)?;
     check_esp_room(&node.esp, bytes.len() as u64)?;
     Ok((bytes, pins, signed))

@@ -18,6 +18,11 @@ use crate::pe::Pe;
 const CERT_X509_GUID: [u8; 16] = [
     0xa1, 0x59, 0xc0, 0xa5, 0xe4, 0x94, 0xa7, 0x4a, 0x87, 0xb5, 0xab, 0x15, 0x5c, 0x2b, 0xf0, 0x72,
 ];
+/// EFI_CERT_SHA256_GUID (c1c41626-504c-4092-aca9-41f936934328) as stored: an image's
+/// Authenticode SHA-256 digest (how `dbx` revokes one binary).
+const CERT_SHA256_GUID: [u8; 16] = [
+    0x26, 0x16, 0xc4, 0xc1, 0x4c, 0x50, 0x92, 0x40, 0xac, 0xa9, 0x41, 0xf9, 0x36, 0x93, 0x43, 0x28,
+];
 const OID_SHA256: der::asn1::ObjectIdentifier =
     der::asn1::ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.1");
 const OID_MESSAGE_DIGEST: der::asn1::ObjectIdentifier =
@@ -40,6 +45,16 @@ pub enum SigError {
         signer: String,
         trusted: Vec<String>,
     },
+    #[error("the firmware's dbx revokes it ({0})")]
+    Revoked(String),
+}
+
+/// What a signature database (`db` or `dbx`) holds: certificates and image digests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SignatureLists {
+    pub certs: Vec<Certificate>,
+    /// Authenticode SHA-256 digests of single images.
+    pub sha256: Vec<[u8; 32]>,
 }
 
 /// Who signed an image that verified.
@@ -58,9 +73,15 @@ pub fn subject(cert: &Certificate) -> String {
 
 /// Certificates from an `EFI_SIGNATURE_LIST` sequence (the `db` variable's value without
 /// its attribute bytes); other signature types (hashes) are skipped. Bounded by the input.
-pub fn parse_signature_lists(mut data: &[u8]) -> Result<Vec<Certificate>, SigError> {
+pub fn parse_signature_lists(data: &[u8]) -> Result<Vec<Certificate>, SigError> {
+    Ok(parse_all_signature_lists(data)?.certs)
+}
+
+/// Certificates and SHA-256 image digests from an `EFI_SIGNATURE_LIST` sequence (`db`,
+/// `dbx`); other signature types are skipped. Bounded by the input.
+pub fn parse_all_signature_lists(mut data: &[u8]) -> Result<SignatureLists, SigError> {
     let bad = |why: &str| SigError::Malformed(format!("signature list: {why}"));
-    let mut out = Vec::new();
+    let mut out = SignatureLists::default();
     while !data.is_empty() {
         if data.len() < 28 {
             return Err(bad("truncated header"));
@@ -84,7 +105,20 @@ pub fn parse_signature_lists(mut data: &[u8]) -> Result<Vec<Certificate>, SigErr
                 // 16 bytes of owner GUID, then the DER certificate.
                 let cert = Certificate::from_der(&sig[16..])
                     .map_err(|e| bad(&format!("certificate: {e}")))?;
-                out.push(cert);
+                out.certs.push(cert);
+            }
+        } else if data[..16] == CERT_SHA256_GUID {
+            if size != 48 {
+                return Err(bad("a SHA-256 entry is not 48 bytes"));
+            }
+            let body = &data[28 + header..list];
+            if !body.len().is_multiple_of(size) {
+                return Err(bad("signature size does not divide the list"));
+            }
+            for sig in body.chunks(size) {
+                let mut d = [0u8; 32];
+                d.copy_from_slice(&sig[16..48]);
+                out.sha256.push(d);
             }
         }
         data = &data[list..];
@@ -170,8 +204,39 @@ fn issued_by(issued: &Certificate, issuer: &Certificate) -> bool {
             .is_some_and(|s| rsa_verify(issuer, &tbs, s))
 }
 
+/// Verifies `image` against the firmware's `db` certificates and its `dbx`: refused when
+/// dbx holds the image's digest, its signer, or the db certificate that trusts it.
+pub fn verify_not_revoked(
+    image: &[u8],
+    db: &[Certificate],
+    dbx: &SignatureLists,
+) -> Result<Signed, SigError> {
+    let (signed, digest, chain) = verify_inner(image, db)?;
+    if dbx.sha256.contains(&digest) {
+        return Err(SigError::Revoked(format!(
+            "its digest {}",
+            crate::pcr::hex(&digest)
+        )));
+    }
+    for c in &chain {
+        if dbx.certs.contains(c) {
+            return Err(SigError::Revoked(format!("certificate {}", subject(c))));
+        }
+    }
+    Ok(signed)
+}
+
 /// Verifies `image` against the `trusted` certificates (the firmware's db).
 pub fn verify(image: &[u8], trusted: &[Certificate]) -> Result<Signed, SigError> {
+    verify_inner(image, trusted).map(|(s, _, _)| s)
+}
+
+/// The verdict, the image's Authenticode digest, and the certificates that carried the trust
+/// (the signer, and the db certificate).
+fn verify_inner(
+    image: &[u8],
+    trusted: &[Certificate],
+) -> Result<(Signed, [u8; 32], Vec<Certificate>), SigError> {
     let pe = Pe::parse(image).map_err(|e| SigError::Pe(e.to_string()))?;
     if pe.security.is_none() {
         return Err(SigError::Unsigned);
@@ -195,7 +260,8 @@ pub fn verify(image: &[u8], trusted: &[Certificate]) -> Result<Signed, SigError>
     }
     let mut h = Sha256::new();
     authenticode::authenticode_digest(&view, &mut h).map_err(|e| malformed(&e))?;
-    if h.finalize().as_slice() != sig.digest() {
+    let digest: [u8; 32] = h.finalize().into();
+    if digest.as_slice() != sig.digest() {
         return Err(SigError::Changed);
     }
     // The signer's certificate, by issuer and serial number.
@@ -236,10 +302,11 @@ pub fn verify(image: &[u8], trusted: &[Certificate]) -> Result<Signed, SigError>
     let signer_der = signer.to_der().map_err(|e| malformed(&e))?;
     for t in trusted {
         if t.to_der().is_ok_and(|d| d == signer_der) || issued_by(signer, t) {
-            return Ok(Signed {
+            let signed = Signed {
                 signer: name,
                 trusted_by: subject(t),
-            });
+            };
+            return Ok((signed, digest, vec![signer.clone(), t.clone()]));
         }
     }
     Err(SigError::NotTrusted {

@@ -8,7 +8,10 @@ use std::path::Path;
 use std::process::Command;
 
 use der::Decode;
-use kairos_trust::signature::{SigError, parse_signature_lists, verify};
+use kairos_trust::signature::{
+    SigError, SignatureLists, parse_all_signature_lists, parse_signature_lists, verify,
+    verify_not_revoked,
+};
 use x509_cert::Certificate;
 
 const SDBOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
@@ -167,4 +170,78 @@ fn authenticode_against_db() {
         )
         .is_err()
     );
+}
+
+/// `dbx` as efitools makes it: one list with the image's Authenticode digest
+/// (`hash-to-efi-sig-list`), one with a certificate. Either revokes the image even though db
+/// trusts its signer; a dbx naming other things does not.
+#[test]
+fn dbx_revokes_by_digest_and_by_certificate() {
+    if !tools() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    self_signed(p, "owner-db");
+    self_signed(p, "stranger");
+    let signed = p.join("signed.efi");
+    sign(p, "owner-db", Path::new(SDBOOT), &signed);
+    let image = std::fs::read(&signed).unwrap();
+    let db = vec![cert(p, "owner-db")];
+    let esl = |args: &[&Path], tool: &str, out: &str| {
+        let mut c = Command::new(tool);
+        c.args(args).arg(p.join(out));
+        run(&mut c);
+        parse_all_signature_lists(&std::fs::read(p.join(out)).unwrap()).unwrap()
+    };
+    let empty = SignatureLists::default();
+    assert!(verify_not_revoked(&image, &db, &empty).is_ok());
+
+    // By digest: efitools computes the same Authenticode digest we do.
+    let by_hash = esl(&[&signed], "hash-to-efi-sig-list", "dbx-hash.esl");
+    assert_eq!(by_hash.sha256.len(), 1);
+    let e = verify_not_revoked(&image, &db, &by_hash).unwrap_err();
+    assert!(
+        matches!(&e, SigError::Revoked(w) if w.starts_with("its digest ")),
+        "{e}"
+    );
+    // (Signing leaves the digest as it was: the unsigned binary's hash revokes it too.)
+    let unsigned = esl(
+        &[Path::new(SDBOOT)],
+        "hash-to-efi-sig-list",
+        "dbx-unsigned.esl",
+    );
+    assert_eq!(unsigned.sha256, by_hash.sha256);
+    // Another image's digest revokes nothing here.
+    let other = esl(
+        &[Path::new("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")],
+        "hash-to-efi-sig-list",
+        "dbx-other.esl",
+    );
+    assert!(verify_not_revoked(&image, &db, &other).is_ok());
+
+    // By certificate: the signer's.
+    let by_cert = esl(
+        &[&p.join("owner-db.pem")],
+        "cert-to-efi-sig-list",
+        "dbx-cert.esl",
+    );
+    assert_eq!(
+        verify_not_revoked(&image, &db, &by_cert)
+            .unwrap_err()
+            .to_string(),
+        "the firmware's dbx revokes it (certificate CN=owner-db)"
+    );
+    let stranger = esl(
+        &[&p.join("stranger.pem")],
+        "cert-to-efi-sig-list",
+        "dbx-stranger.esl",
+    );
+    assert!(verify_not_revoked(&image, &db, &stranger).is_ok());
+    // Both kinds in one variable, as a real dbx holds them.
+    let mut both = std::fs::read(p.join("dbx-stranger.esl")).unwrap();
+    both.extend(std::fs::read(p.join("dbx-hash.esl")).unwrap());
+    let both = parse_all_signature_lists(&both).unwrap();
+    assert_eq!((both.certs.len(), both.sha256.len()), (1, 1));
+    assert!(verify_not_revoked(&image, &db, &both).is_err());
 }
