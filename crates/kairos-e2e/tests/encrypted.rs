@@ -16,8 +16,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use kairos_e2e::{
-    MountGuard, Vm, blank_disk, check, debian_rootfs, esp_tree, guest_ref, image_in_registry,
-    image_with_files, kairosctl, nic_up_command, put_on_esp, start_registry,
+    MountGuard, Vm, blank_disk, check, debian_rootfs, esp_tree, guest_pcr11, guest_ref,
+    image_in_registry, image_with_files, kairosctl, nic_up_command, put_on_esp, start_registry,
 };
 
 const PROMPT: &str = "Enter the recovery key or a passphrase for";
@@ -190,6 +190,12 @@ fn encrypted_node_unlocks_by_itself_across_an_upgrade_and_not_under_a_foreign_po
         std::fs::create_dir_all(p.path.join("ukis")).unwrap();
         uki(&keys, &p.path.join("ukis/v2.efi"));
     }
+    // What PCR 11 must read in v2 once the initrd is left, from its UKI's bytes.
+    let v2_leave = {
+        let p = MountGuard::partition(&disk, 5, &w.join("persistent-mnt"), "ext4").unwrap();
+        let bytes = std::fs::read(p.path.join("ukis/v2.efi")).unwrap();
+        kairos_trust::pcr::predict_uki(&bytes).unwrap()[1].1.hex()
+    };
 
     // 1. First boot: both partitions encrypted, content kept, recovery keys shown once.
     let mut vm = Vm::boot_trusted(&disk, &keys, &w.join("first.log")).unwrap();
@@ -266,6 +272,16 @@ fn encrypted_node_unlocks_by_itself_across_an_upgrade_and_not_under_a_foreign_po
         &vm.sh("cat /etc/kairos-e2e-version").unwrap(),
         "v2",
         "v2 booted",
+    );
+    check(
+        &vm.sh("kairos-agent state get booted").unwrap(),
+        &v2_id,
+        "v2's deployment: the layers the node made are the ones the workstation pinned",
+    );
+    assert_eq!(
+        guest_pcr11(&mut vm).unwrap(),
+        v2_leave,
+        "PCR 11 after the upgrade equals v2's prediction"
     );
     check(
         &vm.sh("cat /usr/local/marker").unwrap(),
