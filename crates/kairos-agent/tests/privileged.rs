@@ -554,3 +554,53 @@ fn luks_volume_set_up_as_the_initrd_does() {
     luks::erase(dev).unwrap();
     assert!(luks::read(dev).unwrap().is_none(), "erased");
 }
+
+/// immucore's first-boot encryption on a node without a TPM: refused before anything is
+/// changed — the partition stays plain ext4 with its content (fail closed, lose nothing).
+#[test]
+#[ignore = "needs root: run by scripts/test tier 2"]
+fn encryption_without_a_tpm_changes_nothing() {
+    use kairos_immucore::{crypt, plan::CryptAction};
+    if Path::new("/dev/tpmrm0").exists() || Path::new("/dev/tpm0").exists() {
+        eprintln!("skipped: this host has a TPM");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let img = work.path().join("part.img");
+    fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
+    let disk = LoopDisk::attach(&img, &[]);
+    let label = format!("KAIROS_N{}", std::process::id());
+    sh(&format!("mkfs.ext4 -q -F -L {label} {}", disk.0));
+    let mnt = work.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    sh(&format!(
+        "mount {} {} && echo kept > {}/file && umount {}",
+        disk.0,
+        mnt.display(),
+        mnt.display(),
+        mnt.display()
+    ));
+    let tools = kairos_sys::luks::Tools { root: "/".into() };
+    let err = crypt::apply(
+        &tools,
+        &label,
+        Path::new(&disk.0),
+        CryptAction::Encrypt,
+        None,
+    )
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("has no TPM: nothing was changed"),
+        "the refusal says why: {msg}"
+    );
+    let p = kairos_sys::blockdev::probe(Path::new(&disk.0)).unwrap();
+    assert_eq!(
+        (p.fstype, p.label.as_deref()),
+        ("ext4", Some(label.as_str()))
+    );
+    sh(&format!("mount -o ro {} {}", disk.0, mnt.display()));
+    let content = fs::read_to_string(mnt.join("file"));
+    sh(&format!("umount {}", mnt.display()));
+    assert_eq!(content.unwrap(), "kept\n", "the content is untouched");
+}

@@ -178,6 +178,18 @@ fn tree_size(dir: &Path, limit: u64) -> std::io::Result<u64> {
 /// `mounted_at`, or from the plain filesystem on `dev`). Content too big to keep in memory
 /// leaves the partition as it is, with a warning.
 fn encrypt(tools: &Tools, label: &str, dev: &Path, mounted_at: Option<&str>) -> Result<()> {
+    // Refusals first, before anything is mounted or changed.
+    if !Path::new("/dev/tpmrm0").exists() && !Path::new("/dev/tpm0").exists() {
+        bail!(
+            "install.encrypted_partitions asks for {label} to be encrypted but this node has no TPM: nothing was changed; give the node a TPM 2.0 or remove {label} from the list"
+        );
+    }
+    let seal = seal_for_this_boot();
+    if matches!(seal, Seal::TpmOnly) {
+        say(&format!(
+            "{label}: this boot has no signed PCR policy (not a trusted-boot UKI): the key is sealed to this TPM only, whatever boots"
+        ));
+    }
     // Where the plain filesystem is while its content is read (mounted here when it is not).
     let temp = format!("/run/kairos/plain-{label}");
     let was_mounted = mounted_at.is_some();
@@ -211,27 +223,17 @@ fn encrypt(tools: &Tools, label: &str, dev: &Path, mounted_at: Option<&str>) -> 
             return Ok(());
         }
     }
-    encrypt_keeping(tools, label, dev, plain_at.as_deref(), was_mounted)
+    encrypt_keeping(tools, label, dev, &seal, plain_at.as_deref(), was_mounted)
 }
 
 fn encrypt_keeping(
     tools: &Tools,
     label: &str,
     dev: &Path,
+    seal: &Seal,
     plain_at: Option<&str>,
     remount: bool,
 ) -> Result<()> {
-    let seal = seal_for_this_boot();
-    if matches!(seal, Seal::TpmOnly) {
-        say(&format!(
-            "{label}: this boot has no signed PCR policy (not a trusted-boot UKI): the key is sealed to this TPM only, whatever boots"
-        ));
-    }
-    if !Path::new("/dev/tpmrm0").exists() && !Path::new("/dev/tpm0").exists() {
-        bail!(
-            "install.encrypted_partitions asks for {label} to be encrypted but this node has no TPM: nothing was changed; give the node a TPM 2.0 or remove {label} from the list"
-        );
-    }
     // The content is kept in memory (/run) while the partition is remade.
     let stash = format!("/run/kairos/stash-{label}");
     if let Some(m) = plain_at {
@@ -241,28 +243,52 @@ fn encrypt_keeping(
         unmount(m, false).with_context(|| format!("unmounting {m} to encrypt {label}"))?;
     }
     say(&format!("{label}: encrypting {} (LUKS2)", dev.display()));
-    let key = luks::random_key()?;
-    tools.format(dev, label, &key)?;
-    tools.enroll_tpm2(dev, &key, &seal)?;
-    let recovery = luks::random_key()?;
-    tools.add_key(dev, &key, &recovery)?;
-    tools.remove_key(dev, &key)?;
-    // The sealed key must open it now, or the next boot would ask for the recovery key.
-    tools
-        .open_tpm2(dev, label)
-        .with_context(|| format!("{label}: the key just sealed into the TPM does not open it"))?;
-    let mapped = mapped(label)?;
-    tools.mkfs_ext4(&mapped, label)?;
-    tools.finish(dev, label)?;
+    let made = (|| -> Result<(PathBuf, String)> {
+        let key = luks::random_key()?;
+        tools.format(dev, label, &key)?;
+        tools.enroll_tpm2(dev, &key, seal)?;
+        let recovery = luks::random_key()?;
+        tools.add_key(dev, &key, &recovery)?;
+        tools.remove_key(dev, &key)?;
+        // The sealed key must open it now, or the next boot would ask for the recovery key.
+        tools.open_tpm2(dev, label).with_context(|| {
+            format!("{label}: the key just sealed into the TPM does not open it")
+        })?;
+        let mapped = mapped(label)?;
+        tools.mkfs_ext4(&mapped, label)?;
+        tools.finish(dev, label)?;
+        Ok((mapped, recovery))
+    })();
+    let (target, recovery) = match made {
+        Ok((mapped, recovery)) => (mapped, Ok(recovery)),
+        Err(e) => {
+            // Put the partition back as it was: plain, with its content.
+            let _ = tools.close(label);
+            let back = luks::erase(dev)
+                .map_err(anyhow::Error::from)
+                .and_then(|_| Ok(tools.mkfs_ext4(dev, label)?));
+            if let Err(b) = back {
+                return Err(e.context(format!(
+                    "encrypting {label} failed, and making it plain again failed too ({b:#}); its content is lost"
+                )));
+            }
+            if plain_at.is_none() {
+                return Err(e.context(format!(
+                    "encrypting {label} failed; it was made plain again"
+                )));
+            }
+            (dev.to_path_buf(), Err(e))
+        }
+    };
     if let Some(m) = plain_at {
         mount(
-            &mapped.to_string_lossy(),
+            &target.to_string_lossy(),
             m,
             "ext4",
             MountFlags::empty(),
             "",
         )
-        .with_context(|| format!("mounting the encrypted {label} on {m}"))?;
+        .with_context(|| format!("mounting {label} on {m}"))?;
         crate::boot::copy_tree(Path::new(&stash), Path::new(m))
             .with_context(|| format!("putting {label}'s content back"))?;
         let _ = fs::remove_dir_all(&stash);
@@ -270,6 +296,11 @@ fn encrypt_keeping(
             unmount(m, false).with_context(|| format!("unmounting {m}"))?;
         }
     }
+    let recovery = recovery.map_err(|e| {
+        e.context(format!(
+            "encrypting {label} failed; it was made plain again with its content, and nothing is encrypted"
+        ))
+    })?;
     show_recovery_key(label, &recovery);
     say(&format!("{label}: encrypted; the TPM opens it at boot"));
     Ok(())

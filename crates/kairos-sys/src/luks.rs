@@ -320,6 +320,12 @@ impl Tools {
         Ok(())
     }
 
+    /// Closes the mapping `name` (if open).
+    pub fn close(&self, name: &str) -> Result<(), LuksError> {
+        self.cmd(CRYPTSETUP).args(["close", name]).run()?;
+        Ok(())
+    }
+
     /// Makes the ext4 filesystem inside an opened volume.
     pub fn mkfs_ext4(&self, mapped: &Path, label: &str) -> Result<(), LuksError> {
         self.cmd(MKFS_EXT4)
