@@ -64,6 +64,23 @@ pub fn nic_up_command(mac_prefix: &str, addr: &str, then: &[&str]) -> String {
     s
 }
 
+/// A `stages:` block for systemd images that brings up QEMU's user network (the guest is
+/// 10.0.2.15, the host and its test registry 10.0.2.2), for the end of a cloud-config.
+pub fn user_net_stage() -> String {
+    format!(
+        "stages:
+  boot:
+  - name: network for the tests
+    commands:
+{}",
+        nic_up_command(
+            "52:54:00:12:34:56",
+            "10.0.2.15/24",
+            &["ip route replace default via 10.0.2.2"]
+        )
+    )
+}
+
 /// A registry image reference as the guest reaches it (QEMU user networking: the host is
 /// 10.0.2.2).
 pub fn guest_ref(host_ref: &str) -> String {

@@ -87,7 +87,7 @@ fn debian_boots_with_systemd_applies_oem_config_grows_persistent_and_boots_recov
 #[test]
 #[ignore = "VM test: run by scripts/test tier 3"]
 fn debian_installs_from_iso_and_upgrades() {
-    use kairos_e2e::{blank_disk, build_iso, image_with_files, nic_up_command};
+    use kairos_e2e::{blank_disk, build_iso, image_with_files, user_net_stage};
     let work = tempfile::tempdir().unwrap();
     let iso = work.path().join("debian.iso");
     let disk = work.path().join("disk.raw");
@@ -110,16 +110,8 @@ install:
   auto: true
   device: auto
   reboot: true
-stages:
-  boot:
-  - name: network for the tests
-    commands:
 {}",
-            nic_up_command(
-                "52:54:00:12:34:56",
-                "10.0.2.15/24",
-                &["ip route replace default via 10.0.2.2"]
-            )
+            user_net_stage()
         ),
         &iso,
     )

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use kairos_e2e::{
     MountGuard, Vm, blank_disk, check, debian_rootfs, esp_tree, guest_pcr11, guest_ref,
-    image_in_registry, image_with_files, kairosctl, nic_up_command, put_on_esp, start_registry,
+    image_in_registry, image_with_files, kairosctl, put_on_esp, start_registry, user_net_stage,
 };
 
 const PROMPT: &str = "Enter the recovery key or a passphrase for";
@@ -35,16 +35,8 @@ install:
   encrypted_partitions:
   - COS_PERSISTENT
   - COS_OEM
-stages:
-  boot:
-  - name: network for the tests
-    commands:
 {}",
-        nic_up_command(
-            "52:54:00:12:34:56",
-            "10.0.2.15/24",
-            &["ip route replace default via 10.0.2.2"]
-        )
+        user_net_stage()
     )
 }
 

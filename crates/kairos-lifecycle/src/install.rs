@@ -232,9 +232,10 @@ fn copy_store(m: &Medium, to: &Path) -> Result<(), Error> {
 /// names it, the medium carries it as a plain file.
 pub fn medium_uki(m: &Medium) -> Option<PathBuf> {
     let rel = m.dep.uki.as_deref()?;
-    // Only Kairos' own path for this deployment (the medium's JSON is not trusted to name
-    // another file).
-    (rel == crate::esp_uki_path(&m.dep.id)).then(|| m.root.join(rel.trim_start_matches('/')))
+    // Only Kairos' own path for this deployment: the medium's JSON is not trusted to name
+    // another file, nor an id that leaves the medium (or, copied, the new ESP).
+    (crate::is_plain_id(&m.dep.id) && rel == crate::esp_uki_path(&m.dep.id))
+        .then(|| m.root.join(rel.trim_start_matches('/')))
 }
 
 /// Where the installer mounts the new partitions.

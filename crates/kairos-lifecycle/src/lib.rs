@@ -98,6 +98,13 @@ pub fn esp_boot_path(kind: &str, sha256: &str) -> String {
     format!("/kairos/{kind}-{}", &sha256[..sha256.len().min(16)])
 }
 
+/// A deployment id that can name a file (`d-…`): not empty, not hidden, no path separator.
+/// Ids read from disk (a medium's or an ESP's files) are checked with this before a path is
+/// made of them.
+pub fn is_plain_id(id: &str) -> bool {
+    !id.is_empty() && !id.starts_with('.') && !id.contains(['/', '\\', '\0'])
+}
+
 /// The ESP path of a deployment's signed UKI (trusted boot): one per deployment, whatever
 /// role its entries give it.
 pub fn esp_uki_path(deployment: &str) -> String {
@@ -122,4 +129,24 @@ pub fn trusted_cmdline(dep: &kairos_layers::Deployment) -> String {
 pub fn deployment_id(manifest_digest: &str) -> String {
     let hex = manifest_digest.trim_start_matches("sha256:");
     format!("d-{}", &hex[..hex.len().min(12)])
+}
+
+#[cfg(test)]
+mod id_tests {
+    #[test]
+    fn only_plain_ids_name_files() {
+        assert!(super::is_plain_id("d-3f9b7ce9dbe0"));
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../../etc/x",
+            "a/b",
+            "a\\b",
+            ".hidden",
+            "a\0b",
+        ] {
+            assert!(!super::is_plain_id(bad), "{bad:?}");
+        }
+    }
 }

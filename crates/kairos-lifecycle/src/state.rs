@@ -128,10 +128,9 @@ pub fn trusted_boot(
     // another path is not followed.
     let entry = role.and_then(|r| {
         entries::list(esp).ok()?.into_iter().find(|e| {
-            let plain = !e.deployment.is_empty()
-                && !e.deployment.starts_with('.')
-                && !e.deployment.contains(['/', '\\']);
-            e.role == r && plain && e.efi == crate::esp_uki_path(&e.deployment)
+            e.role == r
+                && crate::is_plain_id(&e.deployment)
+                && e.efi == crate::esp_uki_path(&e.deployment)
         })
     });
     if let Some(e) = entry {

@@ -237,25 +237,7 @@ impl Cmd {
             if self.dir.is_none() {
                 c.current_dir("/");
             }
-            // Built before the fork: the child may not allocate.
-            let dir =
-                std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).map_err(|_| {
-                    spawn_err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        "the root path contains a NUL byte",
-                    ))
-                })?;
-            #[allow(unsafe_code)]
-            // SAFETY: the closure runs in the forked child before exec; it only makes two
-            // async-signal-safe syscalls (chroot, chdir) on C strings built before the fork,
-            // and allocates nothing.
-            unsafe {
-                c.pre_exec(move || {
-                    rustix::process::chroot(dir.as_c_str())?;
-                    rustix::process::chdir(c"/")?;
-                    Ok(())
-                });
-            }
+            chroot_child(&mut c, root).map_err(spawn_err)?;
         }
         c.args(&self.args)
             .stdin(if self.stdin.is_some() {
@@ -355,31 +337,38 @@ impl Shell {
                     root: self.root.path().display().to_string(),
                 });
             }
-            // The path is made a C string here, before the fork: the child may not allocate.
-            let dir = std::ffi::CString::new(self.root.path().as_os_str().as_encoded_bytes())
-                .map_err(|_| ExecError::Spawn {
-                    cmd: cmd.to_string(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        "the root path contains a NUL byte",
-                    ),
-                })?;
             c.current_dir("/");
-            // chroot(2) needs to happen in the child between fork and exec.
-            #[allow(unsafe_code)]
-            // SAFETY: the closure runs in the forked child before exec; it only makes two
-            // async-signal-safe syscalls (chroot, chdir) on C strings built before the fork,
-            // and allocates nothing.
-            unsafe {
-                c.pre_exec(move || {
-                    rustix::process::chroot(dir.as_c_str())?;
-                    rustix::process::chdir(c"/")?;
-                    Ok(())
-                });
-            }
+            chroot_child(&mut c, self.root.path()).map_err(|source| ExecError::Spawn {
+                cmd: cmd.to_string(),
+                source,
+            })?;
         }
         run_combined(c, cmd)
     }
+}
+
+/// Makes `c`'s child chroot into `root` (and chdir to its `/`) between fork and exec: the
+/// one place Kairos runs a program inside another root.
+fn chroot_child(c: &mut Command, root: &Path) -> std::io::Result<()> {
+    // The path is made a C string here, before the fork: the child may not allocate.
+    let dir = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the root path contains a NUL byte",
+        )
+    })?;
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec; it only makes two
+    // async-signal-safe syscalls (chroot, chdir) on C strings built before the fork, and
+    // allocates nothing.
+    unsafe {
+        c.pre_exec(move || {
+            rustix::process::chroot(dir.as_c_str())?;
+            rustix::process::chdir(c"/")?;
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// Restores the default action for SIGPIPE, as a command-line tool wants it: the Rust runtime
