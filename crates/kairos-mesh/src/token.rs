@@ -341,17 +341,25 @@ pub fn report(t: &Token, unix: Option<u64>, json: bool) -> String {
 }
 
 /// A string as a YAML scalar: plain when it reads back as the same string, else quoted.
+///
+/// "Reads back" is decided by the YAML reader itself, not by a list of look-alikes: `0e0`,
+/// `.inf`, `0x1F` or `1_000` are numbers to a YAML reader and must be quoted to stay text.
 fn yaml_str(s: &str) -> String {
+    let reads_back = || {
+        let src: Arc<str> = Arc::from("yaml_str");
+        kairos_config::yaml::parse(&format!("k: {s}\n"), &src)
+            .ok()
+            .and_then(|n| n.get("k").map(|v| v.value == Value::Str(s.to_string())))
+            .unwrap_or(false)
+    };
     let plain = !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
-        && !s
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-')
         && !matches!(
             s.to_ascii_lowercase().as_str(),
             "true" | "false" | "yes" | "no" | "on" | "off" | "null" | "y" | "n" | "~"
-        );
+        )
+        && reads_back();
     if plain {
         s.to_string()
     } else {
@@ -369,6 +377,39 @@ mod tests {
     use super::*;
 
     const SPEC_YAML: &str = "otp:\n  dht:\n    interval: 9000\n    key: exampleDhtKey\n    length: 43\n  crypto:\n    interval: 9000\n    key: exampleCryptoKey\n    length: 43\nroom: exampleRoom\nrendezvous: exampleRendezvous\nmdns: exampleMdns\nmax_message_size: 20971520\n";
+
+    #[test]
+    fn text_that_looks_like_a_number_stays_text() {
+        // Found by the round-trip property: a room `0e0` came back as `0`.
+        for room in [
+            "0e0",
+            "1e5",
+            "-1",
+            "1.5",
+            ".5",
+            ".inf",
+            "-.inf",
+            ".nan",
+            "0x1F",
+            "0o7",
+            "1_000",
+            "True",
+            "NULL",
+            "~",
+            "2001-12-14",
+            "exampleRoom",
+        ] {
+            let mut t = Token::generate(100);
+            t.room = room.to_string();
+            assert_eq!(Token::parse(&t.encode()).unwrap().room, room, "{room}");
+        }
+        assert_eq!(
+            yaml_str("exampleRoom"),
+            "exampleRoom",
+            "plain when it can be"
+        );
+        assert_eq!(yaml_str("0e0"), "\"0e0\"");
+    }
 
     #[test]
     fn the_spec_document_round_trips_byte_for_byte() {
@@ -454,7 +495,7 @@ mod tests {
         }
 
         #[test]
-        fn keys_round_trip(k in "[ -~]{1,60}", room in "[a-zA-Z0-9:#' ]{1,40}") {
+        fn keys_round_trip(k in "[ -~]{1,60}", room in "[a-zA-Z0-9:#' .+_-]{1,40}") {
             let mut t = Token::generate(100);
             t.otp.crypto.key = k;
             t.room = room;
