@@ -927,6 +927,25 @@ fn print_state(v: &serde_json::Value) {
             }
         }
     }
+    if let Some(layers) = v["verified_layers"].as_array().filter(|l| !l.is_empty()) {
+        let bad: Vec<&str> = layers
+            .iter()
+            .filter(|l| l["corrupted"].as_bool() == Some(true))
+            .filter_map(|l| l["name"].as_str())
+            .collect();
+        if bad.is_empty() {
+            println!(
+                "layers:     {} behind dm-verity (signed root hashes), no changed block seen",
+                layers.len()
+            );
+        } else {
+            println!(
+                "layers:     {} behind dm-verity; CHANGED BLOCKS REFUSED in {}: the layer image on disk was changed (reads of them fail); reinstall or upgrade",
+                layers.len(),
+                bad.join(", ")
+            );
+        }
+    }
     let t = &v["trusted_boot"];
     if t.is_object() {
         let onoff = |x: &serde_json::Value| match x.as_bool() {

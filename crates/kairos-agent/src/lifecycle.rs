@@ -444,6 +444,7 @@ pub fn state_value(
         &["COS_OEM", "COS_PERSISTENT"],
         &root.join("run/kairos/recovery-keys"),
     );
+    s.verified_layers = state::verified_layers();
     let efi = kairos_sys::efi::BootInfo::read(
         &root.join(kairos_sys::efi::EFIVARS.trim_start_matches('/')),
     );

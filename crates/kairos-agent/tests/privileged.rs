@@ -533,7 +533,7 @@ fn luks_volume_set_up_as_the_initrd_does() {
             }
         }
         let _close = Close(name.clone());
-        let mapped = luks::mapped_device(&name).expect("the opened volume in /sys/block");
+        let mapped = kairos_sys::dm::mapped_device(&name).expect("the opened volume in /sys/block");
         tools.mkfs_ext4(&mapped, &name).unwrap();
         assert_eq!(
             kairos_sys::blockdev::label_of(&mapped).as_deref(),

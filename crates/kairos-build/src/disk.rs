@@ -85,8 +85,8 @@ fn mkfs_ext4(img: &Path, label: &str, size_mib: u64, content: Option<&Path>) -> 
     run(cmd.arg(img))
 }
 
-/// Builds the layer image of a root tree.
-pub fn erofs(rootfs: &Path, out: &Path, seed: &str) -> Result<()> {
+/// Builds the layer image of a root tree (with its verity tree).
+pub fn erofs(rootfs: &Path, out: &Path, seed: &str) -> Result<kairos_layers::verity::Verity> {
     Ok(kairos_layers::make_erofs(
         &kairos_layers::mkfs_erofs_argv(Path::new("/")),
         rootfs,

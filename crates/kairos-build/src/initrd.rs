@@ -39,6 +39,8 @@ pub const BOOT_MODULES: &[&str] = &[
     // with aes-xts (AES itself is built in), and the kernel crypto API for cryptsetup.
     "dm_mod",
     "dm_crypt",
+    // Layer images behind dm-verity (trusted boot).
+    "dm_verity",
     "xts",
     "ecb",
     "af_alg",

@@ -81,7 +81,7 @@ pub fn build_store(spec: &OsSpec, store_dir: &Path, work: &Path) -> Result<Os> {
                 .context("fewer diff_ids than layers")?,
             None => format!("dir-layer-{i}"),
         };
-        crate::disk::erofs(tree, &tmp, &seed)?;
+        let verity = crate::disk::erofs(tree, &tmp, &seed)?;
         // Hash the image once: it is both the blob checksum and, for `dir:` trees, the name.
         let hex = kairos_layers::sha256_file(&tmp)?;
         let digest = match &spec.diff_ids {
@@ -98,6 +98,7 @@ pub fn build_store(spec: &OsSpec, store_dir: &Path, work: &Path) -> Result<Os> {
                 size,
                 sha256: hex,
             },
+            verity: Some(verity),
         });
     }
     let layer_bytes: u64 = layers.iter().map(|l| l.image.size).sum();

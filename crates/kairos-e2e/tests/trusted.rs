@@ -153,7 +153,7 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
     }
 
     // What PCR 11 must read once the initrd is left, from the UKI's own bytes.
-    let leave = {
+    let (leave, pins) = {
         let tree = w.join("esp");
         esp_tree(&disk, &tree).unwrap();
         let bytes = std::fs::read(uki_on(&tree).unwrap()).unwrap();
@@ -163,12 +163,27 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
             tree.join("loader/keys/auto/db.auth").is_file(),
             "auto-enrollment files"
         );
-        phases
-            .iter()
-            .find(|(p, _)| p == "enter-initrd:leave-initrd")
+        // The layers it pins (its signed cmdline): dm-verity root hashes.
+        let text = String::from_utf8_lossy(&bytes);
+        let pins: Vec<String> = text
+            .split("rd.kairos.layers=")
+            .nth(1)
+            .expect("the UKI's cmdline pins the layers")
+            .split(|c: char| c.is_whitespace() || c == '\0')
+            .next()
             .unwrap()
-            .1
-            .hex()
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        (
+            phases
+                .iter()
+                .find(|(p, _)| p == "enter-initrd:leave-initrd")
+                .unwrap()
+                .1
+                .hex(),
+            pins,
+        )
     };
 
     // Tampered and foreign variants are prepared from copies while nothing runs.
@@ -258,6 +273,18 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
         "state: PCR 11 and the policy",
     );
     check(&state, &leave, "state: the value");
+    // Every pinned layer is mounted through dm-verity with its signed root hash.
+    check(
+        &state,
+        "behind dm-verity (signed root hashes), no changed block seen",
+        "state: the layers",
+    );
+    let roots = vm
+        .sh("kairos-agent state get verified_layers --json")
+        .unwrap();
+    for pin in &pins {
+        check(&roots, pin, "a verity device per pinned root");
+    }
 
     // Upgrades: refused without a UKI, with a stranger's, and with one of another image —
     // each before anything is written (the store keeps one deployment, v1 boots next).
@@ -323,4 +350,9 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
     check(&summary, "KAIROS BOOT FAILED", "the failure summary");
     check(&summary, "changed on disk", "the refusal says why");
     check(&summary, &changed, "and names the layer");
+    check(
+        &summary,
+        "does not match the signed root hash",
+        "found by dm-verity, naming the block",
+    );
 }

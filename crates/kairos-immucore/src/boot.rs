@@ -12,7 +12,7 @@ use kairos_sys::mount::{MountFlags, bind, mount, move_mount};
 use kairos_sys::{Root, blockdev, kmod, loopdev};
 
 use crate::crypt;
-use crate::plan::{self, Mode, Plan};
+use crate::plan::{self, LayerCheck, Mode, Plan};
 
 pub const SYSROOT: &str = "/sysroot";
 /// Where a netboot initrd carries the layer store.
@@ -202,7 +202,7 @@ impl Boot {
             check_pinned(&dep, &plan.pinned_layers)?;
             let n = dep.layers.len();
             for (i, layer) in dep.layers.iter().enumerate() {
-                store.verify(&layer.image, plan.verify).with_context(|| {
+                let refused = || {
                     if plan.pinned_layers.is_empty() {
                         format!("layer {}", layer.digest)
                     } else {
@@ -213,19 +213,29 @@ impl Boot {
                             layer.image.file
                         )
                     }
-                })?;
+                };
+                let check = crate::plan::layer_check(&plan, i, layer).with_context(refused)?;
                 let img = store.root.join(&layer.image.file);
-                let dev = loopdev::attach_read_only(&img)
-                    .with_context(|| format!("attaching {}", img.display()))?;
                 let mnt = format!("/run/kairos/layers/{i}");
-                do_mount(
-                    &dev.path.to_string_lossy(),
-                    &mnt,
-                    "erofs",
-                    MountFlags::RDONLY,
-                    "",
-                )?;
-                drop(dev); // the mount holds the device now
+                let source = match check {
+                    LayerCheck::Verity { verity, read_all } => {
+                        let dev = verity_layer(i, n, layer, &img, &verity, read_all)?;
+                        dev.to_string_lossy().into_owned()
+                    }
+                    check => {
+                        store
+                            .verify(&layer.image, check == LayerCheck::Hash)
+                            .with_context(refused)?;
+                        let dev = loopdev::attach_read_only(&img)
+                            .with_context(|| format!("attaching {}", img.display()))?;
+                        // The mount holds the device once made; the handle goes after.
+                        let path = dev.path.to_string_lossy().into_owned();
+                        do_mount(&path, &mnt, "erofs", MountFlags::RDONLY, "")?;
+                        lowers.push(mnt);
+                        continue;
+                    }
+                };
+                do_mount(&source, &mnt, "erofs", MountFlags::RDONLY, "")?;
                 lowers.push(mnt);
             }
             if lowers.is_empty() {
@@ -539,12 +549,122 @@ fn check_secure_boot(plan: &Plan, efi: &kairos_sys::efi::BootInfo) -> Result<()>
     }
 }
 
+/// Sets up layer `i`'s image behind dm-verity with the signed root hash and returns the
+/// verified device: the loop device carries data and tree, the device-mapper device
+/// (`kairos-layer-<i>`, uuid `KAIROS-VERITY-<root>`) refuses any block that does not hash
+/// up to the root. With `read_all`, every block is read once now, so a changed byte
+/// anywhere stops the boot here, naming the layer and the block.
+fn verity_layer(
+    i: usize,
+    n: usize,
+    layer: &kairos_layers::Layer,
+    img: &Path,
+    verity: &kairos_layers::verity::Verity,
+    read_all: bool,
+) -> Result<PathBuf> {
+    let what = || {
+        format!(
+            "layer {} of {n} ({}, {})",
+            i + 1,
+            layer.digest,
+            layer.image.file
+        )
+    };
+    let len = fs::metadata(img)
+        .with_context(|| format!("{}: reading {}", what(), img.display()))?
+        .len();
+    verity.check(len).map_err(|e| {
+        anyhow!(
+            "{}: {e}: the image or its manifest was changed on disk, so this boot is refused",
+            what()
+        )
+    })?;
+    let lo =
+        loopdev::attach_read_only(img).with_context(|| format!("attaching {}", img.display()))?;
+    let majmin = fs::read_to_string(
+        Path::new("/sys/block")
+            .join(lo.path.file_name().unwrap_or_default())
+            .join("dev"),
+    )
+    .with_context(|| format!("reading the device number of {}", lo.path.display()))?;
+    let name = format!("kairos-layer-{i}");
+    let target = kairos_sys::dm::Target::parse(&verity.table(majmin.trim()))
+        .context("the verity table line")?;
+    let dev = kairos_sys::dm::create_read_only(
+        &name,
+        &format!("{}{}", kairos_layers::verity::DM_UUID_PREFIX, verity.root),
+        &target,
+    )
+    .with_context(|| format!("{}: setting up dm-verity", what()))?;
+    drop(lo); // the device-mapper device holds the loop device now
+    let checked = if read_all {
+        read_through(&dev).map_err(|(block, e)| {
+            anyhow!(
+                "{}: block {block} (bytes {}..{}) does not match the signed root hash {} ({e}): the layer image was changed on disk, so this boot is refused",
+                what(),
+                block * kairos_layers::verity::BLOCK,
+                (block + 1) * kairos_layers::verity::BLOCK,
+                &verity.root[..12]
+            )
+        })
+    } else {
+        Ok(())
+    };
+    let status = kairos_sys::dm::status(&name).unwrap_or_default();
+    if let Err(e) = checked {
+        let _ = kairos_sys::dm::remove(&name);
+        return Err(e);
+    }
+    if status.trim() != "V" {
+        let _ = kairos_sys::dm::remove(&name);
+        bail!(
+            "{}: dm-verity reports {status:?} for it (expected V, verified): the layer image was changed on disk, so this boot is refused",
+            what()
+        );
+    }
+    kairos_sys::dm::udev_handover(&dev)
+        .with_context(|| format!("recording {} for udev", dev.display()))?;
+    Ok(dev)
+}
+
+/// Reads a whole device; on a read error, the first block that cannot be read and why.
+fn read_through(dev: &Path) -> std::result::Result<(), (u64, std::io::Error)> {
+    use std::io::{Read, Seek, SeekFrom};
+    const BLOCK: u64 = kairos_layers::verity::BLOCK;
+    let mut f = fs::File::open(dev).map_err(|e| (0, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(k) => at += k as u64,
+            Err(e) => {
+                // Find the block within this chunk: read it block by block.
+                let mut block = vec![0u8; BLOCK as usize];
+                let mut b = at / BLOCK;
+                loop {
+                    let read = f
+                        .seek(SeekFrom::Start(b * BLOCK))
+                        .and_then(|_| f.read_exact(&mut block));
+                    match read {
+                        Ok(()) => b += 1,
+                        Err(e2) if e2.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            return Err((b, e));
+                        }
+                        Err(e2) => return Err((b, e2)),
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The deployment uses exactly the layer images the signed cmdline names, in order.
 fn check_pinned(dep: &kairos_layers::Deployment, pinned: &[String]) -> Result<()> {
     if pinned.is_empty() {
         return Ok(());
     }
-    let have = dep.image_hashes();
+    let have = dep.pins();
     if have != pinned {
         bail!(
             "deployment {} lists layer images {} but the signed boot entry names {}: the deployment manifest was changed or belongs to another image, so this boot is refused",

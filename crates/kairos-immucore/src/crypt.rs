@@ -111,9 +111,10 @@ pub fn seal_for_this_boot() -> Seal {
 
 /// The opened mapping of `label` (`/dev/dm-N`).
 pub fn mapped(label: &str) -> Result<PathBuf> {
-    let dev = luks::mapped_device(label)
+    let dev = kairos_sys::dm::mapped_device(label)
         .with_context(|| format!("{label} was opened but no /dev/dm-* is named {label}"))?;
-    luks::udev_handover(&dev).with_context(|| format!("recording {} for udev", dev.display()))?;
+    kairos_sys::dm::udev_handover(&dev)
+        .with_context(|| format!("recording {} for udev", dev.display()))?;
     Ok(dev)
 }
 

@@ -44,11 +44,72 @@ pub struct Plan {
     /// After a failure: reboot (the default, so boot assessment can act) or power off.
     pub poweroff_on_failure: bool,
     pub init: String,
-    /// Trusted boot (`rd.kairos.layers=` in a signed UKI's cmdline): the sha256 of every
-    /// layer image, base first. The deployment must use exactly these, each hashed in full.
+    /// Trusted boot (`rd.kairos.layers=` in a signed UKI's cmdline): the dm-verity root
+    /// hash (or, for an image without a tree, the sha256) of every layer image, base first.
+    /// The deployment must use exactly these; see [`layer_check`].
     pub pinned_layers: Vec<String>,
+    /// `rd.kairos.verity=lazy`: dm-verity checks each block when it is read, and the whole
+    /// image is not read through at boot (faster; a changed block in a file nobody reads
+    /// at boot is refused later, with an I/O error, not by stopping the boot).
+    pub verity_lazy: bool,
     /// `rd.kairos.securebootdisabled`: a trusted image may boot with Secure Boot off.
     pub allow_insecure: bool,
+}
+
+/// How a layer image is checked before it is mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerCheck {
+    /// Its size only (an unsigned boot without `rd.kairos.verify`).
+    Size,
+    /// The sha256 of the whole file (`rd.kairos.verify`, or a pinned image without a tree).
+    Hash,
+    /// Mounted through dm-verity with the pinned root hash; with `read_all`, every block is
+    /// read (and so checked) before the boot goes on.
+    Verity {
+        verity: kairos_layers::verity::Verity,
+        read_all: bool,
+    },
+}
+
+/// The check for layer `i` of the deployment. A pinned layer with a tree goes through
+/// dm-verity, whose root is the pin itself (the manifest only says where the tree starts,
+/// which [`kairos_layers::verity::Verity::check`] bounds); a pinned layer without one is
+/// hashed whole against the pin.
+pub fn layer_check(
+    plan: &Plan,
+    i: usize,
+    layer: &kairos_layers::Layer,
+) -> Result<LayerCheck, PlanError> {
+    let Some(pin) = plan.pinned_layers.get(i) else {
+        if !plan.pinned_layers.is_empty() {
+            return Err(PlanError(format!(
+                "layer {} is not named by the signed boot entry ({} pinned)",
+                i + 1,
+                plan.pinned_layers.len()
+            )));
+        }
+        return Ok(if plan.verify {
+            LayerCheck::Hash
+        } else {
+            LayerCheck::Size
+        });
+    };
+    match &layer.verity {
+        Some(v) if v.root.eq_ignore_ascii_case(pin) => Ok(LayerCheck::Verity {
+            verity: kairos_layers::verity::Verity {
+                root: pin.clone(),
+                data_size: v.data_size,
+            },
+            read_all: !plan.verity_lazy,
+        }),
+        _ if layer.image.sha256.eq_ignore_ascii_case(pin) => Ok(LayerCheck::Hash),
+        _ => Err(PlanError(format!(
+            "layer {} ({}) is not the one the signed boot entry names ({})",
+            i + 1,
+            layer.digest,
+            &pin[..pin.len().min(12)]
+        ))),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +240,7 @@ impl Plan {
             poweroff_on_failure: false,
             init: "/sbin/init".into(),
             pinned_layers: Vec::new(),
+            verity_lazy: false,
             allow_insecure: false,
         };
         for tok in kairos_config::cmdline::tokens(cmdline) {
@@ -201,6 +263,15 @@ impl Plan {
                 }
                 "rd.kairos.debug" | "rd.immucore.debug" => plan.debug = true,
                 "rd.kairos.verify" => plan.verify = true,
+                "rd.kairos.verity" => match v {
+                    "lazy" => plan.verity_lazy = true,
+                    "full" => plan.verity_lazy = false,
+                    other => {
+                        return Err(PlanError(format!(
+                            "rd.kairos.verity={other}: expected full (read every block at boot, the default) or lazy"
+                        )));
+                    }
+                },
                 kairos_layers::PINS_ARG => {
                     plan.pinned_layers = kairos_layers::parse_pins(v).map_err(PlanError)?;
                     plan.verify = true;
@@ -310,6 +381,64 @@ pub fn encrypted_partitions(config: &serde_json::Value) -> (Vec<&'static str>, V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn how_each_layer_is_checked() {
+        let h = |c: char| c.to_string().repeat(64);
+        let layer = |sha: char, root: Option<char>| kairos_layers::Layer {
+            digest: kairos_layers::Digest::of(b"x"),
+            image: kairos_layers::Blob {
+                file: "layers/x.erofs".into(),
+                size: 3 * 4096,
+                sha256: h(sha),
+            },
+            verity: root.map(|r| kairos_layers::verity::Verity {
+                root: h(r),
+                data_size: 2 * 4096,
+            }),
+        };
+        let plain = Plan::from_cmdline("kairos.deployment=d").unwrap();
+        assert_eq!(
+            layer_check(&plain, 0, &layer('a', Some('b'))),
+            Ok(LayerCheck::Size)
+        );
+        let verify = Plan::from_cmdline("kairos.deployment=d rd.kairos.verify").unwrap();
+        assert_eq!(
+            layer_check(&verify, 0, &layer('a', None)),
+            Ok(LayerCheck::Hash)
+        );
+        let pinned = |extra: &str| {
+            Plan::from_cmdline(&format!(
+                "kairos.deployment=d rd.kairos.layers={},{} {extra}",
+                h('b'),
+                h('c')
+            ))
+            .unwrap()
+        };
+        let p = pinned("");
+        match layer_check(&p, 0, &layer('a', Some('b'))) {
+            Ok(LayerCheck::Verity { verity, read_all }) => {
+                assert_eq!(verity.root, h('b'));
+                assert!(read_all);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            layer_check(&pinned("rd.kairos.verity=lazy"), 0, &layer('a', Some('b'))),
+            Ok(LayerCheck::Verity {
+                read_all: false,
+                ..
+            })
+        ));
+        // No tree: the pin is the whole image's sha256.
+        assert_eq!(layer_check(&p, 1, &layer('c', None)), Ok(LayerCheck::Hash));
+        // A manifest that drops the tree of a layer pinned by its root: refused.
+        assert!(layer_check(&p, 0, &layer('a', None)).is_err());
+        // Another root in the manifest: refused, not mounted with the manifest's root.
+        assert!(layer_check(&p, 0, &layer('a', Some('d'))).is_err());
+        assert!(layer_check(&p, 2, &layer('a', None)).is_err());
+        assert!(Plan::from_cmdline("kairos.deployment=d rd.kairos.verity=maybe").is_err());
+    }
 
     #[test]
     fn cmdline() {

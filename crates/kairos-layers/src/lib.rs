@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 pub mod digest;
+pub mod verity;
 pub use digest::{Digest, DigestError};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,22 @@ pub struct Layer {
     pub digest: Digest,
     #[serde(flatten)]
     pub image: Blob,
+    /// The dm-verity tree at the end of the image (every image this code writes has one;
+    /// absent in manifests from before trees were written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<verity::Verity>,
+}
+
+impl Layer {
+    /// What a signed UKI pins for this layer: its verity root hash, or the sha256 of the
+    /// whole image when it has no tree. The two cannot be confused: a manifest that drops
+    /// the tree to be checked by hash instead would need an image whose sha256 is the root.
+    pub fn pin(&self) -> &str {
+        match &self.verity {
+            Some(v) => &v.root,
+            None => &self.image.sha256,
+        }
+    }
 }
 
 /// One bootable OS version.
@@ -87,17 +104,14 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// The sha256 of each layer image, base first: what a trusted UKI pins.
-    pub fn image_hashes(&self) -> Vec<&str> {
-        self.layers
-            .iter()
-            .map(|l| l.image.sha256.as_str())
-            .collect()
+    /// Each layer's [`Layer::pin`], base first: what a trusted UKI pins.
+    pub fn pins(&self) -> Vec<&str> {
+        self.layers.iter().map(Layer::pin).collect()
     }
 }
 
 /// The kernel argument of a signed UKI that pins a deployment's layer images (trusted boot):
-/// `rd.kairos.layers=<sha256>,<sha256>…`, base first. Written by build and read by immucore
+/// `rd.kairos.layers=<root>,<root>…` (see [`Layer::pin`]), base first. Written by build and read by immucore
 /// and the agent through [`render_pins`] and [`parse_pins`] only.
 pub const PINS_ARG: &str = "rd.kairos.layers";
 /// At most this many layers can be pinned (the x86 kernel cmdline is 2 KiB).
@@ -226,6 +240,30 @@ impl Store {
         })
     }
 
+    /// Describes a layer image already in the store, found without a manifest naming it
+    /// (an upgrade cut short after writing it): its tree, if any, is where the EROFS
+    /// superblock says the filesystem ends.
+    pub fn layer(&self, digest: &Digest) -> Result<Layer, Error> {
+        let file = layer_file(digest);
+        let image = self.blob(&file)?;
+        let p = self.root.join(&file);
+        let mut head = vec![0u8; 1024 + 64];
+        fs::File::open(&p)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .map_err(io_err(&p))?;
+        let verity = match erofs_size(&head) {
+            Some(data) if data < image.size => {
+                Some(verity::read_tree(&p, data).map_err(io_err(&p))?)
+            }
+            _ => None,
+        };
+        Ok(Layer {
+            digest: digest.clone(),
+            image,
+            verity,
+        })
+    }
+
     /// Checks a blob: its size always, its hash when `full`.
     pub fn verify(&self, b: &Blob, full: bool) -> Result<(), Error> {
         let p = self.root.join(&b.file);
@@ -273,9 +311,26 @@ pub fn erofs_uuid(seed: &str) -> String {
     )
 }
 
-/// Makes the read-only image of a layer tree (EROFS, lz4) at `out`, synced to disk:
-/// reproducible (fixed timestamps, the UUID from `seed`).
-pub fn make_erofs(argv: &[String], tree: &Path, out: &Path, seed: &str) -> Result<(), Error> {
+/// The size of the EROFS filesystem whose first bytes are `head` (superblock at 1024:
+/// block size bits at +12, block count at +36), if it is one.
+pub fn erofs_size(head: &[u8]) -> Option<u64> {
+    let sb = head.get(1024..1024 + 40)?;
+    if sb[..4] != [0xe2, 0xe1, 0xf5, 0xe0] || !(9..=16).contains(&sb[12]) {
+        return None;
+    }
+    let blocks = u32::from_le_bytes(sb[36..40].try_into().ok()?);
+    Some(u64::from(blocks) << sb[12])
+}
+
+/// Makes the read-only image of a layer tree (EROFS, lz4) at `out` with its dm-verity tree
+/// appended, synced to disk: reproducible (fixed timestamps, the UUID from `seed`, no salt).
+/// The one writer of layer images (build, install media, upgrade).
+pub fn make_erofs(
+    argv: &[String],
+    tree: &Path,
+    out: &Path,
+    seed: &str,
+) -> Result<verity::Verity, Error> {
     kairos_sys::exec::Cmd::argv(argv)
         .args(["-zlz4", "-T0", "--quiet"])
         .arg(format!("-U{}", erofs_uuid(seed)))
@@ -286,9 +341,7 @@ pub fn make_erofs(argv: &[String], tree: &Path, out: &Path, seed: &str) -> Resul
             tool: "mkfs.erofs".into(),
             msg: format!("making {} from {}: {e}", out.display(), tree.display()),
         })?;
-    fs::File::open(out)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(out))
+    verity::append_tree(out).map_err(io_err(out))
 }
 
 /// `sha256:<hex>` → `layers/sha256-<hex>.erofs` (a validated digest: no `/`, no `..`).
@@ -318,6 +371,7 @@ mod tests {
             layers: vec![Layer {
                 digest: digest.clone(),
                 image: blob.clone(),
+                verity: None,
             }],
             kernel: None,
             initrd: None,

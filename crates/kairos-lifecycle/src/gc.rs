@@ -125,6 +125,7 @@ mod tests {
                 .map(|l| Layer {
                     digest: kairos_layers::Digest::of(l.as_bytes()),
                     image: blob(&node.store, &format!("layers/sha256-{l}.erofs")),
+                    verity: None,
                 })
                 .collect(),
             kernel: Some(blob(&node.store, "boot/sha256-k")),

@@ -119,7 +119,7 @@ pub fn trusted_cmdline(dep: &kairos_layers::Deployment) -> String {
         "{} kairos.deployment={} {}",
         dep.cmdline,
         dep.id,
-        kairos_layers::render_pins(&dep.image_hashes())
+        kairos_layers::render_pins(&dep.pins())
     )
     .trim()
     .to_string()

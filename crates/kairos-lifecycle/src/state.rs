@@ -44,6 +44,44 @@ pub struct State {
     pub trusted_boot: Option<TrustedBoot>,
     /// Encrypted partitions by label (`install.encrypted_partitions`).
     pub encrypted: BTreeMap<String, Encrypted>,
+    /// Layer images mounted through dm-verity (trusted boot), base first.
+    pub verified_layers: Vec<VerifiedLayer>,
+}
+
+/// A layer image immucore mounted through dm-verity (`kairos-agent state get
+/// verified_layers`).
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifiedLayer {
+    /// `kairos-layer-<index>`.
+    pub name: String,
+    pub device: String,
+    /// The signed root hash.
+    pub root: String,
+    /// `true` once the kernel has refused a block of it (a changed image on disk).
+    pub corrupted: bool,
+}
+
+/// The layers behind dm-verity now, found by their uuid ([`kairos_layers::verity::DM_UUID_PREFIX`]).
+pub fn verified_layers() -> Vec<VerifiedLayer> {
+    let mut out: Vec<VerifiedLayer> = kairos_sys::dm::devices()
+        .into_iter()
+        .filter_map(|(dev, name, uuid)| {
+            let root = uuid.strip_prefix(kairos_layers::verity::DM_UUID_PREFIX)?;
+            Some(VerifiedLayer {
+                corrupted: kairos_sys::dm::status(&name).is_ok_and(|s| s.trim() == "C"),
+                name,
+                device: dev.to_string_lossy().into_owned(),
+                root: root.to_string(),
+            })
+        })
+        .collect();
+    out.sort_by_key(|l| {
+        l.name
+            .rsplit('-')
+            .next()
+            .and_then(|i| i.parse::<u32>().ok())
+    });
+    out
 }
 
 /// An encrypted partition (`kairos-agent state get encrypted.COS_PERSISTENT`).
@@ -75,7 +113,7 @@ pub fn encrypted(labels: &[&str], recovery_keys: &std::path::Path) -> BTreeMap<S
             label.to_string(),
             Encrypted {
                 container: dev.to_string_lossy().into_owned(),
-                opened: kairos_sys::luks::mapped_device(label)
+                opened: kairos_sys::dm::mapped_device(label)
                     .map(|d| d.to_string_lossy().into_owned()),
                 tokens: vol.as_ref().map(|v| v.tokens.clone()).unwrap_or_default(),
                 finished: vol.as_ref().is_some_and(|v| v.finished()),
@@ -190,6 +228,7 @@ pub fn gather(
         history: hist,
         trusted_boot: None,
         encrypted: BTreeMap::new(),
+        verified_layers: Vec::new(),
     })
 }
 

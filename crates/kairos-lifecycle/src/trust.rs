@@ -127,7 +127,7 @@ pub fn check_uki(
 
 /// The UKI was built for this deployment: same id, same layer images in the same order.
 pub fn check_pins(pins: &Pins, dep: &Deployment) -> Result<(), Error> {
-    let have = dep.image_hashes();
+    let have = dep.pins();
     if pins.deployment != dep.id || pins.layers != have {
         return Err(Error::Node(format!(
             "the UKI was built for deployment {} (layers {}), but the image gives deployment {} (layers {}): build the UKI from this image (`kairosctl build uki --image {}`); nothing boots differently",
@@ -197,6 +197,7 @@ mod tests {
                 size: 1,
                 sha256: h(c),
             },
+            verity: None,
         };
         let mut dep = Deployment {
             id: "d-1".into(),

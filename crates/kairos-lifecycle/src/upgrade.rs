@@ -95,10 +95,7 @@ pub fn stage(
         let layer = if have(diff_id) {
             let l = match known.iter().find(|l| &l.digest == diff_id) {
                 Some(l) => l.clone(),
-                None => Layer {
-                    digest: diff_id.clone(),
-                    image: store.blob(&kairos_layers::layer_file(diff_id))?,
-                },
+                None => store.layer(diff_id)?,
             };
             events(Event::LayerReady {
                 diff_id: diff_id.to_string(),
@@ -255,16 +252,20 @@ pub fn import_layer(
     let tmp = dir.join(format!(".{hex}.tmp"));
     let made = kairos_layers::make_erofs(mkfs, &tree, &tmp, diff_id.as_str());
     let _ = fs::remove_dir_all(&tree);
-    if let Err(e) = made {
-        let _ = fs::remove_file(&tmp);
-        return Err(e.into());
-    }
+    let verity = match made {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+    };
     crate::failpoint("layer-image-written");
     fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
     entries::sync_dir(&dir);
     Ok(Layer {
         digest: diff_id.clone(),
         image: store.blob(&file)?,
+        verity: Some(verity),
     })
 }
 

@@ -6,6 +6,7 @@
 pub mod beneath;
 pub mod blockdev;
 pub mod console;
+pub mod dm;
 pub mod efi;
 pub mod exec;
 pub mod fs;

@@ -336,36 +336,6 @@ impl Tools {
     }
 }
 
-/// The device-mapper device named `name` (`/sys/block/dm-*/dm/name`), as `/dev/dm-N`: it
-/// exists without udev (devtmpfs), unlike `/dev/mapper/<name>`.
-pub fn mapped_device(name: &str) -> Option<PathBuf> {
-    fs::read_dir("/sys/block")
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("dm-"))
-        .find(|e| fs::read_to_string(e.path().join("dm/name")).is_ok_and(|n| n.trim_end() == name))
-        .map(|e| Path::new("/dev").join(e.file_name()))
-}
-
-/// The udev database entry a udev-run initrd would leave for a device-mapper device it
-/// set up: without it, the real root's udev treats the coldplugged device as unfinished
-/// (dmsetup's 55-dm.rules) and systemd never sees it ready (its mounts would wait for it).
-pub fn udev_db_entry() -> &'static str {
-    "E:DM_UDEV_PRIMARY_SOURCE_FLAG=1\nE:DM_UDEV_RULES_VSN=2\nE:DM_ACTIVATION=1\n"
-}
-
-/// Writes [`udev_db_entry`] for `/dev/dm-N` into `/run/udev/data/b<major>:<minor>` (/run
-/// moves into the new root with the switch).
-pub fn udev_handover(dev: &Path) -> std::io::Result<()> {
-    let name = dev
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("no device name"))?;
-    let majmin = fs::read_to_string(Path::new("/sys/block").join(name).join("dev"))?;
-    let dir = Path::new("/run/udev/data");
-    fs::create_dir_all(dir)?;
-    fs::write(dir.join(format!("b{}", majmin.trim())), udev_db_entry())
-}
-
 /// Bytes zeroed by [`erase`]: the LUKS2 headers, their keyslot area and cryptsetup's
 /// default data offset (16 MiB).
 pub const ERASE_LEN: u64 = 16 << 20;
