@@ -279,9 +279,7 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
         "behind dm-verity (signed root hashes), no changed block seen",
         "state: the layers",
     );
-    let roots = vm
-        .sh("kairos-agent state get verified_layers --json")
-        .unwrap();
+    let roots = vm.sh("kairos-agent state get verified_layers").unwrap();
     for pin in &pins {
         check(&roots, pin, "a verity device per pinned root");
     }
@@ -328,6 +326,30 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
     check(&out, "[exit 0]", "the upgrade");
     let v2_id = vm.sh("kairos-agent state get next_boot").unwrap();
     assert_ne!(v2_id, v1_id, "v2 boots next");
+
+    // A layer image changed under the running node: dm-verity refuses the changed block when
+    // it is read from disk again (O_DIRECT: no cached copy), and `state` says so.
+    let tamper = format!(
+        r#"f=/run/initramfs/cos-state/$(sed -n 's/.*"file": "\(layers\/[^"]*\)".*/\1/p' /run/initramfs/cos-state/deployments/{v1_id}.json | head -n1)
+d=$(for x in /sys/block/dm-*; do [ "$(cat $x/dm/name)" = kairos-layer-0 ] && basename $x; done)
+dd if=/dev/$d of=/dev/null bs=4096 skip=1 count=1 iflag=direct 2>/dev/null && echo BEFORE-READ-OK
+mount -o remount,rw /run/initramfs/cos-state
+printf X | dd of=$f bs=1 seek=4196 conv=notrunc 2>/dev/null
+sync
+dd if=/dev/$d of=/dev/null bs=4096 skip=1 count=1 iflag=direct 2>/dev/null || echo AFTER-READ-REFUSED"#
+    );
+    let out = vm.sh(&tamper).unwrap();
+    check(&out, "BEFORE-READ-OK", "the layer's block reads before");
+    check(
+        &out,
+        "AFTER-READ-REFUSED",
+        "and is refused once changed on disk",
+    );
+    check(
+        &vm.sh("kairos-agent state").unwrap(),
+        "CHANGED BLOCKS REFUSED in kairos-layer-0",
+        "state names the layer",
+    );
     // v2's own boot (its UKI under Secure Boot, PCR 11 at its prediction, the node's layer
     // images equal to the pinned ones) is tests/encrypted.rs's, on the debian image.
     drop(vm);
