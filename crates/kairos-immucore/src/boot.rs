@@ -472,6 +472,13 @@ impl kairos_config::collect::Fetcher for NoFetch {
 /// First boot: encrypts the plain partitions `install.encrypted_partitions` lists (in the
 /// local config files and the cmdline).
 fn encrypt_partitions(cmdline: &str) -> Result<()> {
+    // Only a plain partition can still be encrypted: when none is, the config is not read.
+    let plain = plan::ENCRYPTABLE
+        .iter()
+        .any(|l| matches!(crypt::holds(l), Ok(Some((_, plan::Holds::Plain)))));
+    if !plain {
+        return Ok(());
+    }
     let collected = match kairos_config::collect::Collector::new(
         Root::new(SYSROOT),
         Some(cmdline.into()),

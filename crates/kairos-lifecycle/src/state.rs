@@ -103,11 +103,12 @@ pub struct Encrypted {
 /// LUKS2 label, the opened volumes by their mapping name (Kairos names them by label).
 pub fn encrypted(labels: &[&str], recovery_keys: &std::path::Path) -> BTreeMap<String, Encrypted> {
     let mut out = BTreeMap::new();
+    let containers = kairos_sys::blockdev::luks_containers();
     for label in labels {
-        let Some(dev) = kairos_sys::blockdev::find_luks_by_label(label) else {
+        let Some((_, dev)) = containers.iter().find(|(l, _)| l == label) else {
             continue;
         };
-        let vol = kairos_sys::luks::read(&dev).ok().flatten();
+        let vol = kairos_sys::luks::read(dev).ok().flatten();
         let key = recovery_keys.join(label);
         out.insert(
             label.to_string(),

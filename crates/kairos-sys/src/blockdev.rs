@@ -110,6 +110,18 @@ pub fn find_luks_by_label(label: &str) -> Option<PathBuf> {
     find_probed(label, |p| p.fstype == LUKS)
 }
 
+/// Every labelled LUKS container, in one pass over the block devices: `(label, device)`.
+pub fn luks_containers() -> Vec<(String, PathBuf)> {
+    devices()
+        .into_iter()
+        .filter(|d| !d.to_string_lossy().contains("/loop"))
+        .filter_map(|d| {
+            let p = probe(&d)?;
+            (p.fstype == LUKS).then_some((p.label?, d))
+        })
+        .collect()
+}
+
 fn find_probed(label: &str, want: impl Fn(&Probed) -> bool) -> Option<PathBuf> {
     devices()
         .into_iter()

@@ -8,9 +8,42 @@ use std::os::fd::AsRawFd;
 /// The longest answer read (a passphrase or a recovery key).
 pub const MAX_SECRET: usize = 1024;
 
+/// The kernel's console log level (`/proc/sys/kernel/printk`, first field) while a person
+/// types: only emergencies print, so kernel messages do not land inside the prompt or the
+/// answer's line.
+const QUIET_LEVEL: &str = "1";
+
+/// Turns kernel messages on the console down to emergencies until dropped, then back to
+/// the level before.
+struct QuietKernel(Option<String>);
+
+impl QuietKernel {
+    const PRINTK: &'static str = "/proc/sys/kernel/printk";
+
+    fn new() -> QuietKernel {
+        let before = std::fs::read_to_string(Self::PRINTK)
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(str::to_string));
+        if before.is_some() {
+            let _ = std::fs::write(Self::PRINTK, QUIET_LEVEL);
+        }
+        QuietKernel(before)
+    }
+}
+
+impl Drop for QuietKernel {
+    fn drop(&mut self) {
+        if let Some(level) = &self.0 {
+            let _ = std::fs::write(Self::PRINTK, level);
+        }
+    }
+}
+
 /// Prints `prompt` on `/dev/console` and reads one line with echo turned off; the line
-/// without its end. Errors when there is no console or it is closed.
+/// without its end. Kernel messages stay off the console meanwhile. Errors when there is
+/// no console or it is closed.
 pub fn ask_secret(prompt: &str) -> io::Result<String> {
+    let _quiet = QuietKernel::new();
     let tty = OpenOptions::new()
         .read(true)
         .write(true)
