@@ -673,7 +673,10 @@ pub fn reset_cmd(
     stages: &mut dyn FnMut(&str, Option<&Path>),
 ) -> Result<i32> {
     let booted = Booted::detect(cmdline, &root.join("run/cos"));
-    let autoreset = cmdline.split_whitespace().any(|w| w == "kairos.reset");
+    let efi = kairos_sys::efi::BootInfo::read(
+        &root.join(kairos_sys::efi::EFIVARS.trim_start_matches('/')),
+    );
+    let autoreset = kairos_lifecycle::reset::requested(cmdline, efi.entry.as_deref());
     if a.auto && !(booted.mode == "recovery" && autoreset) {
         return Ok(0);
     }

@@ -172,11 +172,12 @@ fn build_in(spec: &RawSpec, work: &Path) -> Result<RawReport> {
     )?;
     let esp_dir = work.join("esp");
     let uki = match &spec.trust {
-        // The reset entry would need a cmdline of its own, i.e. a second signed UKI.
+        // One signed UKI for every entry: immucore and the agent read the role (and the
+        // reset) from the entry's name.
         Some(t) => Some(crate::os::esp_tree_trusted(
             &esp_dir,
             &os,
-            &[Role::Active, Role::Recovery],
+            &[Role::Active, Role::Recovery, Role::Autoreset],
             t,
         )?),
         None => {

@@ -352,8 +352,55 @@ dd if=/dev/$d of=/dev/null bs=4096 skip=1 count=1 iflag=direct 2>/dev/null || ec
     );
     // v2's own boot (its UKI under Secure Boot, PCR 11 at its prediction, the node's layer
     // images equal to the pinned ones) is tests/encrypted.rs's, on the debian image.
+
+    // The reset entry boots the same signed UKI; its name asks for the reset, which makes
+    // COS_STATE again from recovery (the changed layer and v2 go with it) and reboots.
+    check(
+        &vm.sh("kairos-agent bootentry --select autoreset").unwrap(),
+        "[exit 0]",
+        "select the reset entry",
+    );
+    vm.send("reboot").unwrap();
+    vm.wait_exit(Duration::from_secs(120)).unwrap();
     drop(vm);
     drop(reg);
+    let mut vm = Vm::boot_trusted(&disk, &keys, &w.join("autoreset.log")).unwrap();
+    vm.wait_exit(Duration::from_secs(400))
+        .expect("the reset entry resets and reboots by itself");
+    drop(vm);
+    {
+        let state = MountGuard::partition(&disk, 4, &w.join("state-after"), "ext4").unwrap();
+        let deps: Vec<String> = std::fs::read_dir(state.path.join("deployments"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            deps,
+            vec![format!("{v1_id}.json")],
+            "STATE made from recovery"
+        );
+        let history =
+            std::fs::read_to_string(state.path.join(".kairos-state/history.jsonl")).unwrap();
+        check(&history, "reset", "the reset is in the history");
+    }
+    let esp_after = w.join("esp-after");
+    esp_tree(&disk, &esp_after).unwrap();
+    let entries: Vec<String> = std::fs::read_dir(esp_after.join("loader/entries"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        entries.iter().all(|e| !e.starts_with("passive")),
+        "no passive after a reset: {entries:?}"
+    );
+    let active = entries.iter().find(|e| e.starts_with("active")).unwrap();
+    check(
+        &std::fs::read_to_string(esp_after.join("loader/entries").join(active)).unwrap(),
+        &format!("efi /kairos/{v1_id}.efi"),
+        "active boots v1's signed UKI again",
+    );
 
     // Refusals: the firmware's LoadImage (via systemd-boot) checks the db signature.
     expect_refused(&tampered, &keys, &w.join("tampered.log")).unwrap();

@@ -344,8 +344,8 @@ pub fn install(
             b"timeout 3\nconsole-mode keep\neditor no\n",
         )?;
         let roles: &[Role] = if let Some(uki) = medium_uki(m) {
-            // Trusted: the medium's signed UKI boots every role (immucore reads the role from
-            // the entry); no reset entry (it would need a cmdline of its own).
+            // Trusted: the medium's signed UKI boots every role (immucore and the agent read
+            // the role, and the reset, from the entry's name).
             let rel = crate::esp_uki_path(&m.dep.id);
             copy_file(&uki, &esp.join(rel.trim_start_matches('/')))?;
             for kind in ["PK", "KEK", "db"] {
@@ -354,7 +354,7 @@ pub fn install(
                     copy_file(&m.root.join(&auth), &esp.join(&auth))?;
                 }
             }
-            &[Role::Recovery, Role::Active]
+            &[Role::Recovery, Role::Autoreset, Role::Active]
         } else {
             for (kind, blob) in [("vmlinuz", &m.dep.kernel), ("initrd", &m.dep.initrd)] {
                 let b = blob

@@ -43,6 +43,17 @@ fn mkfs_ext4(tools_root: &Path, label: &str) -> Result<String, Error> {
     Ok(d)
 }
 
+/// Whether this boot asked for a reset by itself: `kairos.reset` on the cmdline (the reset
+/// entry of a plain disk), or booted from the reset entry (`autoreset.conf`, from
+/// `LoaderEntrySelected`) — a trusted disk's entries all boot the same signed UKI, whose
+/// cmdline cannot say it.
+pub fn requested(cmdline: &str, entry: Option<&str>) -> bool {
+    cmdline.split_whitespace().any(|w| w == "kairos.reset")
+        || entry
+            .and_then(entries::parse_name)
+            .is_some_and(|(role, _)| role == Role::Autoreset)
+}
+
 /// Resets the node. `recovery` is the mounted recovery store, `booted` the recovery
 /// deployment running now, `esp` the mounted ESP.
 pub fn reset(
@@ -102,4 +113,18 @@ pub fn reset(
     )?;
     entries::clear(esp, Role::Passive)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_reset_is_asked_by_the_cmdline_or_the_entry() {
+        use super::requested;
+        assert!(requested("console=ttyS0 kairos.reset", None));
+        assert!(requested("kairos.deployment=d", Some("autoreset.conf")));
+        assert!(requested("", Some("autoreset+2-1.conf")));
+        assert!(!requested("kairos.reset=no", Some("recovery.conf")));
+        assert!(!requested("", Some("active.conf")));
+        assert!(!requested("", None));
+    }
 }
