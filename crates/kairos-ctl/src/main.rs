@@ -238,8 +238,8 @@ enum BuildKind {
 #[derive(Debug, clap::Args)]
 struct UkiArgs {
     /// The image whose deployment the UKI boots (as for `build raw`): its kernel and
-    /// initrd, and a cmdline that names the deployment and pins the sha256 of every layer
-    /// image. Give this UKI to `kairos-agent upgrade --uki` on the nodes.
+    /// initrd, and a cmdline that names the deployment and pins the dm-verity root hash of
+    /// every layer image. Give this UKI to `kairos-agent upgrade --uki` on the nodes.
     #[arg(long, conflicts_with_all = ["kernel", "initrd"], required_unless_present = "kernel")]
     image: Option<String>,
     /// The kernel (bzImage), for a UKI not tied to an image
@@ -248,7 +248,8 @@ struct UkiArgs {
     /// The initrd
     #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
-    /// The kernel command line (signed into the UKI; loader-entry options are not used)
+    /// The kernel command line (signed into the UKI; loader-entry options are not used).
+    /// `rd.kairos.verity=lazy`: layer blocks are checked as they are read, not all at boot
     #[arg(long, default_value = "console=tty1 console=ttyS0,115200")]
     cmdline: String,
     /// The static kairos-immucore binary, for --image (default: next to kairosctl)

@@ -20,6 +20,10 @@ use kairos_e2e::{
     image_in_registry, image_with_files, kairosctl, put_on_esp, start_registry, user_net_stage,
 };
 
+/// The images here check their layers lazily (dm-verity on each read, no read-through at
+/// boot): tests/trusted.rs covers the read-through, this covers the option — and saves the
+/// debian image's read-through at each of four boots.
+const LAZY_CMDLINE: &str = "console=tty1 console=ttyS0,115200 rd.kairos.verity=lazy";
 const PROMPT: &str = "Enter the recovery key or a passphrase for";
 
 fn config() -> String {
@@ -135,6 +139,8 @@ fn encrypted_node_unlocks_by_itself_across_an_upgrade_and_not_under_a_foreign_po
         "--trusted",
         "--keys",
         &keys.to_string_lossy(),
+        "--cmdline",
+        LAZY_CMDLINE,
     ])
     .unwrap();
     blank_disk(&disk, 4096).unwrap();
@@ -148,6 +154,8 @@ fn encrypted_node_unlocks_by_itself_across_an_upgrade_and_not_under_a_foreign_po
             &keys.to_string_lossy(),
             "--output",
             &out.to_string_lossy(),
+            "--cmdline",
+            LAZY_CMDLINE,
         ])
         .unwrap()
     };
@@ -275,6 +283,11 @@ fn encrypted_node_unlocks_by_itself_across_an_upgrade_and_not_under_a_foreign_po
         &vm.sh("kairos-agent state get booted").unwrap(),
         &v2_id,
         "v2's deployment: the layers the node made are the ones the workstation pinned",
+    );
+    check(
+        &vm.sh("kairos-agent state").unwrap(),
+        "behind dm-verity (signed root hashes), no changed block seen",
+        "v2's layers (made by the node) verified against the workstation's roots",
     );
     let pcr11 = guest_pcr11(&mut vm).unwrap();
     assert!(

@@ -112,7 +112,7 @@ pub fn esp_uki_path(deployment: &str) -> String {
 }
 
 /// The command line signed into a deployment's UKI: the image's own, the deployment, and
-/// the sha256 of every layer image (immucore boots only those). No mode or store: the
+/// the pin of every layer image (its dm-verity root; immucore boots only those). No mode or store: the
 /// entry's name gives the role, so one UKI serves as active, passive and recovery.
 pub fn trusted_cmdline(dep: &kairos_layers::Deployment) -> String {
     format!(
