@@ -836,6 +836,17 @@ impl Vm {
         bail!("the VM did not stop within {timeout:?}")
     }
 
+    /// Selects a boot entry (`kairos-agent bootentry --select ROLE`), reboots, and waits for
+    /// the VM to stop (QEMU runs with -no-reboot): the next boot of the disk takes that entry.
+    pub fn reboot_into(mut self, role: &str) -> Result<()> {
+        let out = self.sh(&format!("kairos-agent bootentry --select {role}"))?;
+        if !out.contains("[exit 0]") {
+            bail!("selecting the {role} entry failed:\n{out}");
+        }
+        self.send("reboot")?;
+        self.wait_exit(Duration::from_secs(120))
+    }
+
     pub fn output(&self) -> String {
         self.out.lock().unwrap().clone()
     }

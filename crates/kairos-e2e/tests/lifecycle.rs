@@ -366,14 +366,7 @@ fn reset_from_recovery_comes_back_active_with_the_oem_config() {
         "reset runs from recovery",
         "reset refused in active mode",
     );
-    check(
-        &vm.sh("kairos-agent bootentry --select autoreset").unwrap(),
-        "[exit 0]",
-        "select the reset entry",
-    );
-    vm.send("reboot").unwrap();
-    vm.wait_exit(Duration::from_secs(120)).unwrap();
-    drop(vm);
+    vm.reboot_into("autoreset").unwrap();
 
     // Recovery with kairos.reset: resets and reboots without anyone logged in.
     let mut vm = Vm::boot(&disk, &work.path().join("autoreset.log")).unwrap();

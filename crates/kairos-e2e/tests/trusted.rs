@@ -355,14 +355,7 @@ dd if=/dev/$d of=/dev/null bs=4096 skip=1 count=1 iflag=direct 2>/dev/null || ec
 
     // The reset entry boots the same signed UKI; its name asks for the reset, which makes
     // COS_STATE again from recovery (the changed layer and v2 go with it) and reboots.
-    check(
-        &vm.sh("kairos-agent bootentry --select autoreset").unwrap(),
-        "[exit 0]",
-        "select the reset entry",
-    );
-    vm.send("reboot").unwrap();
-    vm.wait_exit(Duration::from_secs(120)).unwrap();
-    drop(vm);
+    vm.reboot_into("autoreset").unwrap();
     drop(reg);
     let mut vm = Vm::boot_trusted(&disk, &keys, &w.join("autoreset.log")).unwrap();
     vm.wait_exit(Duration::from_secs(400))
