@@ -558,7 +558,7 @@ fn check_secure_boot(plan: &Plan, efi: &kairos_sys::efi::BootInfo) -> Result<()>
 
 /// Sets up layer `i`'s image behind dm-verity with the signed root hash and returns the
 /// verified device: the loop device carries data and tree, the device-mapper device
-/// (`kairos-layer-<i>`, uuid `KAIROS-VERITY-<root>`) refuses any block that does not hash
+/// (`kairos-layer-<i>`, uuid `KAIROS-VERITY-<root>-<i>`) refuses any block that does not hash
 /// up to the root. With `read_all`, every block is read once now, so a changed byte
 /// anywhere stops the boot here, naming the layer and the block.
 fn verity_layer(
@@ -594,12 +594,12 @@ fn verity_layer(
             .join("dev"),
     )
     .with_context(|| format!("reading the device number of {}", lo.path.display()))?;
-    let name = format!("kairos-layer-{i}");
+    let name = kairos_layers::verity::dm_name(i);
     let target = kairos_sys::dm::Target::parse(&verity.table(majmin.trim()))
         .context("the verity table line")?;
     let dev = kairos_sys::dm::create_read_only(
         &name,
-        &format!("{}{}", kairos_layers::verity::DM_UUID_PREFIX, verity.root),
+        &kairos_layers::verity::dm_uuid(&verity.root, i),
         &target,
     )
     .with_context(|| format!("{}: setting up dm-verity", what()))?;

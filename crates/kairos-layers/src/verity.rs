@@ -25,9 +25,26 @@ const PER_BLOCK: u64 = BLOCK / 32;
 /// The largest image treated (64 GiB): bounds the level-0 hashes kept in memory (16 MiB).
 pub const MAX_DATA: u64 = 64 << 30;
 
-/// The device-mapper uuid of a layer set up at boot is this followed by its root hash (the
-/// name is `kairos-layer-<index>`): how `state` finds them again.
+/// The device-mapper uuid of a layer set up at boot starts with this (see [`dm_uuid`]).
 pub const DM_UUID_PREFIX: &str = "KAIROS-VERITY-";
+
+/// The device-mapper name of layer `index` (base first) at boot.
+pub fn dm_name(index: usize) -> String {
+    format!("kairos-layer-{index}")
+}
+
+/// The device-mapper uuid of layer `index` with `root`: unique even when a deployment
+/// holds the same layer twice, and how `state` finds the root again ([`parse_dm_uuid`]).
+pub fn dm_uuid(root: &str, index: usize) -> String {
+    format!("{DM_UUID_PREFIX}{root}-{index}")
+}
+
+/// `(root, index)` from a uuid made by [`dm_uuid`]; `None` for any other device.
+pub fn parse_dm_uuid(uuid: &str) -> Option<(&str, usize)> {
+    let (root, index) = uuid.strip_prefix(DM_UUID_PREFIX)?.split_once('-')?;
+    (root.len() == 64 && root.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then_some((root, index.parse().ok()?))
+}
 
 /// Where a layer image's hash tree starts and what its root is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,6 +266,17 @@ mod tests {
                 "a".repeat(64)
             )
         );
+    }
+
+    #[test]
+    fn device_mapper_names() {
+        let root = "ab".repeat(32);
+        assert_eq!(dm_name(2), "kairos-layer-2");
+        let u = dm_uuid(&root, 2);
+        assert!(u.len() < 129, "device-mapper uuids are at most 128 bytes");
+        assert_eq!(parse_dm_uuid(&u), Some((root.as_str(), 2)));
+        assert_eq!(parse_dm_uuid("CRYPT-LUKS2-0123-COS_OEM"), None);
+        assert_eq!(parse_dm_uuid("KAIROS-VERITY-zz-1"), None);
     }
 
     #[test]

@@ -61,27 +61,26 @@ pub struct VerifiedLayer {
     pub corrupted: bool,
 }
 
-/// The layers behind dm-verity now, found by their uuid ([`kairos_layers::verity::DM_UUID_PREFIX`]).
+/// The layers behind dm-verity now, base first, found by their uuid
+/// ([`kairos_layers::verity::dm_uuid`]).
 pub fn verified_layers() -> Vec<VerifiedLayer> {
-    let mut out: Vec<VerifiedLayer> = kairos_sys::dm::devices()
+    let mut out: Vec<(usize, VerifiedLayer)> = kairos_sys::dm::devices()
         .into_iter()
         .filter_map(|(dev, name, uuid)| {
-            let root = uuid.strip_prefix(kairos_layers::verity::DM_UUID_PREFIX)?;
-            Some(VerifiedLayer {
-                corrupted: kairos_sys::dm::status(&name).is_ok_and(|s| s.trim() == "C"),
-                name,
-                device: dev.to_string_lossy().into_owned(),
-                root: root.to_string(),
-            })
+            let (root, index) = kairos_layers::verity::parse_dm_uuid(&uuid)?;
+            Some((
+                index,
+                VerifiedLayer {
+                    corrupted: kairos_sys::dm::status(&name).is_ok_and(|s| s.trim() == "C"),
+                    name,
+                    device: dev.to_string_lossy().into_owned(),
+                    root: root.to_string(),
+                },
+            ))
         })
         .collect();
-    out.sort_by_key(|l| {
-        l.name
-            .rsplit('-')
-            .next()
-            .and_then(|i| i.parse::<u32>().ok())
-    });
-    out
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, l)| l).collect()
 }
 
 /// An encrypted partition (`kairos-agent state get encrypted.COS_PERSISTENT`).
