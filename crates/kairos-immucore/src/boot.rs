@@ -235,7 +235,20 @@ impl Boot {
                         continue;
                     }
                 };
-                do_mount(&source, &mnt, "erofs", MountFlags::RDONLY, "")?;
+                do_mount(&source, &mnt, "erofs", MountFlags::RDONLY, "").map_err(|e| {
+                    // Lazy checking: the mount is the first read.
+                    let name = kairos_layers::verity::dm_name(i);
+                    if kairos_sys::dm::status(&name).is_ok_and(|s| s.trim() == "C") {
+                        e.context(format!(
+                            "layer {} of {n} ({}, {}): a block does not match the signed root hash: the layer image was changed on disk, so this boot is refused",
+                            i + 1,
+                            layer.digest,
+                            layer.image.file
+                        ))
+                    } else {
+                        e
+                    }
+                })?;
                 lowers.push(mnt);
             }
             if lowers.is_empty() {
@@ -604,30 +617,31 @@ fn verity_layer(
     )
     .with_context(|| format!("{}: setting up dm-verity", what()))?;
     drop(lo); // the device-mapper device holds the loop device now
-    let checked = if read_all {
-        read_through(&dev).map_err(|(block, e)| {
-            anyhow!(
-                "{}: block {block} (bytes {}..{}) does not match the signed root hash {} ({e}): the layer image was changed on disk, so this boot is refused",
-                what(),
-                block * kairos_layers::verity::BLOCK,
-                (block + 1) * kairos_layers::verity::BLOCK,
-                &verity.root[..12]
-            )
-        })
-    } else {
-        Ok(())
-    };
+    let read = if read_all { read_through(&dev) } else { Ok(()) };
+    // `C`: a block did not hash up to the root; an error without it is the disk's own.
     let status = kairos_sys::dm::status(&name).unwrap_or_default();
-    if let Err(e) = checked {
+    let refused = match (read, status.trim()) {
+        (Ok(()), "V") => None,
+        (Err((block, e)), "C") | (Err((block, e)), "") => Some(anyhow!(
+            "{}: block {block} (bytes {}..{}) does not match the signed root hash {} ({e}): the layer image was changed on disk, so this boot is refused",
+            what(),
+            block * kairos_layers::verity::BLOCK,
+            (block + 1) * kairos_layers::verity::BLOCK,
+            &verity.root[..12]
+        )),
+        (Err((block, e)), _) => Some(anyhow!(
+            "{}: reading block {block} failed ({e}) though dm-verity found no changed block: check the disk holding {}",
+            what(),
+            img.display()
+        )),
+        (Ok(()), other) => Some(anyhow!(
+            "{}: dm-verity reports {other:?} for it (expected V, verified): the layer image was changed on disk, so this boot is refused",
+            what()
+        )),
+    };
+    if let Some(e) = refused {
         let _ = kairos_sys::dm::remove(&name);
         return Err(e);
-    }
-    if status.trim() != "V" {
-        let _ = kairos_sys::dm::remove(&name);
-        bail!(
-            "{}: dm-verity reports {status:?} for it (expected V, verified): the layer image was changed on disk, so this boot is refused",
-            what()
-        );
     }
     kairos_sys::dm::udev_handover(&dev)
         .with_context(|| format!("recording {} for udev", dev.display()))?;
