@@ -238,7 +238,9 @@ impl Boot {
                 do_mount(&source, &mnt, "erofs", MountFlags::RDONLY, "").map_err(|e| {
                     // Lazy checking: the mount is the first read.
                     let name = kairos_layers::verity::dm_name(i);
-                    if kairos_sys::dm::status(&name).is_ok_and(|s| s.trim() == "C") {
+                    if kairos_sys::dm::verity_status(&name)
+                        .is_ok_and(|s| s == kairos_sys::dm::Verity::Corrupted)
+                    {
                         e.context(format!(
                             "layer {} of {n} ({}, {}): a block does not match the signed root hash: the layer image was changed on disk, so this boot is refused",
                             i + 1,
@@ -619,10 +621,11 @@ fn verity_layer(
     drop(lo); // the device-mapper device holds the loop device now
     let read = if read_all { read_through(&dev) } else { Ok(()) };
     // `C`: a block did not hash up to the root; an error without it is the disk's own.
-    let status = kairos_sys::dm::status(&name).unwrap_or_default();
-    let refused = match (read, status.trim()) {
-        (Ok(()), "V") => None,
-        (Err((block, e)), "C") | (Err((block, e)), "") => Some(anyhow!(
+    use kairos_sys::dm::Verity;
+    let status = kairos_sys::dm::verity_status(&name).unwrap_or(Verity::Other(String::new()));
+    let refused = match (read, status) {
+        (Ok(()), Verity::Verified) => None,
+        (Err((block, e)), Verity::Corrupted) => Some(anyhow!(
             "{}: block {block} (bytes {}..{}) does not match the signed root hash {} ({e}): the layer image was changed on disk, so this boot is refused",
             what(),
             block * kairos_layers::verity::BLOCK,
@@ -630,12 +633,12 @@ fn verity_layer(
             &verity.root[..12]
         )),
         (Err((block, e)), _) => Some(anyhow!(
-            "{}: reading block {block} failed ({e}) though dm-verity found no changed block: check the disk holding {}",
+            "{}: reading block {block} failed ({e}) and dm-verity reports no changed block: check the disk holding {}",
             what(),
             img.display()
         )),
         (Ok(()), other) => Some(anyhow!(
-            "{}: dm-verity reports {other:?} for it (expected V, verified): the layer image was changed on disk, so this boot is refused",
+            "{}: dm-verity reports {other:?} for it (expected verified): the layer image was changed on disk, so this boot is refused",
             what()
         )),
     };

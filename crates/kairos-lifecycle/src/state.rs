@@ -71,7 +71,8 @@ pub fn verified_layers() -> Vec<VerifiedLayer> {
             Some((
                 index,
                 VerifiedLayer {
-                    corrupted: kairos_sys::dm::status(&name).is_ok_and(|s| s.trim() == "C"),
+                    corrupted: kairos_sys::dm::verity_status(&name)
+                        .is_ok_and(|s| s == kairos_sys::dm::Verity::Corrupted),
                     name,
                     device: dev.to_string_lossy().into_owned(),
                     root: root.to_string(),

@@ -196,6 +196,31 @@ pub fn status(name: &str) -> Result<String, DmError> {
     Ok(answer_status(&b).unwrap_or_default())
 }
 
+/// What a `verity` target's status says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verity {
+    /// `V`: every block read so far hashed up to the root.
+    Verified,
+    /// `C`: a block did not; reads of it failed.
+    Corrupted,
+    /// Anything else (not a verity target, no answer).
+    Other(String),
+}
+
+/// Reads a verity status text: its first word is `V` or `C` (FEC counters may follow).
+pub fn parse_verity_status(text: &str) -> Verity {
+    match text.split_whitespace().next() {
+        Some("V") => Verity::Verified,
+        Some("C") => Verity::Corrupted,
+        _ => Verity::Other(text.trim().to_string()),
+    }
+}
+
+/// The status of the verity device `name`.
+pub fn verity_status(name: &str) -> Result<Verity, DmError> {
+    status(name).map(|s| parse_verity_status(&s))
+}
+
 /// The (first) table line of a device, as loaded.
 pub fn table(name: &str) -> Result<String, DmError> {
     check_name(name)?;
@@ -302,6 +327,13 @@ mod tests {
         // The same layout read back as an answer.
         assert_eq!(answer_status(&b).as_deref(), Some(t.params.as_str()));
         assert_eq!(answer_status(&request("x", "", 0, None)), None);
+    }
+
+    #[test]
+    fn verity_status_words() {
+        assert_eq!(parse_verity_status("V"), Verity::Verified);
+        assert_eq!(parse_verity_status("C 3"), Verity::Corrupted);
+        assert_eq!(parse_verity_status(""), Verity::Other(String::new()));
     }
 
     #[test]
