@@ -833,7 +833,10 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("the VM did not stop within {timeout:?}")
+        bail!(
+            "the VM did not stop within {timeout:?}; console tail:\n{}",
+            tail(&self.out.lock().unwrap())
+        )
     }
 
     /// Selects a boot entry (`kairos-agent bootentry --select ROLE`), reboots, and waits for
