@@ -2,12 +2,10 @@
 //! software TPM (swtpm), one VM at a time, fresh TPM state per disk. A disk built with
 //! `kairosctl build raw --trusted` boots its signed UKI to active mode and PCR 11 read in the
 //! guest equals the value predicted from the UKI; an unsigned UKI, a UKI with one changed
-//! byte and one signed by another owner are refused by the firmware ("Access Denied"); every
-//! pinned layer is mounted through dm-verity; upgrades are refused without a UKI, with a
-//! stranger's or another image's, and accepted with the owner's; a layer image changed under
-//! the running node is refused when read, and the next boot (v2) is refused by immucore's
-//! read-through naming the layer and the block; the reset entry (the same UKI) repairs the
-//! node from recovery.
+//! byte and one signed by another owner are refused by the firmware ("Access Denied"); a layer
+//! image with one changed byte is refused by immucore with a message naming the layer;
+//! upgrades are refused without a UKI, with a stranger's or another image's, and accepted
+//! with the owner's (v2's boot is tests/encrypted.rs's).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use kairos_e2e::{
     MountGuard, Vm, check, esp_tree, guest_pcr11, guest_ref, image_with_files, kairosctl,
-    put_on_esp, set_loader_conf, start_registry, tiny_cloud_config, tiny_in_registry, tiny_rootfs,
+    put_on_esp, start_registry, tiny_cloud_config, tiny_in_registry, tiny_rootfs,
 };
 
 /// A copy of the disk (sparse): each scenario gets its own, with fresh UEFI variables and TPM.
@@ -219,6 +217,20 @@ fn signed_uki_boots_under_secure_boot_and_tampering_is_refused() {
             .arg(uki))
     })
     .unwrap();
+    let bad_layer = copy_disk(&disk, "bad-layer.raw").unwrap();
+    let changed = {
+        let state = MountGuard::partition(&bad_layer, 4, &w.join("state-mnt"), "ext4").unwrap();
+        let layer = std::fs::read_dir(state.path.join("layers"))
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .unwrap();
+        let mut b = std::fs::read(&layer).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x01;
+        std::fs::write(&layer, b).unwrap();
+        layer.file_name().unwrap().to_string_lossy().into_owned()
+    };
 
     // The signed UKI boots under Secure Boot, to active mode, measured.
     let mut vm = Vm::boot_trusted(&disk, &keys, &w.join("boot.log")).unwrap();
@@ -324,15 +336,9 @@ dd if=/dev/$d of=/dev/null bs=4096 skip=1 count=1 iflag=direct 2>/dev/null && ec
 mount -o remount,rw /run/initramfs/cos-state
 printf X | dd of=$f bs=1 seek=4196 conv=notrunc 2>/dev/null
 sync
-dd if=/dev/$d of=/dev/null bs=4096 skip=1 count=1 iflag=direct 2>/dev/null || echo AFTER-READ-REFUSED
-echo "CHANGED=${{f##*/}}""#
+dd if=/dev/$d of=/dev/null bs=4096 skip=1 count=1 iflag=direct 2>/dev/null || echo AFTER-READ-REFUSED"#
     );
     let out = vm.sh(&tamper).unwrap();
-    let changed = out
-        .lines()
-        .find_map(|l| l.strip_prefix("CHANGED="))
-        .expect("the changed layer's file name")
-        .to_string();
     check(&out, "BEFORE-READ-OK", "the layer's block reads before");
     check(
         &out,
@@ -346,44 +352,11 @@ echo "CHANGED=${{f##*/}}""#
     );
     // v2's own boot (its UKI under Secure Boot, PCR 11 at its prediction, the node's layer
     // images equal to the pinned ones) is tests/encrypted.rs's, on the debian image.
-    vm.send("reboot").unwrap();
-    vm.wait_exit(Duration::from_secs(120)).unwrap();
-    drop(vm);
-    drop(reg);
-
-    // The next boot (v2, which shares the changed base layer): the kernel boots (its UKI is
-    // intact), immucore reads every block through dm-verity and refuses. The refusal is read
-    // from the summary immucore leaves on COS_OEM (a channel of its own: kernel messages can
-    // land inside console lines).
-    let mut vm = Vm::boot_trusted(&disk, &keys, &w.join("refused.log")).unwrap();
-    vm.wait_exit(Duration::from_secs(300))
-        .expect("a refused boot reboots (QEMU runs with -no-reboot)");
-    drop(vm);
-    {
-        let oem = MountGuard::partition(&disk, 2, &w.join("oem-mnt"), "ext4").unwrap();
-        let summary = std::fs::read_to_string(oem.path.join("boot-failure.log")).unwrap();
-        check(&summary, "KAIROS BOOT FAILED", "the failure summary");
-        check(&summary, "changed on disk", "the refusal says why");
-        check(&summary, &changed, "and names the layer");
-        check(
-            &summary,
-            "block 1 (bytes 4096..8192) does not match the signed root hash",
-            "found by dm-verity, naming the block",
-        );
-    }
 
     // The reset entry boots the same signed UKI; its name asks for the reset, which makes
-    // COS_STATE again from recovery (the changed layer and v2 go with it) and reboots. It is
-    // picked here as a person would at the menu (loader.conf's default, set from outside).
-    let esp_now = w.join("esp-now");
-    esp_tree(&disk, &esp_now).unwrap();
-    let conf = std::fs::read_to_string(esp_now.join("loader/loader.conf")).unwrap_or_default();
-    let kept: String = conf
-        .lines()
-        .filter(|l| !l.starts_with("default "))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    set_loader_conf(&disk, &format!("default autoreset*\n{kept}")).unwrap();
+    // COS_STATE again from recovery (the changed layer and v2 go with it) and reboots.
+    vm.reboot_into("autoreset").unwrap();
+    drop(reg);
     let mut vm = Vm::boot_trusted(&disk, &keys, &w.join("autoreset.log")).unwrap();
     vm.wait_exit(Duration::from_secs(400))
         .expect("the reset entry resets and reboots by itself");
@@ -431,4 +404,22 @@ echo "CHANGED=${{f##*/}}""#
     expect_refused(&tampered, &keys, &w.join("tampered.log")).unwrap();
     expect_refused(&unsigned, &keys, &w.join("unsigned.log")).unwrap();
     expect_refused(&foreign, &keys, &w.join("foreign.log")).unwrap();
+
+    // A changed layer image: the kernel boots (its UKI is intact), immucore refuses.
+    // The refusal is read from the summary immucore leaves on COS_OEM (a channel of its
+    // own: kernel messages can land inside console lines).
+    let mut vm = Vm::boot_trusted(&bad_layer, &keys, &w.join("bad-layer.log")).unwrap();
+    vm.wait_exit(Duration::from_secs(300))
+        .expect("a refused boot reboots (QEMU runs with -no-reboot)");
+    drop(vm);
+    let oem = MountGuard::partition(&bad_layer, 2, &w.join("oem-mnt"), "ext4").unwrap();
+    let summary = std::fs::read_to_string(oem.path.join("boot-failure.log")).unwrap();
+    check(&summary, "KAIROS BOOT FAILED", "the failure summary");
+    check(&summary, "changed on disk", "the refusal says why");
+    check(&summary, &changed, "and names the layer");
+    check(
+        &summary,
+        "does not match the signed root hash",
+        "found by dm-verity, naming the block",
+    );
 }
