@@ -242,7 +242,7 @@ impl Boot {
                         .is_ok_and(|s| s == kairos_sys::dm::Verity::Corrupted)
                     {
                         e.context(format!(
-                            "layer {} of {n} ({}, {}): a block does not match the signed root hash: the layer image was changed on disk, so this boot is refused",
+                            "layer {} of {n} ({}, {}): a block does not match the signed root hash: the layer image was changed on disk, so this boot is refused{REPAIR}",
                             i + 1,
                             layer.digest,
                             layer.image.file
@@ -571,6 +571,9 @@ fn check_secure_boot(plan: &Plan, efi: &kairos_sys::efi::BootInfo) -> Result<()>
     }
 }
 
+/// What to do about a changed layer image, appended to each refusal.
+const REPAIR: &str = " (the boot falls back to the passive entry, then recovery; `kairos-agent upgrade` or a reset from recovery writes the layer again)";
+
 /// Sets up layer `i`'s image behind dm-verity with the signed root hash and returns the
 /// verified device: the loop device carries data and tree, the device-mapper device
 /// (`kairos-layer-<i>`, uuid `KAIROS-VERITY-<root>-<i>`) refuses any block that does not hash
@@ -597,21 +600,18 @@ fn verity_layer(
         .len();
     verity.check(len).map_err(|e| {
         anyhow!(
-            "{}: {e}: the image or its manifest was changed on disk, so this boot is refused",
+            "{}: {e}: the image or its manifest was changed on disk, so this boot is refused{REPAIR}",
             what()
         )
     })?;
     let lo =
         loopdev::attach_read_only(img).with_context(|| format!("attaching {}", img.display()))?;
-    let majmin = fs::read_to_string(
-        Path::new("/sys/block")
-            .join(lo.path.file_name().unwrap_or_default())
-            .join("dev"),
-    )
-    .with_context(|| format!("reading the device number of {}", lo.path.display()))?;
+    let majmin = lo
+        .majmin()
+        .with_context(|| format!("reading the device number of {}", lo.path.display()))?;
     let name = kairos_layers::verity::dm_name(i);
-    let target = kairos_sys::dm::Target::parse(&verity.table(majmin.trim()))
-        .context("the verity table line")?;
+    let target =
+        kairos_sys::dm::Target::parse(&verity.table(&majmin)).context("the verity table line")?;
     let dev = kairos_sys::dm::create_read_only(
         &name,
         &kairos_layers::verity::dm_uuid(&verity.root, i),
@@ -626,7 +626,7 @@ fn verity_layer(
     let refused = match (read, status) {
         (Ok(()), Verity::Verified) => None,
         (Err((block, e)), Verity::Corrupted) => Some(anyhow!(
-            "{}: block {block} (bytes {}..{}) does not match the signed root hash {} ({e}): the layer image was changed on disk, so this boot is refused",
+            "{}: block {block} (bytes {}..{}) does not match the signed root hash {} ({e}): the layer image was changed on disk, so this boot is refused{REPAIR}",
             what(),
             block * kairos_layers::verity::BLOCK,
             (block + 1) * kairos_layers::verity::BLOCK,
@@ -638,7 +638,7 @@ fn verity_layer(
             img.display()
         )),
         (Ok(()), other) => Some(anyhow!(
-            "{}: dm-verity reports {other:?} for it (expected verified): the layer image was changed on disk, so this boot is refused",
+            "{}: dm-verity reports {other:?} for it (expected verified): the layer image was changed on disk, so this boot is refused{REPAIR}",
             what()
         )),
     };

@@ -22,7 +22,6 @@ const UUID_LEN: usize = 129;
 const VERSION: [u32; 3] = [4, 0, 0];
 
 const READONLY_FLAG: u32 = 1 << 0;
-const STATUS_TABLE_FLAG: u32 = 1 << 4;
 
 /// The ioctl commands used.
 #[derive(Debug, Clone, Copy)]
@@ -50,7 +49,7 @@ pub enum DmError {
         #[source]
         source: io::Error,
     },
-    #[error("device-mapper name {0:?}: 1 to 127 characters, no '/'")]
+    #[error("device-mapper name or uuid {0:?}: 1 to 127 characters, no '/' or NUL")]
     Name(String),
     #[error("device-mapper table for {name}: {why}")]
     Table { name: String, why: String },
@@ -165,6 +164,9 @@ fn call(op: Op, what: &'static str, name: &str, buf: &mut [u8]) -> Result<(), Dm
 /// after creation removes the device again.
 pub fn create_read_only(name: &str, uuid: &str, target: &Target) -> Result<PathBuf, DmError> {
     check_name(name)?;
+    if uuid.len() >= UUID_LEN || uuid.contains('\0') {
+        return Err(DmError::Name(uuid.into()));
+    }
     if target.params.len() > BUF_SIZE - IOCTL_SIZE - SPEC_SIZE - 1 || target.params.contains('\0') {
         return Err(DmError::Table {
             name: name.into(),
@@ -219,14 +221,6 @@ pub fn parse_verity_status(text: &str) -> Verity {
 /// The status of the verity device `name`.
 pub fn verity_status(name: &str) -> Result<Verity, DmError> {
     status(name).map(|s| parse_verity_status(&s))
-}
-
-/// The (first) table line of a device, as loaded.
-pub fn table(name: &str) -> Result<String, DmError> {
-    check_name(name)?;
-    let mut b = request(name, "", STATUS_TABLE_FLAG, None);
-    call(Op::TableStatus, "table", name, &mut b)?;
-    Ok(answer_status(&b).unwrap_or_default())
 }
 
 /// Removes a device (it must not be open).

@@ -43,6 +43,15 @@ pub struct LoopDevice {
     _fd: File,
 }
 
+impl LoopDevice {
+    /// `major:minor` of the device (what a device-mapper table names it by).
+    pub fn majmin(&self) -> io::Result<String> {
+        let name = self.path.file_name().unwrap_or_default();
+        std::fs::read_to_string(Path::new("/sys/block").join(name).join("dev"))
+            .map(|s| s.trim().to_string())
+    }
+}
+
 /// Attaches `image` to a free loop device, read-only, cleared when its last user closes it.
 pub fn attach_read_only(image: &Path) -> io::Result<LoopDevice> {
     let file = File::open(image)?;
